@@ -1,0 +1,185 @@
+"""`distserve <verb>`: parses flags into configs and calls one function per verb.
+Heavy modules load inside the verbs, so `distserve --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from distserve.model.registry import DEFAULT_MODEL
+
+# SamplingParams field -> the flag that sets it, so errors name the flag.
+_FLAG_OF = {
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "stop": "--stop",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"registered model name, HF directory or .gguf file (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "random"],
+        help="auto: the model's own weights; random: random weights of its shape",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="compute and KV-cache dtype (default: bfloat16)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:n] (default: cpu)")
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=1.0,
+        help="memory for the KV cache in GiB (default: 1.0)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=2048,
+        help="longest prompt + output in tokens (default: 2048)",
+    )
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="distserve",
+        description="Goodput-optimized LLM serving with disaggregated prefill and decoding.",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    gen = verbs.add_parser(
+        "generate",
+        help="generate text for prompts offline",
+        description="Generate text for one or more prompts on this machine (batched together).",
+    )
+    gen.add_argument(
+        "prompts", nargs="+", metavar="PROMPT", help="prompt text; several are batched together"
+    )
+    gen.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=64,
+        help="most tokens to generate per prompt (default: 64)",
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 is greedy (default: 0)",
+    )
+    gen.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)"
+    )
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample among the k most likely tokens; 0: all (default: 0)",
+    )
+    gen.add_argument(
+        "--seed", type=int, default=None, help="sampling seed, for reproducible non-greedy output"
+    )
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (repeatable)",
+    )
+    gen.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token"
+    )
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user message in the model's chat template",
+    )
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"outputs": [{"prompt", "text", "token_ids"}]} instead of text',
+    )
+    _add_engine_flags(gen)
+    return parser, {"generate": gen}
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from distserve.core import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        )  # fmt: skip
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        parser.error(f"{_FLAG_OF.get(field, field)}: {e}")
+    from distserve.llm import LLM
+
+    try:
+        llm = LLM(
+            args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+            kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f"--model {args.model}: {e}")
+    prompts = args.prompts
+    if args.chat:
+        prompts = [
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts
+        ]
+    try:
+        outputs = llm.generate(prompts, params)
+    except ValueError as e:
+        print(f"distserve generate: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        rows: list[dict[str, Any]] = [
+            {"prompt": p, "text": o.text, "token_ids": o.token_ids}
+            for p, o in zip(args.prompts, outputs, strict=True)
+        ]
+        print(json.dumps({"outputs": rows}, ensure_ascii=False))
+    else:
+        for i, o in enumerate(outputs):
+            if len(outputs) > 1:
+                print(f"--- [{i}] {args.prompts[i]}")
+            print(o.text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, verbs = _build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    run = {"generate": _generate}[args.verb]
+    return run(args, verbs[args.verb])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

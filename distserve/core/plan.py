@@ -1,0 +1,99 @@
+"""What a scheduler asks an executor to do in one step, and what comes back.
+
+Small frozen dataclasses of ids and counts, no tensors, so they cross process
+boundaries cheaply and the simulator's executor can read the same fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distserve.core.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute the KV of tokens [start, start + len(token_ids)) of one request.
+
+    The chunk attends to the request's cached KV [0, start) plus itself (causally). A
+    prompt prefill has start 0; a decode step has one token; a chunked prefill or a
+    recompute after preemption has any start.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    """Token ids at positions start .. start+n-1."""
+    start: int
+    """Position of the first token (= the request's computed tokens before this step)."""
+    block_table: tuple[int, ...]
+    """Physical blocks covering positions 0 .. start+n-1."""
+    sampling_params: SamplingParams | None
+    """Set when a token is to be sampled after this chunk; None for a non-final prompt chunk."""
+    output_index: int = 0
+    """Index the sampled token will have among the request's outputs (seeds the sampler)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens whose KV exists after this chunk."""
+        return self.start + len(self.token_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one token, or a first chunk: computed like a prompt."""
+        return self.start == 0 or len(self.token_ids) > 1
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step of one instance. An empty plan (no chunks, no copies) means: nothing to do."""
+
+    step_id: int
+    chunks: tuple[ScheduledChunk, ...] = ()
+    swap_out: tuple[tuple[int, int], ...] = ()
+    """(device block, host block) copies to make before the forward pass."""
+    swap_in: tuple[tuple[int, int], ...] = ()
+    """(host block, device block) copies to make before the forward pass."""
+    block_copies: tuple[tuple[int, int], ...] = ()
+    """(source, destination) device block copies (copy-on-write)."""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.chunks or self.swap_out or self.swap_in or self.block_copies)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def prefill_chunks(self) -> tuple[ScheduledChunk, ...]:
+        return tuple(c for c in self.chunks if c.is_prefill)
+
+    @property
+    def decode_chunks(self) -> tuple[ScheduledChunk, ...]:
+        return tuple(c for c in self.chunks if not c.is_prefill)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one output position (of the model's raw distribution)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely tokens and their log-probabilities, best first."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the executor produced for a plan."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    """request id -> sampled token, for every chunk that had sampling_params."""
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    """request id -> log-probabilities, for requests that asked for them."""
+    elapsed: float = 0.0
+    """Seconds the executor spent (measured, or the latency model's estimate)."""

@@ -1,0 +1,246 @@
+"""What every scheduler shares: request ownership, chunk building, stop checks,
+preemption and the `update` half of the step contract."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+
+from distserve.core.block_manager import BlockManager
+from distserve.core.config import PreemptionMode, SchedulerConfig
+from distserve.core.plan import ScheduledChunk, StepPlan, StepResult
+from distserve.core.request import FinishReason, Request, RequestStatus
+
+_FINISHED_STATUS = {
+    FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
+    FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
+    FinishReason.ABORT: RequestStatus.FINISHED_ABORTED,
+}
+
+
+@dataclass
+class StepOutput:
+    """A request that got a new token (or finished) in a step."""
+
+    request: Request
+    new_token_ids: list[int]
+    finished: bool
+
+
+class Scheduler(ABC):
+    """Owns the requests of one instance and its block manager.
+
+    Ownership: a request added here is changed only by this scheduler until it finishes
+    (its blocks freed here) or is handed off (prefill -> decode, blocks freed on confirm).
+    `swap_blocks` is the host-side pool for swap preemption (None: no swapping).
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        swap_blocks: BlockManager | None = None,
+    ) -> None:
+        if config.preemption_mode == PreemptionMode.SWAP and swap_blocks is None:
+            raise ValueError("preemption_mode 'swap' needs host swap blocks (num_swap_blocks > 0)")
+        self.config = config
+        self.blocks = blocks
+        self.swap_blocks = swap_blocks
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self.num_preemptions = 0
+        self._step_id = 0
+
+    # ---- the step contract --------------------------------------------------------
+    @abstractmethod
+    def schedule(self, now: float) -> StepPlan:
+        """Choose this step's work. Never blocks, never sleeps; may return an empty plan."""
+
+    def update(self, plan: StepPlan, result: StepResult, now: float) -> list[StepOutput]:
+        """Apply an executed plan: advance computed tokens, append sampled tokens, finish
+        requests that hit a stop rule (their blocks are freed here). Requests aborted while
+        the step ran are skipped."""
+        outputs = []
+        for chunk in plan.chunks:
+            req = self.requests.get(chunk.request_id)
+            if req is None or req.finished:
+                continue
+            req.num_computed_tokens = chunk.context_len
+            if chunk.sampling_params is None:
+                continue
+            token = result.sampled[chunk.request_id]
+            req.append_token(token, result.logprobs.get(chunk.request_id))
+            reason = req.check_stop()
+            if reason is None and req.num_tokens >= self.config.max_model_len:
+                reason = FinishReason.LENGTH
+            self._on_sampled(req, now)
+            if reason is not None:
+                self.finish_request(req.request_id, reason, now)
+            outputs.append(StepOutput(req, [token], req.finished))
+        return outputs
+
+    def _on_sampled(self, req: Request, now: float) -> None:
+        """Role-specific bookkeeping after a request got a token (before stop handling)."""
+
+    # ---- requests -----------------------------------------------------------------
+    def check_request(self, req: Request) -> None:
+        """Raise ValueError if the request can never run here."""
+        max_len = self.config.max_model_len
+        if req.num_tokens > max_len:
+            raise ValueError(
+                f"request {req.request_id}: {req.num_tokens} tokens exceed max_model_len {max_len}"
+            )
+        peak = min(req.num_prompt_tokens + req.sampling_params.max_tokens, max_len)
+        if self.blocks.blocks_for(peak) > self.blocks.num_blocks:
+            raise ValueError(
+                f"request {req.request_id}: needs {self.blocks.blocks_for(peak)} KV blocks, "
+                f"the cache has {self.blocks.num_blocks}"
+            )
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+
+    def add_request(self, req: Request) -> None:
+        """Queue a new request for prefill (FCFS)."""
+        self.check_request(req)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, request_id: str, reason: FinishReason, now: float) -> Request | None:
+        """End a request: free its blocks and forget it. Idempotent; returns the request."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self._drop_from_queues(req)
+        self.blocks.free(request_id)
+        if self.swap_blocks is not None:
+            self.swap_blocks.free(request_id)
+        req.status = _FINISHED_STATUS[reason]
+        req.finish_reason = reason
+        if req.status != RequestStatus.FINISHED_ABORTED and req.output_token_ids:
+            req.mark("decode_end", now)
+        req.mark("finished", now)
+        return req
+
+    def abort_request(self, request_id: str, now: float) -> Request | None:
+        return self.finish_request(request_id, FinishReason.ABORT, now)
+
+    def _drop_from_queues(self, req: Request) -> None:
+        for queue in (self.waiting, self.swapped):
+            if req in queue:
+                queue.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+
+    # ---- counts -------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_queued_tokens(self) -> int:
+        """Tokens waiting to be computed by requests not yet running (router's load)."""
+        return sum(r.num_uncomputed_tokens for r in self.waiting)
+
+    # ---- helpers for subclasses ---------------------------------------------------
+    def _next_step_id(self) -> int:
+        self._step_id += 1
+        return self._step_id
+
+    def _chunk(self, req: Request, num_tokens: int) -> ScheduledChunk:
+        """Build the chunk [computed, computed + num_tokens) of a request whose blocks
+        already cover it. A chunk that reaches the end of the known tokens samples."""
+        start = req.num_computed_tokens
+        end = start + num_tokens
+        samples = end == req.num_tokens
+        return ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=tuple(req.all_token_ids[start:end]),
+            start=start,
+            block_table=tuple(self.blocks.block_table(req.request_id)),
+            sampling_params=req.sampling_params if samples else None,
+            output_index=req.num_output_tokens,
+        )
+
+    def _grow_or_preempt(
+        self, req: Request, num_tokens: int, swap_out: list[tuple[int, int]]
+    ) -> bool:
+        """Make `req`'s blocks cover `num_tokens`, preempting the newest running requests
+        when blocks run out. Returns False if `req` itself had to be preempted."""
+        while not self.blocks.can_allocate(req.request_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, swap_out)
+            if victim is req:
+                return False
+        self.blocks.allocate(req.request_id, num_tokens)
+        return True
+
+    def _preempt(self, req: Request, swap_out: list[tuple[int, int]]) -> None:
+        """Take a running request's blocks away: swap them to host memory if configured
+        and room allows (decoding requests only), else drop them (its KV will be recomputed)."""
+        self.running.remove(req)
+        self.num_preemptions += 1
+        req.num_preemptions += 1
+        mode = self.config.preemption_mode
+        n = self.blocks.num_blocks_of(req.request_id)
+        swappable = (
+            mode == PreemptionMode.SWAP
+            and req.status == RequestStatus.DECODING
+            and self.swap_blocks is not None
+            and self.swap_blocks.can_allocate(req.request_id, n * self.blocks.block_size)
+        )
+        if swappable:
+            assert self.swap_blocks is not None
+            host = self.swap_blocks.allocate(req.request_id, n * self.blocks.block_size)
+            swap_out.extend(zip(self.blocks.block_table(req.request_id), host, strict=True))
+            self.blocks.free(req.request_id)
+            req.status = RequestStatus.SWAPPED
+            self.swapped.append(req)
+            return
+        self.blocks.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def _swap_in(self, swap_in: list[tuple[int, int]]) -> list[Request]:
+        """Bring swapped requests back, oldest first, while blocks and seats allow, with
+        room for their next token; returns them (the copies run before the forward pass,
+        so they decode in this very step)."""
+        back: list[Request] = []
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            req = self.swapped[0]
+            if not self.blocks.can_allocate(req.request_id, req.num_tokens):
+                break
+            self.swapped.popleft()
+            assert self.swap_blocks is not None
+            host = self.swap_blocks.block_table(req.request_id)
+            self.blocks.allocate(req.request_id, req.num_tokens)
+            # The device table may be one block longer: room for the next token.
+            swap_in.extend(zip(host, self.blocks.block_table(req.request_id), strict=False))
+            self.swap_blocks.free(req.request_id)
+            req.status = RequestStatus.DECODING
+            self.running.append(req)
+            back.append(req)
+        return back
+
+    def _schedule_decodes(
+        self, now: float, swap_out: list[tuple[int, int]]
+    ) -> list[ScheduledChunk]:
+        """One token for every decoding request (continuous batching), preempting the
+        newest when blocks run out."""
+        chunks: list[Request] = []
+        # Victims are taken from the back, so a request already chosen is never preempted.
+        for req in list(self.running):
+            if req.status != RequestStatus.DECODING or req not in self.running:
+                continue
+            if not self._grow_or_preempt(req, req.num_tokens, swap_out):
+                continue
+            chunks.append(req)
+        for req in chunks:
+            req.mark("decode_start", now)
+        return [self._chunk(r, r.num_uncomputed_tokens) for r in chunks]

@@ -1,0 +1,84 @@
+"""The interface every model family implements, and HF-name weight loading."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distserve.model.attention import AttentionMetadata
+from distserve.model.config import ModelConfig
+
+WeightTarget = tuple[str, int | None]
+"""(our parameter name, shard index in a fused parameter or None)."""
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over a paged KV cache.
+
+    forward(input_ids [T], positions [T], kv_caches [layers x cache], meta) -> hidden [T, h]
+    compute_logits(hidden [N, h]) -> logits [N, vocab]
+
+    Fused parameters (q/k/v as one `qkv_proj`, gate/up as one `gate_up_proj`) are filled
+    shard by shard from HF names by `load_weights`.
+    """
+
+    config: ModelConfig
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lm_head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight())
+
+    # ---- weights ------------------------------------------------------------------
+    def map_weight(self, hf_name: str) -> WeightTarget | None:
+        """Our parameter (and shard) for a HF checkpoint name; None to skip it."""
+        raise NotImplementedError
+
+    def shard_sizes(self, param_name: str) -> list[int]:
+        """Row counts of the shards of a fused parameter, in shard order."""
+        raise NotImplementedError
+
+    def prepare_weight(self, hf_name: str, w: torch.Tensor) -> torch.Tensor:
+        """Family-specific fix-ups of a checkpoint tensor (e.g. GPT-2's transposed Conv1D)."""
+        return w
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into our parameters. Raises on a shape mismatch, an
+        unknown name, or a parameter left unloaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, w in weights:
+            target = self.map_weight(hf_name)
+            if target is None:
+                continue
+            name, shard = target
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {hf_name} maps to unknown parameter {name}")
+            p = params[name].data
+            w = self.prepare_weight(hf_name, w)
+            if shard is not None:
+                sizes = self.shard_sizes(name)
+                start = sum(sizes[:shard])
+                p = p[start : start + sizes[shard]]
+            if tuple(p.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"{hf_name}: shape {tuple(w.shape)} does not fit {name} {tuple(p.shape)}"
+                )
+            p.copy_(w)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")

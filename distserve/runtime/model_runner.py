@@ -1,0 +1,115 @@
+"""Executes a `StepPlan` on a model: builds the batch tensors, runs one forward pass over
+the paged cache, and samples where the plan asks."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from distserve.core import ScheduledChunk, StepPlan, StepResult
+from distserve.model.attention import AttentionMetadata, PrefillSpan
+from distserve.model.base import CausalLM
+from distserve.runtime.kv_cache import KVCache
+from distserve.runtime.sampler import Sampler
+
+
+class ModelRunner:
+    """The executor of one instance: owns the model and the KV cache tensors.
+
+    Holds no per-request state: everything a step needs is in the plan, so the runner
+    may be a Ray actor in another process, and a request may move between runners.
+    """
+
+    def __init__(self, model: CausalLM, cache: KVCache, seed: int = 0) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.data.device
+        self.sampler = Sampler(self.device, seed)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        self.cache.swap_out(plan.swap_out)
+        self.cache.swap_in(plan.swap_in)
+        self.cache.copy_blocks(plan.block_copies)
+        if not plan.chunks:
+            return StepResult(elapsed=time.perf_counter() - t0)
+        chunks = list(plan.prefill_chunks) + list(plan.decode_chunks)
+        input_ids, positions, meta = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, self.cache.layers, meta)
+        rows, sampled_chunks, offset = [], [], 0
+        for c in chunks:
+            offset += c.num_tokens
+            if c.sampling_params is not None:
+                rows.append(offset - 1)
+                sampled_chunks.append(c)
+        result = StepResult(elapsed=0.0)
+        if rows:
+            logits = self.model.compute_logits(hidden[rows]).float()
+            params = [c.sampling_params for c in sampled_chunks]
+            tokens, logprobs = self.sampler(
+                logits, params, [c.output_index for c in sampled_chunks]
+            )  # type: ignore[arg-type]
+            ids = [c.request_id for c in sampled_chunks]
+            result = StepResult(
+                sampled=dict(zip(ids, tokens, strict=True)),
+                logprobs={i: lp for i, lp in zip(ids, logprobs, strict=True) if lp is not None},
+            )
+        return StepResult(result.sampled, result.logprobs, time.perf_counter() - t0)
+
+    def _prepare(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.cache.block_size
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        spans: list[PrefillSpan] = []
+        decodes: list[ScheduledChunk] = []
+        for c in chunks:
+            ids.extend(c.token_ids)
+            if not c.is_prefill:
+                decodes.append(c)
+                continue
+            ctx_slots = _slots(self._tensor(list(c.block_table)), c.context_len, bs)
+            positions.append(torch.arange(c.start, c.context_len, device=self.device))
+            slots.append(ctx_slots[c.start :])
+            spans.append(
+                PrefillSpan(
+                    len(ids) - c.num_tokens, c.num_tokens, c.start, ctx_slots if c.start else None
+                )
+            )
+        meta = AttentionMetadata(torch.empty(0), spans, sum(s.num_tokens for s in spans))
+        if decodes:
+            longest = max(c.context_len for c in decodes)
+            width = -(-longest // bs)
+            tables = self._tensor(
+                [
+                    list(c.block_table[:width]) + [0] * (width - len(c.block_table[:width]))
+                    for c in decodes
+                ]
+            )
+            lens = self._tensor([c.context_len for c in decodes])
+            # [B, width * bs] slots of positions 0.., cut to the longest context.
+            grid = (tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(
+                len(decodes), -1
+            )
+            meta.decode_slots = grid[:, :longest]
+            meta.decode_mask = (torch.arange(longest, device=self.device)[None, :] < lens[:, None])[
+                :, None, None, :
+            ]
+            last = lens - 1
+            positions.append(last)
+            slots.append(meta.decode_slots.gather(1, last[:, None]).squeeze(1))
+        meta.slot_mapping = torch.cat(slots)
+        return self._tensor(ids), torch.cat(positions), meta
+
+    def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
+
+
+def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of positions 0 .. length-1 of a request with this block table."""
+    pos = torch.arange(length, device=table.device)
+    return table[pos // block_size] * block_size + pos % block_size
