@@ -6,8 +6,10 @@ Token layout of a batch (T tokens): prompt chunks first, then one token per deco
     [ chunk 0 (n0 tokens) | chunk 1 (n1) | ... | decode 0 | decode 1 | ... ]
       <------------- num_prefill_tokens ----------->  <-- num_decodes -->
 
-Cache layout of one layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim];
-token position p of a request lives in block table[p // block_size], slot p % block_size.
+Cache layout of one layer: [2 (K, V), num_kv_heads, num_blocks * block_size, head_dim];
+token position p of a request lives in slot table[p // block_size] * block_size +
+p % block_size. KV heads outermost, so that gathering a batch's slots gives
+[kv_heads, B, L, d]: contiguous matrices per (head, request), ready for batched matmuls.
 """
 
 from __future__ import annotations
@@ -40,17 +42,18 @@ class AttentionMetadata:
     """[T] flat cache slot (block * block_size + offset) of every token of the batch."""
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
-    decode_slots: torch.Tensor | None = None
-    """[B, L] flat cache slots of positions 0 .. L-1 of every decode (padded with 0)."""
-    decode_mask: torch.Tensor | None = None
-    """[B, 1, 1, L] True where a decode may attend (position < its context length)."""
+    decode_blocks: torch.Tensor | None = None
+    """[B, W] block tables of the decodes, cut to the W blocks of the longest context and
+    padded with block 0 (masked off by decode_bias)."""
+    decode_bias: torch.Tensor | None = None
+    """[1, B, 1, W * block_size] float32: 0 where a decode may attend (position < its
+    context length), -inf on the padding."""
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store k, v [T, kv_heads, head_dim] into their slots of one layer's cache."""
-    _, nb, bs, kvh, d = cache.shape
-    cache[0].view(nb * bs, kvh, d).index_copy_(0, slots, k)
-    cache[1].view(nb * bs, kvh, d).index_copy_(0, slots, v)
+    cache[0].index_copy_(1, slots, k.transpose(0, 1))
+    cache[1].index_copy_(1, slots, v.transpose(0, 1))
 
 
 def paged_attention(
@@ -66,36 +69,55 @@ def paged_attention(
     Writes the new K/V into the cache first, then each prompt chunk attends causally to
     its request's KV and each decode token to its whole context."""
     write_kv(cache, k, v, meta.slot_mapping)
-    _, nb, bs, kvh, d = cache.shape
-    k_flat = cache[0].view(nb * bs, kvh, d)
-    v_flat = cache[1].view(nb * bs, kvh, d)
     out = torch.empty_like(q)
     for span in meta.prefills:
         rows = slice(span.offset, span.offset + span.num_tokens)
-        qs = q[rows].transpose(0, 1)  # [heads, n, d]
+        # SDPA on CPU takes its fast kernel only for 4-D inputs: [1, heads, n, d].
+        qs = q[rows].transpose(0, 1).unsqueeze(0)
         if span.start == 0:
-            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [kv_heads, n, d]
+            ks = k[rows].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, n, d]
+            vs = v[rows].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
             assert span.context_slots is not None
-            ks = k_flat[span.context_slots].transpose(0, 1)  # [kv_heads, start+n, d]
-            vs = v_flat[span.context_slots].transpose(0, 1)
+            ks = cache[0].index_select(1, span.context_slots).unsqueeze(0)  # [1, kvh, start+n, d]
+            vs = cache[1].index_select(1, span.context_slots).unsqueeze(0)
             q_pos = torch.arange(span.start, span.start + span.num_tokens, device=q.device)
             k_pos = torch.arange(span.start + span.num_tokens, device=q.device)
             mask = k_pos[None, :] <= q_pos[:, None]  # [n, start+n]
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
             )
-        out[rows] = o.transpose(0, 1)
-    if meta.decode_slots is not None:
+        out[rows] = o[0].transpose(0, 1)
+    if meta.decode_blocks is not None:
         p = meta.num_prefill_tokens
-        qd = q[p:].unsqueeze(2)  # [B, heads, 1, d]
-        kd = k_flat[meta.decode_slots].transpose(1, 2)  # [B, kv_heads, L, d]
-        vd = v_flat[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[p:] = o.squeeze(2)
+        out[p:] = decode_attention(q[p:], cache, meta, scale)
     return out
+
+
+def decode_attention(
+    q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query per request against its whole context: q [B, heads, d] -> [B, heads, d].
+
+    Grouped-query attention without repeating K/V: the G = heads / kv_heads query heads
+    that share a KV head form one small matrix per (KV head, request). (CPU SDPA is slow
+    for single-token queries, so this is written out.)"""
+    assert meta.decode_blocks is not None and meta.decode_bias is not None
+    b, heads, d = q.shape
+    kvh = cache.shape[1]
+    g = heads // kvh
+    length = meta.decode_bias.shape[-1]
+    # Gather whole blocks (contiguous block_size * d runs): [kv_heads, B * W, bs * d].
+    blocks = cache.view(2, kvh, -1, length // meta.decode_blocks.shape[1] * d)
+    flat = meta.decode_blocks.flatten()
+    kd = blocks[0].index_select(1, flat).view(kvh * b, length, d)  # [kv_heads*B, L, d]
+    vd = blocks[1].index_select(1, flat).view(kvh * b, length, d)
+    qg = q.view(b, kvh, g, d).transpose(0, 1).reshape(kvh * b, g, d)
+    scores = torch.bmm(qg, kd.transpose(1, 2)).float() * scale  # [kv_heads*B, G, L]
+    scores = scores.view(kvh, b, g, length) + meta.decode_bias
+    probs = scores.softmax(dim=-1).to(q.dtype).view(kvh * b, g, length)
+    out = torch.bmm(probs, vd)  # [kv_heads*B, G, d]
+    return out.view(kvh, b, g, d).transpose(0, 1).reshape(b, heads, d)

@@ -105,7 +105,7 @@ class GGUFModelFile:
                 w = unpermute_rope_rows(w, cfg.num_heads)
             elif name.endswith("k_proj.weight"):
                 w = unpermute_rope_rows(w, cfg.num_kv_heads)
-            yield name, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+            yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
 
     def tokenizer_metadata(self) -> dict[str, Any]:
         g = self.field

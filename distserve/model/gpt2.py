@@ -84,7 +84,7 @@ class GPT2LMHeadModel(CausalLM):
 
     def map_weight(self, hf_name: str) -> WeightTarget | None:
         name = hf_name.removeprefix("transformer.")
-        if name == "lm_head.weight" or name.endswith(("attn.bias", "attn.masked_bias")):
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
             return None
         return name, None
 

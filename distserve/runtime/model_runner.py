@@ -84,24 +84,19 @@ class ModelRunner:
         if decodes:
             longest = max(c.context_len for c in decodes)
             width = -(-longest // bs)
-            tables = self._tensor(
-                [
-                    list(c.block_table[:width]) + [0] * (width - len(c.block_table[:width]))
-                    for c in decodes
-                ]
-            )
+            tables = [list(c.block_table[:width]) for c in decodes]
+            meta.decode_blocks = self._tensor([t + [0] * (width - len(t)) for t in tables])
             lens = self._tensor([c.context_len for c in decodes])
-            # [B, width * bs] slots of positions 0.., cut to the longest context.
-            grid = (tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(
-                len(decodes), -1
-            )
-            meta.decode_slots = grid[:, :longest]
-            meta.decode_mask = (torch.arange(longest, device=self.device)[None, :] < lens[:, None])[
-                :, None, None, :
-            ]
+            pad = (
+                torch.arange(width * bs, device=self.device)[None, :] >= lens[:, None]
+            )  # [B, W*bs]
+            bias = torch.zeros(pad.shape, dtype=torch.float32, device=self.device)
+            meta.decode_bias = bias.masked_fill_(pad, float("-inf"))[None, :, None, :]
             last = lens - 1
             positions.append(last)
-            slots.append(meta.decode_slots.gather(1, last[:, None]).squeeze(1))
+            slots.append(
+                meta.decode_blocks.gather(1, (last // bs)[:, None]).squeeze(1) * bs + last % bs
+            )
         meta.slot_mapping = torch.cat(slots)
         return self._tensor(ids), torch.cat(positions), meta
 
