@@ -89,8 +89,9 @@ def hf_greedy(
 ) -> tuple[list[int], torch.Tensor]:
     """HF's greedy continuation and its logits at every generated position [n, vocab]."""
     ids = torch.tensor([prompt])
+    n = max_new_tokens
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
     )  # fmt: skip
     tokens = out.sequences[0, len(prompt) :].tolist()
