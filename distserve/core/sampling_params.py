@@ -13,8 +13,9 @@ class SamplingParams:
     """How to pick tokens and when to stop. Invalid values raise `ValueError` naming the field.
 
     `temperature == 0` means greedy. With a `seed`, the token sampled at output index `i`
-    depends only on (seed, i) and the logits, so a seeded request gives the same text
-    whether it runs alone, batched, colocated or split across prefill and decode instances.
+    depends only on (seed, i) and the logits: not on the engine's generator, the batch
+    position, or the instance (prefill or decode) that samples it. Identical logits are
+    the caller's part: in bf16 a different batch can move them by a rounding step.
     """
 
     max_tokens: int = 16
