@@ -124,7 +124,130 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         help='print {"outputs": [{"prompt", "text", "token_ids"}]} instead of text',
     )
     _add_engine_flags(gen)
-    return parser, {"generate": gen}
+
+    srv = verbs.add_parser(
+        "serve",
+        help="serve the OpenAI API with disaggregated or colocated instances",
+        description="Start instances (Ray actors) and an OpenAI-compatible HTTP server; "
+        "prints the URL when ready.",
+    )
+    srv.add_argument(
+        "--mode",
+        default="disagg",
+        choices=["disagg", "colocated"],
+        help="disagg: prefill + decode instances; colocated: instances doing both "
+        "(default: disagg)",
+    )
+    srv.add_argument(
+        "--prefill-instances",
+        type=_positive_int,
+        default=1,
+        help="disagg: number of prefill instances (default: 1)",
+    )
+    srv.add_argument(
+        "--decode-instances",
+        type=_positive_int,
+        default=1,
+        help="disagg: number of decode instances (default: 1)",
+    )
+    srv.add_argument(
+        "--instances",
+        type=_positive_int,
+        default=2,
+        help="colocated: number of instances (default: 2)",
+    )
+    srv.add_argument(
+        "--chunked-prefill",
+        action="store_true",
+        help="colocated: Sarathi-style chunked prefill (decodes and prompt chunks share "
+        "one token budget)",
+    )
+    srv.add_argument(
+        "--cores-per-instance",
+        type=_positive_int,
+        default=None,
+        help="CPU cores each instance owns (default: the machine's cores shared evenly)",
+    )
+    srv.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=64,
+        help="most requests in one step (default: 64)",
+    )
+    srv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default: 127.0.0.1, this machine only)",
+    )
+    srv.add_argument(
+        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)"
+    )
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(or set DISTSERVE_API_KEY)",
+    )
+    srv.add_argument(
+        "--ray-address",
+        default=None,
+        help="address of an existing Ray cluster (default: start a local one)",
+    )
+    srv.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run every worker inside the server process (no Ray; for debugging)",
+    )
+    _add_engine_flags(srv)
+    return parser, {"generate": gen, "serve": srv}
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import asyncio
+    import os
+
+    from distserve.config import EngineConfig, PlacementConfig
+    from distserve.core import CacheConfig, SchedulerConfig
+    from distserve.model.registry import resolve
+    from distserve.server.launch import ServerConfig, serve
+
+    try:
+        resolve(args.model, args.load_format)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f"--model {args.model}: {e}")
+    if args.chunked_prefill and args.mode != "colocated":
+        parser.error("--chunked-prefill applies to --mode colocated only")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    engine = EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max(2048, args.max_model_len),
+            max_model_len=args.max_model_len,
+        ),
+    )
+    placement = PlacementConfig(
+        mode=args.mode,
+        num_prefill=args.prefill_instances,
+        num_decode=args.decode_instances,
+        num_instances=args.instances,
+        chunked_prefill=args.chunked_prefill,
+        cores_per_instance=args.cores_per_instance,
+    )
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("DISTSERVE_API_KEY"),
+        ray_address=args.ray_address,
+        use_ray=not args.no_ray,
+    )
+    asyncio.run(serve(engine, placement, server))
+    return 0
 
 
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -132,9 +255,14 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-        )  # fmt: skip
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            ignore_eos=args.ignore_eos,
+        )
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         parser.error(f"{_FLAG_OF.get(field, field)}: {e}")
@@ -142,9 +270,13 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         llm = LLM(
-            args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-            kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len,
-        )  # fmt: skip
+            args.model,
+            load_format=args.load_format,
+            dtype=args.dtype,
+            device=args.device,
+            kv_cache_gb=args.kv_cache_gb,
+            max_model_len=args.max_model_len,
+        )
     except (ValueError, FileNotFoundError) as e:
         parser.error(f"--model {args.model}: {e}")
     prompts = args.prompts
@@ -177,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    run = {"generate": _generate}[args.verb]
+    run = {"generate": _generate, "serve": _serve}[args.verb]
     return run(args, verbs[args.verb])
 
 

@@ -51,6 +51,66 @@ class EngineConfig:
         return _jsonable(dataclasses.asdict(self))
 
 
+MODES = ("disagg", "colocated")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """How many instances of each role run, and what each owns."""
+
+    mode: str = field(
+        default="disagg", metadata={"help": "disagg (prefill + decode instances) or colocated"}
+    )
+    num_prefill: int = field(default=1, metadata={"help": "disagg: prefill instances"})
+    num_decode: int = field(default=1, metadata={"help": "disagg: decode instances"})
+    num_instances: int = field(default=2, metadata={"help": "colocated: instances"})
+    chunked_prefill: bool = field(
+        default=False, metadata={"help": "colocated: Sarathi-style chunked prefill"}
+    )
+    cores_per_instance: int | None = field(
+        default=None,
+        metadata={"help": "CPU cores each instance owns (None: share the machine's evenly)"},
+    )
+    prefill_tp: int = field(
+        default=1, metadata={"help": "tensor parallel degree of prefill instances"}
+    )
+    prefill_pp: int = field(
+        default=1, metadata={"help": "pipeline parallel degree of prefill instances"}
+    )
+    decode_tp: int = field(
+        default=1, metadata={"help": "tensor parallel degree of decode instances"}
+    )
+    decode_pp: int = field(
+        default=1, metadata={"help": "pipeline parallel degree of decode instances"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("num_prefill", "num_decode", "num_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cores_per_instance is not None and self.cores_per_instance < 1:
+            raise ValueError(f"cores_per_instance must be >= 1, got {self.cores_per_instance}")
+        if self.chunked_prefill and self.mode != "colocated":
+            raise ValueError("chunked_prefill applies to colocated mode only")
+        degrees = (self.prefill_tp, self.prefill_pp, self.decode_tp, self.decode_pp)
+        if any(d < 1 for d in degrees):
+            raise ValueError(f"parallel degrees must be >= 1, got {degrees}")
+        if any(d > 1 for d in degrees):
+            raise ValueError(
+                "tensor/pipeline parallelism inside an instance is not supported by the runtime "
+                "yet: every tp and pp must be 1"
+            )
+
+    @property
+    def roles(self) -> list[str]:
+        """The role of each instance, in start order."""
+        if self.mode == "colocated":
+            return ["colocated"] * self.num_instances
+        return ["prefill"] * self.num_prefill + ["decode"] * self.num_decode
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}

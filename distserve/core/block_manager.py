@@ -82,6 +82,8 @@ class BlockManager:
             raise OutOfBlocksError(
                 f"request {request_id} needs {need} blocks, {len(self._free)} are free"
             )
+        if need == 0:
+            return []  # no table for a request that needs nothing (tables are never empty)
         table = self._tables.setdefault(request_id, [])
         new = [self._free.popleft() for _ in range(need)]
         for b in new:

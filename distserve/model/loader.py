@@ -112,6 +112,21 @@ def load(
     raise ValueError(f"unknown model format {source.format!r}")
 
 
+def load_tokenizer(source: ModelSource) -> tuple[ModelConfig, Tokenizer]:
+    """The config and tokenizer of a model without its weights (for the API server)."""
+    if source.format == "random":
+        cfg = source.config or _config_of(source)
+        return cfg, Tokenizer.bytes_only(cfg.vocab_size, cfg.eos_token_id)
+    assert source.path is not None
+    if source.format == "gguf":
+        from distserve.model.gguf_file import GGUFModelFile
+
+        gf = GGUFModelFile(source.path)
+        return gf.config, Tokenizer.from_gguf_metadata(gf.tokenizer_metadata())
+    cfg = _config_of(source)
+    return cfg, _hf_tokenizer(source.path, cfg)
+
+
 def _config_of(source: ModelSource) -> ModelConfig:
     assert source.path is not None
     if source.path.endswith(".gguf"):

@@ -94,10 +94,13 @@ class Scheduler(ABC):
                 f"request {req.request_id}: {req.num_tokens} tokens exceed max_model_len {max_len}"
             )
         peak = min(req.num_prompt_tokens + req.sampling_params.max_tokens, max_len)
-        if self.blocks.blocks_for(peak) > self.blocks.num_blocks:
+        # (Re)admission leaves the watermark free: a request needing more than the rest
+        # could never start, or restart after a preemption, and would block the queue.
+        usable = self.blocks.num_blocks - self.blocks.watermark_blocks
+        if self.blocks.blocks_for(peak) > usable:
             raise ValueError(
                 f"request {req.request_id}: needs {self.blocks.blocks_for(peak)} KV blocks, "
-                f"the cache has {self.blocks.num_blocks}"
+                f"the cache has {self.blocks.num_blocks} ({usable} above the watermark)"
             )
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
@@ -203,16 +206,19 @@ class Scheduler(ABC):
             self.swapped.append(req)
             return
         self.blocks.free(req.request_id)
-        req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
+
+    def _num_active(self) -> int:
+        """Requests holding a seat (of max_num_seqs)."""
+        return len(self.running)
 
     def _swap_in(self, swap_in: list[tuple[int, int]]) -> list[Request]:
         """Bring swapped requests back, oldest first, while blocks and seats allow, with
         room for their next token; returns them (the copies run before the forward pass,
         so they decode in this very step)."""
         back: list[Request] = []
-        while self.swapped and len(self.running) < self.config.max_num_seqs:
+        while self.swapped and self._num_active() < self.config.max_num_seqs:
             req = self.swapped[0]
             if not self.blocks.can_allocate(req.request_id, req.num_tokens):
                 break

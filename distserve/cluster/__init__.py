@@ -1,0 +1,1 @@
+"""The controller: starts instances, routes requests, drives KV migrations."""

@@ -1,0 +1,78 @@
+"""Turning a PlacementConfig into workers: which cores each owns, where it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from distserve.config import EngineConfig, PlacementConfig
+from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
+from distserve.runtime.threads import available_cores
+
+log = logging.getLogger(__name__)
+
+
+def assign_cores(
+    num_instances: int, cores_per_instance: int | None, cores: list[int]
+) -> list[list[int]]:
+    """Consecutive core sets, one per instance; wraps around (oversubscribes) when the
+    machine has fewer cores than asked for, with a warning."""
+    k = cores_per_instance or max(1, len(cores) // num_instances)
+    if num_instances * k > len(cores):
+        log.warning(
+            "%d instances x %d cores oversubscribe the %d usable cores",
+            num_instances,
+            k,
+            len(cores),
+        )
+    return [[cores[(i * k + j) % len(cores)] for j in range(k)] for i in range(num_instances)]
+
+
+def init_ray(address: str | None, num_cpus: int) -> None:
+    """Join a cluster at `address`, or start a local one (the embedded default) with
+    `num_cpus` logical CPUs, enough for every instance even when cores are shared."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)  # type: ignore[arg-type]
+
+
+async def start_workers(
+    engine: EngineConfig,
+    placement: PlacementConfig,
+    use_ray: bool,
+    ray_address: str | None,
+    timeout: float,
+) -> list[Executor]:
+    """Start one worker per instance of the placement (in parallel) and wait until every
+    one has loaded its model; raise TimeoutError naming the missing resources."""
+    roles = placement.roles
+    cpu = engine.device == "cpu"
+    cores = (
+        assign_cores(len(roles), placement.cores_per_instance, available_cores())
+        if cpu
+        else [[]] * len(roles)
+    )
+    if use_ray:
+        init_ray(ray_address, max(len(available_cores()), sum(len(c) for c in cores)))
+        starts = [
+            RayExecutor.start(engine, c or None, f"distserve-{r}-{i}-{id(engine):x}")
+            for i, (r, c) in enumerate(zip(roles, cores, strict=True))
+        ]
+    else:
+        starts = [LocalExecutor.start(engine, None) for _ in roles]
+    executors = list(await asyncio.gather(*starts))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.info() for e in executors)), timeout)
+    except asyncio.TimeoutError:
+        await asyncio.gather(*(e.close() for e in executors), return_exceptions=True)
+        raise TimeoutError(
+            f"workers did not start within {timeout:.0f} s: the cluster may lack the resources "
+            f"for {len(roles)} instances ({placement.cores_per_instance or 'shared'} cores each)"
+        ) from None
+    return executors

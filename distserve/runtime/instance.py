@@ -1,0 +1,110 @@
+"""The step loop of one instance, run by the controller: the scheduler lives here, the
+worker wherever its executor handle points."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distserve.core import DecodeScheduler, Request, Scheduler, StepOutput
+from distserve.runtime.executor import Executor
+
+log = logging.getLogger(__name__)
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+@dataclass
+class InstanceStats:
+    """Counters the metrics endpoint reads."""
+
+    steps: int = 0
+    busy_seconds: float = 0.0
+    tokens: int = 0
+
+
+class Instance:
+    """One model replica: a scheduler, a worker, and the loop that joins them.
+
+    Every step: (decode role) admit migrations whose blocks fit, then
+    plan = schedule(now), result = await worker.execute(plan), update(plan, result, now),
+    and hand the outputs to the controller. With nothing to do it sleeps until `wake()`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        role: Role,
+        scheduler: Scheduler,
+        executor: Executor,
+        on_outputs: Callable[[Instance, list[StepOutput]], None],
+        on_admitted: Callable[[Instance, list[Request]], None] | None = None,
+        on_failure: Callable[[Instance, BaseException], None] | None = None,
+    ) -> None:
+        self.name, self.role = name, role
+        self.scheduler = scheduler
+        self.executor = executor
+        self.stats = InstanceStats()
+        self._on_outputs = on_outputs
+        self._on_admitted = on_admitted
+        self._on_failure = on_failure
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.alive = True
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"instance-{self.name}")
+
+    def wake(self) -> None:
+        """Something changed (new request, abort, migration): look for work again."""
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        self.alive = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task  # stopping anyway: its end state no longer matters
+        await self.executor.close()
+
+    async def _run(self) -> None:
+        try:
+            while self.alive:
+                if not await self._step():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the worker died or a step failed
+            log.exception("instance %s failed", self.name)
+            self.alive = False
+            if self._on_failure is not None:
+                self._on_failure(self, e)
+
+    async def _step(self) -> bool:
+        """One step; False when there was nothing to do."""
+        if isinstance(self.scheduler, DecodeScheduler):
+            admitted = self.scheduler.admit_migrations(time.monotonic())
+            if admitted and self._on_admitted is not None:
+                self._on_admitted(self, admitted)
+        plan = self.scheduler.schedule(time.monotonic())
+        if plan.empty:
+            return False
+        t0 = time.perf_counter()
+        result = await self.executor.execute(plan)
+        self.stats.busy_seconds += time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.tokens += plan.num_tokens
+        outputs = self.scheduler.update(plan, result, time.monotonic())
+        if outputs:
+            self._on_outputs(self, outputs)
+        return True

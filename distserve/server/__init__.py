@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API (FastAPI), its error bodies and its metrics."""

@@ -1,0 +1,298 @@
+"""The OpenAI-compatible routes over a running Controller."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from distserve.cluster.controller import Controller, RequestFailed
+from distserve.core import SamplingParams
+from distserve.runtime.outputs import RequestOutput
+from distserve.server import responses as R
+from distserve.server.errors import APIError, error_response, install_handlers
+from distserve.server.metrics import Metrics
+from distserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+Prompt = str | list[int]
+
+
+def build_app(
+    controller: Controller, model_name: str, metrics: Metrics, api_key: str | None = None
+) -> FastAPI:
+    """Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+    app = FastAPI(title="distserve", version="0.1.0")
+    install_handlers(app)
+    tokenizer = controller.tokenizer
+
+    @app.middleware("http")
+    async def _auth(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer <key>)",
+                    code="invalid_api_key",
+                )
+        return await call_next(request)
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {model_name!r}",
+                "model",
+                "model_not_found",
+            )
+
+    def submit(prompt: Prompt, params: SamplingParams) -> Any:
+        try:
+            return controller.submit(prompt, params, uuid.uuid4().hex[:16])
+        except ValueError as e:
+            code = (
+                "context_length_exceeded"
+                if "max_model_len" in str(e) or "KV blocks" in str(e)
+                else "invalid_value"
+            )
+            raise APIError(400, str(e), "prompt", code) from None
+        except RequestFailed as e:
+            raise APIError(503, str(e)) from None
+
+    def params_of(
+        body: CompletionRequest | ChatCompletionRequest, prompt_len: int
+    ) -> SamplingParams:
+        try:
+            return body.sampling_params(max(1, controller.max_model_len - prompt_len))
+        except ValueError as e:
+            raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from None
+
+    async def run_to_end(request: Request, states: list[Any]) -> list[RequestOutput]:
+        """Collect final outputs; abort every request if the client goes away first."""
+
+        async def last(state: Any) -> RequestOutput:
+            out = None
+            async for item in controller.stream(state):
+                out = item
+            if out is None:
+                raise RequestFailed("the request was aborted")
+            return out
+
+        work = asyncio.ensure_future(asyncio.gather(*(last(s) for s in states)))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise APIError(499, "client disconnected")
+            return work.result()
+        except RequestFailed as e:
+            raise APIError(503, str(e)) from None
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+            for s in states:
+                controller.abort(s.request_id)  # no-op for finished ones
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = {i.name: i.alive for i in controller.instances}
+        ok = bool(alive) and all(alive.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "degraded", "instances": alive},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "distserve",
+            "max_model_len": controller.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        prompts = body.prompts()
+        encoded = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        states = [submit(ids, params_of(body, len(ids))) for ids in encoded]
+        env = R.Envelope("cmpl", states[0].request_id, model_name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _stream(
+                controller,
+                states,
+                lambda i, o: _completion_chunk(env, i, o, tokenizer),
+                env,
+                "text_completion",
+                include_usage,
+            )
+        outs = await run_to_end(request, states)
+        choices = [
+            {
+                "index": i,
+                "text": o.text,
+                "logprobs": R.completion_logprobs(o, tokenizer, False),
+                "finish_reason": o.finish_reason,
+                "metrics": R.timings(o),
+            }
+            for i, o in enumerate(outs)
+        ]
+        return env.body("text_completion", choices=choices, usage=_usage(outs))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        try:
+            prompt = tokenizer.apply_chat_template(body.conversation())
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        ids = tokenizer.encode(prompt)
+        state = submit(ids, params_of(body, len(ids)))
+        env = R.Envelope("chatcmpl", state.request_id, model_name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _stream(
+                controller,
+                [state],
+                lambda i, o: _chat_chunk(env, o, tokenizer),
+                env,
+                "chat.completion.chunk",
+                include_usage,
+                chat=True,
+            )
+        (out,) = await run_to_end(request, [state])
+        choice = {
+            "index": 0, "message": {"role": "assistant", "content": out.text},
+            "logprobs": R.chat_logprobs(out, tokenizer, False), "finish_reason": out.finish_reason,
+            "metrics": R.timings(out),
+        }  # fmt: skip
+        return env.body("chat.completion", choices=[choice], usage=_usage([out]))
+
+    return app
+
+
+def _usage(outs: list[RequestOutput]) -> dict[str, int]:
+    return R.usage(sum(len(o.prompt_token_ids) for o in outs), sum(len(o.token_ids) for o in outs))
+
+
+def _completion_chunk(
+    env: R.Envelope, index: int, out: RequestOutput, tokenizer: Any
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": index,
+        "text": out.new_text,
+        "logprobs": R.completion_logprobs(out, tokenizer, True),
+        "finish_reason": out.finish_reason if out.finished else None,
+    }
+    if out.finished:
+        choice["metrics"] = R.timings(out)
+    return env.body("text_completion", choices=[choice])
+
+
+def _chat_chunk(env: R.Envelope, out: RequestOutput, tokenizer: Any) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": {"content": out.new_text},
+        "logprobs": R.chat_logprobs(out, tokenizer, True),
+        "finish_reason": out.finish_reason if out.finished else None,
+    }
+    if out.finished:
+        choice["metrics"] = R.timings(out)
+    return env.body("chat.completion.chunk", choices=[choice])
+
+
+def _stream(
+    controller: Controller,
+    states: list[Any],
+    chunk: Callable[[int, RequestOutput], dict[str, Any]],
+    env: R.Envelope,
+    obj: str,
+    include_usage: bool,
+    chat: bool = False,
+) -> StreamingResponse:
+    """SSE of every request's deltas (interleaved as they come), then usage and [DONE].
+    A client that disconnects cancels the generator: every request is aborted."""
+
+    async def events() -> AsyncIterator[str]:
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, state: Any) -> None:
+            try:
+                async for out in controller.stream(state):
+                    queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except RequestFailed as e:
+                queue.put_nowait((i, e))
+
+        pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(states)]
+        finals: list[RequestOutput] = []
+        try:
+            if chat:
+                yield R.sse(
+                    env.body(
+                        obj,
+                        choices=[
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    )
+                )
+            open_streams = len(states)
+            while open_streams:
+                i, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, BaseException):
+                    yield R.sse(
+                        {
+                            "error": {
+                                "message": str(item),
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
+                    open_streams -= 1
+                else:
+                    if item.finished:
+                        finals.append(item)
+                    yield R.sse(chunk(i, item))
+            if include_usage:
+                yield R.sse(env.body(obj, choices=[], usage=_usage(finals)))
+            yield R.sse("[DONE]")
+        finally:
+            for p in pumps:
+                p.cancel()
+            for s in states:
+                controller.abort(s.request_id)  # no-op for finished ones
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

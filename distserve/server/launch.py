@@ -1,0 +1,83 @@
+"""`distserve serve`: start the workers, then the HTTP server; print the URL when ready."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from distserve.cluster.controller import Controller
+from distserve.config import EngineConfig, PlacementConfig
+from distserve.server.app import build_app
+from distserve.server.metrics import Metrics
+
+log = logging.getLogger("distserve")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the API listens."""
+
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "interface to bind (127.0.0.1: this machine only)"}
+    )
+    port: int = field(default=8000, metadata={"help": "TCP port; 0 picks a free one"})
+    api_key: str | None = field(
+        default=None, repr=False, metadata={"help": "require 'Authorization: Bearer KEY'"}
+    )
+    ray_address: str | None = field(
+        default=None, metadata={"help": "join this Ray cluster instead of starting one"}
+    )
+    use_ray: bool = field(
+        default=True, metadata={"help": "workers as Ray actors (False: in this process)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+async def serve(engine: EngineConfig, placement: PlacementConfig, server: ServerConfig) -> None:
+    import uvicorn
+
+    metrics = Metrics()
+    controller = Controller(
+        engine, placement, use_ray=server.use_ray, ray_address=server.ray_address, observer=metrics
+    )
+    print(
+        f"starting {len(placement.roles)} instances ({placement.mode}: "
+        f"{', '.join(placement.roles)}) of {engine.model} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    await controller.start()
+    metrics.attach(controller)
+    model_name = os.path.basename(engine.model.rstrip("/")).removesuffix(".gguf")
+    app = build_app(controller, model_name, metrics, server.api_key)
+    config = uvicorn.Config(
+        app, host=server.host, port=server.port, log_level="warning", access_log=False
+    )
+    httpd = uvicorn.Server(config)
+    httpd.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(httpd.serve())
+    while not httpd.started and not task.done():
+        await asyncio.sleep(0.05)
+    if task.done():
+        await controller.stop()
+        task.result()
+        raise RuntimeError("the HTTP server did not start")
+    port = httpd.servers[0].sockets[0].getsockname()[1]
+    print(f"distserve ready: http://{server.host}:{port}/v1 (model {model_name})", flush=True)
+    await stop.wait()
+    httpd.should_exit = True
+    await task
+    await controller.stop()

@@ -1,0 +1,107 @@
+"""Prometheus metrics: latency histograms observed as requests progress, and per-instance
+gauges (queues, KV blocks) read from the controller at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from distserve.cluster.controller import Controller
+from distserve.core import DecodeScheduler
+from distserve.runtime.transport import TransferStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """One registry per server (no module-level state), fed by the controller's hooks."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "distserve_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "distserve_tpot_seconds",
+            "Time per output token after the first",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "distserve_requests", "Finished requests by outcome", ["outcome"], registry=r
+        )
+        self.migrations = Counter("distserve_migrations", "KV migrations completed", registry=r)
+        self.migration_bytes = Counter("distserve_migration_bytes", "KV bytes migrated", registry=r)
+        self.migration_seconds = Histogram(
+            "distserve_migration_seconds",
+            "Seconds per KV migration",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.controller: Controller | None = None
+
+    def attach(self, controller: Controller) -> None:
+        self.controller = controller
+        self.registry.register(_InstanceCollector(controller))
+
+    # Observer hooks
+    def on_first_token(self, ttft: float) -> None:
+        self.ttft.observe(ttft)
+
+    def on_finished(self, outcome: str, tpot: float | None) -> None:
+        self.requests.labels(outcome=outcome).inc()
+        if tpot is not None:
+            self.tpot.observe(tpot)
+
+    def on_migration(self, stats: TransferStats) -> None:
+        self.migrations.inc()
+        self.migration_bytes.inc(stats.num_bytes)
+        self.migration_seconds.observe(stats.seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _InstanceCollector:
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Any]:
+        queue = GaugeMetricFamily(
+            "distserve_queue_length",
+            "Requests per queue per instance",
+            labels=["instance", "role", "queue"],
+        )
+        blocks = GaugeMetricFamily(
+            "distserve_kv_blocks", "KV blocks per instance", labels=["instance", "role", "state"]
+        )
+        up = GaugeMetricFamily(
+            "distserve_instance_up",
+            "1 while the instance's worker is alive",
+            labels=["instance", "role"],
+        )
+        busy = GaugeMetricFamily(
+            "distserve_instance_busy_seconds",
+            "Seconds spent executing steps",
+            labels=["instance", "role"],
+        )
+        for inst in self.controller.instances:
+            s, labels = inst.scheduler, [inst.name, inst.role.value]
+            queues = {
+                "waiting": len(s.waiting),
+                "running": len(s.running),
+                "swapped": len(s.swapped),
+            }
+            if isinstance(s, DecodeScheduler):
+                queues["pending_migration"] = len(s.pending)
+            for name, n in queues.items():
+                queue.add_metric([*labels, name], n)
+            blocks.add_metric([*labels, "used"], s.blocks.num_used_blocks)
+            blocks.add_metric([*labels, "free"], s.blocks.num_free_blocks)
+            up.add_metric(labels, 1.0 if inst.alive else 0.0)
+            busy.add_metric(labels, inst.stats.busy_seconds)
+        yield from (queue, blocks, up, busy)
