@@ -8,11 +8,22 @@ import sys
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "distserve.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "distserve.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_generate_json_two_prompts() -> None:
-    r = _run("generate", "--json", "--max-tokens", "6", "--kv-cache-gb", "0.1", "The capital of France is", "1, 2, 3,")
+    r = _run(
+        "generate",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--kv-cache-gb",
+        "0.1",
+        "The capital of France is",
+        "1, 2, 3,",
+    )
     assert r.returncode == 0, r.stderr
     outs = json.loads(r.stdout)["outputs"]
     assert [o["prompt"] for o in outs] == ["The capital of France is", "1, 2, 3,"]
@@ -23,7 +34,16 @@ def test_generate_json_two_prompts() -> None:
 def test_help_lists_every_flag_with_text() -> None:
     r = _run("generate", "--help")
     assert r.returncode == 0
-    for flag in ("--model", "--max-tokens", "--temperature", "--json", "--top-p", "--seed", "--stop", "--chat"):
+    for flag in (
+        "--model",
+        "--max-tokens",
+        "--temperature",
+        "--json",
+        "--top-p",
+        "--seed",
+        "--stop",
+        "--chat",
+    ):
         assert flag in r.stdout
 
 

@@ -1,0 +1,275 @@
+"""The real server (real Ray actors, the real SmolLM2) in every placement, driven by the
+official `openai` client and by raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from distserve import LLM, SamplingParams
+from tests.e2e.server_process import running_server
+
+MODEL = "smollm2-135m"
+KEY = "test-key-123"
+PLACEMENTS = {
+    "1P1D": ["--mode", "disagg"],
+    "2P1D": ["--mode", "disagg", "--prefill-instances", "2"],
+    "1P2D": ["--mode", "disagg", "--decode-instances", "2"],
+    "colocated": ["--mode", "colocated", "--instances", "2"],
+    "chunked": ["--mode", "colocated", "--instances", "2", "--chunked-prefill", "--api-key", KEY],
+}
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, str]:
+    """Greedy text of each prompt from the offline engine, one request at a time (as the
+    tests below send them: in bf16 a different batch may move logits by a rounding step)."""
+    llm = LLM(kv_cache_gb=0.05)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return {p: llm.generate(p, params, use_tqdm=False)[0].text for p in PROMPTS}
+
+
+@pytest.fixture(scope="module", params=list(PLACEMENTS))
+def server(request: pytest.FixtureRequest):
+    with running_server(*PLACEMENTS[request.param]) as url:
+        yield request.param, url
+
+
+def _key(placement: str) -> str:
+    return KEY if "--api-key" in PLACEMENTS[placement] else "unused"
+
+
+def _client(server) -> openai.OpenAI:
+    placement, url = server
+    return openai.OpenAI(base_url=url + "/v1", api_key=_key(placement), max_retries=0, timeout=120)
+
+
+def _http(server) -> httpx.Client:
+    placement, url = server
+    return httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {_key(placement)}"}, timeout=120
+    )
+
+
+def test_greedy_completions_equal_offline(server, reference) -> None:
+    client = _client(server)
+    for prompt in PROMPTS:
+        r = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert r.choices[0].text == reference[prompt], (server[0], prompt)
+        assert r.usage.completion_tokens == MAX_TOKENS and r.choices[0].finish_reason == "length"
+
+
+def test_streaming_equals_non_streaming_chat(server) -> None:
+    client = _client(server)
+    messages = [{"role": "user", "content": "Name three colors."}]
+    full = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=30, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_streaming_completion_over_raw_http(server) -> None:
+    with (
+        _http(server) as http,
+        http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": PROMPTS[0],
+                "max_tokens": 8,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        ) as r,
+    ):
+        assert r.status_code == 200
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    timings = chunks[-1]["choices"][0]["metrics"]
+    assert (
+        timings["arrived"]
+        <= timings["prefill_start"]
+        <= timings["prefill_end"]
+        <= timings["finished"]
+    )
+    if server[0] in ("1P1D", "2P1D", "1P2D"):
+        assert (
+            timings["prefill_end"]
+            <= timings["migration_start"]
+            <= timings["migration_end"]
+            <= timings["finished"]
+        )
+
+
+def test_concurrent_requests_all_complete(server) -> None:
+    import concurrent.futures as cf
+
+    client = _client(server)
+
+    def one(i: int) -> int:
+        r = client.completions.create(
+            model=MODEL,
+            prompt=f"Count to {i}:",
+            max_tokens=10 + i,
+            temperature=0.8,
+            seed=i,
+            extra_body={"ignore_eos": True},
+        )
+        return r.usage.completion_tokens
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == [10 + i for i in range(8)]
+
+
+def test_bad_input_gets_openai_errors(server) -> None:
+    with _http(server) as http:
+        cases = [
+            ({"model": "nope", "prompt": "hi"}, 404, "model_not_found"),
+            ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, None),
+            ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, None),
+            ({"model": MODEL, "prompt": "hi", "n": 3}, 400, None),
+            ({"model": MODEL, "prompt": "hello " * 3000}, 400, "context_length_exceeded"),
+            ({"model": MODEL}, 400, None),
+        ]
+        for body, status, code in cases:
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert err["message"] and err["type"]
+            if code:
+                assert err["code"] == code
+        r = http.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400 and "error" in r.json()
+        assert http.get("/health").status_code == 200  # still serving
+
+
+def test_models_health_metrics(server) -> None:
+    placement, _ = server
+    with _http(server) as http:
+        assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
+        assert http.get("/health").json()["status"] == "ok"
+        text = http.get("/metrics").text
+    assert "distserve_ttft_seconds_count" in text and "distserve_kv_blocks" in text
+    if placement in ("1P1D", "2P1D", "1P2D"):
+        assert _metric(text, "distserve_migrations_total") > 0
+        assert _metric(text, "distserve_migration_bytes_total") > 0
+
+
+def test_api_key_only_when_set(server) -> None:
+    placement, url = server
+    keyed = "--api-key" in PLACEMENTS[placement]
+    with httpx.Client(base_url=url) as http:
+        assert http.get("/v1/models").status_code == (401 if keyed else 200)
+        wrong = http.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == (401 if keyed else 200)
+        if keyed:
+            assert wrong.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/health").status_code == 200
+
+
+def test_aborted_streams_free_every_block(server) -> None:
+    """Start many long streams, drop them after a few tokens, then every instance must
+    return to zero used blocks and empty queues."""
+    placement, url = server
+    clients = [_http(server) for _ in range(12)]
+    streams = []
+    for i, http in enumerate(clients):
+        cm = http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": f"Story {i}: once",
+                "max_tokens": 400,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        )
+        r = cm.__enter__()
+        streams.append((cm, r.iter_lines()))
+    for _, lines in streams:
+        got = 0
+        for line in lines:
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+    for (cm, _), http in zip(streams, clients, strict=True):
+        cm.__exit__(None, None, None)
+        http.close()
+    with _http(server) as http:
+        deadline = time.monotonic() + 60
+        while True:
+            text = http.get("/metrics").text
+            used = _samples(text, "distserve_kv_blocks", state="used")
+            queued = [v for labels, v in _all_samples(text, "distserve_queue_length")]
+            if used and all(v == 0 for v in used) and all(v == 0 for v in queued):
+                break
+            assert time.monotonic() < deadline, (
+                f"blocks still used after aborts: {used}, queues {queued}"
+            )
+            time.sleep(0.5)
+        assert _metric(text, 'distserve_requests_total{outcome="abort"}') >= 12
+
+
+def _all_samples(text: str, name: str) -> list[tuple[str, float]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            out.append((labels, float(value)))
+    return out
+
+
+def _samples(text: str, name: str, **labels: str) -> list[float]:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return [v for lab, v in _all_samples(text, name) if all(w in lab for w in want)]
+
+
+def _metric(text: str, sample: str) -> float:
+    """The value of one sample, named as Prometheus prints it (`name` or `name{labels}`)."""
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == sample:
+            return float(value)
+    return 0.0
