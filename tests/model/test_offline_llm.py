@@ -43,7 +43,9 @@ def test_stop_string(llm: LLM) -> None:
 def test_stop_token_ids(llm: LLM) -> None:
     (full,) = llm.generate("1, 2, 3, 4, 5,", SamplingParams(temperature=0, max_tokens=10))
     stop_tok = full.token_ids[3]
-    (out,) = llm.generate("1, 2, 3, 4, 5,", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(stop_tok,)))
+    (out,) = llm.generate(
+        "1, 2, 3, 4, 5,", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(stop_tok,))
+    )
     first = full.token_ids.index(stop_tok)
     assert out.token_ids == full.token_ids[: first + 1] and out.finish_reason == "stop"
 
@@ -58,12 +60,21 @@ def test_seed_reproducible(llm: LLM) -> None:
     llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=8))  # advances the engine RNG
     (again,) = llm.generate(prompt, p)
     assert again.token_ids == first.token_ids
-    draws = {tuple(llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=24, seed=s))[0].token_ids) for s in range(4)}
+    draws = {
+        tuple(
+            llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=24, seed=s))[
+                0
+            ].token_ids
+        )
+        for s in range(4)
+    }
     assert len(draws) > 1
 
 
 def test_logprobs(llm: LLM) -> None:
-    (out,) = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=5, logprobs=3))
+    (out,) = llm.generate(
+        "The capital of France is", SamplingParams(temperature=0, max_tokens=5, logprobs=3)
+    )
     assert len(out.logprobs) == 5
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert lp.token_id == tok and lp.logprob <= 0
@@ -82,8 +93,16 @@ def test_bad_prompt_raises_and_queues_nothing(llm: LLM) -> None:
 
 def test_many_prompts_batched(llm: LLM) -> None:
     prompts = [f"Count from {i}:" for i in range(20)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     assert [o.prompt for o in outs] == prompts
     assert all(len(o.token_ids) == 8 for o in outs)
     ts = outs[0].timestamps
-    assert ts["arrived"] <= ts["prefill_start"] <= ts["prefill_end"] <= ts["decode_start"] <= ts["finished"]
+    assert (
+        ts["arrived"]
+        <= ts["prefill_start"]
+        <= ts["prefill_end"]
+        <= ts["decode_start"]
+        <= ts["finished"]
+    )

@@ -47,7 +47,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert torch.allclose(f[:2], torch.tensor([0.625, 0.375]), atol=0.015)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6)])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6)],
+)
 def test_degenerate_filters_are_greedy(params: SamplingParams) -> None:
     logits = torch.randn(64, 100)
     tokens, _ = Sampler()(logits, [params] * 64, [0] * 64)
@@ -68,7 +71,11 @@ def test_seeded_draw_ignores_batch_company_and_position() -> None:
 
 def test_logprobs_are_log_softmax_of_raw_logits() -> None:
     logits = torch.randn(3, 30)
-    params = [SamplingParams(temperature=0, logprobs=4), SamplingParams(temperature=0.7, logprobs=0), SamplingParams(temperature=0)]
+    params = [
+        SamplingParams(temperature=0, logprobs=4),
+        SamplingParams(temperature=0.7, logprobs=0),
+        SamplingParams(temperature=0),
+    ]
     tokens, lps = Sampler()(logits, params, [0, 0, 0])
     ref = logits.log_softmax(-1)
     a, b, c = lps
