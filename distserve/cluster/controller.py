@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from distserve.cluster.placement import start_workers
+from distserve.cluster.placement import connect_peers, start_workers
 from distserve.cluster.router import pick_decode, pick_prefill
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import (
@@ -77,11 +77,14 @@ class Controller:
         observer: Observer | None = None,
         migration_timeout: float = 30.0,
         start_timeout: float = 300.0,
+        shared_memory: bool = True,
     ) -> None:
         self.engine_config, self.placement = engine, placement
         self.use_ray, self.ray_address = use_ray, ray_address
         self.observer = observer
         self.migration_timeout, self.start_timeout = migration_timeout, start_timeout
+        self.shared_memory = shared_memory
+        """Same-node migrations copy out of a mapped peer cache (else: Ray object store)."""
         self.instances: list[Instance] = []
         self._requests: dict[str, RequestState] = {}
         self._awaiting: deque[tuple[RequestState, Request]] = deque()
@@ -101,6 +104,7 @@ class Controller:
             self.engine_config, self.placement, self.use_ray, self.ray_address, self.start_timeout
         )
         infos = await asyncio.gather(*(e.info() for e in executors))
+        await connect_peers(executors, self.placement.roles, list(infos), self.shared_memory)
         counts: dict[str, int] = {}
         for role_name, executor, info in zip(self.placement.roles, executors, infos, strict=True):
             role = Role(role_name)

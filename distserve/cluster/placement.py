@@ -8,6 +8,7 @@ import logging
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
 from distserve.runtime.threads import available_cores
+from distserve.runtime.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +77,21 @@ async def start_workers(
             f"for {len(roles)} instances ({placement.cores_per_instance or 'shared'} cores each)"
         ) from None
     return executors
+
+
+async def connect_peers(
+    executors: list[Executor], roles: list[str], infos: list[WorkerInfo], shared_memory: bool
+) -> None:
+    """Let every decode worker map the caches of the prefill workers on its node (when
+    `shared_memory`), then remove the cache files' names so nothing is left in /dev/shm
+    whatever happens to the processes later."""
+    pairs = []
+    if shared_memory:
+        for dst, role, dinfo in zip(executors, roles, infos, strict=True):
+            for src, srole, sinfo in zip(executors, roles, infos, strict=True):
+                same_node = sinfo.node == dinfo.node and sinfo.shm_path is not None
+                if role == "decode" and srole == "prefill" and same_node:
+                    assert isinstance(dst, RayExecutor) and isinstance(src, RayExecutor)
+                    pairs.append(dst.attach_peer(src, sinfo))
+    await asyncio.gather(*pairs)
+    await asyncio.gather(*(e.unlink_shared() for e in executors if isinstance(e, RayExecutor)))

@@ -54,22 +54,21 @@ class RayExecutor:
 
     kind = "ray"
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, name: str) -> None:
         self.actor = actor
+        self.name = name
+        self.peers: set[str] = set()
+        """Names of workers whose caches this one has mapped (same-node shared memory)."""
 
     @classmethod
     async def start(cls, config: EngineConfig, cores: list[int] | None, name: str) -> RayExecutor:
         import ray
 
         gpu = config.device.startswith("cuda")
-        options: dict[str, Any] = {
-            "num_cpus": 0 if gpu else len(cores or [0]),
-            "num_gpus": 1 if gpu else 0,
-        }
-        actor = (
-            ray.remote(Worker).options(name=name, max_restarts=0, **options).remote(config, cores)
-        )
-        return cls(actor)
+        options: dict[str, Any] = {"num_cpus": 0 if gpu else len(cores or [0])}
+        options["num_gpus"] = 1 if gpu else 0
+        actor = ray.remote(Worker).options(name=name, max_restarts=0, **options)
+        return cls(actor.remote(config, cores, None, not gpu), name)
 
     async def info(self) -> WorkerInfo:
         return await self.actor.info.remote()  # type: ignore[no-any-return]
@@ -86,6 +85,17 @@ class RayExecutor:
 
     async def write_blocks(self, block_ids: list[int], data: Any) -> int:
         return await self.actor.write_blocks.remote(block_ids, data)  # type: ignore[no-any-return]
+
+    async def attach_peer(self, peer: RayExecutor, info: WorkerInfo) -> None:
+        assert info.shm_path is not None
+        await self.actor.attach_peer.remote(peer.name, info.shm_path, info.cache_shape)
+        self.peers.add(peer.name)
+
+    async def unlink_shared(self) -> None:
+        await self.actor.unlink_shared.remote()
+
+    async def pull_from_peer(self, peer: RayExecutor, src: list[int], dst: list[int]) -> int:
+        return await self.actor.pull_from_peer.remote(peer.name, src, dst)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         import ray

@@ -1,11 +1,23 @@
 """The physical paged KV cache of one instance, and its host-side swap space.
 
-Layout: one tensor [layers, 2 (K, V), kv_heads, num_blocks, block_size, head_dim]; a
-layer's view merges (num_blocks, block_size) into one slot dimension (see
-model/attention.py). The block ids handed out by `core.BlockManager` index dimension 3.
+Layout: one tensor [layers, 2 (K, V), kv_heads, num_blocks, block_size, head_dim].
+
+- A layer's view merges (num_blocks, block_size) into one slot dimension:
+  [2, kv_heads, slots, head_dim] (see model/attention.py).
+- The block view merges everything but the block id: [layers*2*kv_heads, num_blocks,
+  block_size*head_dim]. Block copies (migration, swap, copy-on-write) index its middle
+  dimension: 3-D index_select runs at memory speed, where indexing dimension 3 of the 6-D
+  tensor is orders of magnitude slower on CPU.
+
+On CPU the cache may live in a file under /dev/shm, so that a decode worker on the same
+node can map a prefill worker's cache and copy blocks straight out of it.
 """
 
 from __future__ import annotations
+
+import math
+import os
+import uuid
 
 import torch
 
@@ -21,6 +33,21 @@ def num_blocks_for(cfg: ModelConfig, gib: float, block_size: int, dtype: torch.d
     return n
 
 
+def cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    return (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
+
+
+def map_shared(path: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Map a cache file (our own or a peer's) as a tensor of `shape`."""
+    return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+
+
+def block_view(data: torch.Tensor) -> torch.Tensor:
+    """[layers*2*kv_heads, num_blocks, block_size*head_dim] view of a 6-D cache tensor."""
+    layers, two, kvh, nb, bs, d = data.shape
+    return data.view(layers * two * kvh, nb, bs * d)
+
+
 class KVCache:
     """Device blocks plus optional host swap blocks, allocated (and touched) once."""
 
@@ -32,61 +59,72 @@ class KVCache:
         dtype: torch.dtype,
         device: str | torch.device,
         num_swap_blocks: int = 0,
+        shm_dir: str | None = None,
     ) -> None:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-        # zero_() touches every page now: first-touch faults mid-request are costly.
-        self.data = torch.empty(shape, dtype=dtype, device=device).zero_()
+        self.shape = cache_shape(cfg, num_blocks, block_size)
+        self.shm_path: str | None = None
+        if shm_dir is not None and torch.device(device).type == "cpu":
+            self.shm_path = os.path.join(
+                shm_dir, f"distserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            )
+            self.data = map_shared(self.shm_path, self.shape, dtype)
+        else:
+            self.data = torch.empty(self.shape, dtype=dtype, device=device)
+        # Touch every page now: first-touch faults in the middle of a request are costly.
+        self.data.zero_()
         layer_shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.layers = list(self.data.view(layer_shape).unbind(0))  # [2, kvh, slots, d] each
-        swap_shape = (
-            cfg.num_layers,
-            2,
-            cfg.num_kv_heads,
-            num_swap_blocks,
-            block_size,
-            cfg.head_dim,
-        )
+        self.blocks = block_view(self.data)
         pin = torch.device(device).type == "cuda"
+        swap_shape = cache_shape(cfg, num_swap_blocks, block_size)
         self.swap = (
-            torch.zeros(swap_shape, dtype=dtype, pin_memory=pin) if num_swap_blocks else None
+            block_view(torch.zeros(swap_shape, dtype=dtype, pin_memory=pin))
+            if num_swap_blocks
+            else None
         )
 
     @property
     def bytes_per_block(self) -> int:
-        return self.data[:, :, :, 0].numel() * self.data.element_size()
+        return self.blocks[:, 0].numel() * self.data.element_size()
+
+    def unlink_shared(self) -> None:
+        """Remove the /dev/shm name; the memory lives on while anyone maps it."""
+        if self.shm_path and os.path.exists(self.shm_path):
+            os.unlink(self.shm_path)
 
     def copy_blocks(self, pairs: tuple[tuple[int, int], ...]) -> None:
         """Device block -> device block copies (copy-on-write)."""
         if pairs:
             src, dst = _index(pairs, self.data.device)
-            self.data[:, :, :, dst] = self.data[:, :, :, src]
+            self.blocks.index_copy_(1, dst, self.blocks.index_select(1, src))
 
     def swap_out(self, pairs: tuple[tuple[int, int], ...]) -> None:
         """(device block, host block) copies."""
         if pairs:
             assert self.swap is not None, "swap_out without swap space"
             dev, host = _index(pairs, "cpu")
-            self.swap[:, :, :, host] = self.data[:, :, :, dev.to(self.data.device)].to("cpu")
+            self.swap.index_copy_(
+                1, host, self.blocks.index_select(1, dev.to(self.data.device)).cpu()
+            )
 
     def swap_in(self, pairs: tuple[tuple[int, int], ...]) -> None:
         """(host block, device block) copies."""
         if pairs:
             assert self.swap is not None, "swap_in without swap space"
             host, dev = _index(pairs, "cpu")
-            self.data[:, :, :, dev.to(self.data.device)] = self.swap[:, :, :, host].to(
-                self.data.device
-            )
+            data = self.swap.index_select(1, host).to(self.data.device)
+            self.blocks.index_copy_(1, dev.to(self.data.device), data)
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A contiguous copy [layers, 2, kv_heads, n, block_size, d] of some blocks (migration)."""
+        """A contiguous copy [layers*2*kv_heads, n, block_size*head_dim] of some blocks."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
-        return self.data.index_select(3, idx)
+        return self.blocks.index_select(1, idx)
 
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Store blocks read by `read_blocks` (possibly of another instance) into ours."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
-        self.data.index_copy_(3, idx, blocks.to(self.data.device, self.dtype))
+        self.blocks.index_copy_(1, idx, blocks.to(self.data.device, self.dtype))
 
 
 def _index(

@@ -22,14 +22,18 @@ async def transfer_blocks(
 ) -> TransferStats:
     """Copy blocks src_blocks[i] of `src` into dst_blocks[i] of `dst`.
 
-    Ray actors: the destination pulls straight from the source through the object store
-    (the driver never touches the bytes). In one process: a tensor copy."""
+    Ray actors on one node: the destination copies out of the source's cache, which it has
+    mapped from /dev/shm. Ray actors elsewhere: the destination pulls through the object
+    store (the driver never touches the bytes). In one process: a tensor copy."""
     if len(src_blocks) != len(dst_blocks):
         raise ValueError(
             f"{len(src_blocks)} source blocks for {len(dst_blocks)} destination blocks"
         )
     t0 = time.perf_counter()
-    if isinstance(src, RayExecutor) and isinstance(dst, RayExecutor):
+    if isinstance(src, RayExecutor) and isinstance(dst, RayExecutor) and src.name in dst.peers:
+        n = await dst.pull_from_peer(src, src_blocks, dst_blocks)
+        kind = "shared-memory"
+    elif isinstance(src, RayExecutor) and isinstance(dst, RayExecutor):
         n = await dst.write_blocks(dst_blocks, src.read_blocks_ref(src_blocks))
         kind = "ray-object-store"
     elif isinstance(src, LocalExecutor) and isinstance(dst, LocalExecutor):
