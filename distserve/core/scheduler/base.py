@@ -206,6 +206,7 @@ class Scheduler(ABC):
             self.swapped.append(req)
             return
         self.blocks.free(req.request_id)
+        req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
