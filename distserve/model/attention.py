@@ -19,6 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distserve.model.kernels import cpu_kernels
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
 
 @dataclass
 class PrefillSpan:
@@ -42,12 +46,15 @@ class AttentionMetadata:
     """[T] flat cache slot (block * block_size + offset) of every token of the batch."""
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
+    block_size: int = 16
     decode_blocks: torch.Tensor | None = None
     """[B, W] block tables of the decodes, cut to the W blocks of the longest context and
-    padded with block 0 (masked off by decode_bias)."""
+    padded with block 0 (never read past a request's length)."""
+    decode_lens: torch.Tensor | None = None
+    """[B] context length of each decode, its new token included."""
     decode_bias: torch.Tensor | None = None
-    """[1, B, 1, W * block_size] float32: 0 where a decode may attend (position < its
-    context length), -inf on the padding."""
+    """[1, B, 1, W * block_size] float32, 0 where a decode may attend and -inf on the
+    padding; built on first use by the reference path."""
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -101,17 +108,35 @@ def decode_attention(
     q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """One query per request against its whole context: q [B, heads, d] -> [B, heads, d].
+    The compiled kernel when it is available, else the plain-torch reference."""
+    assert meta.decode_blocks is not None and meta.decode_lens is not None
+    kernels = cpu_kernels() if q.device.type == "cpu" and q.dtype in _KERNEL_DTYPES else None
+    if kernels is not None:
+        return kernels.paged_decode_attention(  # type: ignore[no-any-return]
+            q, cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
+        )
+    return decode_attention_reference(q, cache, meta, scale)
+
+
+def decode_attention_reference(
+    q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Plain torch: gather each request's blocks, then batched matmuls.
 
     Grouped-query attention without repeating K/V: the G = heads / kv_heads query heads
     that share a KV head form one small matrix per (KV head, request). (CPU SDPA is slow
     for single-token queries, so this is written out.)"""
-    assert meta.decode_blocks is not None and meta.decode_bias is not None
+    assert meta.decode_blocks is not None and meta.decode_lens is not None
     b, heads, d = q.shape
     kvh = cache.shape[1]
     g = heads // kvh
-    length = meta.decode_bias.shape[-1]
+    length = meta.decode_blocks.shape[1] * meta.block_size
+    if meta.decode_bias is None:
+        pad = torch.arange(length, device=q.device)[None, :] >= meta.decode_lens[:, None]
+        bias = torch.zeros(pad.shape, dtype=torch.float32, device=q.device)
+        meta.decode_bias = bias.masked_fill_(pad, float("-inf"))[None, :, None, :]
     # Gather whole blocks (contiguous block_size * d runs): [kv_heads, B * W, bs * d].
-    blocks = cache.view(2, kvh, -1, length // meta.decode_blocks.shape[1] * d)
+    blocks = cache.view(2, kvh, -1, meta.block_size * d)
     flat = meta.decode_blocks.flatten()
     kd = blocks[0].index_select(1, flat).view(kvh * b, length, d)  # [kv_heads*B, L, d]
     vd = blocks[1].index_select(1, flat).view(kvh * b, length, d)

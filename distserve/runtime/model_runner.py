@@ -10,6 +10,7 @@ import torch
 from distserve.core import ScheduledChunk, StepPlan, StepResult
 from distserve.model.attention import AttentionMetadata, PrefillSpan
 from distserve.model.base import CausalLM
+from distserve.model.kernels import cpu_kernels
 from distserve.runtime.kv_cache import KVCache
 from distserve.runtime.sampler import Sampler
 
@@ -26,6 +27,8 @@ class ModelRunner:
         self.cache = cache
         self.device = cache.data.device
         self.sampler = Sampler(self.device, seed)
+        if self.device.type == "cpu":
+            cpu_kernels()  # build or load now, not in the middle of the first decode step
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -80,18 +83,14 @@ class ModelRunner:
                     len(ids) - c.num_tokens, c.num_tokens, c.start, ctx_slots if c.start else None
                 )
             )
-        meta = AttentionMetadata(torch.empty(0), spans, sum(s.num_tokens for s in spans))
+        meta = AttentionMetadata(torch.empty(0), spans, sum(s.num_tokens for s in spans), bs)
         if decodes:
             longest = max(c.context_len for c in decodes)
             width = -(-longest // bs)
             tables = [list(c.block_table[:width]) for c in decodes]
             meta.decode_blocks = self._tensor([t + [0] * (width - len(t)) for t in tables])
             lens = self._tensor([c.context_len for c in decodes])
-            pad = (
-                torch.arange(width * bs, device=self.device)[None, :] >= lens[:, None]
-            )  # [B, W*bs]
-            bias = torch.zeros(pad.shape, dtype=torch.float32, device=self.device)
-            meta.decode_bias = bias.masked_fill_(pad, float("-inf"))[None, :, None, :]
+            meta.decode_lens = lens
             last = lens - 1
             positions.append(last)
             slots.append(
