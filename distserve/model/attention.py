@@ -146,3 +146,24 @@ def decode_attention_reference(
     probs = scores.softmax(dim=-1).to(q.dtype).view(kvh * b, g, length)
     out = torch.bmm(probs, vd)  # [kv_heads*B, G, d]
     return out.view(kvh, b, g, d).transpose(0, 1).reshape(b, heads, d)
+
+
+class BiasedMHA(torch.nn.Module):
+    """Multi-head attention with one fused, biased QKV projection and a biased output
+    projection (OPT, GPT-2): x [T, hidden] -> [T, hidden]."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, hidden // heads
+        self.qkv_proj = torch.nn.Linear(hidden, 3 * hidden)
+        self.o_proj = torch.nn.Linear(hidden, hidden)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self, x: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = (
+            y.view(t, self.num_heads, self.head_dim) for y in self.qkv_proj(x).chunk(3, dim=-1)
+        )
+        return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale).reshape(t, -1))

@@ -6,30 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distserve.model.attention import AttentionMetadata, paged_attention
+from distserve.model.attention import AttentionMetadata, BiasedMHA
 from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
 from distserve.model.layers import activation
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-class GPT2Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.scale = cfg.head_dim**-0.5
-
-    def forward(
-        self, x: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = (
-            y.view(t, self.num_heads, self.head_dim) for y in self.c_attn(x).chunk(3, dim=-1)
-        )
-        return self.c_proj(paged_attention(q, k, v, cache, meta, self.scale).reshape(t, -1))
 
 
 class GPT2MLP(nn.Module):
@@ -47,7 +29,7 @@ class GPT2Layer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.attn = GPT2Attention(cfg)
+        self.attn = BiasedMHA(cfg.hidden_size, cfg.num_heads)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
@@ -86,7 +68,9 @@ class GPT2LMHeadModel(CausalLM):
         name = hf_name.removeprefix("transformer.")
         if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
             return None
-        return name, None
+        return name.replace("attn.c_attn.", "attn.qkv_proj.").replace(
+            "attn.c_proj.", "attn.o_proj."
+        ), None
 
     def prepare_weight(self, hf_name: str, w: torch.Tensor) -> torch.Tensor:
         # HF's Conv1D stores [in, out]; a Linear wants [out, in].

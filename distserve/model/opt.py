@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distserve.model.attention import AttentionMetadata, paged_attention
+from distserve.model.attention import AttentionMetadata, BiasedMHA
 from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
 from distserve.model.layers import activation
@@ -14,29 +14,11 @@ from distserve.model.layers import activation
 _POSITION_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq legacy)
 
 
-class OPTAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.scale = cfg.head_dim**-0.5
-
-    def forward(
-        self, x: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = (
-            y.view(t, self.num_heads, self.head_dim) for y in self.qkv_proj(x).chunk(3, dim=-1)
-        )
-        return self.out_proj(paged_attention(q, k, v, cache, meta, self.scale).reshape(t, -1))
-
-
 class OPTLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.pre_norm = cfg.layer_norm_before
-        self.self_attn = OPTAttention(cfg)
+        self.self_attn = BiasedMHA(cfg.hidden_size, cfg.num_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size)
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
@@ -95,7 +77,7 @@ class OPTForCausalLM(CausalLM):
         for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             if f"self_attn.{proj}." in name:
                 return name.replace(proj, "qkv_proj"), i
-        return name, None
+        return name.replace("self_attn.out_proj", "self_attn.o_proj"), None
 
     def shard_sizes(self, param_name: str) -> list[int]:
         return [self.config.hidden_size] * 3

@@ -214,6 +214,28 @@ class Scheduler(ABC):
         """Requests holding a seat (of max_num_seqs)."""
         return len(self.running)
 
+    def _admit_whole(self, now: float, status: RequestStatus) -> list[ScheduledChunk]:
+        """Waiting requests, FCFS and without skipping, each computed in one chunk (its
+        prompt, or prompt + outputs after a preemption), while the token budget, seats and
+        blocks above the watermark allow. They run with `status`."""
+        chunks: list[ScheduledChunk] = []
+        budget = self.config.max_num_batched_tokens
+        while self.waiting and self._num_active() < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = req.num_uncomputed_tokens
+            if n > budget or not self.blocks.can_allocate(
+                req.request_id, req.num_tokens, admit=True
+            ):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(req.request_id, req.num_tokens)
+            req.status = status
+            req.mark("prefill_start", now)
+            self.running.append(req)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+        return chunks
+
     def _swap_in(self, swap_in: list[tuple[int, int]]) -> list[Request]:
         """Bring swapped requests back, oldest first, while blocks and seats allow, with
         room for their next token; returns them (the copies run before the forward pass,

@@ -102,28 +102,9 @@ class DecodeScheduler(Scheduler):
         chunks: list[ScheduledChunk] = self._schedule_decodes(now, swap_out)
         if not swap_out:
             chunks += [self._chunk(r, 1) for r in self._swap_in(swap_in)]
-            chunks += self._schedule_recomputes(now)
+            # Preempted-by-recompute requests rebuild their KV here, in one chunk each.
+            chunks += self._admit_whole(now, RequestStatus.DECODING)
         return StepPlan(self._next_step_id(), tuple(chunks), tuple(swap_out), tuple(swap_in))
-
-    def _schedule_recomputes(self, now: float) -> list[ScheduledChunk]:
-        """Preempted-by-recompute requests rebuild their KV here in one chunk, oldest first,
-        under the token budget."""
-        chunks: list[ScheduledChunk] = []
-        budget = self.config.max_num_batched_tokens
-        while self.waiting and self._num_active() < self.config.max_num_seqs:
-            req = self.waiting[0]
-            n = req.num_uncomputed_tokens
-            if n > budget or not self.blocks.can_allocate(
-                req.request_id, req.num_tokens, admit=True
-            ):
-                break
-            self.waiting.popleft()
-            self.blocks.allocate(req.request_id, req.num_tokens)
-            req.status = RequestStatus.DECODING
-            self.running.append(req)
-            chunks.append(self._chunk(req, n))
-            budget -= n
-        return chunks
 
     @property
     def num_queued_tokens(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distserve.core.plan import ScheduledChunk, StepPlan
+from distserve.core.plan import StepPlan
 from distserve.core.request import Request, RequestStatus
 from distserve.core.scheduler.base import Scheduler
 
@@ -17,24 +17,9 @@ class PrefillScheduler(Scheduler):
     """
 
     def schedule(self, now: float) -> StepPlan:
-        chunks: list[ScheduledChunk] = []
         if self.migration_hold_exceeded():
             return StepPlan(self._next_step_id())
-        budget = self.config.max_num_batched_tokens
-        while self.waiting and len(chunks) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            n = req.num_uncomputed_tokens
-            if n > budget or not self.blocks.can_allocate(
-                req.request_id, req.num_tokens, admit=True
-            ):
-                break
-            self.waiting.popleft()
-            self.blocks.allocate(req.request_id, req.num_tokens)
-            req.status = RequestStatus.PREFILLING
-            req.mark("prefill_start", now)
-            self.running.append(req)
-            chunks.append(self._chunk(req, n))
-            budget -= n
+        chunks = self._admit_whole(now, RequestStatus.PREFILLING)
         return StepPlan(self._next_step_id(), tuple(chunks))
 
     def _on_sampled(self, req: Request, now: float) -> None:
