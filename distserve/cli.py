@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from distserve.config import TRANSPORTS
 from distserve.model.registry import DEFAULT_MODEL
 
 # SamplingParams field -> the flag that sets it, so errors name the flag.
@@ -194,6 +195,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         help="address of an existing Ray cluster (default: start a local one)",
     )
     srv.add_argument(
+        "--transport",
+        default="auto",
+        choices=TRANSPORTS,
+        help="how KV migrates from prefill to decode workers: auto (shared memory on one "
+        "node, else the Ray object store), shm, object-store, gloo (torch.distributed, CPU) "
+        "or nccl (GPU) (default: auto)",
+    )
+    srv.add_argument(
         "--no-ray",
         action="store_true",
         help="run every worker inside the server process (no Ray; for debugging)",
@@ -245,6 +254,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         api_key=args.api_key or os.environ.get("DISTSERVE_API_KEY"),
         ray_address=args.ray_address,
         use_ray=not args.no_ray,
+        transport=args.transport,
     )
     asyncio.run(serve(engine, placement, server))
     return 0

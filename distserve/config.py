@@ -53,6 +53,11 @@ class EngineConfig:
 
 MODES = ("disagg", "colocated")
 
+TRANSPORTS = ("auto", "shm", "object-store", "gloo", "nccl")
+"""How KV migrates between Ray workers (runtime/transport.py): auto (shared memory between
+workers on one node, else the Ray object store), or one of them for every migration; gloo
+and nccl are torch.distributed point-to-point on CPU and GPU."""
+
 
 @dataclass(frozen=True)
 class PlacementConfig:

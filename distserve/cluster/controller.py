@@ -4,6 +4,7 @@ tokens back and drives KV migrations between prefill and decode workers."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from distserve.cluster.placement import connect_peers, start_workers
+from distserve.cluster.process_group import KVProcessGroup, join_process_group
 from distserve.cluster.router import pick_decode, pick_prefill
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import (
@@ -29,9 +31,10 @@ from distserve.core import (
 from distserve.model.loader import load_tokenizer
 from distserve.model.registry import resolve
 from distserve.runtime.engine import check_token_ids
+from distserve.runtime.executor import Executor
 from distserve.runtime.instance import Instance, Role
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
-from distserve.runtime.transport import TransferStats, transfer_blocks
+from distserve.runtime.transport import TransferStats, check_transport, transfer_blocks
 from distserve.runtime.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -77,14 +80,19 @@ class Controller:
         observer: Observer | None = None,
         migration_timeout: float = 30.0,
         start_timeout: float = 300.0,
-        shared_memory: bool = True,
+        transport: str = "auto",
     ) -> None:
+        check_transport(transport, use_ray, engine.device)
         self.engine_config, self.placement = engine, placement
         self.use_ray, self.ray_address = use_ray, ray_address
         self.observer = observer
         self.migration_timeout, self.start_timeout = migration_timeout, start_timeout
-        self.shared_memory = shared_memory
-        """Same-node migrations copy out of a mapped peer cache (else: Ray object store)."""
+        self.transport = transport
+        """How KV migrates between Ray workers (runtime/transport.py): auto copies out of a
+        mapped peer cache on one node and pulls through the object store across nodes."""
+        self.migrations: collections.Counter[str] = collections.Counter()
+        """Completed migrations per transport used (TransferStats.transport)."""
+        self._group: KVProcessGroup | None = None
         self.instances: list[Instance] = []
         self._requests: dict[str, RequestState] = {}
         self._awaiting: deque[tuple[RequestState, Request]] = deque()
@@ -103,8 +111,12 @@ class Controller:
         executors = await start_workers(
             self.engine_config, self.placement, self.use_ray, self.ray_address, self.start_timeout
         )
-        infos = await asyncio.gather(*(e.info() for e in executors))
-        await connect_peers(executors, self.placement.roles, list(infos), self.shared_memory)
+        infos = list(await asyncio.gather(*(e.info() for e in executors)))
+        try:
+            await self._connect(executors, infos)
+        except BaseException:
+            await asyncio.gather(*(e.close() for e in executors), return_exceptions=True)
+            raise
         counts: dict[str, int] = {}
         for role_name, executor, info in zip(self.placement.roles, executors, infos, strict=True):
             role = Role(role_name)
@@ -116,10 +128,20 @@ class Controller:
             self.instances.append(inst)
             inst.start()
 
+    async def _connect(self, executors: list[Executor], infos: list[WorkerInfo]) -> None:
+        """Set up the chosen transport between the started workers."""
+        t, roles = self.transport, self.placement.roles
+        await connect_peers(executors, roles, infos, t in ("auto", "shm"), required=t == "shm")
+        if t in ("gloo", "nccl"):
+            self._group = await join_process_group(executors, infos, t, self.migration_timeout)
+
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(i.stop() for i in self.instances), return_exceptions=True)
+        if self._group is not None:  # the workers have left (or died): drop the store
+            self._group.close()
+            self._group = None
         for state in list(self._requests.values()):
             state.queue.put_nowait(RequestFailed("the server is shutting down"))
         self._requests.clear()
@@ -305,6 +327,7 @@ class Controller:
         dec.scheduler.finish_migration(rid, now)
         src_inst.scheduler.release_migrated(rid, now)
         state.owner, state.decode = dec, None
+        self.migrations[stats.transport] += 1
         if self.observer:
             self.observer.on_migration(stats)
         src_inst.wake()

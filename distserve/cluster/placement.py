@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
@@ -61,8 +62,9 @@ async def start_workers(
     )
     if use_ray:
         init_ray(ray_address, max(len(available_cores()), sum(len(c) for c in cores)))
+        nonce = uuid.uuid4().hex[:8]  # actor names stay unique across controllers
         starts = [
-            RayExecutor.start(engine, c or None, f"distserve-{r}-{i}-{id(engine):x}")
+            RayExecutor.start(engine, c or None, f"distserve-{r}-{i}-{nonce}")
             for i, (r, c) in enumerate(zip(roles, cores, strict=True))
         ]
     else:
@@ -80,18 +82,38 @@ async def start_workers(
 
 
 async def connect_peers(
-    executors: list[Executor], roles: list[str], infos: list[WorkerInfo], shared_memory: bool
+    executors: list[Executor],
+    roles: list[str],
+    infos: list[WorkerInfo],
+    shared_memory: bool,
+    required: bool = False,
 ) -> None:
     """Let every decode worker map the caches of the prefill workers on its node (when
     `shared_memory`), then remove the cache files' names so nothing is left in /dev/shm
-    whatever happens to the processes later."""
-    pairs = []
-    if shared_memory:
-        for dst, role, dinfo in zip(executors, roles, infos, strict=True):
-            for src, srole, sinfo in zip(executors, roles, infos, strict=True):
-                same_node = sinfo.node == dinfo.node and sinfo.shm_path is not None
-                if role == "decode" and srole == "prefill" and same_node:
-                    assert isinstance(dst, RayExecutor) and isinstance(src, RayExecutor)
-                    pairs.append(dst.attach_peer(src, sinfo))
-    await asyncio.gather(*pairs)
-    await asyncio.gather(*(e.unlink_shared() for e in executors if isinstance(e, RayExecutor)))
+    whatever happens to the processes later. With `required`, raise ValueError if some
+    decode worker could not map some prefill worker's cache (other node, or no file)."""
+    pairs: list[tuple[RayExecutor, RayExecutor, WorkerInfo]] = []
+    problems = []
+    for dst, role, dinfo in zip(executors, roles, infos, strict=True):
+        for src, srole, sinfo in zip(executors, roles, infos, strict=True):
+            if not shared_memory or role != "decode" or srole != "prefill":
+                continue
+            if (
+                isinstance(dst, RayExecutor)
+                and isinstance(src, RayExecutor)
+                and sinfo.node == dinfo.node
+                and sinfo.shm_path is not None
+            ):
+                pairs.append((dst, src, sinfo))
+            else:
+                problems.append(f"{srole} on {sinfo.node} -> {role} on {dinfo.node}")
+    try:
+        if required and problems:
+            raise ValueError(
+                "transport 'shm' needs prefill and decode workers as Ray actors on one node "
+                f"with a /dev/shm cache; these pairs are not: {', '.join(problems)}"
+            )
+        await asyncio.gather(*(dst.attach_peer(src, sinfo) for dst, src, sinfo in pairs))
+    finally:
+        ray_executors = [e for e in executors if isinstance(e, RayExecutor)]
+        await asyncio.gather(*(e.unlink_shared() for e in ray_executors))

@@ -7,6 +7,8 @@ care where a worker runs. Calls to one worker are serialized (one step at a time
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 from typing import Any
 
 import numpy as np
@@ -14,6 +16,9 @@ import numpy as np
 from distserve.config import EngineConfig
 from distserve.core import StepPlan, StepResult
 from distserve.runtime.worker import Worker, WorkerInfo
+
+TAG_LIMIT = 2**31
+"""torch.distributed tags are non-negative 32-bit signed ints."""
 
 
 class LocalExecutor:
@@ -59,6 +64,10 @@ class RayExecutor:
         self.name = name
         self.peers: set[str] = set()
         """Names of workers whose caches this one has mapped (same-node shared memory)."""
+        self.rank: int | None = None
+        """Its rank in the KV process group, once joined (None: not a member)."""
+        self.backend: str | None = None
+        self._tags = itertools.count()
 
     @classmethod
     async def start(cls, config: EngineConfig, cores: list[int] | None, name: str) -> RayExecutor:
@@ -97,9 +106,36 @@ class RayExecutor:
     async def pull_from_peer(self, peer: RayExecutor, src: list[int], dst: list[int]) -> int:
         return await self.actor.pull_from_peer.remote(peer.name, src, dst)  # type: ignore[no-any-return]
 
+    # ---- torch.distributed point-to-point (see runtime/p2p.py) -------------------------
+    async def join_group(
+        self, address: str, port: int, rank: int, world_size: int, backend: str, timeout: float
+    ) -> None:
+        await self.actor.join_group.remote(address, port, rank, world_size, backend, timeout)
+        self.rank, self.backend = rank, backend
+
+    def next_tag(self) -> int:
+        """A tag no earlier send of this worker used (the receiver matches sender + tag)."""
+        return next(self._tags) % TAG_LIMIT
+
+    async def post_send(self, tag: int, block_ids: list[int], dst_rank: int) -> int:
+        return await self.actor.post_send.remote(tag, block_ids, dst_rank)  # type: ignore[no-any-return]
+
+    async def recv_blocks(
+        self, block_ids: list[int] | None, src_rank: int, tag: int, num_blocks: int
+    ) -> int:
+        return await self.actor.recv_blocks.remote(block_ids, src_rank, tag, num_blocks)  # type: ignore[no-any-return]
+
+    async def finish_send(self, tag: int) -> bool:
+        return await self.actor.finish_send.remote(tag)  # type: ignore[no-any-return]
+
     async def close(self) -> None:
+        """Leave the KV process group (best effort, briefly), then end the actor."""
         import ray
 
+        if self.rank is not None:
+            self.rank = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.actor.leave_group.remote(), 5.0)
         ray.kill(self.actor, no_restart=True)
 
 

@@ -22,6 +22,7 @@ from distserve.model.loader import DTYPES, LoadedModel, load
 from distserve.model.registry import resolve
 from distserve.runtime.kv_cache import KVCache, block_view, map_shared, num_blocks_for
 from distserve.runtime.model_runner import ModelRunner
+from distserve.runtime.p2p import P2PEndpoint
 from distserve.runtime.threads import pin_to_cores
 
 
@@ -67,6 +68,9 @@ class Worker:
         )
         self.runner = ModelRunner(loaded.model, self.cache, config.seed)
         self.peers: dict[str, torch.Tensor] = {}
+        self.device = torch.device(config.device)
+        self.p2p: P2PEndpoint | None = None
+        """Membership in the KV process group, once the controller asks to join."""
         self.info_ = WorkerInfo(
             num_blocks=num_blocks,
             block_size=cc.block_size,
@@ -119,6 +123,55 @@ class Worker:
             t = t.view(torch.bfloat16)
         self.cache.write_blocks(block_ids, t)
         return int(t.numel() * t.element_size())
+
+    # ---- torch.distributed point-to-point migration ------------------------------------
+    def join_group(
+        self, address: str, port: int, rank: int, world_size: int, backend: str, timeout: float
+    ) -> int:
+        """Join the KV process group (all workers call this concurrently); returns rank."""
+        if self.p2p is not None:
+            raise RuntimeError(f"already rank {self.p2p.rank} of a KV process group")
+        self.p2p = P2PEndpoint(
+            address, port, rank, world_size, backend, timeout, self.device, self.cache.dtype
+        )
+        return rank
+
+    def post_send(self, tag: int, block_ids: list[int], dst_rank: int) -> int:
+        """Gather blocks into one tensor and post a non-blocking send of it to `dst_rank`
+        under `tag`; returns at once with the bytes posted (see runtime/p2p.py)."""
+        return self._endpoint().post_send(tag, self.cache.read_blocks(block_ids), dst_rank)
+
+    def recv_blocks(
+        self, block_ids: list[int] | None, src_rank: int, tag: int, num_blocks: int
+    ) -> int:
+        """Receive `num_blocks` blocks that `src_rank` posted under `tag` and store them
+        in `block_ids`; with None, receive and discard them (an abandoned migration whose
+        send must still be matched). Returns the bytes received."""
+        if block_ids is not None and len(block_ids) != num_blocks:
+            raise ValueError(f"{len(block_ids)} block ids for {num_blocks} blocks")
+        rows, _, cols = self.cache.blocks.shape
+        data = self._endpoint().recv((rows, num_blocks, cols), src_rank, tag)
+        if block_ids is not None:
+            self.cache.write_blocks(block_ids, data)
+        return int(data.numel() * data.element_size())
+
+    def finish_send(self, tag: int) -> bool:
+        """Drop a posted send once its recv has returned; False if the send failed."""
+        return self._endpoint().finish_send(tag)
+
+    def num_sends_in_flight(self) -> int:
+        """Sends posted and not yet finished (0 when every transfer has been closed)."""
+        return len(self.p2p.pending) if self.p2p is not None else 0
+
+    def leave_group(self) -> None:
+        if self.p2p is not None:
+            self.p2p.close()
+            self.p2p = None
+
+    def _endpoint(self) -> P2PEndpoint:
+        if self.p2p is None:
+            raise RuntimeError("this worker has not joined a KV process group")
+        return self.p2p
 
 
 def _node_id() -> str:

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 
 from distserve.cluster.controller import Controller
-from distserve.config import EngineConfig, PlacementConfig
+from distserve.config import TRANSPORTS, EngineConfig, PlacementConfig
 from distserve.server.app import build_app
 from distserve.server.metrics import Metrics
 
@@ -35,10 +35,15 @@ class ServerConfig:
     use_ray: bool = field(
         default=True, metadata={"help": "workers as Ray actors (False: in this process)"}
     )
+    transport: str = field(
+        default="auto", metadata={"help": "KV migration transport: " + ", ".join(TRANSPORTS)}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
 
 
 async def serve(engine: EngineConfig, placement: PlacementConfig, server: ServerConfig) -> None:
@@ -46,7 +51,12 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
 
     metrics = Metrics()
     controller = Controller(
-        engine, placement, use_ray=server.use_ray, ray_address=server.ray_address, observer=metrics
+        engine,
+        placement,
+        use_ray=server.use_ray,
+        ray_address=server.ray_address,
+        observer=metrics,
+        transport=server.transport,
     )
     print(
         f"starting {len(placement.roles)} instances ({placement.mode}: "
