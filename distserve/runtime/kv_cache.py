@@ -116,6 +116,14 @@ class KVCache:
             data = self.swap.index_select(1, host).to(self.data.device)
             self.blocks.index_copy_(1, dev.to(self.data.device), data)
 
+    def copy_from(self, source: torch.Tensor, src_blocks: list[int], dst_blocks: list[int]) -> int:
+        """Copy blocks of another cache's block view (a mapped peer, or a cache in this
+        process) into ours, block by block: no intermediate tensor, whose fresh pages
+        would cost more than the copy itself. Returns bytes copied."""
+        for s, d in zip(src_blocks, dst_blocks, strict=True):
+            self.blocks[:, d].copy_(source[:, s])
+        return len(dst_blocks) * self.bytes_per_block
+
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A contiguous copy [layers*2*kv_heads, n, block_size*head_dim] of some blocks."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)

@@ -130,9 +130,7 @@ async def _copy_in_process(
     (taken in a fixed order) so no step runs on either meanwhile."""
 
     def copy() -> int:
-        data = src.worker.cache.read_blocks(src_blocks)
-        dst.worker.cache.write_blocks(dst_blocks, data)
-        return int(data.numel() * data.element_size())
+        return dst.worker.cache.copy_from(src.worker.cache.blocks, src_blocks, dst_blocks)
 
     first, second = sorted((src, dst), key=id)
     async with first.lock:

@@ -108,11 +108,8 @@ class Worker:
         self.cache.unlink_shared()
 
     def pull_from_peer(self, name: str, src_blocks: list[int], dst_blocks: list[int]) -> int:
-        """Copy blocks of a mapped peer cache into ours (one gather, one scatter)."""
-        src = torch.tensor(src_blocks, dtype=torch.long)
-        data = self.peers[name].index_select(1, src)
-        self.cache.write_blocks(dst_blocks, data)
-        return int(data.numel() * data.element_size())
+        """Copy blocks of a mapped peer cache straight into ours."""
+        return self.cache.copy_from(self.peers[name], src_blocks, dst_blocks)
 
     def write_blocks(self, block_ids: list[int], data: np.ndarray[Any, Any]) -> int:
         """Store blocks read by another worker's `read_blocks`; returns bytes written."""
