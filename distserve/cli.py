@@ -23,6 +23,16 @@ _FLAG_OF = {
 }
 
 
+def _flag_message(error: ValueError, parser: argparse.ArgumentParser) -> str:
+    """A config error ('kv_cache_gb must be > 0, ...') with its field named as the flag
+    that sets it, when there is one."""
+    text = str(error)
+    field = text.split(" ", 1)[0]
+    flag = "--" + field.replace("_", "-")
+    known = {opt for action in parser._actions for opt in action.option_strings}  # noqa: SLF001
+    return f"{flag}: {text}" if flag in known else text
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -170,6 +180,18 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         help="CPU cores each instance owns (default: the machine's cores shared evenly)",
     )
     srv.add_argument(
+        "--prefill-kv-cache-gb",
+        type=float,
+        default=None,
+        help="disagg: KV cache GiB of each prefill instance (default: --kv-cache-gb)",
+    )
+    srv.add_argument(
+        "--decode-kv-cache-gb",
+        type=float,
+        default=None,
+        help="disagg: KV cache GiB of each decode instance (default: --kv-cache-gb)",
+    )
+    srv.add_argument(
         "--max-num-seqs",
         type=_positive_int,
         default=64,
@@ -228,34 +250,39 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--chunked-prefill applies to --mode colocated only")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    engine = EngineConfig(
-        model=args.model,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=max(2048, args.max_model_len),
-            max_model_len=args.max_model_len,
-        ),
-    )
-    placement = PlacementConfig(
-        mode=args.mode,
-        num_prefill=args.prefill_instances,
-        num_decode=args.decode_instances,
-        num_instances=args.instances,
-        chunked_prefill=args.chunked_prefill,
-        cores_per_instance=args.cores_per_instance,
-    )
-    server = ServerConfig(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get("DISTSERVE_API_KEY"),
-        ray_address=args.ray_address,
-        use_ray=not args.no_ray,
-        transport=args.transport,
-    )
+    try:
+        engine = EngineConfig(
+            model=args.model,
+            load_format=args.load_format,
+            dtype=args.dtype,
+            device=args.device,
+            cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
+            scheduler=SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=max(2048, args.max_model_len),
+                max_model_len=args.max_model_len,
+            ),
+        )
+        placement = PlacementConfig(
+            mode=args.mode,
+            num_prefill=args.prefill_instances,
+            num_decode=args.decode_instances,
+            num_instances=args.instances,
+            chunked_prefill=args.chunked_prefill,
+            cores_per_instance=args.cores_per_instance,
+            prefill_kv_cache_gb=args.prefill_kv_cache_gb,
+            decode_kv_cache_gb=args.decode_kv_cache_gb,
+        )
+        server = ServerConfig(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("DISTSERVE_API_KEY"),
+            ray_address=args.ray_address,
+            use_ray=not args.no_ray,
+            transport=args.transport,
+        )
+    except ValueError as e:
+        parser.error(_flag_message(e, parser))
     asyncio.run(serve(engine, placement, server))
     return 0
 

@@ -76,6 +76,14 @@ class PlacementConfig:
         default=None,
         metadata={"help": "CPU cores each instance owns (None: share the machine's evenly)"},
     )
+    prefill_kv_cache_gb: float | None = field(
+        default=None,
+        metadata={"help": "disagg: KV cache GiB of each prefill instance (None: the engine's)"},
+    )
+    decode_kv_cache_gb: float | None = field(
+        default=None,
+        metadata={"help": "disagg: KV cache GiB of each decode instance (None: the engine's)"},
+    )
     prefill_tp: int = field(
         default=1, metadata={"help": "tensor parallel degree of prefill instances"}
     )
@@ -97,6 +105,10 @@ class PlacementConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cores_per_instance is not None and self.cores_per_instance < 1:
             raise ValueError(f"cores_per_instance must be >= 1, got {self.cores_per_instance}")
+        for name in ("prefill_kv_cache_gb", "decode_kv_cache_gb"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
         if self.chunked_prefill and self.mode != "colocated":
             raise ValueError("chunked_prefill applies to colocated mode only")
         degrees = (self.prefill_tp, self.prefill_pp, self.decode_tp, self.decode_pp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 
@@ -28,6 +29,19 @@ def assign_cores(
             len(cores),
         )
     return [[cores[(i * k + j) % len(cores)] for j in range(k)] for i in range(num_instances)]
+
+
+def role_engine_config(engine: EngineConfig, placement: PlacementConfig, role: str) -> EngineConfig:
+    """The engine config of one instance: prefill and decode may size their KV caches
+    differently (`prefill_kv_cache_gb`, `decode_kv_cache_gb`)."""
+    gib = {"prefill": placement.prefill_kv_cache_gb, "decode": placement.decode_kv_cache_gb}.get(
+        role
+    )
+    if gib is None:
+        return engine
+    return dataclasses.replace(
+        engine, cache=dataclasses.replace(engine.cache, kv_cache_gb=gib, num_blocks=None)
+    )
 
 
 def init_ray(address: str | None, num_cpus: int) -> None:
@@ -60,15 +74,16 @@ async def start_workers(
         if cpu
         else [[]] * len(roles)
     )
+    configs = [role_engine_config(engine, placement, r) for r in roles]
     if use_ray:
         init_ray(ray_address, max(len(available_cores()), sum(len(c) for c in cores)))
         nonce = uuid.uuid4().hex[:8]  # actor names stay unique across controllers
         starts = [
-            RayExecutor.start(engine, c or None, f"distserve-{r}-{i}-{nonce}")
-            for i, (r, c) in enumerate(zip(roles, cores, strict=True))
+            RayExecutor.start(cfg, c or None, f"distserve-{r}-{i}-{nonce}")
+            for i, (r, c, cfg) in enumerate(zip(roles, cores, configs, strict=True))
         ]
     else:
-        starts = [LocalExecutor.start(engine, None) for _ in roles]
+        starts = [LocalExecutor.start(cfg, None) for cfg in configs]
     executors = list(await asyncio.gather(*starts))
     try:
         await asyncio.wait_for(asyncio.gather(*(e.info() for e in executors)), timeout)

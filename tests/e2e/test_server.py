@@ -18,7 +18,8 @@ KEY = "test-key-123"
 PLACEMENTS = {
     "1P1D": ["--mode", "disagg"],
     "2P1D": ["--mode", "disagg", "--prefill-instances", "2"],
-    "1P2D": ["--mode", "disagg", "--decode-instances", "2"],
+    # Decode caches smaller than the prefill one: block counts differ across the migration.
+    "1P2D": ["--mode", "disagg", "--decode-instances", "2", "--decode-kv-cache-gb", "0.05"],
     "colocated": ["--mode", "colocated", "--instances", "2"],
     "chunked": ["--mode", "colocated", "--instances", "2", "--chunked-prefill", "--api-key", KEY],
 }
@@ -194,6 +195,12 @@ def test_models_health_metrics(server) -> None:
     if placement in ("1P1D", "2P1D", "1P2D"):
         assert _metric(text, "distserve_migrations_total") > 0
         assert _metric(text, "distserve_migration_bytes_total") > 0
+    if placement == "1P2D":
+        blocks: dict[str, float] = {}
+        for labels, v in _all_samples(text, "distserve_kv_blocks"):
+            name = labels.split('instance="')[1].split('"')[0]
+            blocks[name] = blocks.get(name, 0) + v
+        assert blocks["decode-0"] == blocks["decode-1"] < blocks["prefill-0"]
 
 
 def test_api_key_only_when_set(server) -> None:
