@@ -28,7 +28,7 @@ from distserve.core import (
     Scheduler,
     StepOutput,
 )
-from distserve.model.loader import load_tokenizer
+from distserve.model.metadata import load_tokenizer
 from distserve.model.registry import resolve
 from distserve.runtime.engine import check_token_ids
 from distserve.runtime.executor import Executor

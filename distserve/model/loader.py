@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import torch
 
 from distserve.model.base import CausalLM
 from distserve.model.config import ModelConfig
+from distserve.model.metadata import config_of, hf_tokenizer
 from distserve.model.registry import ModelSource
 from distserve.model.tokenizer import Tokenizer
 
@@ -99,45 +99,13 @@ def load(
         return LoadedModel(model, gf.config, Tokenizer.from_gguf_metadata(gf.tokenizer_metadata()))
     if source.format == "hf":
         assert source.path is not None
-        with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
-            cfg = ModelConfig.from_hf(json.load(f), name=source.name)
+        cfg = config_of(source)
         model = build_model(cfg, tdtype, device)
         model.load_weights(safetensors_weights(source.path))
-        return LoadedModel(model, cfg, _hf_tokenizer(source.path, cfg))
+        return LoadedModel(model, cfg, hf_tokenizer(source.path, cfg))
     if source.format == "random":
-        cfg = source.config or _config_of(source)
+        cfg = source.config or config_of(source)
         model = build_model(cfg, tdtype, device)
         init_random_(model, seed)
         return LoadedModel(model, cfg, Tokenizer.bytes_only(cfg.vocab_size, cfg.eos_token_id))
     raise ValueError(f"unknown model format {source.format!r}")
-
-
-def load_tokenizer(source: ModelSource) -> tuple[ModelConfig, Tokenizer]:
-    """The config and tokenizer of a model without its weights (for the API server)."""
-    if source.format == "random":
-        cfg = source.config or _config_of(source)
-        return cfg, Tokenizer.bytes_only(cfg.vocab_size, cfg.eos_token_id)
-    assert source.path is not None
-    if source.format == "gguf":
-        from distserve.model.gguf_file import GGUFModelFile
-
-        gf = GGUFModelFile(source.path)
-        return gf.config, Tokenizer.from_gguf_metadata(gf.tokenizer_metadata())
-    cfg = _config_of(source)
-    return cfg, _hf_tokenizer(source.path, cfg)
-
-
-def _config_of(source: ModelSource) -> ModelConfig:
-    assert source.path is not None
-    if source.path.endswith(".gguf"):
-        from distserve.model.gguf_file import GGUFModelFile
-
-        return GGUFModelFile(source.path).config
-    with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
-        return ModelConfig.from_hf(json.load(f), name=source.name)
-
-
-def _hf_tokenizer(path: str, cfg: ModelConfig) -> Tokenizer:
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return Tokenizer.from_hf_dir(path)
-    return Tokenizer.bytes_only(cfg.vocab_size, cfg.eos_token_id)
