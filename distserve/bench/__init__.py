@@ -1,0 +1,1 @@
+"""Load client, SLO metrics (attainment, goodput, SLO scale) and plots."""

@@ -1,0 +1,115 @@
+"""The load client: replays a workload against an OpenAI-compatible server, open loop
+(each request is sent at its arrival time whatever happened before), streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+from distserve.bench.results import RequestResult
+from distserve.workload import Workload, WorkloadRequest
+
+
+async def server_model(base_url: str, api_key: str | None = None) -> str:
+    """The id of the first model the server lists."""
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=_headers(api_key), timeout=30
+    ) as client:
+        r = await client.get("/v1/models")
+        r.raise_for_status()
+        return str(r.json()["data"][0]["id"])
+
+
+async def run_workload(
+    base_url: str,
+    workload: Workload,
+    model: str,
+    api_key: str | None = None,
+    request_timeout: float = 600.0,
+    progress: bool = True,
+    extra_body: dict[str, Any] | None = None,
+) -> tuple[list[RequestResult], float]:
+    """Send every request at its arrival time; return results in workload order and the
+    wall-clock seconds from the first send to the last completion."""
+    from tqdm import tqdm
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    timeout = httpx.Timeout(request_timeout, connect=30.0)
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=_headers(api_key), timeout=timeout, limits=limits
+    ) as client:
+        bar = tqdm(total=len(workload), desc="requests", unit="req", disable=not progress)
+        start = time.perf_counter()
+
+        async def one(req: WorkloadRequest) -> RequestResult:
+            delay = start + req.arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            result = await _send(client, req, model, start, extra_body or {})
+            bar.update(1)
+            return result
+
+        results = await asyncio.gather(*(one(r) for r in workload.requests))
+        elapsed = time.perf_counter() - start
+        bar.close()
+    return list(results), elapsed
+
+
+async def _send(
+    client: httpx.AsyncClient, req: WorkloadRequest, model: str, start: float, extra: dict[str, Any]
+) -> RequestResult:
+    body = {
+        "model": model,
+        "prompt": list(req.prompt_token_ids),
+        "max_tokens": req.output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    } | extra
+    res = RequestResult(req.index, req.prompt_len, req.output_len, req.arrival)
+    t0 = time.perf_counter()
+    res.sent = t0 - start
+    first = last = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                res.error = f"HTTP {r.status_code}: {text[:300]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    res.error = str(chunk["error"].get("message", chunk["error"]))
+                    continue
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    res.num_tokens = int(chunk["usage"]["completion_tokens"])
+                for choice in chunk.get("choices", []):
+                    first = first if first is not None else now
+                    last = now
+                    if choice.get("finish_reason") and choice.get("metrics"):
+                        res.server = {k: float(v) for k, v in choice["metrics"].items()}
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        res.error = f"{type(e).__name__}: {e}"
+    if first is None:
+        res.error = res.error or "no tokens received"
+        return res
+    assert last is not None
+    res.ttft, res.e2e = first - t0, last - t0
+    n = res.num_tokens
+    res.tpot = (last - first) / (n - 1) if n > 1 else 0.0
+    return res
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -1,0 +1,124 @@
+"""One benchmark run (a workload at one rate) and a goodput sweep over rates, against a
+live server; results in the shared format."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from distserve.bench.client import run_workload, server_model
+from distserve.bench.metrics import attainment, goodput, min_slo_scale, summarize
+from distserve.bench.results import RequestResult, write_results
+from distserve.workload.build import WorkloadSpec, build_workload
+
+
+def tokenizer_for(model: str) -> Any:
+    """The tokenizer that measures prompt lengths: the served model's own."""
+    from distserve.model.metadata import load_tokenizer
+    from distserve.model.registry import resolve
+
+    try:
+        return load_tokenizer(resolve(model))[1]
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(
+            f"cannot load the tokenizer of {model!r} ({e}); pass --model with a registered "
+            "name, a HF directory or a .gguf file"
+        ) from None
+
+
+async def bench_once(
+    base_url: str,
+    spec: WorkloadSpec,
+    ttft_slo: float,
+    tpot_slo: float,
+    model: str | None = None,
+    api_key: str | None = None,
+    output: str | None = None,
+    progress: bool = True,
+    tokenizer: Any = None,
+) -> tuple[dict[str, Any], list[RequestResult]]:
+    """Run `spec` once; return (summary, per-request results) and write the results file."""
+    served = await server_model(base_url, api_key)
+    tokenizer = tokenizer or tokenizer_for(model or served)
+    workload = build_workload(spec, tokenizer)
+    results, elapsed = await run_workload(base_url, workload, served, api_key, progress=progress)
+    summary = summarize(results, ttft_slo, tpot_slo, elapsed)
+    for kind in ("both", "ttft", "tpot"):
+        summary.setdefault("min_slo_scale", {})[kind] = min_slo_scale(
+            results, ttft_slo, tpot_slo, 0.9, kind
+        )
+    config = {
+        "base_url": base_url,
+        "model": served,
+        "workload": workload.meta,
+        "slo": {"ttft": ttft_slo, "tpot": tpot_slo},
+    }
+    if output:
+        write_results(output, config, summary, results)
+    return summary, results
+
+
+async def goodput_sweep(
+    base_url: str,
+    spec: WorkloadSpec,
+    rates: list[float],
+    ttft_slo: float,
+    tpot_slo: float,
+    target: float = 0.9,
+    devices: int = 1,
+    model: str | None = None,
+    api_key: str | None = None,
+    output_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the workload at each rate (same requests, new arrival times) and find the
+    goodput: the highest rate with attainment >= target, interpolated."""
+    served = await server_model(base_url, api_key)
+    tokenizer = tokenizer_for(model or served)
+    points, runs = [], []
+    for rate in sorted(rates):
+        out = os.path.join(output_dir, f"rate-{rate:g}.json") if output_dir else None
+        s, _ = await bench_once(
+            base_url,
+            dataclasses.replace(spec, rate=rate),
+            ttft_slo,
+            tpot_slo,
+            model,
+            api_key,
+            out,
+            progress,
+            tokenizer,
+        )
+        att = s["attainment"]["both"]
+        points.append((rate, att))
+        runs.append(
+            {
+                "rate": rate,
+                "attainment": s["attainment"],
+                "ttft_p90": s["ttft"]["p90"],
+                "tpot_p90": s["tpot"]["p90"],
+                "file": out,
+            }
+        )
+        if progress:
+            a = s["attainment"]
+            print(
+                f"rate {rate:g} req/s: attainment {100 * att:.1f}% "
+                f"(TTFT {100 * a['ttft']:.1f}%, TPOT {100 * a['tpot']:.1f}%)",
+                flush=True,
+            )
+    g = goodput(points, target)
+    return {
+        "goodput": g,
+        "per_device_goodput": g / devices,
+        "devices": devices,
+        "target": target,
+        "points": points,
+        "runs": runs,
+        "slo": {"ttft": ttft_slo, "tpot": tpot_slo},
+    }
+
+
+def attainment_at(results: list[RequestResult], ttft_slo: float, tpot_slo: float) -> float:
+    return attainment(results, ttft_slo, tpot_slo)["both"]

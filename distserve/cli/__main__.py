@@ -1,0 +1,5 @@
+import sys
+
+from distserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""Flag helpers shared by the verbs."""
+
+from __future__ import annotations
+
+import argparse
+
+from distserve.model.registry import DEFAULT_MODEL
+
+
+def flag_message(error: ValueError, parser: argparse.ArgumentParser) -> str:
+    """A config error ('kv_cache_gb must be > 0, ...') with its field named as the flag
+    that sets it, when there is one."""
+    text = str(error)
+    field = text.split(" ", 1)[0]
+    flag = "--" + field.replace("_", "-")
+    known = {opt for action in parser._actions for opt in action.option_strings}  # noqa: SLF001
+    return f"{flag}: {text}" if flag in known else text
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"registered model name, HF directory or .gguf file (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "random"],
+        help="auto: the model's own weights; random: random weights of its shape",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="compute and KV-cache dtype (default: bfloat16)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:n] (default: cpu)")
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=1.0,
+        help="memory for the KV cache in GiB (default: 1.0)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        default=2048,
+        help="longest prompt + output in tokens (default: 2048)",
+    )

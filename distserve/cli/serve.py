@@ -1,0 +1,161 @@
+"""`distserve serve`: instances on Ray behind the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from distserve.cli.common import add_engine_flags, flag_message, positive_int
+from distserve.config import TRANSPORTS
+
+
+def add_parser(verbs: Any) -> argparse.ArgumentParser:
+    srv = verbs.add_parser(
+        "serve",
+        help="serve the OpenAI API with disaggregated or colocated instances",
+        description="Start instances (Ray actors) and an OpenAI-compatible HTTP server; "
+        "prints the URL when ready.",
+    )
+    srv.add_argument(
+        "--mode",
+        default="disagg",
+        choices=["disagg", "colocated"],
+        help="disagg: prefill + decode instances; colocated: instances doing both "
+        "(default: disagg)",
+    )
+    srv.add_argument(
+        "--prefill-instances",
+        type=positive_int,
+        default=1,
+        help="disagg: number of prefill instances (default: 1)",
+    )
+    srv.add_argument(
+        "--decode-instances",
+        type=positive_int,
+        default=1,
+        help="disagg: number of decode instances (default: 1)",
+    )
+    srv.add_argument(
+        "--instances",
+        type=positive_int,
+        default=2,
+        help="colocated: number of instances (default: 2)",
+    )
+    srv.add_argument(
+        "--chunked-prefill",
+        action="store_true",
+        help="colocated: Sarathi-style chunked prefill (decodes and prompt chunks share "
+        "one token budget)",
+    )
+    srv.add_argument(
+        "--cores-per-instance",
+        type=positive_int,
+        default=None,
+        help="CPU cores each instance owns (default: the machine's cores shared evenly)",
+    )
+    srv.add_argument(
+        "--prefill-kv-cache-gb",
+        type=float,
+        default=None,
+        help="disagg: KV cache GiB of each prefill instance (default: --kv-cache-gb)",
+    )
+    srv.add_argument(
+        "--decode-kv-cache-gb",
+        type=float,
+        default=None,
+        help="disagg: KV cache GiB of each decode instance (default: --kv-cache-gb)",
+    )
+    srv.add_argument(
+        "--max-num-seqs",
+        type=positive_int,
+        default=64,
+        help="most requests in one step (default: 64)",
+    )
+    srv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default: 127.0.0.1, this machine only)",
+    )
+    srv.add_argument(
+        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)"
+    )
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(or set DISTSERVE_API_KEY)",
+    )
+    srv.add_argument(
+        "--ray-address",
+        default=None,
+        help="address of an existing Ray cluster (default: start a local one)",
+    )
+    srv.add_argument(
+        "--transport",
+        default="auto",
+        choices=TRANSPORTS,
+        help="how KV migrates from prefill to decode workers: auto (shared memory on one "
+        "node, else the Ray object store), shm, object-store, gloo (torch.distributed, CPU) "
+        "or nccl (GPU) (default: auto)",
+    )
+    srv.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run every worker inside the server process (no Ray; for debugging)",
+    )
+    add_engine_flags(srv)
+    return srv  # type: ignore[no-any-return]
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import asyncio
+    import os
+
+    from distserve.config import EngineConfig, PlacementConfig
+    from distserve.core import CacheConfig, SchedulerConfig
+    from distserve.model.registry import resolve
+    from distserve.server.launch import ServerConfig, serve
+
+    try:
+        resolve(args.model, args.load_format)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f"--model {args.model}: {e}")
+    if args.chunked_prefill and args.mode != "colocated":
+        parser.error("--chunked-prefill applies to --mode colocated only")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        engine = EngineConfig(
+            model=args.model,
+            load_format=args.load_format,
+            dtype=args.dtype,
+            device=args.device,
+            cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
+            scheduler=SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=max(2048, args.max_model_len),
+                max_model_len=args.max_model_len,
+            ),
+        )
+        placement = PlacementConfig(
+            mode=args.mode,
+            num_prefill=args.prefill_instances,
+            num_decode=args.decode_instances,
+            num_instances=args.instances,
+            chunked_prefill=args.chunked_prefill,
+            cores_per_instance=args.cores_per_instance,
+            prefill_kv_cache_gb=args.prefill_kv_cache_gb,
+            decode_kv_cache_gb=args.decode_kv_cache_gb,
+        )
+        server = ServerConfig(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("DISTSERVE_API_KEY"),
+            ray_address=args.ray_address,
+            use_ray=not args.no_ray,
+            transport=args.transport,
+        )
+    except ValueError as e:
+        parser.error(flag_message(e, parser))
+    asyncio.run(serve(engine, placement, server))
+    return 0
