@@ -76,7 +76,9 @@ class RayExecutor:
         gpu = config.device.startswith("cuda")
         options: dict[str, Any] = {"num_cpus": 0 if gpu else len(cores or [0])}
         options["num_gpus"] = 1 if gpu else 0
-        actor = ray.remote(Worker).options(name=name, max_restarts=0, **options)
+        # Two threads: a KV transfer into this worker need not wait for its current step
+        # (the blocks involved are owned by the migrating request, not by the step).
+        actor = ray.remote(Worker).options(name=name, max_restarts=0, max_concurrency=2, **options)
         return cls(actor.remote(config, cores, None, not gpu), name)
 
     async def info(self) -> WorkerInfo:

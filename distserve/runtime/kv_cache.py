@@ -76,6 +76,7 @@ class KVCache:
         layer_shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.layers = list(self.data.view(layer_shape).unbind(0))  # [2, kvh, slots, d] each
         self.blocks = block_view(self.data)
+        self._staging = torch.empty(0, dtype=dtype, device=device)
         pin = torch.device(device).type == "cuda"
         swap_shape = cache_shape(cfg, num_swap_blocks, block_size)
         self.swap = (
@@ -118,11 +119,21 @@ class KVCache:
 
     def copy_from(self, source: torch.Tensor, src_blocks: list[int], dst_blocks: list[int]) -> int:
         """Copy blocks of another cache's block view (a mapped peer, or a cache in this
-        process) into ours, block by block: no intermediate tensor, whose fresh pages
-        would cost more than the copy itself. Returns bytes copied."""
-        for s, d in zip(src_blocks, dst_blocks, strict=True):
-            self.blocks[:, d].copy_(source[:, s])
-        return len(dst_blocks) * self.bytes_per_block
+        process) into ours: one gather into a staging buffer kept for reuse (fresh pages
+        would cost more than the copy), one scatter. Two native calls, so a copy running
+        beside a step in another thread does not queue for the GIL block by block."""
+        n = len(src_blocks)
+        if n != len(dst_blocks):
+            raise ValueError(f"{n} source blocks for {len(dst_blocks)} destination blocks")
+        rows, _, width = self.blocks.shape
+        if self._staging.numel() < rows * n * width:
+            self._staging = torch.empty(rows * n * width, dtype=self.dtype, device=self.data.device)
+        staging = self._staging[: rows * n * width].view(rows, n, width)
+        src = torch.tensor(src_blocks, dtype=torch.long, device=source.device)
+        torch.index_select(source, 1, src, out=staging)
+        dst = torch.tensor(dst_blocks, dtype=torch.long, device=self.data.device)
+        self.blocks.index_copy_(1, dst, staging)
+        return n * self.bytes_per_block
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A contiguous copy [layers*2*kv_heads, n, block_size*head_dim] of some blocks."""
