@@ -1,0 +1,97 @@
+"""`distserve bench` and `distserve goodput` against a real server (1P1D, Ray actors)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.server_process import running_server
+
+SMALL = ["--dataset", "random", "--prompt-len", "16,64", "--output-len", "4,8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running_server("--mode", "disagg") as u:
+        yield u
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "distserve.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_bench_writes_results(url, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    r = _cli(
+        "bench",
+        "--base-url",
+        url,
+        *SMALL,
+        "--num-requests",
+        "8",
+        "--rate",
+        "4",
+        "--ttft-slo",
+        "30",
+        "--tpot-slo",
+        "5",
+        "--output",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data) == {"config", "summary", "requests"}
+    s, reqs = data["summary"], data["requests"]
+    assert s["completed"] == 8 and s["errors"] == 0
+    assert s["attainment"]["both"] == 1.0  # targets far above what 8 small requests need
+    assert data["config"]["workload"]["spec"]["num_requests"] == 8
+    for q in reqs:
+        assert q["num_tokens"] == q["output_len"]  # ignore_eos + max_tokens force the length
+        assert 0 < q["ttft"] <= q["e2e"]
+        assert {"prefill_start", "migration_end", "decode_end"} <= set(q["server"])
+    assert "migration" in s["phases_median"]
+
+
+def test_goodput_sweep_and_plot(url, tmp_path) -> None:
+    png, out = tmp_path / "g.png", tmp_path / "g.json"
+    r = _cli(
+        "goodput",
+        "--base-url",
+        url,
+        *SMALL,
+        "--num-requests",
+        "6",
+        "--rates",
+        "1,50",
+        "--ttft-slo",
+        "30",
+        "--tpot-slo",
+        "5",
+        "--devices",
+        "2",
+        "--plot",
+        str(png),
+        "--output",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    sweep = json.loads(out.read_text())
+    assert [p[0] for p in sweep["points"]] == [1.0, 50.0]
+    assert sweep["per_device_goodput"] == sweep["goodput"] / 2
+    assert png.stat().st_size > 1000
+
+
+def test_bench_errors_are_clear(url) -> None:
+    r = _cli(
+        "bench", "--base-url", "http://127.0.0.1:9", *SMALL, "--ttft-slo", "1", "--tpot-slo", "1"
+    )
+    assert r.returncode == 1 and "http://127.0.0.1:9" in r.stderr
+    r = _cli("bench", "--base-url", url, "--dataset", "trace", "--ttft-slo", "1", "--tpot-slo", "1")
+    assert r.returncode == 2 and "--trace" in r.stderr
+    r = _cli("bench", "--base-url", url, "--rate", "-1", "--ttft-slo", "1", "--tpot-slo", "1")
+    assert r.returncode == 2 and "--rate" in r.stderr
