@@ -1,0 +1,1 @@
+"""Latency model and simulator. Torch-free: imports core/ and workload/ only."""
