@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.e2e.server_process import running_server
+from distserve.bench.server_process import running_server
 
 SMALL = ["--dataset", "random", "--prompt-len", "16,64", "--output-len", "4,8", "--no-progress"]
 

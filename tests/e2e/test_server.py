@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from distserve import LLM, SamplingParams
-from tests.e2e.server_process import running_server
+from distserve.bench.server_process import running_server
 
 MODEL = "smollm2-135m"
 KEY = "test-key-123"
