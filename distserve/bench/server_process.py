@@ -1,4 +1,5 @@
-"""Start `distserve serve` as a real process on a free localhost port, and stop it."""
+"""Start `distserve serve` as a real process on a free localhost port, and stop it (for
+tests and benchmark scripts)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,10 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def running_server(*args: str, timeout: float = 240.0) -> Iterator[str]:
-    """Yield the base URL (http://127.0.0.1:PORT) of a started server."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "distserve.cli",
-        "serve",
-        "--port",
-        "0",
-        "--kv-cache-gb",
-        "0.1",
-        *args,
-    ]
+def running_server(*args: str, timeout: float = 240.0, kv_cache_gb: float = 0.1) -> Iterator[str]:
+    """Yield the base URL (http://127.0.0.1:PORT) of a started server; SIGINT at exit."""
+    serve = ["-m", "distserve.cli", "serve", "--port", "0", "--kv-cache-gb", str(kv_cache_gb)]
+    cmd = [sys.executable, *serve, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     err: list[str] = []
