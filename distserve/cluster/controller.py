@@ -15,7 +15,6 @@ from typing import Protocol
 
 from distserve.cluster.placement import connect_peers, start_workers
 from distserve.cluster.process_group import KVProcessGroup, join_process_group
-from distserve.cluster.router import pick_decode, pick_prefill
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import (
     BlockManager,
@@ -28,6 +27,7 @@ from distserve.core import (
     Scheduler,
     StepOutput,
 )
+from distserve.core.routing import pick_decode, pick_prefill
 from distserve.model.metadata import load_tokenizer
 from distserve.model.registry import resolve
 from distserve.runtime.engine import check_token_ids

@@ -1,0 +1,47 @@
+"""Routing rules, shared by the real cluster and the simulator: prompts go to the
+prefill (or colocated) instance with the fewest queued prompt tokens; prefilled requests
+go to the decode instance with room in its admission queue and the most free blocks net
+of what that queue already claims."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+from distserve.core.scheduler import DecodeScheduler, Scheduler
+
+
+class Routable(Protocol):
+    """An instance as routing sees it."""
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+
+T = TypeVar("T", bound=Routable)
+
+
+def pick_prefill(instances: Sequence[T]) -> T | None:
+    """The live instance with the fewest queued prompt tokens (ties: the first)."""
+    alive = [i for i in instances if i.alive]
+    return min(alive, key=lambda i: i.scheduler.num_queued_tokens) if alive else None
+
+
+def free_after_queue(sched: DecodeScheduler) -> int:
+    """Free blocks minus what the admission queue will claim."""
+    claimed = sum(sched.blocks.blocks_for(r.num_tokens) for r in sched.pending)
+    return sched.blocks.num_free_blocks - claimed
+
+
+def pick_decode(instances: Sequence[T]) -> T | None:
+    """The live decode instance that can queue one more request and has the most free
+    blocks after its queue; None if all are full."""
+    ready = [
+        i
+        for i in instances
+        if i.alive and isinstance(i.scheduler, DecodeScheduler) and i.scheduler.can_accept()
+    ]
+    return max(ready, key=lambda i: free_after_queue(i.scheduler)) if ready else None  # type: ignore[arg-type]
