@@ -62,7 +62,7 @@ TIMESTAMP_KEYS = (
 )
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never "equal", and queue lookups stay cheap
 class Request:
     """One prompt and its sampling parameters.
 
@@ -108,6 +108,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end) without building the whole sequence."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     @property
     def finished(self) -> bool:

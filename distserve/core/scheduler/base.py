@@ -163,7 +163,7 @@ class Scheduler(ABC):
         samples = end == req.num_tokens
         return ScheduledChunk(
             request_id=req.request_id,
-            token_ids=tuple(req.all_token_ids[start:end]),
+            token_ids=tuple(req.token_ids(start, end)),
             start=start,
             block_table=tuple(self.blocks.block_table(req.request_id)),
             sampling_params=req.sampling_params if samples else None,

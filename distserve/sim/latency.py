@@ -1,0 +1,65 @@
+"""Step and transfer times from a profile: what the simulator's executor returns
+instead of running a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distserve.core.plan import StepPlan
+from distserve.sim.profile import Profile
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """The time of one step of one instance, and of one KV migration into it.
+
+    A step's prompt chunks cost the profile's prefill formula, its decode tokens the
+    decode formula; a mixed step (chunked prefill) pays the fixed term once. A prompt
+    chunk that starts at position s > 0 attends to s earlier tokens: its quadratic term
+    is (s + l)^2 - s^2 instead of l^2. `step_overhead` is the per-step time outside the
+    model (scheduling, the controller's round trip to the worker)."""
+
+    profile: Profile
+    step_overhead: float = 0.0
+    kv_bytes_per_token: int = 0
+    transfer_bandwidth: float = 1e10
+    """Bytes per second of KV migration."""
+    transfer_overhead: float = 0.0
+    """Fixed seconds per migration (round trips)."""
+
+    def step_time(self, plan: StepPlan) -> float:
+        prefill = plan.prefill_chunks
+        decode = plan.decode_chunks
+        t = 0.0
+        if prefill:
+            a, b, c = self.profile.prefill
+            t += a + sum(
+                b * ch.num_tokens + c * ((ch.start + ch.num_tokens) ** 2 - ch.start**2)
+                for ch in prefill
+            )
+        if decode:
+            t += self.profile.decode_time([ch.start for ch in decode])
+            if prefill:
+                t -= min(self.profile.prefill[0], self.profile.decode_small[0])
+        return t + self.step_overhead if (prefill or decode) else 0.0
+
+    def decode_steps_time(self, contexts: list[int], steps: int) -> float:
+        """Total time of `steps` consecutive decode steps of the same batch, contexts
+        growing by one each step: the formula is linear in the summed context."""
+        if steps <= 0 or not contexts:
+            return 0.0
+        batch = len(contexts)
+        a, b, c = (
+            self.profile.decode_large
+            if batch >= self.profile.decode_threshold
+            else self.profile.decode_small
+        )
+        base = sum(n + 1 for n in contexts)
+        return steps * (a + c * batch + self.step_overhead) + b * (
+            steps * base + batch * steps * (steps - 1) // 2
+        )
+
+    def transfer_time(self, num_tokens: int) -> float:
+        return (
+            self.transfer_overhead + num_tokens * self.kv_bytes_per_token / self.transfer_bandwidth
+        )

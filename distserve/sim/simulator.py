@@ -1,0 +1,281 @@
+"""A discrete-event simulator of a placement: instances run the engine's own schedulers
+(core/) with a latency model in place of the model, on a virtual clock, with the real
+cluster's routing and pull-based migration. Same workload in, same results out as the
+load client."""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from distserve.bench.results import RequestResult
+from distserve.config import PlacementConfig
+from distserve.core import (
+    BlockManager,
+    ColocatedScheduler,
+    DecodeScheduler,
+    PrefillScheduler,
+    Request,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    StepPlan,
+    StepResult,
+)
+from distserve.core.routing import pick_decode, pick_prefill
+from distserve.core.scheduler.fast_forward import advance_decodes, steady_decode_steps
+from distserve.sim.latency import LatencyModel
+from distserve.workload import Workload
+
+_TOKEN = 0  # what the simulated model "samples": any id; requests end by max_tokens
+
+
+@dataclass
+class SimInstance:
+    """One simulated instance: a real scheduler and a latency model."""
+
+    name: str
+    role: str
+    scheduler: Scheduler
+    latency: LatencyModel
+    alive: bool = True
+    busy: bool = False
+    steps: int = 0
+    busy_seconds: float = 0.0
+
+
+@dataclass
+class SimConfig:
+    """What the simulator needs beyond the workload."""
+
+    placement: PlacementConfig
+    latency: dict[str, LatencyModel]
+    """Per role ('prefill', 'decode', 'colocated')."""
+    num_blocks: dict[str, int]
+    """KV blocks of one instance, per role."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    block_size: int = 16
+    watermark: float = 0.01
+    fast_forward: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "placement": dataclasses.asdict(self.placement),
+            "latency": {
+                k: {
+                    "profile": v.profile.to_dict(),
+                    "step_overhead": v.step_overhead,
+                    "transfer_bandwidth": v.transfer_bandwidth,
+                    "transfer_overhead": v.transfer_overhead,
+                    "kv_bytes_per_token": v.kv_bytes_per_token,
+                }
+                for k, v in self.latency.items()
+            },
+            "num_blocks": self.num_blocks,
+            "scheduler": {
+                k: (v.value if hasattr(v, "value") else v)
+                for k, v in dataclasses.asdict(self.scheduler).items()
+            },
+            "block_size": self.block_size,
+        }
+
+
+class Simulator:
+    """Runs a workload through simulated instances; `run` returns per-request results."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.instances = [self._instance(role, i) for i, role in enumerate(config.placement.roles)]
+        self._events: list[tuple[float, int, str, Callable[[float], None]]] = []
+        self._seq = itertools.count()
+        self._awaiting: deque[tuple[SimInstance, Request]] = deque()
+        self._owner: dict[str, SimInstance] = {}
+        self._first: dict[str, float] = {}
+        self._results: dict[str, RequestResult] = {}
+        self.now = 0.0
+        self._arrivals: list[Any] = []
+        self._next_arrival = 0
+
+    def _instance(self, role: str, index: int) -> SimInstance:
+        cfg = self.config
+        sched_cfg = dataclasses.replace(
+            cfg.scheduler, chunked_prefill=cfg.placement.chunked_prefill and role == "colocated"
+        )
+        blocks = BlockManager(cfg.num_blocks[role], cfg.block_size, cfg.watermark)
+        cls = {
+            "prefill": PrefillScheduler,
+            "decode": DecodeScheduler,
+            "colocated": ColocatedScheduler,
+        }[role]
+        return SimInstance(f"{role}-{index}", role, cls(sched_cfg, blocks), cfg.latency[role])
+
+    # ---- events -------------------------------------------------------------------
+    def _at(self, t: float, kind: str, fn: Callable[[float], None]) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, fn))
+
+    def run(self, workload: Workload) -> list[RequestResult]:
+        # Arrivals stay in their own sorted list: the heap holds only the few events in
+        # flight, so a horizon over selected kinds is cheap to find.
+        arrivals = list(workload.requests)
+        for wr in arrivals:
+            self._results[str(wr.index)] = RequestResult(
+                wr.index, wr.prompt_len, wr.output_len, wr.arrival, sent=wr.arrival
+            )
+        self._next_arrival = 0
+        self._arrivals = arrivals
+        while self._events or self._next_arrival < len(arrivals):
+            if self._next_arrival < len(arrivals) and (
+                not self._events or arrivals[self._next_arrival].arrival <= self._events[0][0]
+            ):
+                wr = arrivals[self._next_arrival]
+                self._next_arrival += 1
+                self.now = wr.arrival
+                self._arrive(wr.arrival, wr)
+                continue
+            t, _, _, fn = heapq.heappop(self._events)
+            self.now = t
+            fn(t)
+        return [self._results[str(w.index)] for w in workload.requests]
+
+    def _horizon(self, inst: SimInstance) -> float:
+        """The earliest future event that could change `inst`'s next decision. Prompt-taking
+        instances: the next arrival. Decode instances: anything in flight (a prefill ending
+        hands over requests, a transfer adds one), and the next arrival too while a prefill
+        instance is idle (it would start a prefill that could end within the span)."""
+        arrival = (
+            self._arrivals[self._next_arrival].arrival
+            if self._next_arrival < len(self._arrivals)
+            else float("inf")
+        )
+        if inst.role != "decode":
+            return arrival
+        t = min((e[0] for e in self._events), default=float("inf"))
+        if any(not i.busy for i in self.instances if i.role == "prefill"):
+            t = min(t, arrival)
+        return t
+
+    def _arrive(self, t: float, wr: Any) -> None:
+        params = SamplingParams(max_tokens=wr.output_len, ignore_eos=True, temperature=0.0)
+        req = Request(str(wr.index), list(wr.prompt_token_ids), params, t)
+        inst = pick_prefill([i for i in self.instances if i.role != "decode"])
+        assert inst is not None
+        try:
+            inst.scheduler.add_request(req)
+        except ValueError as e:  # as the server would answer 400
+            self._results[req.request_id].error = str(e)
+            return
+        self._owner[req.request_id] = inst
+        self._wake(inst, t)
+
+    # ---- instance steps -----------------------------------------------------------
+    def _wake(self, inst: SimInstance, t: float) -> None:
+        if inst.busy:
+            return
+        sched = inst.scheduler
+        if isinstance(sched, DecodeScheduler):
+            for req in sched.admit_migrations(t):
+                src = self._owner[req.request_id]
+                self._at(
+                    t + inst.latency.transfer_time(req.num_computed_tokens),
+                    "transfer",
+                    lambda t2, r=req, s=src, d=inst: self._transferred(t2, r, s, d),
+                )
+        if self.config.fast_forward and self._fast_forward(inst, t):
+            return
+        plan = sched.schedule(t)
+        if plan.empty:
+            return
+        dt = inst.latency.step_time(plan)
+        inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + 1, inst.busy_seconds + dt
+        self._at(t + dt, "step", lambda t2, i=inst, p=plan: self._step_done(t2, i, p))
+
+    def _fast_forward(self, inst: SimInstance, t: float) -> bool:
+        """Run a steady span of decode steps as one event, stopping before the next
+        event anywhere (any of them might change this instance's next decision)."""
+        k = steady_decode_steps(inst.scheduler)
+        if k < 2:
+            return False
+        horizon = self._horizon(inst)
+        contexts = [r.num_tokens - 1 for r in inst.scheduler.running]
+        lat = inst.latency
+        lo, hi = 0, k  # the largest m whose first m steps all start before the horizon
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if t + lat.decode_steps_time(contexts, mid - 1) < horizon:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo < 2:
+            return False
+        dt = lat.decode_steps_time(contexts, lo)
+        inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + lo, inst.busy_seconds + dt
+
+        batch = list(inst.scheduler.running)
+
+        def done(t2: float, inst: SimInstance = inst, m: int = lo) -> None:
+            advance_decodes(inst.scheduler, batch, m, _TOKEN, t)
+            inst.busy = False
+            self._wake(inst, t2)
+
+        self._at(t + dt, "span", done)
+        return True
+
+    def _step_done(self, t: float, inst: SimInstance, plan: StepPlan) -> None:
+        sampled = {c.request_id: _TOKEN for c in plan.chunks if c.sampling_params is not None}
+        outputs = inst.scheduler.update(plan, StepResult(sampled), t)
+        inst.busy = False
+        for out in outputs:
+            rid = out.request.request_id
+            self._first.setdefault(rid, t)
+            if out.request.finished:
+                self._record(out.request, t)
+            elif inst.role == "prefill":
+                self._awaiting.append((inst, out.request))
+        self._dispatch(t)
+        self._wake(inst, t)
+
+    def _dispatch(self, t: float) -> None:
+        decoders = [i for i in self.instances if i.role == "decode"]
+        while self._awaiting:
+            src, req = self._awaiting[0]
+            if req.finished:
+                self._awaiting.popleft()
+                continue
+            dst = pick_decode(decoders)
+            if dst is None:
+                return
+            self._awaiting.popleft()
+            copy = dataclasses.replace(
+                req,
+                output_token_ids=list(req.output_token_ids),
+                output_logprobs=[],
+                timestamps=dict(req.timestamps),
+            )
+            assert isinstance(dst.scheduler, DecodeScheduler)
+            dst.scheduler.add_migrating(copy)
+            self._wake(dst, t)
+
+    def _transferred(self, t: float, req: Request, src: SimInstance, dst: SimInstance) -> None:
+        assert isinstance(dst.scheduler, DecodeScheduler) and isinstance(
+            src.scheduler, PrefillScheduler
+        )
+        dst.scheduler.finish_migration(req.request_id, t)
+        src.scheduler.release_migrated(req.request_id, t)
+        self._owner[req.request_id] = dst
+        self._wake(src, t)
+        self._wake(dst, t)
+        self._dispatch(t)
+
+    def _record(self, req: Request, t: float) -> None:
+        res = self._results[req.request_id]
+        first = self._first[req.request_id]
+        n = req.num_output_tokens
+        res.ttft, res.e2e, res.num_tokens = first - req.arrival_time, t - req.arrival_time, n
+        res.tpot = (t - first) / (n - 1) if n > 1 else 0.0
+        res.server = {k: v - req.arrival_time for k, v in req.timestamps.items()}
+        self._owner.pop(req.request_id, None)
