@@ -7,9 +7,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from distserve.cli import bench, generate, serve
+from distserve.cli import bench, generate, profile, serve
 
-_VERBS = {"generate": generate, "serve": serve, "bench": bench, "goodput": bench}
+_VERBS = {
+    "generate": generate,
+    "serve": serve,
+    "bench": bench,
+    "goodput": bench,
+    "profile": profile,
+}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -20,6 +26,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     subs = {"generate": generate.add_parser(verbs), "serve": serve.add_parser(verbs)}
     subs["bench"], subs["goodput"] = bench.add_parsers(verbs)
+    subs["profile"] = profile.add_parser(verbs)
     return parser, subs
 
 

@@ -1,0 +1,143 @@
+"""The profiler: times the real model runner on a grid of prefill batches and decode
+steps (warm-up excluded, median of repetitions) and fits a latency Profile.
+
+    distserve profile --model smollm2-135m --cores 1 --output profile.json
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distserve.config import EngineConfig
+from distserve.core import BlockManager, SamplingParams, ScheduledChunk, StepPlan
+from distserve.planner.fit import error_summary, fit_decode, fit_prefill
+from distserve.sim.profile import Profile
+
+PREFILL_GRID = [
+    (n, b) for n in (16, 64, 128, 256, 512, 1024, 2048) for b in (1, 2, 4) if n * b <= 4096
+]
+DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (64, 256, 512, 1024)]
+QUICK_PREFILL = [(n, b) for n in (32, 128, 512) for b in (1, 2)]
+QUICK_DECODE = [(b, c) for b in (1, 4, 16) for c in (64, 512)]
+_GREEDY = SamplingParams(temperature=0.0, max_tokens=1)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _Plans:
+    """Builds plans over real block ids (contiguous allocation; timing does not depend
+    on where blocks are)."""
+
+    def __init__(self, num_blocks: int, block_size: int, vocab: int, seed: int = 0) -> None:
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.rng = random.Random(seed)
+        self.vocab = vocab
+        self._ids = 0
+
+    def _chunk(self, start: int, n: int) -> ScheduledChunk:
+        self._ids += 1
+        rid = str(self._ids)
+        table = self.blocks.allocate(rid, start + n)
+        tokens = tuple(self.rng.randrange(100, min(self.vocab, 30000)) for _ in range(n))
+        return ScheduledChunk(rid, tokens, start, tuple(table), _GREEDY)
+
+    def prefill(self, length: int, batch: int) -> StepPlan:
+        return StepPlan(self._ids, tuple(self._chunk(0, length) for _ in range(batch)))
+
+    def decode(self, batch: int, context: int) -> StepPlan:
+        return StepPlan(self._ids, tuple(self._chunk(context, 1) for _ in range(batch)))
+
+    def release(self) -> None:
+        for rid in range(self._ids + 1):
+            self.blocks.free(str(rid))
+
+
+def _time(execute: Callable[[StepPlan], Any], plan: StepPlan, reps: int) -> float:
+    execute(plan)  # warm-up, excluded
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        execute(plan)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_model(
+    config: EngineConfig, cores: int, quick: bool = False, progress: bool = True
+) -> Profile:
+    """Measure and fit. Runs the model in this process, pinned to the first `cores` cores."""
+    from tqdm import tqdm
+
+    from distserve.runtime.threads import available_cores
+    from distserve.runtime.worker import Worker
+
+    usable = available_cores()
+    if cores > len(usable):
+        raise ValueError(f"cores must be <= the {len(usable)} usable cores, got {cores}")
+    worker = Worker(config, usable[:cores])
+    info = worker.info()
+    mcfg = info.model_config
+    plans = _Plans(info.num_blocks, info.block_size, mcfg.vocab_size)
+    pgrid, dgrid = (QUICK_PREFILL, QUICK_DECODE) if quick else (PREFILL_GRID, DECODE_GRID)
+    limit = min(config.scheduler.max_model_len, mcfg.max_position_embeddings)
+    pgrid = [
+        (n, b) for n, b in pgrid if n <= limit and (n * b) // info.block_size + b <= info.num_blocks
+    ]
+    dgrid = [
+        (b, c) for b, c in dgrid if c < limit and b * (c // info.block_size + 1) <= info.num_blocks
+    ]
+    reps = 2 if quick else 3
+    p_batches, p_times, d_batches, d_times = [], [], [], []
+    bar = tqdm(total=len(pgrid) + len(dgrid), desc="profiling", unit="shape", disable=not progress)
+    for n, b in pgrid:
+        p_batches.append([n] * b)
+        p_times.append(_time(worker.execute, plans.prefill(n, b), reps))
+        plans.release()
+        bar.update(1)
+    for b, c in dgrid:
+        d_batches.append([c] * b)
+        d_times.append(_time(worker.execute, plans.decode(b, c), reps + 2))
+        plans.release()
+        bar.update(1)
+    bar.close()
+    prefill, p_err = fit_prefill(p_batches, p_times)
+    small, large, threshold, d_err = fit_decode(d_batches, d_times)
+    samples = {
+        "prefill": [[bt, t] for bt, t in zip(p_batches, p_times, strict=True)],
+        "decode": [[len(bt), bt[0], t] for bt, t in zip(d_batches, d_times, strict=True)],
+    }
+    return Profile(
+        model=os.path.basename(config.model.rstrip("/")).removesuffix(".gguf"),
+        hardware=f"{cpu_name()} ({cores} core{'s' if cores > 1 else ''})",
+        tp=1,
+        pp=1,
+        prefill=prefill,
+        decode_small=small,
+        decode_large=large,
+        decode_threshold=threshold,
+        kv_capacity_tokens=info.num_blocks * info.block_size,
+        dtype=config.dtype,
+        cores=cores,
+        source=f"measured by `distserve profile` on {time.strftime('%Y-%m-%d')}",
+        fit={
+            "prefill": error_summary(p_err),
+            "decode": error_summary(d_err),
+            "samples": samples,
+            "kv_bytes_per_token": mcfg.kv_bytes_per_token(4 if config.dtype == "float32" else 2),
+        },
+    )
