@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from distserve.cli import bench, generate, profile, serve
+from distserve.cli import bench, generate, profile, serve, simulate
 
 _VERBS = {
     "generate": generate,
@@ -15,6 +15,7 @@ _VERBS = {
     "bench": bench,
     "goodput": bench,
     "profile": profile,
+    "simulate": simulate,
 }
 
 
@@ -27,6 +28,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs = {"generate": generate.add_parser(verbs), "serve": serve.add_parser(verbs)}
     subs["bench"], subs["goodput"] = bench.add_parsers(verbs)
     subs["profile"] = profile.add_parser(verbs)
+    subs["simulate"] = simulate.add_parser(verbs)
     return parser, subs
 
 

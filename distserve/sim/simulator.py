@@ -28,7 +28,7 @@ from distserve.core import (
     StepResult,
 )
 from distserve.core.routing import pick_decode, pick_prefill
-from distserve.core.scheduler.fast_forward import advance_decodes, steady_decode_steps
+from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
 from distserve.sim.latency import LatencyModel
 from distserve.workload import Workload
 
@@ -47,6 +47,7 @@ class SimInstance:
     busy: bool = False
     steps: int = 0
     busy_seconds: float = 0.0
+    plans: list[StepPlan] = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +62,11 @@ class SimConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     block_size: int = 16
     watermark: float = 0.01
+    num_swap_blocks: int = 0
+    """Host blocks for swap preemption, per instance (copies are not timed)."""
     fast_forward: bool = True
+    record_plans: bool = False
+    """Keep every instance's plans (tests compare them with a real instance's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,12 +112,13 @@ class Simulator:
             cfg.scheduler, chunked_prefill=cfg.placement.chunked_prefill and role == "colocated"
         )
         blocks = BlockManager(cfg.num_blocks[role], cfg.block_size, cfg.watermark)
+        swap = BlockManager(cfg.num_swap_blocks, cfg.block_size) if cfg.num_swap_blocks else None
         cls = {
             "prefill": PrefillScheduler,
             "decode": DecodeScheduler,
             "colocated": ColocatedScheduler,
         }[role]
-        return SimInstance(f"{role}-{index}", role, cls(sched_cfg, blocks), cfg.latency[role])
+        return SimInstance(f"{role}-{index}", role, cls(sched_cfg, blocks, swap), cfg.latency[role])
 
     # ---- events -------------------------------------------------------------------
     def _at(self, t: float, kind: str, fn: Callable[[float], None]) -> None:
@@ -170,7 +176,8 @@ class Simulator:
             self._results[req.request_id].error = str(e)
             return
         self._owner[req.request_id] = inst
-        self._wake(inst, t)
+        # Wake after every arrival of this instant is queued (arrivals go first at a tie).
+        self._at(t, "wake", lambda t2, i=inst: self._wake(i, t2))
 
     # ---- instance steps -----------------------------------------------------------
     def _wake(self, inst: SimInstance, t: float) -> None:
@@ -190,6 +197,8 @@ class Simulator:
         plan = sched.schedule(t)
         if plan.empty:
             return
+        if self.config.record_plans:
+            inst.plans.append(plan)
         dt = inst.latency.step_time(plan)
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + 1, inst.busy_seconds + dt
         self._at(t + dt, "step", lambda t2, i=inst, p=plan: self._step_done(t2, i, p))
@@ -216,9 +225,10 @@ class Simulator:
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + lo, inst.busy_seconds + dt
 
         batch = list(inst.scheduler.running)
+        begin_span(inst.scheduler, batch, lo, t)
 
         def done(t2: float, inst: SimInstance = inst, m: int = lo) -> None:
-            advance_decodes(inst.scheduler, batch, m, _TOKEN, t)
+            end_span(batch, m, _TOKEN)
             inst.busy = False
             self._wake(inst, t2)
 

@@ -64,21 +64,23 @@ def _span_limit(sched: Scheduler, running: list[Request]) -> int:
     return lo
 
 
-def advance_decodes(
-    sched: Scheduler, batch: list[Request], steps: int, token: int, now: float
-) -> None:
-    """Apply `steps` steady decode steps of `batch` (the running requests when the span
-    began) at once: each gains `steps` tokens, all equal to `token`, leaving the state
-    `steps` schedule/update rounds would. Requests that joined or queued since the span
-    began wait for its end, as they would have waited for its last step (the caller starts
-    no span across an event)."""
-    if steps <= 0:
-        return
+def begin_span(sched: Scheduler, batch: list[Request], steps: int, now: float) -> None:
+    """Start a span of `steps` steady decode steps of `batch` (the running requests): take
+    every block the span will need now. Any event during the span comes after its last
+    step has started, by which time the step-by-step engine holds these blocks too, so
+    whoever looks at this scheduler meanwhile (routing) sees the same state."""
     if steps > _span_limit(sched, batch):
         raise ValueError(f"{steps} steps are not a steady span of this batch")
     for req in batch:
         sched.blocks.allocate(req.request_id, req.num_tokens + steps - 1)
         req.mark("decode_start", now)
+
+
+def end_span(batch: list[Request], steps: int, token: int) -> None:
+    """Finish a span begun with `begin_span`: each request gains `steps` tokens (all
+    `token`), leaving the state `steps` schedule/update rounds would. Requests that joined
+    or queued meanwhile wait for its end, as they would have waited for its last step."""
+    for req in batch:
         req.num_computed_tokens = req.num_tokens + steps - 1
         for _ in range(steps):
             req.append_token(token)

@@ -1,0 +1,221 @@
+"""The simulator: fits, hand-checked small cases, determinism, fast-forward equality, and
+the same scheduling decisions as a real instance."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from distserve.config import PlacementConfig
+from distserve.core import SchedulerConfig
+from distserve.planner.fit import fit_decode, fit_prefill
+from distserve.sim.latency import LatencyModel
+from distserve.sim.profile import Profile, bundled_a100, find
+from distserve.sim.run import SimOptions, sim_config, simulate
+from distserve.sim.simulator import SimConfig, Simulator
+from distserve.workload import Workload, WorkloadRequest
+from distserve.workload.build import WorkloadSpec, build_workload
+
+# Round numbers: prefill 10 ms + 1 ms/token; decode 5 ms + 0 per token + 1 ms/request.
+ROUND = Profile(
+    "toy",
+    "toy",
+    prefill=(0.010, 0.001, 0.0),
+    decode_small=(0.005, 0.0, 0.001),
+    decode_large=(0.005, 0.0, 0.001),
+    kv_capacity_tokens=16 * 64,
+)
+
+
+def _wl(*reqs: tuple[float, int, int]) -> Workload:
+    return Workload(
+        tuple(WorkloadRequest(i, t, tuple(range(1, p + 1)), o) for i, (t, p, o) in enumerate(reqs))
+    )
+
+
+def _config(mode: str = "disagg", bandwidth: float = 1e6, **kw) -> SimConfig:
+    placement = PlacementConfig(mode=mode, **kw)
+    lat = LatencyModel(ROUND, kv_bytes_per_token=1000, transfer_bandwidth=bandwidth)
+    roles = {"prefill", "decode", "colocated"}
+    return SimConfig(
+        placement,
+        {r: lat for r in roles},
+        {r: 64 for r in roles},
+        SchedulerConfig(
+            max_num_seqs=8,
+            max_num_batched_tokens=512,
+            max_model_len=512,
+            chunked_prefill=kw.get("chunked_prefill", False),
+        ),
+    )
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    rng = np.random.default_rng(0)
+    pre = [
+        [int(n)] * int(b)
+        for n, b in zip(rng.integers(16, 2048, 40), rng.integers(1, 4, 40), strict=True)
+    ]
+    a, b, c = 0.02, 1.5e-4, 3e-8
+    coef, err = fit_prefill(pre, [a + b * sum(x) + c * sum(n * n for n in x) for x in pre])
+    assert coef == pytest.approx((a, b, c), rel=1e-6) and err.max() < 1e-9
+    dec = [[int(ctx)] * int(bs) for bs in (1, 2, 4, 8, 16, 32, 64) for ctx in (64, 256, 1024)]
+    small, large = (0.01, 2e-6, 1e-3), (0.03, 1e-6, 4e-4)
+
+    def t(x: list[int]) -> float:
+        p = small if len(x) < 16 else large
+        return p[0] + p[1] * sum(n + 1 for n in x) + p[2] * len(x)
+
+    s, l, thr, err = fit_decode(dec, [t(x) for x in dec])
+    assert thr == 16 and err.max() < 1e-6
+    assert s == pytest.approx(small, rel=1e-4) and l == pytest.approx(large, rel=1e-4)
+
+
+def test_one_request_prefill_transfer_decode_by_hand() -> None:
+    # 100-token prompt, 5 output tokens; transfer of 100 tokens x 1000 B at 1 MB/s = 0.1 s.
+    (r,) = Simulator(_config()).run(_wl((0.0, 100, 5)))
+    prefill = 0.010 + 0.001 * 100
+    decode_step = 0.005 + 0.001  # one request, no per-token term
+    assert r.ttft == pytest.approx(prefill)
+    assert r.server["migration_end"] - r.server["migration_start"] == pytest.approx(0.1)
+    assert r.e2e == pytest.approx(prefill + 0.1 + 4 * decode_step)
+    assert r.tpot == pytest.approx((0.1 + 4 * decode_step) / 4)
+    assert r.num_tokens == 5
+
+
+def test_two_requests_queue_for_prefill() -> None:
+    # The second arrives while the first is prefilling: it waits, then prefills alone.
+    a, b = Simulator(_config()).run(_wl((0.0, 100, 2), (0.05, 50, 2)))
+    assert a.ttft == pytest.approx(0.11)
+    assert b.server["prefill_start"] == pytest.approx(0.11 - 0.05)
+    assert b.ttft == pytest.approx(0.06 + 0.010 + 0.050)
+
+
+@pytest.mark.parametrize(
+    "mode,kw",
+    [
+        ("disagg", {}),
+        ("disagg", {"num_prefill": 2, "num_decode": 2}),
+        ("colocated", {}),
+        ("colocated", {"chunked_prefill": True}),
+    ],
+)
+def test_fast_forward_changes_nothing(mode: str, kw: dict) -> None:
+    profile = find(bundled_a100(), "opt-13b", 1)
+    spec = WorkloadSpec(
+        dataset="random",
+        num_requests=300,
+        rate=6.0,
+        seed=3,
+        prompt_len=(16, 900),
+        output_len=(1, 300),
+    )
+    wl = build_workload(spec, tokenizer=None)  # type: ignore[arg-type]
+    placement = PlacementConfig(mode=mode, **kw)
+    sched = SchedulerConfig(
+        max_num_seqs=32,
+        max_num_batched_tokens=1024 if kw.get("chunked_prefill") else 2048,
+        chunked_prefill=kw.get("chunked_prefill", False),
+    )
+    base = sim_config(
+        placement, profile, None, SimOptions(num_blocks=400, scheduler=sched)
+    )  # few blocks: preemptions too
+    fast = Simulator(base).run(wl)
+    slow = Simulator(dataclasses.replace(base, fast_forward=False)).run(wl)
+    # Same events, same decisions; times equal up to float summation order.
+    for f, s in zip(fast, slow, strict=True):
+        assert (f.num_tokens, f.error, sorted(f.server)) == (
+            s.num_tokens,
+            s.error,
+            sorted(s.server),
+        )
+        assert (f.ttft, f.tpot, f.e2e) == pytest.approx(
+            (s.ttft, s.tpot, s.e2e), rel=1e-9, abs=1e-12
+        )
+        assert f.server == pytest.approx(s.server, rel=1e-9, abs=1e-12)
+
+
+def test_same_seed_same_result(tmp_path) -> None:
+    profile = find(bundled_a100(), "opt-13b", 1)
+    spec = WorkloadSpec(dataset="random", num_requests=200, rate=4.0, seed=11)
+    config = sim_config(PlacementConfig(mode="disagg"), profile, None, SimOptions())
+    outs = []
+    for i in range(2):
+        path = tmp_path / f"r{i}.json"
+        simulate(config, build_workload(spec, tokenizer=None), 0.25, 0.1, str(path))  # type: ignore[arg-type]
+        d = json.loads(path.read_text())
+        d["summary"].pop("simulator")
+        outs.append((d["summary"], d["requests"]))
+    assert outs[0] == outs[1]
+
+
+def test_simulated_and_real_instance_schedule_alike(make_engine, tmp_path) -> None:
+    """A real colocated instance (real model, real runner) and a simulated one, given the
+    same requests at once and the same limits, produce the same sequence of plans: which
+    requests, which token ranges, which preemptions and swaps."""
+    from distserve.config import EngineConfig
+    from distserve.core import CacheConfig, SamplingParams
+    from tests.model.hf_reference import tiny_hf_model
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)  # a real model, small enough to be quick
+    lens = [(16, 150), (20, 120), (30, 100), (10, 140), (50, 60), (64, 9)]
+    sched = SchedulerConfig(
+        max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256, preemption_mode="swap"
+    )
+    eng = make_engine(
+        EngineConfig(
+            model=str(tmp_path),
+            dtype="float32",
+            cache=CacheConfig(num_blocks=14, block_size=16, num_swap_blocks=32),
+            scheduler=sched,
+        )
+    )
+    for p, o in lens:
+        eng.add_request(
+            list(range(1, p + 1)), SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)
+        )
+    real_plans = []
+    schedule = eng.scheduler.schedule
+
+    def recording(now: float):  # type: ignore[no-untyped-def]
+        plan = schedule(now)
+        if not plan.empty:
+            real_plans.append(plan)
+        return plan
+
+    eng.scheduler.schedule = recording  # type: ignore[method-assign]
+    while eng.has_unfinished():
+        eng.step()
+    lat = LatencyModel(ROUND)
+    roles = {"prefill", "decode", "colocated"}
+    config = SimConfig(
+        PlacementConfig(mode="colocated", num_instances=1),
+        {r: lat for r in roles},
+        {r: 14 for r in roles},
+        sched,
+        block_size=16,
+        num_swap_blocks=32,
+        fast_forward=False,
+        record_plans=True,
+    )
+    sim = Simulator(config)
+    sim.run(_wl(*[(0.0, p, o) for p, o in lens]))
+
+    def shape(plans, ids):  # type: ignore[no-untyped-def]
+        return [
+            (
+                [
+                    (ids(c.request_id), c.start, c.num_tokens, c.sampling_params is not None)
+                    for c in p.chunks
+                ],
+                p.swap_out,
+                p.swap_in,
+            )
+            for p in plans
+        ]
+
+    assert eng.scheduler.num_preemptions > 0  # the case is tight enough to exercise swapping
+    assert shape(real_plans, lambda r: int(r.split("-")[1])) == shape(sim.instances[0].plans, int)
