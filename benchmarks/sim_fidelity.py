@@ -1,0 +1,185 @@
+"""Simulator fidelity: the real server and the simulator on the same requests.
+
+    python benchmarks/sim_fidelity.py [--quick] [--profile benchmarks/results/smollm2-1core.json]
+
+1. Profile SmolLM2 on one core (each instance of both placements owns one core), unless a
+   profile file is given; calibrate the per-step overhead outside the model (controller,
+   Ray round trip) from one lone request through the real server.
+2. For disagg 1P1D and colocated 2x1, at rates from low load to past saturation, replay the
+   same chatbot requests against the real server and through the simulator.
+3. Report attainment real vs simulated per rate (the paper's Table 2 shape) and the error
+   of median TTFT and TPOT. Writes benchmarks/results/sim_fidelity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+from distserve.bench.client import run_workload, server_model
+from distserve.bench.metrics import attainment, percentile
+from distserve.bench.run import tokenizer_for
+from distserve.bench.server_process import running_server
+from distserve.config import EngineConfig, PlacementConfig
+from distserve.core import CacheConfig, SchedulerConfig
+from distserve.sim.profile import load_profiles, save_profiles
+from distserve.sim.run import SimOptions, sim_config
+from distserve.sim.simulator import Simulator
+from distserve.workload import Workload
+from distserve.workload.build import WorkloadSpec, build_workload
+
+KV_GB = 0.3
+SYSTEMS = {
+    "disagg-1P1D": ("disagg", ["--mode", "disagg"]),
+    "colocated-2x1": ("colocated", ["--mode", "colocated", "--instances", "2"]),
+}
+SCHED = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
+
+
+def get_profile(path: str | None, quick: bool) -> tuple[object, str]:
+    if path and os.path.exists(path):
+        return load_profiles(path)[0], path
+    from distserve.planner.profile import profile_model
+
+    out = path or "benchmarks/results/smollm2-1core.json"
+    config = EngineConfig(
+        cache=CacheConfig(kv_cache_gb=KV_GB), scheduler=SchedulerConfig(max_num_batched_tokens=4096)
+    )
+    prof = profile_model(config, cores=1, quick=quick)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    save_profiles(out, [prof])
+    return prof, out
+
+
+async def lone_request_overhead(
+    url: str, model: str, profile, workload: Workload
+) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Per-step seconds the real path adds to the model's time: a lone request's TPOT
+    minus the profile's batch-1 decode step at its context; and its prefill time ratio."""
+    req = sorted(workload.requests, key=lambda r: r.prompt_len)[len(workload) // 2]
+    alone = Workload((dataclasses.replace(req, index=0, arrival=0.0, output_len=32),), {})
+    overheads = []
+    for _ in range(3):
+        (res,), _ = await run_workload(url, alone, model, progress=False)
+        model_step = profile.decode_time([req.prompt_len + 16])
+        overheads.append((res.tpot or 0.0) - model_step)
+    return max(0.0, statistics.median(overheads)), float(req.prompt_len)
+
+
+def compare(real, simulated, slo) -> dict:  # type: ignore[no-untyped-def]
+    out = {}
+    for name, res in (("real", real), ("sim", simulated)):
+        ok = [r for r in res if r.ok]
+        out[name] = {
+            "attainment": attainment(res, slo["ttft"], slo["tpot"]),
+            "ttft_p50": percentile([r.ttft for r in ok], 50),
+            "tpot_p50": percentile([r.tpot for r in ok], 50),
+        }
+    r, s = out["real"], out["sim"]
+    out["attainment_error_points"] = 100 * abs(r["attainment"]["both"] - s["attainment"]["both"])
+    out["ttft_p50_rel_error"] = abs(s["ttft_p50"] - r["ttft_p50"]) / r["ttft_p50"]
+    out["tpot_p50_rel_error"] = abs(s["tpot_p50"] - r["tpot_p50"]) / r["tpot_p50"]
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict:
+    profile, profile_path = get_profile(args.profile, args.quick)
+    tok = tokenizer_for("smollm2-135m")
+    n = 20 if args.quick else args.num_requests
+    base = WorkloadSpec(
+        dataset="chatbot", num_requests=n, seed=args.seed, max_prompt_len=512, max_output_len=64
+    )
+    probe = build_workload(base, tok)
+    single_prefill = profile.prefill_time([int(probe.summary()["prompt_median"])])
+    single_decode = profile.decode_time([int(probe.summary()["prompt_median"])])
+    slo = {"ttft": 2.5 * single_prefill, "tpot": 2.0 * single_decode}
+    prefill_rate = 1.0 / single_prefill
+    factors = (0.2, 0.6) if args.quick else (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.1)
+    rates = [round(prefill_rate * f, 3) for f in factors]
+    report: dict = {
+        "profile": profile_path,
+        "slo": slo,
+        "rates": rates,
+        "lengths": probe.summary(),
+        "systems": {},
+    }
+    print(f"SLO TTFT {slo['ttft']:.2f} s, TPOT {slo['tpot']:.3f} s; rates {rates}", flush=True)
+    for system, (mode, flags) in SYSTEMS.items():
+        rows = []
+        with running_server(*flags, kv_cache_gb=KV_GB) as url:
+            model = await server_model(url)
+            overhead, _ = await lone_request_overhead(url, model, profile, probe)
+            opts = SimOptions(
+                step_overhead=overhead,
+                transfer_bandwidth=2.5e9,
+                transfer_overhead=0.005,
+                scheduler=SCHED,
+            )
+            placement = PlacementConfig(mode=mode, num_instances=2)
+            config = sim_config(placement, profile, None, opts)
+            for rate in rates:
+                wl = build_workload(dataclasses.replace(base, rate=rate), tok)
+                real, _ = await run_workload(url, wl, model, progress=False)
+                sim = Simulator(config).run(wl)
+                row = {"rate": rate, **compare(real, sim, slo)}
+                rows.append(row)
+                re, si = row["real"], row["sim"]
+                print(
+                    f"{system:14s} rate {rate:6.3f}: attainment real "
+                    f"{100 * re['attainment']['both']:5.1f}% "
+                    f"sim {100 * si['attainment']['both']:5.1f}%"
+                    f"  TTFT p50 {re['ttft_p50']:.2f}/{si['ttft_p50']:.2f}s"
+                    f"  TPOT p50 {1000 * re['tpot_p50']:.0f}/{1000 * si['tpot_p50']:.0f}ms",
+                    flush=True,
+                )
+        report["systems"][system] = {"step_overhead": overhead, "rows": rows}
+    return report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="profile JSON to use (or to write, if missing); default: profile now",
+    )
+    ap.add_argument("--num-requests", type=int, default=60, help="requests per rate (default: 60)")
+    ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    ap.add_argument("--quick", action="store_true", help="a smoke run")
+    ap.add_argument("--output", default="benchmarks/results/sim_fidelity.json", help="results JSON")
+    args = ap.parse_args()
+    report = asyncio.run(run(args))
+    errs = [r["attainment_error_points"] for s in report["systems"].values() for r in s["rows"]]
+    ttft = [r["ttft_p50_rel_error"] for s in report["systems"].values() for r in s["rows"]]
+    tpot = [r["tpot_p50_rel_error"] for s in report["systems"].values() for r in s["rows"]]
+    report["worst_attainment_error_points"] = max(errs)
+    report["median_ttft_rel_error"] = statistics.median(ttft)
+    report["median_tpot_rel_error"] = statistics.median(tpot)
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "worst_attainment_error_points",
+                    "median_ttft_rel_error",
+                    "median_tpot_rel_error",
+                )
+            },
+            indent=1,
+        )
+    )
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
