@@ -15,11 +15,12 @@ p % block_size. KV heads outermost, so that gathering a batch's slots gives
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from distserve.model.kernels import cpu_kernels
+from distserve.model.kernels import bf16_linear_kernels, cpu_kernels
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -63,6 +64,34 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     cache[1].index_copy_(1, slots, v.transpose(0, 1))
 
 
+def rotate_and_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    rope: Any,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    num_heads: int,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused projection qkv [T, (heads + 2 kv_heads) d] into q [T, heads, d] and
+    k, v [T, kv_heads, d], rotate q and k by their positions (`rope`, a RotaryEmbedding),
+    and store k and v in their cache slots. The fast path does it in one kernel, in place
+    in qkv (q, k, v are views of it); the reference with torch ops."""
+    t, d = qkv.shape[0], cache.shape[-1]
+    kernels = bf16_linear_kernels() if qkv.dtype == torch.bfloat16 else None
+    if kernels is not None and qkv.device.type == "cpu" and qkv.stride(1) == 1:
+        kernels.rope_store_kv_bf16(
+            qkv, positions, rope.cos, rope.sin, cache, meta.slot_mapping, num_heads, num_kv_heads
+        )
+        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+        return q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q, k = rope(positions, q.view(t, num_heads, d), k.view(t, num_kv_heads, d))
+    v = v.view(t, num_kv_heads, d)
+    write_kv(cache, k, v, meta.slot_mapping)
+    return q, k, v
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,9 +102,23 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, heads, d], k/v [T, kv_heads, d] of the batch's new tokens -> [T, heads, d].
 
-    Writes the new K/V into the cache first, then each prompt chunk attends causally to
-    its request's KV and each decode token to its whole context."""
+    Writes the new K/V into the cache first, then `attend`."""
     write_kv(cache, k, v, meta.slot_mapping)
+    return attend(q, k, v, cache, meta, scale)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the batch's new tokens whose K/V are already in the cache: each prompt
+    chunk attends causally to its request's KV, each decode token to its whole context."""
+    if not meta.prefills:
+        return decode_attention(q, cache, meta, scale)
     out = torch.empty_like(q)
     for span in meta.prefills:
         rows = slice(span.offset, span.offset + span.num_tokens)

@@ -10,6 +10,7 @@ from torch import nn
 
 from distserve.model.attention import AttentionMetadata
 from distserve.model.config import ModelConfig
+from distserve.model.packed import PackedLinear, can_pack
 
 WeightTarget = tuple[str, int | None]
 """(our parameter name, shard index in a fused parameter or None)."""
@@ -27,6 +28,10 @@ class CausalLM(nn.Module):
 
     config: ModelConfig
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm_head_packed: PackedLinear | None = None
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -40,7 +45,21 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_packed is not None and hidden.dtype == torch.bfloat16:
+            return self.lm_head_packed(hidden.contiguous())
         return F.linear(hidden, self.lm_head_weight())
+
+    def pack_weights(self, fast: bool = True) -> None:
+        """Pack weights for the compiled kernels where they apply (bf16 on a CPU with
+        AVX512-BF16; elsewhere a no-op), or drop the packed copies (fast=False) so that
+        the plain-torch reference paths run. Call again after changing weights."""
+        from distserve.model.layers import Linear
+
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack(fast)
+        w = self.lm_head_weight()
+        self.lm_head_packed = PackedLinear(w, None, False) if fast and can_pack(w) else None
 
     # ---- weights ------------------------------------------------------------------
     def map_weight(self, hf_name: str) -> WeightTarget | None:

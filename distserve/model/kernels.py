@@ -1,8 +1,15 @@
-"""Optional compiled kernels (C++, built on first use with torch's extension builder and
-cached). Everything they do has a plain-torch reference path in model/attention.py; when
-a kernel cannot build, a warning says why and the reference path is used.
+"""Optional compiled CPU kernels (C++, built on first use with torch's extension builder and
+cached under ~/.cache/torch_extensions). This module is the one place that decides whether
+they are used; everything they do has a plain-torch reference path beside its caller, which
+is used (after a warning that says why) when they cannot be.
 
-Set DISTSERVE_KERNELS=0 to use the reference paths only.
+- `cpu_kernels()`: the module, or None when disabled or when the build failed. Its decode
+  attention is portable C++ (an AVX-512 path where the compiler targets it).
+- `bf16_linear_kernels()`: the module when it was also built with AVX512-BF16 (the bf16
+  linear layers, RMSNorm and rotary kernels), else None.
+
+Set DISTSERVE_KERNELS=0 to use the reference paths only. `python -m distserve.model.kernels`
+builds them ahead of time (the README's setup does).
 """
 
 from __future__ import annotations
@@ -15,20 +22,33 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 _SRC = os.path.join(os.path.dirname(__file__), "csrc")
+_SOURCES = (
+    "module.cpp",
+    "paged_attention.cpp",
+    "paged_attention_bf16.cpp",
+    "linear.cpp",
+    "elementwise.cpp",
+)
+
+
+def enabled() -> bool:
+    return os.environ.get("DISTSERVE_KERNELS", "1") != "0"
 
 
 @functools.cache
 def cpu_kernels() -> Any | None:
     """The compiled CPU kernels module, or None (disabled or failed to build)."""
-    if os.environ.get("DISTSERVE_KERNELS", "1") == "0":
+    if not enabled():
         return None
     try:
         from torch.utils.cpp_extension import load
 
         return load(
             name="distserve_cpu_kernels",
-            sources=[os.path.join(_SRC, "paged_attention.cpp")],
-            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            sources=[os.path.join(_SRC, f) for f in _SOURCES],
+            # OpenMP: without it at::parallel_for in an extension runs on one thread.
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, unsupported CPU flags, ...
@@ -38,10 +58,31 @@ def cpu_kernels() -> Any | None:
         return None
 
 
+@functools.cache
+def bf16_linear_kernels() -> Any | None:
+    """The kernels module if it has the AVX512-BF16 kernels (this CPU supports them and the
+    compiler targeted them), else None, with a warning when the reason is the CPU."""
+    mod = cpu_kernels()
+    if mod is None:
+        return None
+    if not mod.has_avx512_bf16():
+        warnings.warn(
+            "distserve: this CPU (or compiler) lacks AVX512-BF16; bf16 linear layers use "
+            "plain torch",
+            stacklevel=2,
+        )
+        return None
+    return mod
+
+
 def build() -> None:
     """Build (or find cached) kernels now; for setup scripts."""
     mod = cpu_kernels()
-    print("distserve kernels:", "ready" if mod is not None else "unavailable (plain torch paths)")
+    if mod is None:
+        print("distserve kernels: unavailable (plain torch paths)")
+    else:
+        bf16 = "with" if bf16_linear_kernels() is not None else "without"
+        print(f"distserve kernels: ready ({bf16} AVX512-BF16 linear layers)")
 
 
 if __name__ == "__main__":

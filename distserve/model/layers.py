@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distserve.model import packed as packing
+from distserve.model.kernels import bf16_linear_kernels
+from distserve.model.packed import PackedLinear
+
 
 class RMSNorm(nn.Module):
     """Llama's RMSNorm: normalize in float32, scale in the input dtype (as HF does)."""
@@ -19,8 +23,63 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.dtype == self.weight.dtype == torch.bfloat16
+            and x.dim() == 2
+            and x.device.type == "cpu"
+        ):
+            kernels = bf16_linear_kernels()
+            if kernels is not None:
+                return kernels.rms_norm_bf16(x, self.weight, self.eps)  # type: ignore[no-any-return]
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a fast path: once `pack()`ed, bf16 inputs on CPU go through the
+    compiled kernel over a packed copy of the weight (model/packed.py); otherwise, or after
+    `pack(False)`, the plain-torch reference.
+
+    forward(x [T, in] with contiguous rows, residual [T, out] | None) -> [T, out]:
+    x W^T + b, plus the residual when given (fused into the kernel's epilogue).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.packed: PackedLinear | None = None
+
+    def pack(self, fast: bool = True) -> None:
+        """(Re)build the packed copy from the current weight, or drop it (fast=False)."""
+        ok = fast and packing.can_pack(self.weight)
+        self.packed = PackedLinear(self.weight, self.bias, silu_mul=False) if ok else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None and x.dtype == torch.bfloat16:
+            return self.packed(x, residual)
+        return packing.reference(x, self.weight, self.bias, residual)
+
+
+class GateUpProj(Linear):
+    """The fused [gate; up] projection of a gated MLP: x [T, h] -> act(gate) * up [T, I].
+    Its fast path (SiLU only) fuses the activation and the product into the kernel."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str) -> None:
+        super().__init__(hidden, 2 * intermediate, bias=False)
+        self.act_name, self.act = act, activation(act)
+
+    def pack(self, fast: bool = True) -> None:
+        ok = fast and self.act_name == "silu" and packing.can_pack(self.weight)
+        self.packed = PackedLinear(self.weight, None, silu_mul=True) if ok else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        assert residual is None
+        if self.packed is not None and x.dtype == torch.bfloat16:
+            return self.packed(x)
+        gate, up = F.linear(x, self.weight).chunk(2, dim=-1)
+        return self.act(gate) * up  # type: ignore[no-any-return]
 
 
 def activation(name: str) -> Any:

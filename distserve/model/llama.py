@@ -8,10 +8,10 @@ import re
 import torch
 from torch import nn
 
-from distserve.model.attention import AttentionMetadata, paged_attention
+from distserve.model.attention import AttentionMetadata, attend, rotate_and_store
 from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
-from distserve.model.layers import RMSNorm, RotaryEmbedding, activation
+from distserve.model.layers import GateUpProj, Linear, RMSNorm, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
@@ -24,8 +24,8 @@ class LlamaAttention(nn.Module):
         )
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.sizes = [q, kv, kv]
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, cfg.attention_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, cfg.attention_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, q + 2 * kv, cfg.attention_bias)
+        self.o_proj = Linear(q, cfg.hidden_size, cfg.attention_bias)
         self.scale = cfg.head_dim**-0.5
 
     def forward(
@@ -35,28 +35,26 @@ class LlamaAttention(nn.Module):
         rope: RotaryEmbedding,
         cache: torch.Tensor,
         meta: AttentionMetadata,
+        residual: torch.Tensor,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        o = paged_attention(
-            q, k, v.view(t, self.num_kv_heads, self.head_dim), cache, meta, self.scale
+        """x [T, h] (normed) -> residual + attention output [T, h]."""
+        qkv = self.qkv_proj(x)  # [T, (heads + 2 kv_heads) d]
+        q, k, v = rotate_and_store(
+            qkv, positions, rope, cache, meta, self.num_heads, self.num_kv_heads
         )
-        return self.o_proj(o.reshape(t, -1))
+        o = attend(q, k, v, cache, meta, self.scale)  # [T, heads, d]
+        return self.o_proj(o.reshape(x.shape[0], -1), residual)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = activation(cfg.activation)
+        self.gate_up_proj = GateUpProj(cfg.hidden_size, cfg.intermediate_size, cfg.activation)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x [T, h] (normed) -> residual + MLP output [T, h]."""
+        return self.down_proj(self.gate_up_proj(x), residual)
 
 
 class LlamaLayer(nn.Module):
@@ -75,8 +73,8 @@ class LlamaLayer(nn.Module):
         cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), positions, rope, cache, meta, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -87,9 +85,7 @@ class LlamaForCausalLM(CausalLM):
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         self.rope = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling

@@ -96,16 +96,19 @@ def load(
         gf = GGUFModelFile(source.path)
         model = build_model(gf.config, tdtype, device)
         model.load_weights(gf.weights())
+        model.pack_weights()
         return LoadedModel(model, gf.config, Tokenizer.from_gguf_metadata(gf.tokenizer_metadata()))
     if source.format == "hf":
         assert source.path is not None
         cfg = config_of(source)
         model = build_model(cfg, tdtype, device)
         model.load_weights(safetensors_weights(source.path))
+        model.pack_weights()
         return LoadedModel(model, cfg, hf_tokenizer(source.path, cfg))
     if source.format == "random":
         cfg = source.config or config_of(source)
         model = build_model(cfg, tdtype, device)
         init_random_(model, seed)
+        model.pack_weights()
         return LoadedModel(model, cfg, Tokenizer.bytes_only(cfg.vocab_size, cfg.eos_token_id))
     raise ValueError(f"unknown model format {source.format!r}")

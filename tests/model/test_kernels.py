@@ -19,12 +19,17 @@ def kern():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
-def test_kernel_matches_reference(kern, dtype: torch.dtype, heads: int, kv_heads: int) -> None:
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1), (10, 2)])
+@pytest.mark.parametrize("d,bs", [(32, 4), (64, 16), (64, 5), (128, 16)])
+def test_kernel_matches_reference(
+    kern, dtype: torch.dtype, heads: int, kv_heads: int, d: int, bs: int
+) -> None:
+    """Both paths (portable, and AVX512-BF16 for bf16 with d = 64 or 128): query heads
+    per KV head from 1 to 8 (more than one pass of 4), partial chunks and blocks."""
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    d, bs, nb = 32, 4, 64
+    nb = 8 * 25 + 3
     cache = torch.randn(2, kv_heads, nb * bs, d, generator=g).to(dtype)
-    lens = torch.tensor([1, 5, 17, 31, 2])  # partial blocks, one-token contexts
+    lens = torch.tensor([1, 5, 17, 31, 2, 16, 33, 100])  # partial blocks and chunks
     width = int(-(-lens.max() // bs))
     tables = torch.randperm(nb, generator=g)[: len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), heads, d, generator=g).to(dtype)

@@ -9,8 +9,9 @@
 //
 // Work is split over (request, KV head); the G = H / KVH query heads sharing a KV head are
 // handled together, so each K/V row is read once. Scores, softmax and the weighted sum are
-// in float32.
-#include <torch/extension.h>
+// in float32. This file's loops are the portable path (float32, or bf16 without AVX512-BF16
+// or with head_dim other than 64 and 128); paged_attention_bf16.cpp is the vectorized one.
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -98,6 +99,8 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& cache,
   });
 }
 
+}  // namespace
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
                                      int64_t block_size, double scale) {
@@ -113,6 +116,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
   auto lens = context_lens.contiguous();
   auto out = torch::empty_like(q);
   if (q.scalar_type() == torch::kBFloat16) {
+    if (decode_attention_bf16_avx512(q, cache, tables, lens, block_size, scale, out)) return out;
     decode_attention<at::BFloat16>(q, cache, tables, lens, block_size, scale, out);
   } else if (q.scalar_type() == torch::kFloat32) {
     decode_attention<float>(q, cache, tables, lens, block_size, scale, out);
@@ -122,9 +126,3 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention over a paged KV cache (CPU)");
-}

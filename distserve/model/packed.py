@@ -1,0 +1,90 @@
+"""Weights packed once for the compiled bf16 linear kernel (csrc/linear.cpp), and the call
+into it. The plain-torch path that each one replaces is `reference()`; tests check the two
+against each other.
+
+Packed layout, per tile of 64 output rows of W [N, K] (N padded to a multiple of 64 with
+zero rows, K to even with a zero column):
+
+    packed [N/64, K/2, 64, 2]        packed[t, p, c, i] = W[64 t + c, 2 p + i]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distserve.model.kernels import bf16_linear_kernels
+
+TILE = 64
+NONE, RESIDUAL, SILU_MUL = 0, 1, 2  # epilogues of csrc/linear.cpp
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> [ceil(N/64), ceil(K/2), 64, 2] (see the module docstring)."""
+    n, k = w.shape
+    n_pad, k_half = -(-n // TILE) * TILE, -(-k // 2)
+    padded = torch.zeros(n_pad, 2 * k_half, dtype=w.dtype)
+    padded[:n, :k] = w
+    return padded.view(n_pad // TILE, TILE, k_half, 2).transpose(1, 2).contiguous()
+
+
+def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """[gate; up] rows [2I, K] -> rows ordered so that each 64-row tile holds 32 gate rows
+    then the 32 up rows of the same outputs (the SILU_MUL epilogue's layout)."""
+    two_i, k = w.shape
+    i = two_i // 2
+    i_pad = -(-i // (TILE // 2)) * (TILE // 2)
+    halves = torch.zeros(2, i_pad, k, dtype=w.dtype)
+    halves[:, :i] = w.view(2, i, k)
+    return halves.view(2, i_pad // 32, 32, k).transpose(0, 1).reshape(2 * i_pad, k)
+
+
+class PackedLinear:
+    """A linear layer's weight (and bias) in the kernel's layout, for bf16 on CPU.
+
+    __call__(x [M, K] bf16, residual [M, N] | None) -> [M, N] bf16, rounded as the
+    reference rounds: bf16(x W^T + b), then bf16(residual + that) when a residual is given.
+    With `silu_mul`, W is [gate; up] and the result is bf16(silu(gate)) * up: [M, N/2].
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> None:
+        assert weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+        assert not (silu_mul and bias is not None), "silu_mul takes no bias"
+        self.n, self.k = weight.shape
+        self.silu_mul = silu_mul
+        self.weight = pack_weight(interleave_gate_up(weight) if silu_mul else weight)
+        if silu_mul:  # padded gate/up halves: the kernel's N counts the padding
+            self.n = self.weight.shape[0] * TILE
+            self.n_out = weight.shape[0] // 2
+        self.bias = None if bias is None else bias.float().contiguous()
+        kernels = bf16_linear_kernels()
+        assert kernels is not None
+        self._linear = kernels.linear_bf16
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.silu_mul:
+            y = self._linear(x, self.weight, self.n, None, None, SILU_MUL)
+            return y if y.shape[1] == self.n_out else y[:, : self.n_out]
+        if residual is not None:
+            return self._linear(x, self.weight, self.n, self.bias, residual, RESIDUAL)  # type: ignore[no-any-return]
+        return self._linear(x, self.weight, self.n, self.bias, None, NONE)  # type: ignore[no-any-return]
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether the compiled bf16 linear applies to this weight (and was built)."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and bf16_linear_kernels() is not None
+    )
+
+
+def reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What PackedLinear computes, in plain torch."""
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
