@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from distserve.cli import bench, generate, profile, serve, simulate
+from distserve.cli import bench, generate, plan, profile, serve, simulate
 
 _VERBS = {
     "generate": generate,
@@ -16,6 +16,7 @@ _VERBS = {
     "goodput": bench,
     "profile": profile,
     "simulate": simulate,
+    "plan": plan,
 }
 
 
@@ -29,6 +30,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["bench"], subs["goodput"] = bench.add_parsers(verbs)
     subs["profile"] = profile.add_parser(verbs)
     subs["simulate"] = simulate.add_parser(verbs)
+    subs["plan"] = plan.add_parser(verbs)
     return parser, subs
 
 

@@ -103,6 +103,8 @@ class Simulator:
         self._first: dict[str, float] = {}
         self._results: dict[str, RequestResult] = {}
         self.now = 0.0
+        self._give_up: Callable[[RequestResult], bool] | None = None
+        self._stopped = False
         self._arrivals: list[Any] = []
         self._next_arrival = 0
 
@@ -124,7 +126,14 @@ class Simulator:
     def _at(self, t: float, kind: str, fn: Callable[[float], None]) -> None:
         heapq.heappush(self._events, (t, next(self._seq), kind, fn))
 
-    def run(self, workload: Workload) -> list[RequestResult]:
+    def run(
+        self, workload: Workload, give_up: Callable[[RequestResult], bool] | None = None
+    ) -> list[RequestResult]:
+        """Simulate until every request is done, or until `give_up` (called with each
+        finished request) says the rest does not matter; unfinished requests then have
+        no latencies (they count as failed)."""
+        self._give_up = give_up
+        self._stopped = False
         # Arrivals stay in their own sorted list: the heap holds only the few events in
         # flight, so a horizon over selected kinds is cheap to find.
         arrivals = list(workload.requests)
@@ -134,7 +143,7 @@ class Simulator:
             )
         self._next_arrival = 0
         self._arrivals = arrivals
-        while self._events or self._next_arrival < len(arrivals):
+        while (self._events or self._next_arrival < len(arrivals)) and not self._stopped:
             if self._next_arrival < len(arrivals) and (
                 not self._events or arrivals[self._next_arrival].arrival <= self._events[0][0]
             ):
@@ -289,3 +298,5 @@ class Simulator:
         res.tpot = (t - first) / (n - 1) if n > 1 else 0.0
         res.server = {k: v - req.arrival_time for k, v in req.timestamps.items()}
         self._owner.pop(req.request_id, None)
+        if self._give_up is not None and self._give_up(res):
+            self._stopped = True

@@ -1,0 +1,218 @@
+"""`distserve plan`: search the placement that maximizes goodput per device."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from distserve.cli.bench import DATASETS, _clean
+from distserve.cli.common import flag_message, positive_float, positive_int
+
+
+def add_parser(verbs: Any) -> argparse.ArgumentParser:
+    p = verbs.add_parser(
+        "plan",
+        help="find the placement with the best goodput per device",
+        description="Search prefill/decode placements (the DistServe paper's Algorithm 1 or 2) "
+        "and the colocated baselines with the simulator; write a plan `serve --plan` deploys.",
+    )
+    p.add_argument(
+        "--profile",
+        action="append",
+        required=True,
+        help="profile JSON; repeat for several shapes (e.g. 1-core and 2-core CPU profiles)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model to plan for when a profile file holds several (e.g. opt-13b, opt-66b)",
+    )
+    p.add_argument(
+        "--profile-decode",
+        action="append",
+        default=None,
+        help="profiles for decode instances (another device kind); default: --profile",
+    )
+    p.add_argument(
+        "--num-nodes", type=positive_int, default=1, help="nodes in the cluster (default: 1)"
+    )
+    p.add_argument(
+        "--devices-per-node", type=positive_int, required=True, help="GPUs (or CPU cores) per node"
+    )
+    p.add_argument(
+        "--dataset", default="chatbot", choices=DATASETS, help="workload (default: chatbot)"
+    )
+    p.add_argument("--trace", default=None, help="trace file for --dataset trace")
+    p.add_argument(
+        "--num-requests",
+        type=positive_int,
+        default=400,
+        help="requests per simulation (default: 400)",
+    )
+    p.add_argument(
+        "--max-prompt-len", type=positive_int, default=None, help="cut prompts (small hardware)"
+    )
+    p.add_argument(
+        "--max-output-len", type=positive_int, default=None, help="cap outputs (small hardware)"
+    )
+    p.add_argument("--ttft-slo", type=positive_float, required=True, help="TTFT target (s)")
+    p.add_argument("--tpot-slo", type=positive_float, required=True, help="TPOT target (s)")
+    p.add_argument(
+        "--attainment",
+        type=positive_float,
+        default=0.9,
+        help="share of requests that must meet both targets (default: 0.9)",
+    )
+    p.add_argument(
+        "--affinity",
+        default="high",
+        choices=["high", "low"],
+        help="high: KV moves fast anywhere (Algorithm 1); low: prefill and decode of a "
+        "stage share a node (Algorithm 2)",
+    )
+    p.add_argument(
+        "--rate",
+        type=positive_float,
+        default=None,
+        help="target request rate: replicate enough to serve it (default: fill the cluster)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=positive_int,
+        default=128,
+        help="scheduler batch limit in the simulations (default: 128)",
+    )
+    p.add_argument(
+        "--transfer-bandwidth",
+        type=positive_float,
+        default=1e10,
+        help="KV migration bytes/s (default: 1e10)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=os.cpu_count() or 1,
+        help="parallel search processes (default: all cores)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    p.add_argument("--output", default=None, help="write the plan JSON here")
+    p.add_argument("--json", action="store_true", help="print the plan JSON to stdout")
+    return p  # type: ignore[no-any-return]
+
+
+def _profiles(paths: list[str], model: str | None) -> list[Any]:
+    from distserve.sim.profile import load_profiles
+
+    profiles = [p for path in paths for p in load_profiles(path)]
+    names = sorted({p.model for p in profiles})
+    if model is None and len(names) > 1:
+        raise ValueError(f"model is needed: the profiles hold {', '.join(names)}")
+    chosen = [p for p in profiles if p.model == (model or names[0])]
+    if not chosen:
+        raise ValueError(f"model {model!r} is not in the profiles (they hold {', '.join(names)})")
+    return chosen
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from distserve.bench.run import tokenizer_for
+    from distserve.core import SchedulerConfig
+    from distserve.planner.phases import Setting
+    from distserve.planner.plan import make_plan, write_plan
+    from distserve.planner.search import Cluster
+    from distserve.sim.profile import a100_kv_capacity
+    from distserve.workload.build import WorkloadSpec, build_workload
+
+    if not 0 < args.attainment <= 1:
+        parser.error(f"--attainment must be in (0, 1], got {args.attainment}")
+    try:
+        profiles = _profiles(args.profile, args.model)
+        decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None
+        spec = WorkloadSpec(
+            dataset=args.dataset,
+            num_requests=args.num_requests,
+            rate=1.0,
+            seed=args.seed,
+            max_prompt_len=args.max_prompt_len,
+            max_output_len=args.max_output_len,
+            trace_path=args.trace,
+        )
+        workload = build_workload(
+            dataclasses.replace(spec, num_requests=max(4000, spec.num_requests)),
+            tokenizer_for("smollm2-135m"),
+        )
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(flag_message(ValueError(str(e)), parser))
+    kind = "cpu-core" if any(p.cores for p in profiles) else "gpu"
+    cluster = Cluster(args.num_nodes, args.devices_per_node, kind)
+    sched = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048, max_model_len=2048
+    )
+    setting = Setting(
+        workload,
+        args.ttft_slo,
+        args.tpot_slo,
+        args.attainment,
+        sched,
+        transfer_bandwidth=args.transfer_bandwidth,
+        capacity=a100_kv_capacity(),
+        min_requests=args.num_requests,
+    )
+    say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        plan = make_plan(
+            setting,
+            profiles,
+            decode,
+            cluster,
+            args.affinity,
+            args.rate,
+            args.workers,
+            say,
+            workload.meta,
+        )
+    except ValueError as e:
+        print(f"distserve plan: error: {e}", file=sys.stderr)
+        return 1
+    if args.output:
+        write_plan(args.output, plan)
+    if args.json:
+        print(json.dumps(_clean(plan), indent=1, default=str))
+    else:
+        _print_summary(plan)
+    return 0
+
+
+def _print_summary(plan: dict[str, Any]) -> None:
+    def shape(c: dict[str, Any]) -> str:
+        if c.get("colocated"):
+            s = c["colocated"]
+            chunked = " (chunked prefill)" if c.get("chunked_prefill") else ""
+            return f"{s['instances']} x colocated tp{s['tp']} pp{s['pp']}{chunked}"
+        p, d = c["prefill"], c["decode"]
+        return (
+            f"{p['instances']} x prefill tp{p['tp']} pp{p['pp']} + "
+            f"{d['instances']} x decode tp{d['tp']} pp{d['pp']}"
+        )
+
+    def line(name: str, c: dict[str, Any] | None) -> str:
+        if not c:
+            return f"  {name:10s} none meets the SLO"
+        return (
+            f"  {name:10s} {shape(c)}: {c['goodput']:.3f} req/s on {c['devices']} devices "
+            f"= {c['per_device_goodput']:.3f} per device"
+        )
+
+    cl = plan["cluster"]
+    print(
+        f"plan for {plan['model']} on {cl['num_nodes']} x {cl['devices_per_node']} "
+        f"{cl['kind']}s (search {plan['search_seconds']:.1f} s):"
+    )
+    print(line("disagg", plan["disagg"]))
+    for k, v in plan["baselines"].items():
+        print(line(k, v))
+    note = f" ({plan['note']})" if plan.get("note") else ""
+    print(f"recommended: {plan['recommended']}{note}")

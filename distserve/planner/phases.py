@@ -1,0 +1,226 @@
+"""Goodput of one instance configuration, found by bisection on rate with the simulator:
+a prefill-only instance (TTFT target, the decode side ideal), a decode-only instance
+(TPOT target, the prefill side ideal), a colocated instance, or a whole placement.
+
+Pipeline parallelism is modelled as pp virtual instances of the same role, each taking the
+full pass time plus a per-stage overhead and holding 1/pp of the KV cache: throughput pp
+times a single pass, latency one pass (as vLLM's virtual engines behave)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distserve.bench.metrics import attainment, attains
+from distserve.bench.results import RequestResult
+from distserve.config import PlacementConfig
+from distserve.core import SchedulerConfig
+from distserve.sim.latency import LatencyModel
+from distserve.sim.profile import Profile
+from distserve.sim.run import kv_bytes_per_token
+from distserve.sim.simulator import SimConfig, Simulator
+from distserve.workload import Workload, WorkloadRequest
+
+IDEAL = Profile(
+    "ideal", "ideal", kv_capacity_tokens=4_000_000, source="no cost: the other phase, idealized"
+)
+STAGE_OVERHEAD = 0.001
+"""Seconds each pipeline stage adds to a pass (the DistServe simulator adds 1 ms per stage)."""
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One instance shape: its profile (at some tp) and its pipeline degree."""
+
+    profile: Profile
+    pp: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.profile.tp * self.pp * (self.profile.cores or 1)
+
+    @property
+    def label(self) -> str:
+        p = self.profile
+        unit = f"{p.cores} core(s)" if p.cores else f"tp{p.tp}"
+        return f"{unit} pp{self.pp}"
+
+    def kv_blocks(
+        self, block_size: int, capacity: dict[tuple[str, int, int], int] | None
+    ) -> int | None:
+        """KV blocks of one virtual instance, or None if the shape does not fit."""
+        p = self.profile
+        if self.pp == 1:
+            cap = p.kv_capacity_tokens
+        else:
+            cap = (capacity or {}).get((p.model, p.tp, self.pp))
+        if cap is None:
+            return None
+        return cap // self.pp // block_size
+
+
+def staged(profile: Profile, pp: int) -> Profile:
+    """The profile of one full pass through pp stages (per-stage overhead added)."""
+    if pp == 1:
+        return profile
+    add = lambda t: (t[0] + pp * STAGE_OVERHEAD, t[1], t[2])  # noqa: E731
+    return dataclasses.replace(
+        profile,
+        prefill=add(profile.prefill),
+        decode_small=add(profile.decode_small),
+        decode_large=add(profile.decode_large),
+    )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every simulation of a search shares."""
+
+    workload: Workload
+    ttft_slo: float
+    tpot_slo: float
+    target: float = 0.9
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    block_size: int = 16
+    transfer_bandwidth: float = 1e10
+    capacity: dict[tuple[str, int, int], int] | None = None
+    min_requests: int = 300
+    """Requests per simulation at least; more (up to the workload's size) where the
+    placement holds many at once."""
+
+
+def at_rate(workload: Workload, rate: float) -> Workload:
+    """The same requests with arrivals stretched to a new mean rate (same gap pattern)."""
+    base = workload.meta.get("spec", {}).get("rate", 1.0)
+    factor = float(base) / rate if base != "inf" else 0.0
+    reqs = tuple(
+        WorkloadRequest(r.index, r.arrival * factor, r.prompt_token_ids, r.output_len)
+        for r in workload.requests
+    )
+    return Workload(reqs, workload.meta)
+
+
+def bisect_rate(
+    attain: Callable[[float], float], target: float, guess: float, tol: float = 0.03
+) -> float:
+    """The highest rate with attain(rate) >= target, to a relative tolerance: double or
+    halve from `guess` to bracket the crossing, then bisect. 0 if even a trickle misses."""
+    lo, hi = 0.0, guess
+    while attain(hi) >= target:
+        lo, hi = hi, hi * 2
+        if hi > guess * 1024:
+            return lo
+    if lo == 0.0:
+        probe = hi
+        for _ in range(12):
+            probe /= 2
+            if attain(probe) >= target:
+                lo = probe
+                break
+        else:
+            return 0.0
+        hi = probe * 2
+    while (hi - lo) > tol * hi:
+        mid = (lo + hi) / 2
+        if attain(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _latency(profile: Profile, pp: int, setting: Setting) -> LatencyModel:
+    return LatencyModel(
+        staged(profile, pp),
+        kv_bytes_per_token=kv_bytes_per_token(profile),
+        transfer_bandwidth=setting.transfer_bandwidth,
+    )
+
+
+def placement_goodput(
+    setting: Setting,
+    prefill: InstanceConfig | None,
+    decode: InstanceConfig | None,
+    colocated: InstanceConfig | None = None,
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    num_colocated: int = 1,
+    chunked: bool = False,
+    only: str = "both",
+) -> float:
+    """Goodput (req/s) of a placement; `prefill`/`decode` None means that phase is ideal.
+    `only`: which target counts ('both', 'ttft' or 'tpot')."""
+    s = setting
+    roles: dict[str, tuple[LatencyModel, int]] = {}
+    if colocated is not None:
+        blocks = colocated.kv_blocks(s.block_size, s.capacity)
+        if blocks is None:
+            return 0.0
+        roles["colocated"] = (_latency(colocated.profile, colocated.pp, s), blocks)
+        placement = PlacementConfig(
+            mode="colocated", num_instances=num_colocated * colocated.pp, chunked_prefill=chunked
+        )
+    else:
+        for role, inst in (("prefill", prefill), ("decode", decode)):
+            if inst is None:
+                roles[role] = (LatencyModel(IDEAL), IDEAL.kv_capacity_tokens // s.block_size)  # type: ignore[operator]
+                continue
+            blocks = inst.kv_blocks(s.block_size, s.capacity)
+            if blocks is None:
+                return 0.0
+            roles[role] = (_latency(inst.profile, inst.pp, s), blocks)
+        placement = PlacementConfig(
+            mode="disagg",
+            num_prefill=num_prefill * (prefill.pp if prefill else 1),
+            num_decode=num_decode * (decode.pp if decode else 1),
+        )
+    sched = dataclasses.replace(s.scheduler, chunked_prefill=chunked)
+    latency = {role: lat for role, (lat, _) in roles.items()}
+    config = SimConfig(
+        placement, latency, {role: n for role, (_, n) in roles.items()}, sched, s.block_size
+    )
+    ttft = s.ttft_slo if only in ("both", "ttft") else math.inf
+    tpot = s.tpot_slo if only in ("both", "tpot") else math.inf
+
+    # A finite workload hides overload when it is smaller than what the placement can
+    # hold at once (one burst fits): use several times the placement's concurrency.
+    pool = s.workload.requests
+    tokens = sum(r.prompt_len + r.output_len for r in pool) / len(pool)
+    concurrent = sum(
+        placement.roles.count(role) * min(sched.max_num_seqs, blocks * s.block_size / tokens)
+        for role, (lat, blocks) in roles.items()
+        if lat.profile is not IDEAL
+    )
+    size = min(len(pool), max(s.min_requests, int(4 * concurrent)))
+    workload = Workload(pool[:size], s.workload.meta)
+
+    allowed_misses = (1 - s.target) * len(workload)
+
+    def attain(rate: float) -> float:
+        misses = 0
+
+        def give_up(r: RequestResult) -> bool:  # the target is out of reach: stop early
+            nonlocal misses
+            misses += not all(attains(r, ttft, tpot))
+            return misses > allowed_misses
+
+        results = Simulator(config).run(at_rate(workload, rate), give_up)
+        return attainment(results, ttft, tpot)["both"]
+
+    guess = _guess(setting, prefill or colocated, decode or colocated)
+    return bisect_rate(attain, s.target, guess)
+
+
+def _guess(
+    setting: Setting, prefill: InstanceConfig | None, decode: InstanceConfig | None
+) -> float:
+    """A starting rate near capacity: the prefill-bound rate of one median request."""
+    lens = sorted(r.prompt_len for r in setting.workload.requests)
+    med = lens[len(lens) // 2]
+    p = prefill or decode
+    if p is None:
+        return 1.0
+    t = staged(p.profile, p.pp).prefill_time([med])
+    return max(0.01, p.pp / t) if t > 0 else 1.0

@@ -1,0 +1,162 @@
+"""Plans: the search's answer as a JSON file that `distserve serve --plan` deploys."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from distserve.planner.phases import InstanceConfig, Setting, placement_goodput
+from distserve.planner.search import (
+    Choice,
+    Cluster,
+    algorithm1,
+    algorithm2,
+    candidates,
+    colocated_baseline,
+)
+from distserve.sim.profile import Profile
+
+
+def _shape(inst: InstanceConfig | None, count: int) -> dict[str, Any] | None:
+    if inst is None:
+        return None
+    p = inst.profile
+    return {
+        "tp": p.tp,
+        "pp": inst.pp,
+        "cores": p.cores,
+        "instances": count,
+        "devices_per_instance": inst.devices,
+        "profile": {"model": p.model, "hardware": p.hardware, "source": p.source},
+    }
+
+
+def choice_dict(c: Choice | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    d: dict[str, Any] = {
+        "mode": c.mode,
+        "devices": c.devices,
+        "goodput": c.goodput,
+        "per_device_goodput": c.per_device,
+    }
+    if c.colocated is not None:
+        d |= {"colocated": _shape(c.colocated, c.num_colocated), "chunked_prefill": c.chunked}
+    else:
+        d |= {"prefill": _shape(c.prefill, c.num_prefill), "decode": _shape(c.decode, c.num_decode)}
+    return d
+
+
+def verify(setting: Setting, c: Choice) -> float:
+    """Goodput of the whole placement, simulated jointly (both targets)."""
+    if c.colocated is not None:
+        return placement_goodput(
+            setting,
+            None,
+            None,
+            colocated=c.colocated,
+            num_colocated=c.num_colocated,
+            chunked=c.chunked,
+        )
+    return placement_goodput(
+        setting, c.prefill, c.decode, num_prefill=c.num_prefill, num_decode=c.num_decode
+    )
+
+
+def make_plan(
+    setting: Setting,
+    profiles: Sequence[Profile],
+    decode_profiles: Sequence[Profile] | None,
+    cluster: Cluster,
+    affinity: str = "high",
+    rate: float | None = None,
+    workers: int = 2,
+    progress: Callable[[str], None] | None = None,
+    workload_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Search, verify the winners jointly, and compare with the colocated baselines."""
+    t0 = time.perf_counter()
+    shapes = candidates(profiles, cluster)
+    dshapes = candidates(decode_profiles, cluster) if decode_profiles else shapes
+    if not shapes or not dshapes:
+        raise ValueError(
+            "no instance shape fits the cluster (check --devices-per-node and the "
+            "profile's tp / cores)"
+        )
+    if affinity == "high":
+        disagg, table = algorithm1(setting, shapes, dshapes, cluster, rate, workers, progress)
+    elif affinity == "low":
+        disagg, table = algorithm2(setting, list(profiles), cluster, rate, workers, progress)
+    else:
+        raise ValueError(f"affinity must be high or low, got {affinity!r}")
+    colo, colo_table = colocated_baseline(setting, shapes, cluster, rate, False, workers, progress)
+    chunk, chunk_table = colocated_baseline(setting, shapes, cluster, rate, True, workers, progress)
+    estimates = {}
+    for name, c in (("disagg", disagg), ("colocated", colo), ("chunked", chunk)):
+        if c is not None:
+            estimates[name] = c.goodput
+            c.goodput = verify(setting, c)
+            if progress:
+                progress(
+                    f"verified {name}: {c.goodput:.3f} req/s on {c.devices} devices "
+                    f"({c.per_device:.3f} per device)"
+                )
+    options = {
+        k: v
+        for k, v in (("disagg", disagg), ("colocated", colo), ("chunked", chunk))
+        if v is not None and v.goodput > 0
+    }
+    if not options:
+        raise ValueError("no layout meets the SLO at any rate: loosen the targets or add devices")
+    best_name = max(options, key=lambda k: options[k].per_device)
+    best = options[best_name]
+    baselines = {k: v for k, v in options.items() if k != "disagg"}
+    best_base = max((v.per_device for v in baselines.values()), default=0.0)
+    plan = {
+        "model": profiles[0].model,
+        "cluster": {
+            "num_nodes": cluster.num_nodes,
+            "devices_per_node": cluster.devices_per_node,
+            "kind": cluster.kind,
+        },
+        "recommended": best_name,
+        "placement": choice_dict(best),
+        "disagg": choice_dict(disagg),
+        "baselines": {k: choice_dict(v) for k, v in (("colocated", colo), ("chunked", chunk))},
+        "disagg_gain_over_best_colocated": (disagg.per_device / best_base)
+        if disagg and best_base
+        else None,
+        "slo": {"ttft": setting.ttft_slo, "tpot": setting.tpot_slo, "attainment": setting.target},
+        "affinity": affinity,
+        "target_rate": rate,
+        "workload": workload_meta or {},
+        "phase_goodputs": {
+            "search": table,
+            "colocated": colo_table,
+            "chunked": chunk_table,
+            "before_verification": estimates,
+        },
+        "search_seconds": time.perf_counter() - t0,
+    }
+    if best_name != "disagg" and disagg is not None and disagg.per_device > 0:
+        ratio = best.per_device / disagg.per_device
+        plan["note"] = (
+            f"colocated layout '{best_name}' beats the best disaggregated one by {ratio:.2f}x "
+            "per device for this workload and SLO"
+        )
+    return plan
+
+
+def write_plan(path: str, plan: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(plan, f, indent=1, default=str)
+
+
+def read_plan(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        plan = json.load(f)
+    if "placement" not in plan or not isinstance(plan["placement"], dict):
+        raise ValueError(f"{path} is not a distserve plan (no 'placement')")
+    return plan  # type: ignore[no-any-return]
