@@ -13,7 +13,7 @@ from distserve.core.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """Compute the KV of tokens [start, start + len(token_ids)) of one request.
+    """Compute the KV of tokens [start, start + num_tokens) of one request.
 
     The chunk attends to the request's cached KV [0, start) plus itself (causally). A
     prompt prefill has start 0; a decode step has one token; a chunked prefill or a
@@ -31,20 +31,23 @@ class ScheduledChunk:
     """Set when a token is to be sampled after this chunk; None for a non-final prompt chunk."""
     output_index: int = 0
     """Index the sampled token will have among the request's outputs (seeds the sampler)."""
+    num_tokens: int = -1
+    """Tokens in the chunk: len(token_ids) unless given. Plans for a simulator carry no
+    token ids or block tables (nothing there reads them), only this count."""
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            object.__setattr__(self, "num_tokens", len(self.token_ids))
 
     @property
     def context_len(self) -> int:
         """Tokens whose KV exists after this chunk."""
-        return self.start + len(self.token_ids)
+        return self.start + self.num_tokens
 
     @property
     def is_prefill(self) -> bool:
         """More than one token, or a first chunk: computed like a prompt."""
-        return self.start == 0 or len(self.token_ids) > 1
+        return self.start == 0 or self.num_tokens > 1
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def at_rate(workload: Workload, rate: float) -> Workload:
 
 
 def bisect_rate(
-    attain: Callable[[float], float], target: float, guess: float, tol: float = 0.03
+    attain: Callable[[float], float], target: float, guess: float, tol: float = 0.05
 ) -> float:
     """The highest rate with attain(rate) >= target, to a relative tolerance: double or
     halve from `guess` to bracket the crossing, then bisect. 0 if even a trickle misses."""
@@ -149,6 +149,7 @@ def placement_goodput(
     num_colocated: int = 1,
     chunked: bool = False,
     only: str = "both",
+    guess: float | None = None,
 ) -> float:
     """Goodput (req/s) of a placement; `prefill`/`decode` None means that phase is ideal.
     `only`: which target counts ('both', 'ttft' or 'tpot')."""
@@ -193,7 +194,7 @@ def placement_goodput(
         for role, (lat, blocks) in roles.items()
         if lat.profile is not IDEAL
     )
-    size = min(len(pool), max(s.min_requests, int(4 * concurrent)))
+    size = min(len(pool), max(s.min_requests, int(3 * concurrent)))
     workload = Workload(pool[:size], s.workload.meta)
 
     allowed_misses = (1 - s.target) * len(workload)
@@ -209,8 +210,8 @@ def placement_goodput(
         results = Simulator(config).run(at_rate(workload, rate), give_up)
         return attainment(results, ttft, tpot)["both"]
 
-    guess = _guess(setting, prefill or colocated, decode or colocated)
-    return bisect_rate(attain, s.target, guess)
+    start = 0.8 * guess if guess else _guess(setting, prefill or colocated, decode or colocated)
+    return bisect_rate(attain, s.target, start)
 
 
 def _guess(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distserve.model.registry import ARCHITECTURES
+from distserve.planner.bounds import bound
 from distserve.planner.phases import InstanceConfig, Setting, placement_goodput
 from distserve.sim.profile import Profile
 
@@ -95,13 +96,15 @@ def candidates(
     return out
 
 
-def _score(job: tuple[Setting, InstanceConfig, str]) -> float:
-    setting, inst, role = job
+def _score(job: tuple[Setting, InstanceConfig, str, float]) -> float:
+    setting, inst, role, guess = job
     if role == "prefill":
-        return placement_goodput(setting, inst, None, only="ttft")
+        return placement_goodput(setting, inst, None, only="ttft", guess=guess)
     if role == "decode":
-        return placement_goodput(setting, None, inst, only="tpot")
-    return placement_goodput(setting, None, None, colocated=inst, chunked=role == "chunked")
+        return placement_goodput(setting, None, inst, only="tpot", guess=guess)
+    return placement_goodput(
+        setting, None, None, colocated=inst, chunked=role == "chunked", guess=guess
+    )
 
 
 def score_all(
@@ -109,21 +112,40 @@ def score_all(
     jobs: list[tuple[InstanceConfig, str]],
     workers: int,
     progress: Callable[[str], None] | None,
+    prune: bool = True,
 ) -> list[float]:
-    """Goodput of each (shape, role) job, in parallel processes."""
-    args = [(setting, inst, role) for inst, role in jobs]
-    if workers <= 1 or len(args) <= 1:
-        results = []
-        for a in args:
-            results.append(_score(a))
-            if progress:
-                progress(f"{a[2]} {a[1].label}: {results[-1]:.3f} req/s")
-        return results
-    with ProcessPoolExecutor(workers) as pool:
-        results = list(pool.map(_score, args))
-    if progress:
-        for (inst, role), g in zip(jobs, results, strict=True):
-            progress(f"{role} {inst.label}: {g:.3f} req/s")
+    """Goodput of each (shape, role) job, simulated in parallel processes. Jobs go in order
+    of their analytic bound per device; with `prune`, a job whose bound cannot beat the
+    best goodput per device already found for its role is skipped (scored 0)."""
+    bounds = [bound(inst, role, setting) for inst, role in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -bounds[i] / jobs[i][0].devices)
+    results = [0.0] * len(jobs)
+    best: dict[str, float] = {}
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        for start in range(0, len(order), max(1, workers)):
+            wave = []
+            for i in order[start : start + max(1, workers)]:
+                inst, role = jobs[i]
+                # bounds use mean lengths, not exact maxima: prune with a margin
+                if bounds[i] <= 0 or (
+                    prune and 1.5 * bounds[i] / inst.devices < best.get(role, 0.0)
+                ):
+                    if progress:
+                        progress(f"{role} {inst.label}: pruned (bound {bounds[i]:.3f} req/s)")
+                    continue
+                wave.append(i)
+            args = [(setting, jobs[i][0], jobs[i][1], bounds[i]) for i in wave]
+            got = list(pool.map(_score, args)) if pool else [_score(a) for a in args]
+            for i, g in zip(wave, got, strict=True):
+                inst, role = jobs[i]
+                results[i] = g
+                best[role] = max(best.get(role, 0.0), g / inst.devices)
+                if progress:
+                    progress(f"{role} {inst.label}: {g:.3f} req/s (bound {bounds[i]:.3f})")
+    finally:
+        if pool:
+            pool.shutdown()
     return results
 
 

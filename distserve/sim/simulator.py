@@ -120,7 +120,9 @@ class Simulator:
             "decode": DecodeScheduler,
             "colocated": ColocatedScheduler,
         }[role]
-        return SimInstance(f"{role}-{index}", role, cls(sched_cfg, blocks, swap), cfg.latency[role])
+        scheduler = cls(sched_cfg, blocks, swap)
+        scheduler.detailed_plans = False
+        return SimInstance(f"{role}-{index}", role, scheduler, cfg.latency[role])
 
     # ---- events -------------------------------------------------------------------
     def _at(self, t: float, kind: str, fn: Callable[[float], None]) -> None:

@@ -52,6 +52,9 @@ class Scheduler(ABC):
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
         self.num_preemptions = 0
+        self.detailed_plans = True
+        """False: chunks carry counts only, no token ids or block tables (for a simulator,
+        whose executor reads nothing else; the decisions are the same)."""
         self._step_id = 0
 
     # ---- the step contract --------------------------------------------------------
@@ -161,13 +164,15 @@ class Scheduler(ABC):
         start = req.num_computed_tokens
         end = start + num_tokens
         samples = end == req.num_tokens
+        detailed = self.detailed_plans
         return ScheduledChunk(
             request_id=req.request_id,
-            token_ids=tuple(req.token_ids(start, end)),
+            token_ids=tuple(req.token_ids(start, end)) if detailed else (),
             start=start,
-            block_table=tuple(self.blocks.block_table(req.request_id)),
+            block_table=tuple(self.blocks.block_table(req.request_id)) if detailed else (),
             sampling_params=req.sampling_params if samples else None,
             output_index=req.num_output_tokens,
+            num_tokens=num_tokens,
         )
 
     def _grow_or_preempt(

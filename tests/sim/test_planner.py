@@ -1,0 +1,87 @@
+"""The planner on hand-made latency tables whose best placement is known."""
+
+from __future__ import annotations
+
+from distserve.core import SchedulerConfig
+from distserve.planner.phases import InstanceConfig, Setting, bisect_rate
+from distserve.planner.plan import make_plan
+from distserve.planner.search import Cluster, algorithm1, candidates
+from distserve.sim.profile import Profile
+from distserve.workload.build import WorkloadSpec, build_workload
+
+# tp1: slow prefill, cheap decode. tp2: prefill 4x faster (superlinear), decode no faster.
+TP1 = Profile(
+    "toy",
+    "toy",
+    tp=1,
+    prefill=(0.01, 4e-4, 0.0),
+    decode_small=(0.01, 1e-6, 1e-4),
+    decode_large=(0.01, 1e-6, 1e-4),
+    kv_capacity_tokens=200_000,
+)
+TP2 = Profile(
+    "toy",
+    "toy",
+    tp=2,
+    prefill=(0.01, 1e-4, 0.0),
+    decode_small=(0.01, 1e-6, 1e-4),
+    decode_large=(0.01, 1e-6, 1e-4),
+    kv_capacity_tokens=400_000,
+)
+
+
+def _setting() -> Setting:
+    wl = build_workload(
+        WorkloadSpec(
+            dataset="fixed",
+            num_requests=600,
+            rate=1.0,
+            seed=1,
+            prompt_len=(256, 256),
+            output_len=(16, 16),
+        ),
+        tokenizer=None,
+    )  # type: ignore[arg-type]
+    return Setting(
+        wl,
+        ttft_slo=0.2,
+        tpot_slo=0.05,
+        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048),
+        min_requests=300,
+    )
+
+
+def test_bisection_finds_a_threshold() -> None:
+    assert (
+        abs(bisect_rate(lambda r: 1.0 if r <= 7.3 else 0.0, 0.9, guess=1.0, tol=0.01) - 7.3) < 0.1
+    )
+    assert bisect_rate(lambda r: 0.0, 0.9, guess=1.0) == 0.0
+
+
+def test_algorithm1_picks_prefill_tp2_decode_tp1() -> None:
+    setting = _setting()
+    cluster = Cluster(1, 4)
+    shapes = candidates([TP1, TP2], cluster)
+    assert {(s.profile.tp, s.pp) for s in shapes} == {(1, 1), (2, 1)}
+    choice, table = algorithm1(setting, shapes, shapes, cluster, None, workers=1, progress=None)
+    assert choice is not None
+    assert (choice.prefill.profile.tp, choice.decode.profile.tp) == (2, 1)
+    # per device: prefill tp2 beats tp1 (4x faster on 2 devices); decode tp1 beats tp2
+    assert table["prefill"]["tp2 pp1"] / 2 > table["prefill"]["tp1 pp1"]
+    assert table["decode"]["tp1 pp1"] > table["decode"]["tp2 pp1"] / 2
+
+
+def test_plan_compares_with_colocated_and_says_which_wins() -> None:
+    plan = make_plan(_setting(), [TP1, TP2], None, Cluster(1, 4), workers=1)
+    assert plan["recommended"] in ("disagg", "colocated", "chunked")
+    per_device = {
+        k: v["per_device_goodput"]
+        for k, v in [("disagg", plan["disagg"]), *plan["baselines"].items()]
+        if v
+    }
+    assert plan["recommended"] == max(per_device, key=per_device.get)
+    assert plan["placement"]["devices"] <= 4
+
+
+def test_instance_config_shapes() -> None:
+    assert InstanceConfig(TP2, pp=1).devices == 2 and InstanceConfig(TP1).label == "tp1 pp1"
