@@ -103,6 +103,12 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="run every worker inside the server process (no Ray; for debugging)",
     )
+    srv.add_argument(
+        "--plan",
+        default=None,
+        metavar="FILE",
+        help="deploy a plan written by `distserve plan` (sets mode, instance counts, cores)",
+    )
     add_engine_flags(srv)
     return srv  # type: ignore[no-any-return]
 
@@ -116,6 +122,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from distserve.model.registry import resolve
     from distserve.server.launch import ServerConfig, serve
 
+    if args.plan:
+        try:
+            apply_plan(args, plan_placement(args.plan))
+        except (OSError, ValueError) as e:
+            parser.error(f"--plan {args.plan}: {e}")
     try:
         resolve(args.model, args.load_format)
     except (ValueError, FileNotFoundError) as e:
@@ -159,3 +170,52 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(flag_message(e, parser))
     asyncio.run(serve(engine, placement, server))
     return 0
+
+
+def plan_placement(path: str) -> dict[str, object]:
+    """The serve flags a plan file stands for; raises ValueError for a plan the runtime
+    cannot deploy yet (tensor or pipeline parallelism inside an instance)."""
+    from distserve.planner.plan import read_plan
+
+    plan = read_plan(path)
+    placement = plan["placement"]
+    shapes = [placement.get(k) for k in ("prefill", "decode", "colocated")]
+    for shape in (s for s in shapes if s):
+        if shape["tp"] > 1 or shape["pp"] > 1:
+            raise ValueError(
+                f"the plan needs tp={shape['tp']}, pp={shape['pp']} inside an instance; the "
+                "runtime has no tensor or pipeline parallelism yet (re-plan with tp/pp 1 profiles)"
+            )
+    cores = {s["cores"] for s in shapes if s}
+    if len(cores) > 1:
+        raise ValueError(
+            f"the plan gives prefill and decode instances different core counts "
+            f"{sorted(cores)}; serve takes one --cores-per-instance"
+        )
+    flags: dict[str, object] = {"cores_per_instance": next(iter(cores)) if cores else None}
+    if placement.get("colocated"):
+        flags |= {
+            "mode": "colocated",
+            "instances": placement["colocated"]["instances"],
+            "chunked_prefill": bool(placement.get("chunked_prefill")),
+        }
+    else:
+        flags |= {
+            "mode": "disagg",
+            "prefill_instances": placement["prefill"]["instances"],
+            "decode_instances": placement["decode"]["instances"],
+            "chunked_prefill": False,
+        }
+    flags["model"] = plan.get("model")
+    return flags
+
+
+def apply_plan(args: argparse.Namespace, flags: dict[str, object]) -> None:
+    from distserve.model.registry import ARCHITECTURES
+
+    model = flags.pop("model")
+    if model in ARCHITECTURES and model != args.model:
+        args.model = model
+    for k, v in flags.items():
+        setattr(args, k, v)
+    print(f"deploying plan: {flags}", flush=True)
