@@ -1,11 +1,16 @@
-"""Engine throughput on this machine: our engine vs HF transformers, same model, dtype
-and threads, in one run.
+"""Engine speed on this machine: our engine vs HF transformers (same model, dtype and
+threads) vs the machine's limits, all measured in one run.
 
-    python benchmarks/engine.py [--quick] [--output benchmarks/results/engine.json]
+    python benchmarks/engine.py [--quick] [--no-hf] [--output benchmarks/results/engine.json]
 
-Prefill: tokens/s of one prompt of 128..2048 tokens (time to the first token).
-Decode: tokens/s at batch 1..64 with ~512 tokens of context per request (steady state,
-prefill excluded). HF runs `generate` (its own KV cache, greedy) on the same weights.
+Limits: memory read bandwidth (sum over a 1 GiB tensor) and the bf16 matmul peak through
+torch (2048^3), on 1 and 2 threads; from them, the floor of a batch-1 decode step (every
+weight read once), of one more sequence in a decode batch on one core (its FLOPs at the
+matmul peak plus its KV read at the 1-core bandwidth), and the prefill ceiling per core.
+Prefill: tokens/s of one prompt (time to the first token). Decode: median step time at
+batch 1..64 with ~512 tokens of context per request, prefill excluded. The marginal cost of
+a sequence is (step(64) - step(1)) / 63 on one thread. HF runs `generate` (greedy, its own
+KV cache) on the same weights.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -31,6 +38,48 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(100, 40000, (n,), generator=g).tolist()
 
 
+def _best(fn: Any, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def machine_limits(threads: list[int]) -> dict[str, dict[int, float]]:
+    """Memory read bandwidth (GB/s) and torch's bf16 matmul peak (GFLOP/s) per thread count."""
+    x = torch.ones(2**28)  # 1 GiB, touched once
+    a = torch.randn(2048, 2048).to(torch.bfloat16)
+    b = torch.randn(2048, 2048).to(torch.bfloat16)
+    out: dict[str, dict[int, float]] = {"read_gb_s": {}, "bf16_gflop_s": {}}
+    for t in threads:
+        torch.set_num_threads(t)
+        out["read_gb_s"][t] = x.numel() * 4 / _best(x.sum, 5) / 1e9
+        out["bf16_gflop_s"][t] = 2 * 2048**3 / _best(lambda: a @ b, 5) / 1e9
+    del x
+    return out
+
+
+def model_floors(cfg: Any, limits: dict[str, dict[int, float]]) -> dict[str, float]:
+    """What the limits allow for this model in bf16 (see the module docstring)."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    emb = cfg.vocab_size * h
+    body = cfg.num_params - emb  # per-token matmul weights, without the embedding table
+    weight_bytes = 2 * (body + emb)  # the tied embedding is read again as the LM head
+    kv_bytes = cfg.kv_bytes_per_token(2) * CONTEXT
+    attn_flops = 4 * layers * cfg.num_heads * cfg.head_dim  # per (token, context position)
+    seq_flops = 2 * (body + emb) + attn_flops * CONTEXT
+    prefill_flops = 2 * body + attn_flops * (CONTEXT + 1) / 2
+    bw, peak = limits["read_gb_s"], limits["bf16_gflop_s"]
+    return {
+        "decode_b1_step_ms": 1e3 * weight_bytes / (bw[max(bw)] * 1e9),
+        "marginal_ms_per_seq_1core": 1e3 * (seq_flops / (peak[1] * 1e9) + kv_bytes / (bw[1] * 1e9)),
+        "prefill_tok_s_per_core": peak[1] * 1e9 / prefill_flops,
+    }
+
+
 def ours_prefill(eng: LLMEngine, length: int, reps: int) -> float:
     times = []
     for r in range(reps + 1):
@@ -42,19 +91,29 @@ def ours_prefill(eng: LLMEngine, length: int, reps: int) -> float:
     return length / min(times[1:])  # first run is warm-up
 
 
-def ours_decode(eng: LLMEngine, batch: int, steps: int) -> float:
+def ours_decode(eng: LLMEngine, batch: int, steps: int, threads: list[int]) -> dict[int, float]:
+    """Median decode step time (s) of `batch` requests at ~CONTEXT tokens, per thread count
+    (the same requests go on decoding under each count in turn)."""
     for i in range(batch):
         eng.add_request(
             _prompt(CONTEXT, i),
-            SamplingParams(temperature=0, max_tokens=steps + 3, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=len(threads) * steps + 3, ignore_eos=True),
         )
     while any(r.num_output_tokens < 2 for r in eng.scheduler.requests.values()):
         eng.step()  # prefills and the first decode step (warm-up)
-    t = time.perf_counter()
-    n = 0
+    out = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        eng.step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t0)
+        out[t] = statistics.median(times)
     while eng.has_unfinished():
-        n += len(eng.step())
-    return n / (time.perf_counter() - t)
+        eng.step()
+    return out
 
 
 def hf_model(eng: LLMEngine) -> torch.nn.Module:
@@ -120,38 +179,51 @@ def main() -> int:
         "--output", default="benchmarks/results/engine.json", help="where to write the JSON results"
     )
     args = ap.parse_args()
-    lengths = [128, 512] if args.quick else [128, 256, 512, 1024, 2048]
-    batches = [1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64]
-    steps = 8 if args.quick else 32
+    lengths = [128, 512] if args.quick else [128, 512, 2048]
+    batches = [1, 8] if args.quick else [1, 8, 32, 64]
+    steps = 8 if args.quick else 24
     config = EngineConfig(
         cache=CacheConfig(kv_cache_gb=2.0),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=2048),
     )
+    t0 = time.perf_counter()
     eng = LLMEngine(config)
+    load_s = time.perf_counter() - t0
     threads = torch.get_num_threads()
-    rows: dict[str, dict[str, dict[int, float]]] = {
-        "ours": {"prefill": {}, "decode": {}},
-        "hf": {"prefill": {}, "decode": {}},
-    }
+    thread_counts = sorted({1, threads})
+    limits = machine_limits(thread_counts)
+    floors = model_floors(eng.loaded.config, limits)
+    print(f"engine built in {load_s:.1f} s; limits: {json.dumps(limits)}", flush=True)
+    ours: dict[str, Any] = {"prefill": {}, "prefill_1core": {}, "decode_step_s": {}}
+    base: dict[str, Any] = {"prefill": {}, "decode": {}}
     hf = None if args.no_hf else hf_model(eng)
     for n in lengths:
-        rows["ours"]["prefill"][n] = ours_prefill(eng, n, reps=2)
+        torch.set_num_threads(threads)
+        ours["prefill"][n] = ours_prefill(eng, n, reps=2)
         if hf is not None:
-            rows["hf"]["prefill"][n] = hf_prefill(hf, n, reps=2)
-        _print_row("prefill", n, rows)
+            base["prefill"][n] = hf_prefill(hf, n, reps=2)
+        if n == CONTEXT:
+            torch.set_num_threads(1)
+            ours["prefill_1core"][n] = ours_prefill(eng, n, reps=2)
+            torch.set_num_threads(threads)
+        print(f"prefill {n}: ours {ours['prefill'][n]:.0f} tok/s", flush=True)
     for b in batches:
-        rows["ours"]["decode"][b] = ours_decode(eng, b, steps)
+        counts = thread_counts if b in (1, max(batches)) else [threads]
+        ours["decode_step_s"][b] = ours_decode(eng, b, steps, counts)
+        torch.set_num_threads(threads)
         if hf is not None:
-            rows["hf"]["decode"][b] = hf_decode(hf, b, steps)
-        _print_row("decode", b, rows)
-    ours, base = rows["ours"]["decode"], rows["hf"]["decode"]
-    summary = {}
-    if base.get(1) and 32 in ours:
-        summary["ours_decode_b32_over_hf_b1"] = ours[32] / base[1]
-    if base.get(1) and 1 in ours:
-        summary["ours_b1_step_ms"] = 1000 / ours[1]
-        summary["hf_b1_step_ms"] = 1000 / base[1]
-    print(json.dumps(summary, indent=1))
+            base["decode"][b] = hf_decode(hf, b, steps)
+        print(f"decode batch {b}: ours {ours['decode_step_s'][b]} s/step", flush=True)
+    big = max(batches)
+    step = ours["decode_step_s"]
+    summary = {
+        "decode_b1_step_ms": 1e3 * step[1][threads],
+        f"decode_b{big}_tok_s": big / step[big][threads],
+        "marginal_ms_per_seq_1core": 1e3 * (step[big][1] - step[1][1]) / (big - 1),
+        "prefill_tok_s_per_core": ours["prefill_1core"].get(CONTEXT),
+        "engine_load_s": load_s,
+    }
+    _print_table(ours, base, limits, floors, summary, threads)
     out = {
         "config": config.to_dict()
         | {"threads": threads, "context": CONTEXT, "decode_steps": steps},
@@ -160,7 +232,10 @@ def main() -> int:
             "cores": os.cpu_count(),
             "torch": torch.__version__,
         },
-        "tokens_per_s": rows,
+        "limits": limits,
+        "floors": floors,
+        "ours": ours,
+        "hf": base,
         "summary": summary,
     }
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
@@ -170,12 +245,38 @@ def main() -> int:
     return 0
 
 
-def _print_row(kind: str, size: int, rows: dict[str, dict[str, dict[int, float]]]) -> None:
-    ours = rows["ours"][kind][size]
-    hf = rows["hf"][kind].get(size)
-    label = "prompt" if kind == "prefill" else "batch"
-    extra = f"  hf {hf:8.1f} tok/s  ratio {ours / hf:5.2f}x" if hf else ""
-    print(f"{kind:8s} {label} {size:5d}: ours {ours:8.1f} tok/s{extra}", flush=True)
+def _print_table(
+    ours: dict[str, Any],
+    base: dict[str, Any],
+    limits: dict[str, dict[int, float]],
+    floors: dict[str, float],
+    summary: dict[str, Any],
+    threads: int,
+) -> None:
+    def fmt(x: float | None, spec: str = ",.0f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    print("\n| | ours | HF | limit |\n| --- | ---: | ---: | ---: |")
+    for n, v in ours["prefill"].items():
+        print(f"| prefill {n}-token prompt, tok/s ({threads} threads) | {fmt(v)} "
+              f"| {fmt(base['prefill'].get(n))} | |")  # fmt: skip
+    print(f"| prefill {CONTEXT}-token prompt, tok/s on 1 core | "
+          f"{fmt(summary['prefill_tok_s_per_core'])} | | "
+          f"{fmt(floors['prefill_tok_s_per_core'])} |")  # fmt: skip
+    for b, per in ours["decode_step_s"].items():
+        t = per[threads]
+        hf = base["decode"].get(b)
+        limit = f"{floors['decode_b1_step_ms']:.1f} ms" if b == 1 else ""
+        print(f"| decode batch {b}, tok/s (ms/step) | {b / t:,.0f} ({1e3 * t:.1f}) "
+              f"| {fmt(hf)} ({fmt(hf and 1e3 * b / hf, '.1f')}) | {limit} |")  # fmt: skip
+    print(f"| one more sequence in a decode batch, ms on 1 core | "
+          f"{summary['marginal_ms_per_seq_1core']:.2f} | | "
+          f"{floors['marginal_ms_per_seq_1core']:.2f} |")  # fmt: skip
+    bw, peak = limits["read_gb_s"], limits["bf16_gflop_s"]
+    print(f"| memory read bandwidth, GB/s (1 / 2 threads) | | | "
+          f"{' / '.join(f'{bw[t]:.1f}' for t in sorted(bw))} |")  # fmt: skip
+    print(f"| bf16 matmul peak through torch, GFLOP/s (1 / 2 threads) | | | "
+          f"{' / '.join(f'{peak[t]:.0f}' for t in sorted(peak))} |")  # fmt: skip
 
 
 if __name__ == "__main__":

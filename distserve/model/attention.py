@@ -122,29 +122,55 @@ def attend(
     out = torch.empty_like(q)
     for span in meta.prefills:
         rows = slice(span.offset, span.offset + span.num_tokens)
-        # SDPA on CPU takes its fast kernel only for 4-D inputs: [1, heads, n, d].
-        qs = q[rows].transpose(0, 1).unsqueeze(0)
-        if span.start == 0:
-            ks = k[rows].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, n, d]
-            vs = v[rows].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
-            )
-        else:
-            assert span.context_slots is not None
-            ks = cache[0].index_select(1, span.context_slots).unsqueeze(0)  # [1, kvh, start+n, d]
-            vs = cache[1].index_select(1, span.context_slots).unsqueeze(0)
-            q_pos = torch.arange(span.start, span.start + span.num_tokens, device=q.device)
-            k_pos = torch.arange(span.start + span.num_tokens, device=q.device)
-            mask = k_pos[None, :] <= q_pos[:, None]  # [n, start+n]
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        out[rows] = o[0].transpose(0, 1)
+        out[rows] = prefill_attention(q[rows], k[rows], v[rows], cache, span, scale)
     if meta.decode_blocks is not None:
         p = meta.num_prefill_tokens
         out[p:] = decode_attention(q[p:], cache, meta, scale)
     return out
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+) -> torch.Tensor:
+    """One prompt chunk attends causally to its request's KV: q [n, heads, d], k/v
+    [n, kv_heads, d] (its new tokens) -> [n, heads, d]. A whole prompt in bf16 with heads
+    of 64 or 128 takes the compiled kernel; everything else the reference (SDPA)."""
+    fast = bf16_linear_kernels() if q.dtype == torch.bfloat16 and q.device.type == "cpu" else None
+    if span.start == 0 and fast is not None and q.shape[-1] in (64, 128):
+        return fast.causal_prompt_attention(q, k, v, scale)  # type: ignore[no-any-return]
+    return prefill_attention_reference(q, k, v, cache, span, scale)
+
+
+def prefill_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+) -> torch.Tensor:
+    """Plain torch: SDPA over the chunk's own K/V (start 0) or over its request's whole
+    context gathered from the cache (a later chunk of a chunked prefill)."""
+    # SDPA on CPU takes its fast kernel only for 4-D inputs: [1, heads, n, d].
+    qs = q.transpose(0, 1).unsqueeze(0)
+    if span.start == 0:
+        ks = k.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, n, d]
+        vs = v.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        return o[0].transpose(0, 1)
+    assert span.context_slots is not None
+    ks = cache[0].index_select(1, span.context_slots).unsqueeze(0)  # [1, kvh, start+n, d]
+    vs = cache[1].index_select(1, span.context_slots).unsqueeze(0)
+    q_pos = torch.arange(span.start, span.start + span.num_tokens, device=q.device)
+    k_pos = torch.arange(span.start + span.num_tokens, device=q.device)
+    mask = k_pos[None, :] <= q_pos[:, None]  # [n, start+n]
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def decode_attention(

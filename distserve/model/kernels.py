@@ -28,6 +28,7 @@ _SOURCES = (
     "paged_attention_bf16.cpp",
     "linear.cpp",
     "elementwise.cpp",
+    "prefill_attention.cpp",
 )
 
 

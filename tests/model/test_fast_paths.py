@@ -114,6 +114,21 @@ def test_rotate_and_store_matches_reference(heads: int, kv_heads: int, d: int) -
     assert torch.equal(cache_fast, cache_ref)
 
 
+@pytest.mark.parametrize("n", [1, 5, 16, 37, 200])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 1, 128), (4, 4, 64)])
+def test_prompt_attention_matches_reference(n: int, heads: int, kv_heads: int, d: int) -> None:
+    """Causal attention of a whole prompt, read from strided views of a fused QKV."""
+    from distserve.model.attention import PrefillSpan, prefill_attention_reference
+
+    qkv = _randn(n, (heads + 2 * kv_heads) * d, seed=n)
+    q = qkv[:, : heads * d].view(n, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(n, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d :].view(n, kv_heads, d)
+    ref = prefill_attention_reference(q, k, v, torch.empty(0), PrefillSpan(0, n, 0), d**-0.5)
+    fast = kernels.bf16_linear_kernels().causal_prompt_attention(q, k, v, d**-0.5)
+    _close(fast, ref, 2e-2)
+
+
 def test_llama_forward_fast_equals_reference() -> None:
     """A whole bf16 Llama step (prefill, then decode over the paged cache): logits of the
     fast paths and of the reference paths agree."""

@@ -31,14 +31,14 @@ inline __mmask16 tail_mask(int64_t left) {
 }  // namespace
 
 // y = bf16(weight * bf16(x / rms(x)))  (F.rms_norm in float32, then the weight in bf16)
-torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.stride(1) == 1,
+at::Tensor rms_norm_bf16(at::Tensor x, at::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               "x must be [T, h] bf16 with contiguous rows");
-  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() &&
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
                   weight.numel() == x.size(1),
               "weight must be [h] bf16");
   const int64_t T = x.size(0), h = x.size(1), ldx = x.stride(0);
-  auto y = torch::empty({T, h}, x.options());
+  auto y = at::empty({T, h}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
@@ -65,20 +65,20 @@ torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
 // In place on qkv [T, (H + 2 KVH) * D]: rotate the q and k heads of each token by its
 // position (rotate-half layout, cos/sin [P, D/2] float32 rounded to bf16 as the reference
 // does), then store k and v into cache [2, KVH, slots, D] at slots[t].
-void rope_store_kv_bf16(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
-                        torch::Tensor sin, torch::Tensor cache, torch::Tensor slots,
+void rope_store_kv_bf16(at::Tensor qkv, at::Tensor positions, at::Tensor cos,
+                        at::Tensor sin, at::Tensor cache, at::Tensor slots,
                         int64_t num_heads, int64_t num_kv_heads) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == torch::kBFloat16 && qkv.stride(1) == 1,
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16 && qkv.stride(1) == 1,
               "qkv must be [T, (H + 2 KVH) D] bf16 with contiguous rows");
   TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2 && cache.size(1) == num_kv_heads &&
-                  cache.scalar_type() == torch::kBFloat16 && cache.is_contiguous(),
+                  cache.scalar_type() == at::kBFloat16 && cache.is_contiguous(),
               "cache must be [2, KVH, slots, D] bf16, contiguous");
   const int64_t T = qkv.size(0), D = cache.size(3), half = D / 2, S = cache.size(2);
   TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * D, "qkv width");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(1) == half &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.size(1) == half &&
                   sin.sizes() == cos.sizes() && sin.is_contiguous(),
               "cos/sin must be [P, D/2] float32");
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
                   positions.numel() == T && slots.numel() == T,
               "positions and slots must be [T] int64");
   auto pos_c = positions.contiguous();
@@ -126,11 +126,11 @@ void rope_store_kv_bf16(torch::Tensor qkv, torch::Tensor positions, torch::Tenso
 
 #else
 
-torch::Tensor rms_norm_bf16(torch::Tensor, torch::Tensor, double) {
+at::Tensor rms_norm_bf16(at::Tensor, at::Tensor, double) {
   TORCH_CHECK(false, "built without AVX512-BF16");
 }
-void rope_store_kv_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                        torch::Tensor, torch::Tensor, int64_t, int64_t) {
+void rope_store_kv_bf16(at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                        at::Tensor, at::Tensor, int64_t, int64_t) {
   TORCH_CHECK(false, "built without AVX512-BF16");
 }
 

@@ -1,25 +1,38 @@
 // Declarations of the CPU kernels bound in module.cpp.
+// Only module.cpp includes torch/extension.h: the kernels need ATen's Tensor and two
+// factory functions, and the lighter headers keep the first-use build short.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens,
+#include <optional>
+
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor cache,
+                                     at::Tensor block_tables, at::Tensor context_lens,
                                      int64_t block_size, double scale);
 
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t n,
-                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual,
+at::Tensor linear_bf16(at::Tensor x, at::Tensor packed, int64_t n,
+                          std::optional<at::Tensor> bias, std::optional<at::Tensor> residual,
                           int64_t epilogue);
 
 bool has_avx512_bf16();
 
 // The AVX512-BF16 decode attention; false when not compiled in or the shape is unsupported.
-bool decode_attention_bf16_avx512(const torch::Tensor& q, const torch::Tensor& cache,
-                                  const torch::Tensor& block_tables,
-                                  const torch::Tensor& context_lens, int64_t block_size,
-                                  double scale, torch::Tensor& out);
+bool decode_attention_bf16_avx512(const at::Tensor& q, const at::Tensor& cache,
+                                  const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, int64_t block_size,
+                                  double scale, at::Tensor& out);
 
-torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
+at::Tensor rms_norm_bf16(at::Tensor x, at::Tensor weight, double eps);
 
-void rope_store_kv_bf16(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
-                        torch::Tensor sin, torch::Tensor cache, torch::Tensor slots,
+void rope_store_kv_bf16(at::Tensor qkv, at::Tensor positions, at::Tensor cos,
+                        at::Tensor sin, at::Tensor cache, at::Tensor slots,
                         int64_t num_heads, int64_t num_kv_heads);
+
+// Causal attention of one whole prompt: q [n, H, D], k/v [n, KVH, D] -> [n, H, D] (bf16).
+bool prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, double scale, at::Tensor& out);
+at::Tensor causal_prompt_attention(at::Tensor q, at::Tensor k, at::Tensor v,
+                                      double scale);

@@ -174,12 +174,12 @@ void rows(const Args& a, int64_t m0, int64_t m1, int64_t t) {
 
 }  // namespace
 
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t n,
-                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual,
+at::Tensor linear_bf16(at::Tensor x, at::Tensor packed, int64_t n,
+                          std::optional<at::Tensor> bias, std::optional<at::Tensor> residual,
                           int64_t epilogue) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.stride(1) == 1,
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               "x must be [M, K] bf16 with contiguous rows");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kBFloat16 &&
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 &&
                   packed.is_contiguous() && packed.size(2) == kTile && packed.size(3) == 2,
               "packed weight must come from pack_linear_weight");
   const int64_t M = x.size(0), K = x.size(1), T = packed.size(0);
@@ -189,22 +189,22 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t n,
   TORCH_CHECK(n > 0 && n <= T * kTile, "bad N");
   TORCH_CHECK(ep != kSiluMul || (n % 2 == 0 && n / 2 <= T * kTile / 2), "bad N for silu_mul");
   const int64_t n_out = ep == kSiluMul ? n / 2 : n;
-  auto y = torch::empty({M, n_out}, x.options());
+  auto y = at::empty({M, n_out}, x.options());
   Args a{reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0),
          reinterpret_cast<const uint16_t*>(packed.data_ptr()), K, packed.size(1), n,
          nullptr, nullptr, 0, reinterpret_cast<uint16_t*>(y.data_ptr()), n_out, ep};
-  torch::Tensor b;
+  at::Tensor b;
   if (bias.has_value()) {
     TORCH_CHECK(ep != kSiluMul, "bias with silu_mul is not supported");
-    b = bias->to(torch::kFloat32).contiguous();
+    b = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(b.numel() == n, "bias size");
     a.bias = b.data_ptr<float>();
   }
-  torch::Tensor res;
+  at::Tensor res;
   if (ep == kResidual) {
     TORCH_CHECK(residual.has_value(), "residual epilogue needs a residual");
     res = *residual;
-    TORCH_CHECK(res.scalar_type() == torch::kBFloat16 && res.dim() == 2 && res.size(0) == M &&
+    TORCH_CHECK(res.scalar_type() == at::kBFloat16 && res.dim() == 2 && res.size(0) == M &&
                     res.size(1) == n && res.stride(1) == 1,
                 "residual must be [M, N] bf16 with contiguous rows");
     a.residual = reinterpret_cast<const uint16_t*>(res.data_ptr());
@@ -229,8 +229,8 @@ bool has_avx512_bf16() { return true; }
 
 #else  // no AVX512-BF16 at compile time: the Python side falls back to torch
 
-torch::Tensor linear_bf16(torch::Tensor, torch::Tensor, int64_t, c10::optional<torch::Tensor>,
-                          c10::optional<torch::Tensor>, int64_t) {
+at::Tensor linear_bf16(at::Tensor, at::Tensor, int64_t, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, int64_t) {
   TORCH_CHECK(false, "built without AVX512-BF16");
 }
 

@@ -35,9 +35,9 @@ inline void row_to_float(const T* src, float* dst, int64_t n) {
 }
 
 template <typename T>
-void decode_attention(const torch::Tensor& q, const torch::Tensor& cache,
-                      const torch::Tensor& block_tables, const torch::Tensor& context_lens,
-                      int64_t block_size, double scale, torch::Tensor& out) {
+void decode_attention(const at::Tensor& q, const at::Tensor& cache,
+                      const at::Tensor& block_tables, const at::Tensor& context_lens,
+                      int64_t block_size, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = cache.size(1), slots = cache.size(2), W = block_tables.size(1);
   const int64_t G = H / KVH;
@@ -101,24 +101,24 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& cache,
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens,
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor cache,
+                                     at::Tensor block_tables, at::Tensor context_lens,
                                      int64_t block_size, double scale) {
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 4 && cache.size(0) == 2, "bad shapes");
   TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "q and cache dtypes differ");
   TORCH_CHECK(q.size(2) == cache.size(3) && q.size(1) % cache.size(1) == 0, "head mismatch");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block tables and lengths must be int64");
   q = q.contiguous();
   TORCH_CHECK(cache.is_contiguous(), "cache must be contiguous");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
-  auto out = torch::empty_like(q);
-  if (q.scalar_type() == torch::kBFloat16) {
+  auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
     if (decode_attention_bf16_avx512(q, cache, tables, lens, block_size, scale, out)) return out;
     decode_attention<at::BFloat16>(q, cache, tables, lens, block_size, scale, out);
-  } else if (q.scalar_type() == torch::kFloat32) {
+  } else if (q.scalar_type() == at::kFloat) {
     decode_attention<float>(q, cache, tables, lens, block_size, scale, out);
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports bfloat16 and float32");

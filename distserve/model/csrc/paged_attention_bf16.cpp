@@ -195,10 +195,10 @@ void attend(const Item& it, const Item* next, int G) {
 
 }  // namespace
 
-bool decode_attention_bf16_avx512(const torch::Tensor& q, const torch::Tensor& cache,
-                                  const torch::Tensor& block_tables,
-                                  const torch::Tensor& context_lens, int64_t block_size,
-                                  double scale, torch::Tensor& out) {
+bool decode_attention_bf16_avx512(const at::Tensor& q, const at::Tensor& cache,
+                                  const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, int64_t block_size,
+                                  double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   if (D != 64 && D != 128) return false;
   const int64_t KVH = cache.size(1), slots = cache.size(2), W = block_tables.size(1);
@@ -242,9 +242,9 @@ bool decode_attention_bf16_avx512(const torch::Tensor& q, const torch::Tensor& c
 
 #else
 
-bool decode_attention_bf16_avx512(const torch::Tensor&, const torch::Tensor&,
-                                  const torch::Tensor&, const torch::Tensor&, int64_t, double,
-                                  torch::Tensor&) {
+bool decode_attention_bf16_avx512(const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, int64_t, double,
+                                  at::Tensor&) {
   return false;
 }
 
