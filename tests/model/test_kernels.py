@@ -85,3 +85,29 @@ def test_engine_output_same_with_and_without_kernels(monkeypatch, make_engine) -
     for (ta, la), (tb, lb) in zip(with_kernels, without, strict=True):
         assert ta == tb
         assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-4
+
+
+def test_failed_build_falls_back_to_torch_with_a_warning(monkeypatch) -> None:
+    import torch.utils.cpp_extension as ext
+
+    from distserve.model.layers import Linear
+
+    def no_compiler(**kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ext, "load", no_compiler)
+    kernels.cpu_kernels.cache_clear()
+    kernels.bf16_linear_kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="plain torch .*no C\\+\\+ compiler"):
+            assert kernels.cpu_kernels() is None
+        assert kernels.bf16_linear_kernels() is None
+        lin = Linear(8, 4).to(torch.bfloat16)
+        lin.pack()
+        assert lin.packed is None  # the reference path runs
+        x = torch.ones(2, 8, dtype=torch.bfloat16)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    finally:
+        monkeypatch.undo()
+        kernels.cpu_kernels.cache_clear()
+        kernels.bf16_linear_kernels.cache_clear()

@@ -213,7 +213,12 @@ at::Tensor linear_bf16(at::Tensor x, at::Tensor packed, int64_t n,
   if (M == 0) return y;
   // Work items: (tile, block of rows). Row blocks keep a tile's reuse across rows while
   // giving both threads work when there are few tiles and many rows (prefill).
-  const int64_t rows_per_item = M <= 64 ? M : 8 * kMR;
+  // With few tiles (N = 576: 9), a tile per item leaves one thread idle for a ninth of the
+  // time: split the rows too, in multiples of kMR, while blocks keep >= 2 kMR rows.
+  int64_t rows_per_item = M <= 64 ? M : 8 * kMR;
+  const int64_t threads = at::get_num_threads();
+  while (T * ((M + rows_per_item - 1) / rows_per_item) < 8 * threads && rows_per_item >= 4 * kMR)
+    rows_per_item = (rows_per_item / 2 + kMR - 1) / kMR * kMR;
   const int64_t mblocks = (M + rows_per_item - 1) / rows_per_item;
   at::parallel_for(0, T * mblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
