@@ -91,9 +91,12 @@ def ours_prefill(eng: LLMEngine, length: int, reps: int) -> float:
     return length / min(times[1:])  # first run is warm-up
 
 
-def ours_decode(eng: LLMEngine, batch: int, steps: int, threads: list[int]) -> dict[int, float]:
+def ours_decode(
+    eng: LLMEngine, batch: int, steps: int, threads: list[int], timed: Any = None
+) -> dict[int, float]:
     """Median decode step time (s) of `batch` requests at ~CONTEXT tokens, per thread count
-    (the same requests go on decoding under each count in turn)."""
+    (the same requests go on decoding under each count in turn). `timed`: counters to reset
+    once the measured steps begin."""
     for i in range(batch):
         eng.add_request(
             _prompt(CONTEXT, i),
@@ -105,15 +108,87 @@ def ours_decode(eng: LLMEngine, batch: int, steps: int, threads: list[int]) -> d
     for t in threads:
         torch.set_num_threads(t)
         eng.step()
+        if timed is not None:
+            timed.active = True
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             eng.step()
             times.append(time.perf_counter() - t0)
         out[t] = statistics.median(times)
+        if timed is not None:
+            timed.active = False
     while eng.has_unfinished():
         eng.step()
     return out
+
+
+class _Timed:
+    """The kernels module, with each call timed (for `profile_decode`)."""
+
+    def __init__(self, mod: Any) -> None:
+        self.mod, self.seconds, self.calls, self.active = mod, {}, {}, False
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.mod, name)
+        if name == "has_avx512_bf16":
+            return fn
+
+        def timed(*args: Any) -> Any:
+            t = time.perf_counter()
+            out = fn(*args)
+            if not self.active:
+                return out
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return out
+
+        return timed
+
+
+def profile_decode(eng: LLMEngine, batch: int, steps: int, threads: int) -> dict[str, Any]:
+    """Where a decode step's time goes: ms per step in each compiled kernel and in the rest
+    (Python, torch ops, scheduler, sampler), with the linears' GFLOP/s and attention's GB/s."""
+    from distserve.model import attention, kernels, layers
+
+    mod = kernels.bf16_linear_kernels()
+    if mod is None:
+        return {}
+    timed = _Timed(mod)
+    model = eng.loaded.model
+    packs = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
+    if model.lm_head_packed is not None:
+        packs.append(model.lm_head_packed)
+    saved = (attention.bf16_linear_kernels, attention.cpu_kernels, layers.bf16_linear_kernels)
+    for p in packs:
+        p._linear = timed.linear_bf16
+
+    def get() -> Any:
+        return timed
+
+    attention.bf16_linear_kernels = attention.cpu_kernels = layers.bf16_linear_kernels = get
+    try:
+        step = ours_decode(eng, batch, steps, [threads], timed)[threads]
+    finally:
+        for p in packs:
+            p._linear = mod.linear_bf16
+        attention.bf16_linear_kernels, attention.cpu_kernels, layers.bf16_linear_kernels = saved
+    cfg = eng.loaded.config
+    n = timed.calls["linear_bf16"] / steps
+    ms = {k: 1e3 * v / steps for k, v in timed.seconds.items()}
+    lin_flops = 2 * batch * cfg.num_params  # the tied embedding is used once, as the LM head
+    kv_bytes = batch * cfg.kv_bytes_per_token(2) * (CONTEXT + steps // 2)
+    return {
+        "batch": batch,
+        "threads": threads,
+        "step_ms": 1e3 * step,
+        "kernel_ms": ms,
+        "other_ms": 1e3 * step - sum(ms.values()),
+        "linear_calls": n,
+        "linear_gflop_s": lin_flops / (ms["linear_bf16"] / 1e3) / 1e9,
+        "linear_weights_gb_s": 2 * cfg.num_params / (ms["linear_bf16"] / 1e3) / 1e9,
+        "attention_gb_s": kv_bytes / (ms["paged_decode_attention"] / 1e3) / 1e9,
+    }
 
 
 def hf_model(eng: LLMEngine) -> torch.nn.Module:
@@ -176,6 +251,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer sizes and steps (a smoke run)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also break decode steps down by kernel (batch 1 and the largest batch)",
+    )
+    ap.add_argument(
         "--output", default="benchmarks/results/engine.json", help="where to write the JSON results"
     )
     args = ap.parse_args()
@@ -215,6 +295,13 @@ def main() -> int:
             base["decode"][b] = hf_decode(hf, b, steps)
         print(f"decode batch {b}: ours {ours['decode_step_s'][b]} s/step", flush=True)
     big = max(batches)
+    if args.profile:
+        ours["profile"] = [
+            profile_decode(eng, b, steps, t)
+            for b, t in ((1, threads), (big, threads), (1, 1), (big, 1))
+        ]
+        for p in ours["profile"]:
+            print(json.dumps(p), flush=True)
     step = ours["decode_step_s"]
     summary = {
         "decode_b1_step_ms": 1e3 * step[1][threads],

@@ -29,6 +29,7 @@ _SOURCES = (
     "linear.cpp",
     "elementwise.cpp",
     "prefill_attention.cpp",
+    "llama_layer.cpp",
 )
 
 

@@ -4,6 +4,7 @@ positions, grouped-query attention, SwiGLU MLP."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from distserve.model.attention import AttentionMetadata, attend, rotate_and_store
 from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
+from distserve.model.kernels import bf16_linear_kernels
 from distserve.model.layers import GateUpProj, Linear, RMSNorm, RotaryEmbedding
 
 
@@ -64,6 +66,31 @@ class LlamaLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
+        self.fused: Any = None
+        """The compiled decode-only path (csrc/llama_layer.cpp), built by `fuse`."""
+
+    def fuse(self, rope: RotaryEmbedding, fast: bool = True) -> None:
+        """Build the compiled decode-only path from the packed weights (after
+        `pack_weights`), or drop it. It needs every projection packed and SiLU."""
+        attn, mlp = self.self_attn, self.mlp
+        packs = (attn.qkv_proj.packed, attn.o_proj.packed, mlp.gate_up_proj.packed)
+        kernels = bf16_linear_kernels()
+        if (
+            not fast
+            or kernels is None
+            or any(p is None for p in packs)
+            or mlp.down_proj.packed is None
+        ):
+            self.fused = None
+            return
+        qkv, o, down = attn.qkv_proj.packed, attn.o_proj.packed, mlp.down_proj.packed
+        gate_up = mlp.gate_up_proj.packed
+        self.fused = kernels.LlamaDecodeLayer(
+            self.input_layernorm.weight, qkv.weight, qkv.n, qkv.bias, o.weight, o.n, o.bias,
+            self.post_attention_layernorm.weight, gate_up.weight, gate_up.n, gate_up.n_out,
+            down.weight, down.n, attn.num_heads, attn.num_kv_heads,
+            self.input_layernorm.eps, attn.scale, rope.cos, rope.sin,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -73,6 +100,11 @@ class LlamaLayer(nn.Module):
         cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if self.fused is not None and not meta.prefills and x.dtype == torch.bfloat16:
+            return self.fused.forward(  # type: ignore[no-any-return]
+                x, positions, cache, meta.slot_mapping, meta.decode_blocks, meta.decode_lens,
+                meta.block_size,
+            )  # fmt: skip
         x = self.self_attn(self.input_layernorm(x), positions, rope, cache, meta, residual=x)
         return self.mlp(self.post_attention_layernorm(x), residual=x)
 
@@ -105,6 +137,11 @@ class LlamaForCausalLM(CausalLM):
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def pack_weights(self, fast: bool = True) -> None:
+        super().pack_weights(fast)
+        for layer in self.layers:
+            layer.fuse(self.rope, fast)
 
     _STACKED = {
         "q_proj": ("qkv_proj", 0),

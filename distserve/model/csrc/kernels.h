@@ -36,3 +36,19 @@ bool prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, double scale, at::Tensor& out);
 at::Tensor causal_prompt_attention(at::Tensor q, at::Tensor k, at::Tensor v,
                                       double scale);
+
+// A whole Llama decoder layer for a batch of decode tokens (bf16), composed of the kernels
+// above in one call: RMSNorm, QKV, rope + KV store, paged attention, O + residual,
+// RMSNorm, gate/up + SiLU-mul, down + residual. Weights are packed once (packed.py).
+struct LlamaDecodeLayer {
+  at::Tensor norm1, qkv, o, norm2, gate_up, down;  // norms [h]; the others packed
+  std::optional<at::Tensor> qkv_bias, o_bias;      // float32
+  int64_t qkv_n, o_n, gate_up_n, intermediate, down_n, heads, kv_heads;
+  double eps, scale;
+  at::Tensor cos, sin;  // [P, D/2] float32
+
+  // x [B, h] -> [B, h]; cache [2, KVH, slots, D] of this layer.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, at::Tensor cache,
+                     const at::Tensor& slots, const at::Tensor& block_tables,
+                     const at::Tensor& context_lens, int64_t block_size) const;
+};

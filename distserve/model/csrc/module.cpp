@@ -12,5 +12,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rotary embedding of q and k in place, then k and v into their cache slots");
   m.def("causal_prompt_attention", &causal_prompt_attention,
         "causal attention of a whole prompt (bf16, AVX512-BF16)");
+  py::class_<LlamaDecodeLayer>(m, "LlamaDecodeLayer")
+      .def(py::init([](at::Tensor norm1, at::Tensor qkv, int64_t qkv_n,
+                       std::optional<at::Tensor> qkv_bias, at::Tensor o, int64_t o_n,
+                       std::optional<at::Tensor> o_bias, at::Tensor norm2, at::Tensor gate_up,
+                       int64_t gate_up_n, int64_t intermediate, at::Tensor down, int64_t down_n,
+                       int64_t heads, int64_t kv_heads, double eps, double scale, at::Tensor cos,
+                       at::Tensor sin) {
+        return LlamaDecodeLayer{norm1, qkv, o, norm2, gate_up, down, qkv_bias, o_bias,
+                                qkv_n, o_n, gate_up_n, intermediate, down_n, heads, kv_heads,
+                                eps, scale, cos, sin};
+      }))
+      .def("forward", &LlamaDecodeLayer::forward, "x [B, h] -> [B, h] for decode tokens");
   m.def("has_avx512_bf16", &has_avx512_bf16, "whether the bf16 kernels were compiled");
 }
