@@ -10,11 +10,13 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Protocol
 
-from distserve.cluster.placement import connect_peers, start_workers
+from distserve.cluster.migration import Migrations
+from distserve.cluster.placement import assign_cores, connect_peers, start_workers
 from distserve.cluster.process_group import KVProcessGroup, join_process_group
+from distserve.cluster.recovery import Recovery
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import (
     BlockManager,
@@ -27,14 +29,15 @@ from distserve.core import (
     Scheduler,
     StepOutput,
 )
-from distserve.core.routing import pick_decode, pick_prefill
+from distserve.core.routing import pick_prefill
 from distserve.model.metadata import load_tokenizer
 from distserve.model.registry import resolve
 from distserve.runtime.engine import check_token_ids
 from distserve.runtime.executor import Executor
 from distserve.runtime.instance import Instance, Role
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
-from distserve.runtime.transport import TransferStats, check_transport, transfer_blocks
+from distserve.runtime.threads import available_cores
+from distserve.runtime.transport import TransferStats, check_transport
 from distserve.runtime.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,11 @@ class Observer(Protocol):
 
 
 class RequestFailed(RuntimeError):
-    """A request could not be served (its instance failed); the message says why."""
+    """A request could not be served; the message says why."""
+
+
+class Overloaded(RuntimeError):
+    """Too much is queued already: the client should retry later (HTTP 429)."""
 
 
 @dataclasses.dataclass
@@ -81,6 +88,8 @@ class Controller:
         migration_timeout: float = 30.0,
         start_timeout: float = 300.0,
         transport: str = "auto",
+        max_queued: int = 512,
+        restart: bool = True,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
         self.engine_config, self.placement = engine, placement
@@ -94,8 +103,14 @@ class Controller:
         """Completed migrations per transport used (TransferStats.transport)."""
         self._group: KVProcessGroup | None = None
         self.instances: list[Instance] = []
-        self._requests: dict[str, RequestState] = {}
-        self._awaiting: deque[tuple[RequestState, Request]] = deque()
+        self.requests: dict[str, RequestState] = {}
+        """Live requests by id; a request leaves on finish, failure or abort."""
+        self.awaiting: deque[tuple[RequestState, Request]] = deque()
+        """Prefilled requests not yet handed to a decode instance, oldest first."""
+        self.max_queued = max_queued
+        """Prompts that may wait for prefill at once; beyond, submit raises Overloaded."""
+        self.migration = Migrations(self)
+        self.recovery = Recovery(self, restart=restart)
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
         self.model_config, self.tokenizer = load_tokenizer(
@@ -117,16 +132,34 @@ class Controller:
         except BaseException:
             await asyncio.gather(*(e.close() for e in executors), return_exceptions=True)
             raise
+        cores = assign_cores(len(executors), self.placement.cores_per_instance, available_cores())
         counts: dict[str, int] = {}
-        for role_name, executor, info in zip(self.placement.roles, executors, infos, strict=True):
-            role = Role(role_name)
+        for i, (role_name, executor, info) in enumerate(
+            zip(self.placement.roles, executors, infos, strict=True)
+        ):
             index = counts[role_name] = counts.get(role_name, -1) + 1
-            inst = Instance(
-                f"{role.value}-{index}", role, self._scheduler(role, info), executor,
-                self._on_outputs, self._on_admitted, self._on_failure,
-            )  # fmt: skip
+            inst = self.make_instance(
+                f"{role_name}-{index}", Role(role_name), executor, info, cores[i]
+            )
             self.instances.append(inst)
             inst.start()
+        self.spawn(self.recovery.watch())
+
+    def make_instance(
+        self, name: str, role: Role, executor: Executor, info: WorkerInfo, cores: list[int]
+    ) -> Instance:
+        inst = Instance(
+            name, role, self._scheduler(role, info), executor, self._on_outputs,
+            self.migration.on_admitted, self.recovery.on_failure, cores=cores,
+        )  # fmt: skip
+        inst.pid = info.pid
+        return inst
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task the controller owns (cancelled on stop)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, executors: list[Executor], infos: list[WorkerInfo]) -> None:
         """Set up the chosen transport between the started workers."""
@@ -142,9 +175,9 @@ class Controller:
         if self._group is not None:  # the workers have left (or died): drop the store
             self._group.close()
             self._group = None
-        for state in list(self._requests.values()):
+        for state in list(self.requests.values()):
             state.queue.put_nowait(RequestFailed("the server is shutting down"))
-        self._requests.clear()
+        self.requests.clear()
 
     def _scheduler(self, role: Role, info: WorkerInfo) -> Scheduler:
         sched_cfg = dataclasses.replace(
@@ -177,7 +210,7 @@ class Controller:
         """Queue a request on the least-loaded prefill instance. Raises ValueError for a
         request that can never run (too long, bad token ids, duplicate id)."""
         rid = request_id or f"req-{next(self._ids)}"
-        if rid in self._requests:
+        if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -185,12 +218,17 @@ class Controller:
         req = Request(rid, ids, params, time.monotonic(), eos_token_id=self.tokenizer.eos_token_id)
         for dec in self.decode_instances[:1]:
             dec.scheduler.check_request(req)  # the decode side must be able to hold it too
+        queued = sum(len(i.scheduler.waiting) for i in self.entry_instances) + len(
+            self.recovery.orphans
+        )
+        if queued >= self.max_queued:
+            raise Overloaded(f"{queued} prompts are already waiting for prefill; retry later")
         inst = pick_prefill(self.entry_instances)
         if inst is None:
             raise RequestFailed("no live instance can take requests")
         inst.scheduler.add_request(req)
         state = RequestState(rid, asyncio.Queue(), inst)
-        self._requests[rid] = state
+        self.requests[rid] = state
         self.outputs.add(rid, text, params.stop)
         inst.wake()
         return state
@@ -209,21 +247,21 @@ class Controller:
         """Stop a request (client gone) and free its blocks on every instance holding
         them. During a KV transfer the blocks are freed when the transfer returns, so no
         late write can land in blocks that were handed to someone else."""
-        state = self._requests.pop(request_id, None)
+        state = self.requests.pop(request_id, None)
         if state is None:
             return
         state.aborted = True
         self.outputs.discard(request_id)
         if not state.migrating:
-            self._release_everywhere(state)
+            self.release_everywhere(state)
         state.queue.put_nowait(None)
         if self.observer:
             self.observer.on_finished("abort", None)
 
-    def _release_everywhere(self, state: RequestState) -> None:
+    def release_everywhere(self, state: RequestState) -> None:
         now = time.monotonic()
         for inst in (state.owner, state.decode):
-            if inst is not None:
+            if inst is not None and inst.alive:
                 inst.scheduler.abort_request(state.request_id, now)
                 inst.wake()
 
@@ -232,7 +270,7 @@ class Controller:
         now = time.monotonic()
         for out in outputs:
             req = out.request
-            state = self._requests.get(req.request_id)
+            state = self.requests.get(req.request_id)
             if state is None:
                 continue
             ro, stop_hit = self.outputs.process(out)
@@ -247,11 +285,11 @@ class Controller:
                 continue
             state.queue.put_nowait(ro)
             if inst.role == Role.PREFILL:
-                self._awaiting.append((state, req))
-        self._dispatch_migrations()
+                self.awaiting.append((state, req))
+        self.migration.dispatch()
 
     def _finish(self, state: RequestState, out: RequestOutput) -> None:
-        self._requests.pop(state.request_id, None)
+        self.requests.pop(state.request_id, None)
         state.queue.put_nowait(out)
         state.queue.put_nowait(None)
         if self.observer:
@@ -264,85 +302,11 @@ class Controller:
             )
             self.observer.on_finished(out.finish_reason or "stop", tpot)
 
-    def _dispatch_migrations(self) -> None:
-        """Hand prefilled requests, oldest first, to decode instances that can queue them."""
-        while self._awaiting:
-            state, req = self._awaiting[0]
-            if state.aborted or req.finished:
-                self._awaiting.popleft()
-                continue
-            dec = pick_decode(self.decode_instances)
-            if dec is None:
-                return
-            self._awaiting.popleft()
-            copy = dataclasses.replace(
-                req,
-                output_token_ids=list(req.output_token_ids),
-                output_logprobs=list(req.output_logprobs),
-                timestamps=dict(req.timestamps),
-            )
-            assert isinstance(dec.scheduler, DecodeScheduler)
-            dec.scheduler.add_migrating(copy)
-            state.decode = dec
-            dec.wake()
-
-    def _on_admitted(self, dec: Instance, requests: list[Request]) -> None:
-        for req in requests:
-            state = self._requests.get(req.request_id)
-            if state is None:  # aborted while queued: drop the blocks just allocated
-                dec.scheduler.abort_request(req.request_id, time.monotonic())
-                continue
-            state.migrating = True
-            task = asyncio.create_task(self._migrate(state, dec, req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _migrate(self, state: RequestState, dec: Instance, req: Request) -> None:
-        """Pull the KV of `req` from its prefill instance into `dec`; on success the decode
-        side takes over and only then does the prefill side free its blocks."""
-        src_inst, rid = state.owner, req.request_id
-        src = src_inst.scheduler.blocks.block_table(rid)
-        dst = dec.scheduler.blocks.block_table(rid)[: len(src)]
-        assert isinstance(dec.scheduler, DecodeScheduler) and isinstance(
-            src_inst.scheduler, PrefillScheduler
-        )
-        try:
-            stats = await asyncio.wait_for(
-                transfer_blocks(src_inst.executor, src, dec.executor, dst), self.migration_timeout
-            )
-        except Exception:  # the transfer failed or timed out: retry later, or clean up
-            log.exception("migration of %s from %s to %s failed", rid, src_inst.name, dec.name)
-            state.migrating = False
-            if state.aborted:
-                self._release_everywhere(state)
-            else:
-                dec.scheduler.fail_migration(rid, time.monotonic())
-                dec.wake()
-            return
-        state.migrating = False
-        now = time.monotonic()
-        if state.aborted:
-            self._release_everywhere(state)
-            return
-        dec.scheduler.finish_migration(rid, now)
-        src_inst.scheduler.release_migrated(rid, now)
-        state.owner, state.decode = dec, None
-        self.migrations[stats.transport] += 1
+    def fail_request(self, state: RequestState, reason: str) -> None:
+        """End a request with an error its client sees (the stream raises RequestFailed)."""
+        self.requests.pop(state.request_id, None)
+        self.outputs.discard(state.request_id)
+        self.release_everywhere(state)
+        state.queue.put_nowait(RequestFailed(reason))
         if self.observer:
-            self.observer.on_migration(stats)
-        src_inst.wake()
-        dec.wake()
-        self._dispatch_migrations()
-
-    def _on_failure(self, inst: Instance, error: BaseException) -> None:
-        """An instance's worker failed: its requests end with an error (recovery by
-        re-prefill is the reliability layer's job)."""
-        for state in list(self._requests.values()):
-            if inst in (state.owner, state.decode):
-                self._requests.pop(state.request_id, None)
-                self.outputs.discard(state.request_id)
-                for other in (state.owner, state.decode):
-                    if other is not None and other is not inst:
-                        other.scheduler.abort_request(state.request_id, time.monotonic())
-                        other.wake()
-                state.queue.put_nowait(RequestFailed(f"instance {inst.name} failed: {error}"))
+            self.observer.on_finished("error", None)

@@ -132,3 +132,47 @@ async def connect_peers(
     finally:
         ray_executors = [e for e in executors if isinstance(e, RayExecutor)]
         await asyncio.gather(*(e.unlink_shared() for e in ray_executors))
+
+
+async def restart_worker(
+    engine: EngineConfig,
+    placement: PlacementConfig,
+    role: str,
+    cores: list[int],
+    use_ray: bool,
+    timeout: float,
+) -> tuple[Executor, WorkerInfo]:
+    """Start one worker again (after its predecessor died), with the same role and cores."""
+    cfg = role_engine_config(engine, placement, role)
+    if use_ray:
+        executor: Executor = await RayExecutor.start(
+            cfg, cores or None, f"distserve-{role}-restart-{uuid.uuid4().hex[:8]}"
+        )
+    else:
+        executor = await LocalExecutor.start(cfg, None)
+    try:
+        info = await asyncio.wait_for(executor.info(), timeout)
+    except BaseException:
+        await executor.close()
+        raise
+    return executor, info
+
+
+async def connect_restarted(
+    executor: Executor, info: WorkerInfo, role: str, decoders: list[Executor], shared_memory: bool
+) -> None:
+    """A restarted prefill worker's cache is mapped by the live decode workers on its
+    node; a restarted decode worker cannot map older prefill caches (their names are gone)
+    and pulls from them through the object store. Then the new name is removed."""
+    try:
+        if (
+            shared_memory
+            and role == "prefill"
+            and isinstance(executor, RayExecutor)
+            and info.shm_path
+        ):
+            attach = [d.attach_peer(executor, info) for d in decoders if isinstance(d, RayExecutor)]
+            await asyncio.gather(*attach, return_exceptions=True)  # other nodes: object store
+    finally:
+        if isinstance(executor, RayExecutor):
+            await executor.unlink_shared()

@@ -41,6 +41,9 @@ class LocalExecutor:
     async def info(self) -> WorkerInfo:
         return self.worker.info()
 
+    async def ping(self) -> int:
+        return self.worker.ping()
+
     async def execute(self, plan: StepPlan) -> StepResult:
         return await self._call(self.worker.execute, plan)  # type: ignore[no-any-return]
 
@@ -83,6 +86,11 @@ class RayExecutor:
 
     async def info(self) -> WorkerInfo:
         return await self.actor.info.remote()  # type: ignore[no-any-return]
+
+    async def ping(self) -> int:
+        """The worker's pid; raises if the actor is dead (answers during a step: the
+        actor has a second thread)."""
+        return await self.actor.ping.remote()  # type: ignore[no-any-return]
 
     async def execute(self, plan: StepPlan) -> StepResult:
         return await self.actor.execute.remote(plan)  # type: ignore[no-any-return]

@@ -49,8 +49,16 @@ class Instance:
         on_outputs: Callable[[Instance, list[StepOutput]], None],
         on_admitted: Callable[[Instance, list[Request]], None] | None = None,
         on_failure: Callable[[Instance, BaseException], None] | None = None,
+        step_timeout: float = 300.0,
+        cores: list[int] | None = None,
     ) -> None:
         self.name, self.role = name, role
+        self.cores = list(cores or [])
+        self.pid: int | None = None
+        """The worker's process id, when known (health output; fault tests)."""
+        """The CPU cores its worker owns (kept to restart it on the same ones)."""
+        self.step_timeout = step_timeout
+        """Seconds a step may take before the worker is declared hung (and failed)."""
         self.scheduler = scheduler
         self.executor = executor
         self.stats = InstanceStats()
@@ -84,11 +92,20 @@ class Instance:
                     await self._wakeup.wait()
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the worker died or a step failed
+        except Exception as e:  # the worker died, hung, or a step failed
             log.exception("instance %s failed", self.name)
-            self.alive = False
-            if self._on_failure is not None:
-                self._on_failure(self, e)
+            self.fail(e)
+
+    def fail(self, error: BaseException) -> None:
+        """Declare the instance dead (once): its loop ends and the controller rescues its
+        requests. Called by the loop itself or by the health watch."""
+        if not self.alive:
+            return
+        self.alive = False
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        if self._on_failure is not None:
+            self._on_failure(self, error)
 
     async def _step(self) -> bool:
         """One step; False when there was nothing to do."""
@@ -100,7 +117,7 @@ class Instance:
         if plan.empty:
             return False
         t0 = time.perf_counter()
-        result = await self.executor.execute(plan)
+        result = await asyncio.wait_for(self.executor.execute(plan), self.step_timeout)
         self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.tokens += plan.num_tokens

@@ -7,6 +7,7 @@ in-process (tests, the offline engine) or as a Ray actor that owns its cores.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ class Worker:
         )
         self.runner = ModelRunner(loaded.model, self.cache, config.seed)
         self.peers: dict[str, torch.Tensor] = {}
+        # A Ray actor runs two calls at once (a transfer beside a step); transfers share
+        # staging buffers and the process group, so they take turns.
+        self._transfer_lock = threading.Lock()
         self.device = torch.device(config.device)
         self.p2p: P2PEndpoint | None = None
         """Membership in the KV process group, once the controller asks to join."""
@@ -109,7 +113,8 @@ class Worker:
 
     def pull_from_peer(self, name: str, src_blocks: list[int], dst_blocks: list[int]) -> int:
         """Copy blocks of a mapped peer cache straight into ours."""
-        return self.cache.copy_from(self.peers[name], src_blocks, dst_blocks)
+        with self._transfer_lock:
+            return self.cache.copy_from(self.peers[name], src_blocks, dst_blocks)
 
     def write_blocks(self, block_ids: list[int], data: np.ndarray[Any, Any]) -> int:
         """Store blocks read by another worker's `read_blocks`; returns bytes written."""
@@ -118,7 +123,8 @@ class Worker:
             t = torch.from_numpy(np.ascontiguousarray(data))
         if self.cache.dtype == torch.bfloat16:
             t = t.view(torch.bfloat16)
-        self.cache.write_blocks(block_ids, t)
+        with self._transfer_lock:
+            self.cache.write_blocks(block_ids, t)
         return int(t.numel() * t.element_size())
 
     # ---- torch.distributed point-to-point migration ------------------------------------
@@ -136,7 +142,8 @@ class Worker:
     def post_send(self, tag: int, block_ids: list[int], dst_rank: int) -> int:
         """Gather blocks into one tensor and post a non-blocking send of it to `dst_rank`
         under `tag`; returns at once with the bytes posted (see runtime/p2p.py)."""
-        return self._endpoint().post_send(tag, self.cache.read_blocks(block_ids), dst_rank)
+        with self._transfer_lock:
+            return self._endpoint().post_send(tag, self.cache.read_blocks(block_ids), dst_rank)
 
     def recv_blocks(
         self, block_ids: list[int] | None, src_rank: int, tag: int, num_blocks: int
@@ -147,14 +154,16 @@ class Worker:
         if block_ids is not None and len(block_ids) != num_blocks:
             raise ValueError(f"{len(block_ids)} block ids for {num_blocks} blocks")
         rows, _, cols = self.cache.blocks.shape
-        data = self._endpoint().recv((rows, num_blocks, cols), src_rank, tag)
-        if block_ids is not None:
-            self.cache.write_blocks(block_ids, data)
-        return int(data.numel() * data.element_size())
+        with self._transfer_lock:
+            data = self._endpoint().recv((rows, num_blocks, cols), src_rank, tag)
+            if block_ids is not None:
+                self.cache.write_blocks(block_ids, data)
+            return int(data.numel() * data.element_size())
 
     def finish_send(self, tag: int) -> bool:
         """Drop a posted send once its recv has returned; False if the send failed."""
-        return self._endpoint().finish_send(tag)
+        with self._transfer_lock:
+            return self._endpoint().finish_send(tag)
 
     def num_sends_in_flight(self) -> int:
         """Sends posted and not yet finished (0 when every transfer has been closed)."""

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from distserve.cluster.controller import Controller, RequestFailed
+from distserve.cluster.controller import Controller, Overloaded, RequestFailed
 from distserve.core import SamplingParams
 from distserve.runtime.outputs import RequestOutput
 from distserve.server import responses as R
@@ -63,8 +63,10 @@ def build_app(
                 else "invalid_value"
             )
             raise APIError(400, str(e), "prompt", code) from None
+        except Overloaded as e:
+            raise APIError(429, str(e), code="overloaded", headers={"Retry-After": "1"}) from None
         except RequestFailed as e:
-            raise APIError(503, str(e)) from None
+            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
 
     def params_of(
         body: CompletionRequest | ChatCompletionRequest, prompt_len: int
@@ -105,8 +107,12 @@ def build_app(
     async def health() -> JSONResponse:
         alive = {i.name: i.alive for i in controller.instances}
         ok = bool(alive) and all(alive.values())
+        detail = {
+            i.name: {"alive": i.alive, "pid": i.pid, "role": i.role.value}
+            for i in controller.instances
+        }
         return JSONResponse(
-            {"status": "ok" if ok else "degraded", "instances": alive},
+            {"status": "ok" if ok else "degraded", "instances": detail},
             status_code=200 if ok else 503,
         )
 
