@@ -104,6 +104,18 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="run every worker inside the server process (no Ray; for debugging)",
     )
     srv.add_argument(
+        "--max-queued",
+        type=positive_int,
+        default=512,
+        help="prompts waiting for prefill before new requests get 429 + Retry-After (default: 512)",
+    )
+    srv.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=8.0,
+        help="largest request body in MiB; larger ones get 413 (default: 8)",
+    )
+    srv.add_argument(
         "--plan",
         default=None,
         metavar="FILE",
@@ -165,6 +177,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ray_address=args.ray_address,
             use_ray=not args.no_ray,
             transport=args.transport,
+            max_queued=args.max_queued,
+            max_body_mb=args.max_body_mb,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))

@@ -20,10 +20,16 @@ from distserve.server.metrics import Metrics
 from distserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 Prompt = str | list[int]
+MAX_PROMPTS = 64
+"""Prompts one completions request may carry."""
 
 
 def build_app(
-    controller: Controller, model_name: str, metrics: Metrics, api_key: str | None = None
+    controller: Controller,
+    model_name: str,
+    metrics: Metrics,
+    api_key: str | None = None,
+    max_body_bytes: int = 8 << 20,
 ) -> FastAPI:
     """Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
     app = FastAPI(title="distserve", version="0.1.0")
@@ -34,6 +40,11 @@ def build_app(
     async def _auth(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return error_response(
+                413, f"request body over {max_body_bytes} bytes", code="body_too_large"
+            )
         if api_key and request.url.path != "/health":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -71,10 +82,28 @@ def build_app(
     def params_of(
         body: CompletionRequest | ChatCompletionRequest, prompt_len: int
     ) -> SamplingParams:
+        room = controller.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_len} tokens; this model's context is "
+                f"{controller.max_model_len}",
+                "prompt",
+                "context_length_exceeded",
+            )
         try:
-            return body.sampling_params(max(1, controller.max_model_len - prompt_len))
+            params = body.sampling_params(room)
         except ValueError as e:
             raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from None
+        if params.max_tokens > room:
+            raise APIError(
+                400,
+                f"max_tokens {params.max_tokens} + the prompt's {prompt_len} tokens exceed "
+                f"this model's context of {controller.max_model_len}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return params
 
     async def run_to_end(request: Request, states: list[Any]) -> list[RequestOutput]:
         """Collect final outputs; abort every request if the client goes away first."""
@@ -135,6 +164,10 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
         prompts = body.prompts()
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(
+                400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt"
+            )
         encoded = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
         states = [submit(ids, params_of(body, len(ids))) for ids in encoded]
         env = R.Envelope("cmpl", states[0].request_id, model_name)

@@ -38,12 +38,20 @@ class ServerConfig:
     transport: str = field(
         default="auto", metadata={"help": "KV migration transport: " + ", ".join(TRANSPORTS)}
     )
+    max_queued: int = field(
+        default=512, metadata={"help": "prompts waiting for prefill before new ones get 429"}
+    )
+    max_body_mb: float = field(default=8.0, metadata={"help": "largest request body (MiB)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.max_queued < 1:
+            raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
+        if not self.max_body_mb > 0:
+            raise ValueError(f"max_body_mb must be > 0, got {self.max_body_mb}")
 
 
 async def serve(engine: EngineConfig, placement: PlacementConfig, server: ServerConfig) -> None:
@@ -57,6 +65,7 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
         ray_address=server.ray_address,
         observer=metrics,
         transport=server.transport,
+        max_queued=server.max_queued,
     )
     print(
         f"starting {len(placement.roles)} instances ({placement.mode}: "
@@ -67,7 +76,9 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
     await controller.start()
     metrics.attach(controller)
     model_name = os.path.basename(engine.model.rstrip("/")).removesuffix(".gguf")
-    app = build_app(controller, model_name, metrics, server.api_key)
+    app = build_app(
+        controller, model_name, metrics, server.api_key, int(server.max_body_mb * 2**20)
+    )
     config = uvicorn.Config(
         app, host=server.host, port=server.port, log_level="warning", access_log=False
     )
