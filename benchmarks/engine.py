@@ -191,6 +191,50 @@ def profile_decode(eng: LLMEngine, batch: int, steps: int, threads: int) -> dict
     }
 
 
+def serve_cold_start(timeout: float = 120.0) -> float:
+    """Seconds from launching `distserve serve` (1P1D, Ray started by it) to the first
+    completion it answers."""
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    body = json.dumps({"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4}).encode()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [shutil.which("distserve") or "distserve", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        while time.perf_counter() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"distserve serve exited with {proc.returncode}")
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions",
+                body,
+                {"content-type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    if r.status == 200 and json.load(r)["choices"]:
+                        return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"no answer within {timeout} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def hf_model(eng: LLMEngine) -> torch.nn.Module:
     """HF's Llama with exactly our weights (the GGUF's, as HF names)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -251,6 +295,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer sizes and steps (a smoke run)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="also time `distserve serve` from launch to its first answer",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="also break decode steps down by kernel (batch 1 and the largest batch)",
@@ -266,6 +315,9 @@ def main() -> int:
         cache=CacheConfig(kv_cache_gb=2.0),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=2048),
     )
+    cold_start = serve_cold_start() if args.cold_start else None
+    if cold_start is not None:
+        print(f"serve cold start to first answer: {cold_start:.1f} s", flush=True)
     t0 = time.perf_counter()
     eng = LLMEngine(config)
     load_s = time.perf_counter() - t0
@@ -309,6 +361,7 @@ def main() -> int:
         "marginal_ms_per_seq_1core": 1e3 * (step[big][1] - step[1][1]) / (big - 1),
         "prefill_tok_s_per_core": ours["prefill_1core"].get(CONTEXT),
         "engine_load_s": load_s,
+        "serve_cold_start_s": cold_start,
     }
     _print_table(ours, base, limits, floors, summary, threads)
     out = {

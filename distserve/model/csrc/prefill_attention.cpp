@@ -4,15 +4,15 @@
 //   q [n, H, D], k and v [n, KVH, D]   bf16, rows may be strided (views of the fused QKV)
 //   out [n, H, D]                      bf16
 //
-// Per KV head, K and V are first copied into the layouts vdpbf16ps wants, so that no
-// reduction across lanes is ever needed:
+// Q and V are first copied into the layouts vdpbf16ps wants, so that no reduction across
+// lanes is ever needed:
 //
-//   kt [n/16, D/2, 16, 2]   kt[t, p, j, i] = k[16 t + j, 2 p + i]   (lanes = 16 keys)
-//   vp [n/2, D, 2]          vp[p, d, i]    = v[2 p + i, d]          (pairs of keys)
+//   qt [n/16, D/2, 16, 2]   qt[t, p, i, c] = q[16 t + i, 2 p + c]   (lanes = 16 queries)
+//   vp [n/2, D, 2]          vp[p, d, c]    = v[2 p + c, d]          (pairs of keys)
 //
-// Then for each tile of 16 queries and each of the G query heads of that KV head:
-//   s[16 x 16] = q kt   (one accumulator per query: 16 keys in its lanes)
-//   running max m, sum l, and o = o * exp(m_old - m) + bf16(exp(s - m)) vp
+// Then for each tile of 16 queries and each of the G query heads of a KV head, per tile of
+// 16 keys: s_j = qt . k_j (one vector per key, queries in lanes), running max m and sum l
+// elementwise, o^T = o^T * exp(m_old - m) + bf16(exp(s - m)) vp (o^T: [D, 16 queries]).
 // Work items (KV head, query tile) are ordered short-long-short-long, so that both
 // threads get a similar share of the causal triangle.
 #include "kernels.h"
@@ -54,101 +54,121 @@ struct Prompt {
   uint16_t* out;  // [n, H, D] contiguous
 };
 
+// Per KV head: vp [n/2, D, 2] (pairs of keys); per query head: qt [n/16, D/2, 16, 2]
+// (lanes = 16 queries). Padding rows are zero.
 template <int D>
-void relayout(const Prompt& P, int64_t kh, uint16_t* kt, uint16_t* vp) {
+void relayout_v(const Prompt& P, int64_t kh, uint16_t* vp) {
   const int64_t tiles = (P.n + kT - 1) / kT;
-  std::memset(kt, 0, tiles * kT * D * 2);
   std::memset(vp, 0, tiles * kT * D * 2);
   for (int64_t pos = 0; pos < P.n; ++pos) {
-    const uint16_t* kr = P.k + pos * P.ldk + kh * D;
     const uint16_t* vr = P.v + pos * P.ldv + kh * D;
-    uint16_t* kd = kt + (pos / kT) * kT * D + (pos % kT) * 2;
-    for (int d = 0; d < D; ++d) kd[(d / 2) * kT * 2 + (d % 2)] = kr[d];
     uint16_t* vd = vp + (pos / 2) * D * 2 + (pos % 2);
     for (int d = 0; d < D; ++d) vd[d * 2] = vr[d];
   }
 }
 
-// Queries [i0, i0 + 16) of head h (KV head kh) against keys [0, i0 + 16).
 template <int D>
-void tile(const Prompt& P, int64_t h, int64_t i0, const uint16_t* kt, const uint16_t* vp) {
-  constexpr int C = D / 16;  // output accumulators (16 floats) per query
+void relayout_q(const Prompt& P, int64_t h, uint16_t* qt) {
+  const int64_t tiles = (P.n + kT - 1) / kT;
+  std::memset(qt, 0, tiles * kT * D * 2);
+  for (int64_t i = 0; i < P.n; ++i) {
+    const uint16_t* qr = P.q + i * P.ldq + h * D;
+    uint16_t* qd = qt + (i / kT) * kT * D + (i % kT) * 2;
+    for (int d = 0; d < D; ++d) qd[(d / 2) * kT * 2 + (d % 2)] = qr[d];
+  }
+}
+
+// Queries [i0, i0 + 16) of head h (KV head kh) against keys [0, i0 + 16). Registers hold
+// one vector per key with the 16 queries in its lanes, so the softmax's max and sum over
+// keys are elementwise, and no reduction across lanes is needed anywhere.
+template <int D>
+void tile(const Prompt& P, int64_t h, int64_t kh, int64_t i0, const uint16_t* qt,
+          const uint16_t* vp) {
   const int64_t nq = std::min<int64_t>(kT, P.n - i0);
-  alignas(64) float o[kT][D];
-  alignas(64) uint16_t pb[kT][kT];
-  float m[kT], l[kT];
-  for (int i = 0; i < kT; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.f;
-    for (int d = 0; d < D; ++d) o[i][d] = 0.f;
-  }
-  const uint16_t* qrow[kT];
-  for (int i = 0; i < kT; ++i) qrow[i] = P.q + (i0 + std::min<int64_t>(i, nq - 1)) * P.ldq + h * D;
-  const int64_t last = i0 + nq - 1;  // last query; keys past it are never needed
-  for (int64_t j0 = 0; j0 <= last; j0 += kT) {
+  alignas(64) float ot[D][kT];  // output, transposed: ot[d][query]
+  for (int d = 0; d < D; ++d) _mm512_store_ps(ot[d], _mm512_setzero_ps());
+  __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+  const uint16_t* qb = qt + (i0 / kT) * kT * D;
+  const __m512i interleave = _mm512_set_epi16(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // fmt: (p0[q], p1[q]) pairs
+  for (int64_t j0 = 0; j0 < i0 + nq; j0 += kT) {
+    const int64_t nk = std::min<int64_t>(kT, P.n - j0);
+    const uint16_t* krow[kT];
+    for (int j = 0; j < kT; ++j) krow[j] = P.k + (j0 + std::min<int64_t>(j, nk - 1)) * P.ldk + kh * D;
     __m512 s[kT];
-    for (int i = 0; i < kT; ++i) s[i] = _mm512_setzero_ps();
-    const uint16_t* kb = kt + (j0 / kT) * kT * D;
+    for (int j = 0; j < kT; ++j) s[j] = _mm512_setzero_ps();
     for (int p = 0; p < D / 2; ++p) {
-      const __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + p * kT * 2);
-      for (int i = 0; i < kT; ++i) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + p * kT * 2);
+      for (int j = 0; j < kT; ++j) {
         int32_t pair;
-        std::memcpy(&pair, qrow[i] + 2 * p, 4);
-        s[i] = _mm512_dpbf16_ps(s[i], (__m512bh)_mm512_set1_epi32(pair), kv);
+        std::memcpy(&pair, krow[j] + 2 * p, 4);
+        s[j] = _mm512_dpbf16_ps(s[j], qv, (__m512bh)_mm512_set1_epi32(pair));
       }
     }
-    for (int i = 0; i < nq; ++i) {
-      // Causal: query i0 + i sees keys j0 + j with j0 + j <= i0 + i (and j0 + j < n).
-      const int64_t visible = std::min<int64_t>(i0 + i - j0 + 1, kT);
-      const __mmask16 mask = visible >= kT ? (__mmask16)0xFFFF : (__mmask16)((1u << visible) - 1);
-      const __m512 sv = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), mask, s[i],
-                                           _mm512_set1_ps(P.scale));
-      const float m_new = std::max(m[i], _mm512_reduce_max_ps(sv));
-      const __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-      const __m256i e16 = (__m256i)_mm512_cvtneps_pbh(e);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pb[i]), e16);
-      const float alpha = _mm512_cvtss_f32(exp_ps(_mm512_set1_ps(m[i] - m_new)));
-      const __m512 ef = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(e16), 16));
-      l[i] = l[i] * alpha + _mm512_reduce_add_ps(ef);
-      m[i] = m_new;
-      __m512 acc[C];
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_mul_ps(_mm512_load_ps(o[i] + 16 * c), _mm512_set1_ps(alpha));
-      const int64_t pairs = (std::min<int64_t>(visible, P.n - j0) + 1) / 2;
-      for (int64_t pp = 0; pp < pairs; ++pp) {
-        uint32_t w;
-        std::memcpy(&w, &pb[i][2 * pp], 4);
-        const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
-        const uint16_t* vrow = vp + (j0 / 2 + pp) * D * 2;
-        for (int c = 0; c < C; ++c)
-          acc[c] = _mm512_dpbf16_ps(acc[c], wb, (__m512bh)_mm512_loadu_si512(vrow + 32 * c));
+    // Key j0 + j is visible to query i0 + q when j0 + j <= i0 + q (and j < nk).
+    __m512 mx = m;
+    for (int j = 0; j < kT; ++j) {
+      const int64_t first = j0 + j - i0;  // first query lane that sees this key
+      const __mmask16 vis = j >= nk || first >= kT ? (__mmask16)0
+                            : first <= 0           ? (__mmask16)0xFFFF
+                                                   : (__mmask16)(0xFFFFu << first);
+      s[j] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), vis, s[j], _mm512_set1_ps(P.scale));
+      mx = _mm512_max_ps(mx, s[j]);
+    }
+    const __m512 alpha = exp_ps(_mm512_sub_ps(m, mx));  // 0 where m was -inf
+    m = mx;
+    __m512 sum = _mm512_setzero_ps();
+    __m512i pp[kT / 2];
+    for (int j = 0; j < kT; j += 2) {
+      const __m512 e0 = exp_ps(_mm512_sub_ps(s[j], mx)), e1 = exp_ps(_mm512_sub_ps(s[j + 1], mx));
+      // bf16 values of the probabilities, as the products below use them
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // [e0 | e1], 16 bf16 each
+      pp[j / 2] = _mm512_permutexvar_epi16(interleave, both);
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(both)), 16)));
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1)), 16)));
+    }
+    l = _mm512_fmadd_ps(l, alpha, sum);
+    const uint16_t* vb = vp + (j0 / 2) * D * 2;
+    for (int d = 0; d < D; ++d) {
+      __m512 acc = _mm512_mul_ps(_mm512_load_ps(ot[d]), alpha);
+      for (int jp = 0; jp < kT / 2; ++jp) {
+        int32_t pair;
+        std::memcpy(&pair, vb + (jp * D + d) * 2, 4);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)pp[jp], (__m512bh)_mm512_set1_epi32(pair));
       }
-      for (int c = 0; c < C; ++c) _mm512_store_ps(o[i] + 16 * c, acc[c]);
+      _mm512_store_ps(ot[d], acc);
     }
   }
-  for (int i = 0; i < nq; ++i) {
-    const __m512 inv = _mm512_set1_ps(1.f / l[i]);
-    uint16_t* dst = P.out + ((i0 + i) * P.H + h) * D;
-    for (int c = 0; c < C; ++c)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(o[i] + 16 * c), inv)));
+  alignas(64) float inv[kT];
+  _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.f), l));
+  alignas(64) float row[D];
+  for (int q = 0; q < nq; ++q) {
+    for (int d = 0; d < D; ++d) row[d] = ot[d][q] * inv[q];
+    uint16_t* dst = P.out + ((i0 + q) * P.H + h) * D;
+    for (int d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(row + d)));
   }
 }
 
 template <int D>
 void run(const Prompt& P) {
-  const int64_t tiles = (P.n + kT - 1) / kT, G = P.H / P.KVH;
-  std::vector<uint16_t> kt(P.KVH * tiles * kT * D), vp(P.KVH * tiles * kT * D);
-  at::parallel_for(0, P.KVH, 1, [&](int64_t b, int64_t e) {
-    for (int64_t kh = b; kh < e; ++kh)
-      relayout<D>(P, kh, kt.data() + kh * tiles * kT * D, vp.data() + kh * tiles * kT * D);
+  const int64_t tiles = (P.n + kT - 1) / kT, G = P.H / P.KVH, span = tiles * kT * D;
+  std::vector<uint16_t> qt(P.H * span), vp(P.KVH * span);
+  at::parallel_for(0, P.H + P.KVH, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (i < P.H) relayout_q<D>(P, i, qt.data() + i * span);
+      else relayout_v<D>(P, i - P.H, vp.data() + (i - P.H) * span);
+    }
   });
   at::parallel_for(0, P.KVH * tiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t item = b; item < e; ++item) {
       const int64_t kh = item % P.KVH, k = item / P.KVH;
       const int64_t t = k % 2 ? tiles - 1 - k / 2 : k / 2;  // short, long, short, ...
-      for (int64_t g = 0; g < G; ++g)
-        tile<D>(P, kh * G + g, t * kT, kt.data() + kh * tiles * kT * D,
-                vp.data() + kh * tiles * kT * D);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kh * G + g;
+        tile<D>(P, h, kh, t * kT, qt.data() + h * span, vp.data() + kh * span);
+      }
     }
   });
 }
