@@ -28,10 +28,7 @@ namespace {
 
 constexpr int kChunk = 16;  // positions per score vector
 constexpr int kGroup = 4;   // query heads per pass over K/V (kGroup * D / 16 accumulators)
-#ifndef DS_AHEAD
-#define DS_AHEAD 2
-#endif
-constexpr int64_t kAhead = DS_AHEAD;  // chunks ahead whose K and V rows are prefetched
+constexpr int kBlock = 4;   // chunks per softmax update (and per prefetch step)
 
 inline __m512 bf16_to_f32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -72,7 +69,7 @@ inline __m512 exp_ps(__m512 x) {
 }
 
 inline void prefetch_row(const uint16_t* row, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + o, _MM_HINT_T0);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + o, _MM_HINT_T1);
 }
 
 struct Item {
@@ -109,10 +106,11 @@ inline void prefetch_chunk(const Item& it, int64_t c, int D) {
   }
 }
 
-// One pass over the context in chunks of 16 positions, with a running softmax (max m and
-// sum l per head): per chunk, the G heads' scores, then p = exp(s - m) rounded to bf16,
-// then acc = acc * exp(m_old - m) + p V. K and V rows are streamed together, prefetched
-// kAhead chunks ahead, across into the next item's first chunks.
+// One pass over the context in blocks of kBlock chunks of 16 positions, with a running
+// softmax (max m and sum l per head) updated once per block: per block, the G heads'
+// scores, then p = exp(s - m) rounded to bf16, then acc = acc * exp(m_old - m) + p V.
+// K and V rows are streamed together, the next block's prefetched into L2 while this one
+// is used, from the last block of an item into the first of the next.
 template <int D, int GMAX>
 void attend(const Item& it, const Item* next, int G) {
   constexpr int C = D / 32;
@@ -126,56 +124,74 @@ void attend(const Item& it, const Item* next, int G) {
     for (int c = 0; c < 2 * C; ++c) acc[g][c] = _mm512_setzero_ps();
   }
   const int64_t chunks = (it.len + kChunk - 1) / kChunk;
-  alignas(64) uint16_t pb[GMAX][kChunk];  // this chunk's probabilities, bf16
-  for (int64_t c = 0; c < chunks; ++c) {
-    if (c + kAhead < chunks) prefetch_chunk(it, c + kAhead, D);
-    else if (next != nullptr && c + kAhead - chunks < (next->len + kChunk - 1) / kChunk)
-      prefetch_chunk(*next, c + kAhead - chunks, D);
-    const uint16_t* rows[kChunk];
-    int64_t n;
-    chunk_rows(it, c, rows, n);
-    const __mmask16 valid = (__mmask16)((1u << n) - 1);
+  const int64_t next_chunks = next != nullptr ? (next->len + kChunk - 1) / kChunk : 0;
+  alignas(64) uint16_t pb[GMAX][kBlock * kChunk];  // this block's probabilities, bf16
+  for (int64_t c0 = 0; c0 < chunks; c0 += kBlock) {
+    for (int64_t c = c0 + kBlock; c < c0 + 2 * kBlock; ++c) {
+      if (c < chunks) prefetch_chunk(it, c, D);
+      else if (c - chunks < next_chunks) prefetch_chunk(*next, c - chunks, D);
+    }
+    const int nc = static_cast<int>(std::min<int64_t>(kBlock, chunks - c0));
+    const uint16_t* rows[kBlock][kChunk];
+    int64_t n[kBlock];
+    __mmask16 valid[kBlock];
+    for (int b = 0; b < nc; ++b) {
+      chunk_rows(it, c0 + b, rows[b], n[b]);
+      valid[b] = (__mmask16)((1u << n[b]) - 1);
+    }
     for (int g = 0; g < G; ++g) {
-      __m512 sc[kChunk];
-      for (int i = 0; i < kChunk; ++i) {
-        __m512 a = _mm512_setzero_ps();
-        for (int cc = 0; cc < C; ++cc)
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(it.q + g * D + 32 * cc),
-                               (__m512bh)_mm512_loadu_si512(rows[i] + 32 * cc));
-        sc[i] = a;
+      __m512 sv[kBlock];
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int b = 0; b < nc; ++b) {
+        __m512 sc[kChunk];
+        for (int i = 0; i < kChunk; ++i) {
+          __m512 a = _mm512_setzero_ps();
+          for (int cc = 0; cc < C; ++cc)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(it.q + g * D + 32 * cc),
+                                 (__m512bh)_mm512_loadu_si512(rows[b][i] + 32 * cc));
+          sc[i] = a;
+        }
+        sv[b] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), valid[b], reduce16(sc),
+                                   _mm512_set1_ps(it.scale));
+        mx = _mm512_max_ps(mx, sv[b]);
       }
-      const __m512 sv = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), valid, reduce16(sc),
-                                           _mm512_set1_ps(it.scale));
-      const float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
-      const __m512 p = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-      const __m256i p16 = (__m256i)_mm512_cvtneps_pbh(p);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pb[g]), p16);
-      const float alpha = std::exp(m[g] - m_new);  // 0 on the first chunk (m = -inf)
-      l[g] = l[g] * alpha + _mm512_reduce_add_ps(bf16_to_f32(p16));
+      const float m_new = std::max(m[g], _mm512_reduce_max_ps(mx));
+      const __m512 vmax = _mm512_set1_ps(m_new);
+      __m512 sum = _mm512_setzero_ps();
+      for (int b = 0; b < nc; ++b) {
+        const __m512 p = _mm512_maskz_mov_ps(valid[b], exp_ps(_mm512_sub_ps(sv[b], vmax)));
+        const __m256i p16 = (__m256i)_mm512_cvtneps_pbh(p);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&pb[g][b * kChunk]), p16);
+        sum = _mm512_add_ps(sum, bf16_to_f32(p16));
+      }
+      // exp(m_old - m_new): 0 on the first block (m_old = -inf), 1 when the max held.
+      const float alpha = _mm512_cvtss_f32(exp_ps(_mm512_set1_ps(m[g] - m_new)));
+      l[g] = l[g] * alpha + _mm512_reduce_add_ps(sum);
       m[g] = m_new;
       if (alpha != 1.f)
         for (int cc = 0; cc < 2 * C; ++cc) acc[g][cc] = _mm512_mul_ps(acc[g][cc], _mm512_set1_ps(alpha));
     }
-    for (int i = 0; i < n; i += 2) {  // a masked-out odd last position has p = 0
-      const __m512i* r0 = reinterpret_cast<const __m512i*>(rows[i] + it.v_offset);
-      const __m512i* r1 = reinterpret_cast<const __m512i*>(rows[i + 1] + it.v_offset);
-      __m512i lo[C], hi[C];
-      for (int cc = 0; cc < C; ++cc) {
-        const __m512i a = _mm512_loadu_si512(r0 + cc), b = _mm512_loadu_si512(r1 + cc);
-        lo[cc] = _mm512_unpacklo_epi16(a, b);
-        hi[cc] = _mm512_unpackhi_epi16(a, b);
-      }
-      for (int g = 0; g < GMAX; ++g) {
-        if (g >= G) break;
-        uint32_t pair;
-        std::memcpy(&pair, &pb[g][i], 4);
-        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+    for (int b = 0; b < nc; ++b)
+      for (int i = 0; i < n[b]; i += 2) {  // a masked-out odd last position has p = 0
+        const __m512i* r0 = reinterpret_cast<const __m512i*>(rows[b][i] + it.v_offset);
+        const __m512i* r1 = reinterpret_cast<const __m512i*>(rows[b][i + 1] + it.v_offset);
+        __m512i lo[C], hi[C];
         for (int cc = 0; cc < C; ++cc) {
-          acc[g][2 * cc] = _mm512_dpbf16_ps(acc[g][2 * cc], w, (__m512bh)lo[cc]);
-          acc[g][2 * cc + 1] = _mm512_dpbf16_ps(acc[g][2 * cc + 1], w, (__m512bh)hi[cc]);
+          const __m512i x = _mm512_loadu_si512(r0 + cc), y = _mm512_loadu_si512(r1 + cc);
+          lo[cc] = _mm512_unpacklo_epi16(x, y);
+          hi[cc] = _mm512_unpackhi_epi16(x, y);
+        }
+        for (int g = 0; g < GMAX; ++g) {
+          if (g >= G) break;
+          uint32_t pair;
+          std::memcpy(&pair, &pb[g][b * kChunk + i], 4);
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+          for (int cc = 0; cc < C; ++cc) {
+            acc[g][2 * cc] = _mm512_dpbf16_ps(acc[g][2 * cc], w, (__m512bh)lo[cc]);
+            acc[g][2 * cc + 1] = _mm512_dpbf16_ps(acc[g][2 * cc + 1], w, (__m512bh)hi[cc]);
+          }
         }
       }
-    }
   }
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
@@ -220,7 +236,7 @@ bool decode_attention_bf16_avx512(const at::Tensor& q, const at::Tensor& cache,
                   static_cast<float>(scale), op + (b * H + kh * G) * D};
     };
     Item cur = make(begin, rows[0]);
-    for (int64_t c = 0; c < std::min<int64_t>(kAhead, (cur.len + kChunk - 1) / kChunk); ++c)
+    for (int64_t c = 0; c < std::min<int64_t>(kBlock, (cur.len + kChunk - 1) / kChunk); ++c)
       prefetch_chunk(cur, c, static_cast<int>(D));
     for (int64_t item = begin; item < end; ++item) {
       const bool more = item + 1 < end;
