@@ -83,7 +83,16 @@ async def one(client: httpx.AsyncClient, i: int, rng: random.Random, disconnect:
     return "ok" if tokens == n else f"short {tokens}/{n}"
 
 
-async def soak(url: str, requests: int, concurrency: int, disconnect: float, seed: int) -> dict:
+async def soak(
+    url: str,
+    requests: int,
+    concurrency: int,
+    disconnect: float,
+    seed: int,
+    pids: list[int],
+    rss_timeline: list[tuple[int, float]],
+) -> dict:
+    """Send the requests; every 250 finished, print the outcomes and sample the RSS (MB)."""
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency)
     outcomes: dict[str, int] = {}
@@ -97,7 +106,8 @@ async def soak(url: str, requests: int, concurrency: int, disconnect: float, see
             outcomes[o] = outcomes.get(o, 0) + 1
             done = sum(outcomes.values())
             if done % 250 == 0:
-                print(f"{done}/{requests} {outcomes}", flush=True)
+                rss_timeline.append((done, tree_rss(pids) / 2**20))
+                print(f"{done}/{requests} {outcomes} rss {rss_timeline[-1][1]:.0f} MB", flush=True)
 
         await asyncio.gather(*(guarded(i) for i in range(requests)))
     return outcomes
@@ -143,8 +153,9 @@ def main() -> int:
         pids = server_pids(url)
         rss0 = tree_rss(pids)
         t0 = time.monotonic()
+        timeline: list[tuple[int, float]] = []
         outcomes = asyncio.run(
-            soak(url, args.requests, args.concurrency, args.disconnect, args.seed)
+            soak(url, args.requests, args.concurrency, args.disconnect, args.seed, pids, timeline)
         )
         seconds = time.monotonic() - t0
         used, queued = leaks(url)
@@ -155,6 +166,7 @@ def main() -> int:
         "leaked_blocks": used, "queued_after": queued, "seconds": seconds,
         "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
         "rss_growth_mb": (rss1 - rss0) / 2**20,
+        "rss_timeline_mb": timeline,
         "config": vars(args),
     }  # fmt: skip
     print(json.dumps(report, indent=1))
