@@ -24,7 +24,15 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "--profile",
         action="append",
         required=True,
-        help="profile JSON; repeat for several shapes (e.g. 1-core and 2-core CPU profiles)",
+        help="profile JSON, or 'a100' / 'a100-vllm' for the bundled paper profiles; repeat "
+        "for several shapes (e.g. 1-core and 2-core CPU profiles)",
+    )
+    p.add_argument(
+        "--profile-baseline",
+        action="append",
+        default=None,
+        help="profiles of the colocated baselines' engine (the paper compares with vLLM: "
+        "'a100-vllm'); default: --profile",
     )
     p.add_argument(
         "--model",
@@ -113,7 +121,20 @@ def _profiles(paths: list[str], model: str | None) -> list[Any]:
         raise ValueError(f"model is needed: the profiles hold {', '.join(names)}")
     chosen = [p for p in profiles if p.model == (model or names[0])]
     if not chosen:
-        raise ValueError(f"model {model!r} is not in the profiles (they hold {', '.join(names)})")
+        from distserve.model.registry import ARCHITECTURES
+        from distserve.sim.derive import derive_all
+        from distserve.sim.profile import a100_kv_capacity
+
+        if model not in ARCHITECTURES:
+            raise ValueError(
+                f"model {model!r} is not in the profiles (they hold {', '.join(names)})"
+            )
+        chosen = derive_all(profiles, model, a100_kv_capacity())
+        print(
+            f"distserve plan: no profile of {model} in {', '.join(paths)}: derived one per tp "
+            f"from {chosen[0].source.split(':')[0].removeprefix('derived ')}",
+            file=sys.stderr,
+        )
     return chosen
 
 
@@ -131,6 +152,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         profiles = _profiles(args.profile, args.model)
         decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None
+        baseline = _profiles(args.profile_baseline, args.model) if args.profile_baseline else None
         spec = WorkloadSpec(
             dataset=args.dataset,
             num_requests=args.num_requests,
@@ -173,6 +195,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             args.workers,
             say,
             workload.meta,
+            baseline,
         )
     except ValueError as e:
         print(f"distserve plan: error: {e}", file=sys.stderr)

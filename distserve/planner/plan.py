@@ -75,12 +75,16 @@ def make_plan(
     workers: int = 2,
     progress: Callable[[str], None] | None = None,
     workload_meta: dict[str, Any] | None = None,
+    baseline_profiles: Sequence[Profile] | None = None,
 ) -> dict[str, Any]:
-    """Search, verify the winners jointly, and compare with the colocated baselines."""
+    """Search, verify the winners jointly, and compare with the colocated baselines.
+    `baseline_profiles`: the baselines' own engine (e.g. vLLM's A100 coefficients, as the
+    paper compares against); default: the same profiles as the disaggregated search."""
     t0 = time.perf_counter()
     shapes = candidates(profiles, cluster)
     dshapes = candidates(decode_profiles, cluster) if decode_profiles else shapes
-    if not shapes or not dshapes:
+    bshapes = candidates(baseline_profiles, cluster) if baseline_profiles else shapes
+    if not shapes or not dshapes or not bshapes:
         raise ValueError(
             "no instance shape fits the cluster (check --devices-per-node and the "
             "profile's tp / cores)"
@@ -91,8 +95,10 @@ def make_plan(
         disagg, table = algorithm2(setting, list(profiles), cluster, rate, workers, progress)
     else:
         raise ValueError(f"affinity must be high or low, got {affinity!r}")
-    colo, colo_table = colocated_baseline(setting, shapes, cluster, rate, False, workers, progress)
-    chunk, chunk_table = colocated_baseline(setting, shapes, cluster, rate, True, workers, progress)
+    colo, colo_table = colocated_baseline(setting, bshapes, cluster, rate, False, workers, progress)
+    chunk, chunk_table = colocated_baseline(
+        setting, bshapes, cluster, rate, True, workers, progress
+    )
     estimates = {}
     for name, c in (("disagg", disagg), ("colocated", colo), ("chunked", chunk)):
         if c is not None:
@@ -130,6 +136,7 @@ def make_plan(
         else None,
         "slo": {"ttft": setting.ttft_slo, "tpot": setting.tpot_slo, "attainment": setting.target},
         "affinity": affinity,
+        "baseline_profiles": sorted({p.source for p in (baseline_profiles or profiles)}),
         "target_rate": rate,
         "workload": workload_meta or {},
         "phase_goodputs": {

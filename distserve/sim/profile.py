@@ -75,8 +75,15 @@ def save_profiles(path: str, profiles: Sequence[Profile]) -> None:
         json.dump({"profiles": [p.to_dict() for p in profiles]}, f, indent=1)
 
 
+BUNDLED = {"a100": "distserve", "a100-distserve": "distserve", "a100-vllm": "vllm"}
+"""Names that stand for the bundled A100 files wherever a profile path is asked for."""
+
+
 def load_profiles(path: str) -> list[Profile]:
-    """Our profile files ({"profiles": [...]}) or the paper's coefficient files."""
+    """Our profile files ({"profiles": [...]}), the paper's coefficient files, or a bundled
+    name: 'a100' (DistServe engine coefficients) or 'a100-vllm' (vLLM's)."""
+    if path in BUNDLED and not os.path.exists(path):
+        path = os.path.join(_DATA, f"a100-80g.{BUNDLED[path]}.json")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if "profiles" in data:
