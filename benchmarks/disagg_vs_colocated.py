@@ -56,8 +56,12 @@ SYSTEMS = {
     "colocated-2x1": ["--mode", "colocated", "--instances", "2"],
     "chunked-2x1": ["--mode", "colocated", "--instances", "2", "--chunked-prefill"],
 }
-RATE_FACTORS = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
-"""Rates tried, as fractions of one core's prefill-bound rate (1 / single-request prefill)."""
+RATE_FACTORS = (0.3, 0.5, 0.7, 0.9, 1.2, 1.5)
+"""Rates tried, as multiples of one core's prefill-bound rate (1 / single-request prefill).
+A sweep stops early once attainment is far below target past the fixed rate."""
+FIXED_FACTOR = 0.7
+"""The rate of the SLO-scale curves (the paper's Fig. 9 shape), as a multiple as above."""
+STOP_BELOW = 0.5
 SCALES = (0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 
@@ -102,9 +106,13 @@ async def sweep_system(
     model: str,
     out_dir: str,
     tag: str,
+    fixed: float,
 ) -> dict[str, list]:
-    runs: dict[str, list] = {"points": [], "results": []}
+    runs: dict[str, list] = {"points": [], "results": [], "rates": []}
     for rate in rates:
+        if runs["points"] and runs["points"][-1][1] < STOP_BELOW and rate > fixed:
+            print(f"  {tag:28s} rate {rate:6.3f}: skipped (far past saturation)", flush=True)
+            continue
         wl = workload_at(rate)
         results, elapsed = await run_workload(url, wl, model, progress=False)
         s = summarize(results, slo["ttft"], slo["tpot"], elapsed)
@@ -117,6 +125,7 @@ async def sweep_system(
         att, a = s["attainment"]["both"], s["attainment"]
         runs["points"].append((rate, att))
         runs["results"].append(results)
+        runs["rates"].append(rate)
         print(
             f"  {tag:28s} rate {rate:6.3f}: both {100 * att:5.1f}%  ttft {100 * a['ttft']:5.1f}%"
             f"  tpot {100 * a['tpot']:5.1f}%  (p90 ttft {s['ttft']['p90']:.2f}s,"
@@ -140,7 +149,7 @@ def scale_curve(
 async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: str) -> dict:
     tokenizer = tokenizer_for("smollm2-135m")
     max_p, max_o = CAPS[name]
-    n = args.num_requests or (16 if args.quick else (20 if name == "summarization" else 40))
+    n = args.num_requests or (16 if args.quick or name == "summarization" else 40)
     base = WorkloadSpec(
         dataset=name,
         num_requests=n,
@@ -158,6 +167,7 @@ async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: 
     systems: dict[str, dict] = {}
     rates: list[float] = []
     slo: dict[str, float] = {}
+    fixed = 0.0
     for system, flags in SYSTEMS.items():
         if args.systems and system not in args.systems:
             continue
@@ -167,8 +177,9 @@ async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: 
                 prefill_s, tpot_s = await single_request_latency(url, probe, model)
                 slo = scaled_slo(name, probe, prefill_s, tpot_s)
                 est = 1.0 / prefill_s
-                factors = RATE_FACTORS[1:5:2] if args.quick else RATE_FACTORS
+                factors = (0.5, FIXED_FACTOR) if args.quick else RATE_FACTORS
                 rates = [round(est * f, 3) for f in factors]
+                fixed = round(est * FIXED_FACTOR, 3)
                 report["slo"], report["rates"] = slo, rates
                 print(
                     f"{name}: SLO TTFT {slo['ttft']:.2f} s, TPOT {slo['tpot']:.3f} s "
@@ -177,13 +188,12 @@ async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: 
                 )
             workload_at = lambda r: build_workload(dataclasses.replace(base, rate=r), tokenizer)  # noqa: E731
             systems[system] = await sweep_system(
-                url, workload_at, rates, slo, model, out_dir, f"{name}-{system}"
+                url, workload_at, rates, slo, model, out_dir, f"{name}-{system}", fixed
             )
-    fixed = rates[len(rates) // 2]
     summary = {}
     for system, runs in systems.items():
         g = goodput(runs["points"], 0.9)
-        at_fixed = runs["results"][rates.index(fixed)]
+        at_fixed = runs["results"][runs["rates"].index(fixed)]
         ok = [r for r in at_fixed if r.ok]
         summary[system] = {
             "goodput_rps": g,
@@ -238,7 +248,7 @@ def main() -> int:
         "--num-requests",
         type=int,
         default=None,
-        help="requests per rate (default: 40; 20 for summarization)",
+        help="requests per rate (default: 40; 16 for summarization)",
     )
     ap.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few requests, two rates")
