@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 
+from distserve.bench.calibrate import step_overhead
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import attainment, percentile
 from distserve.bench.run import tokenizer_for
@@ -30,7 +31,6 @@ from distserve.core import CacheConfig, SchedulerConfig
 from distserve.sim.profile import load_profiles, save_profiles
 from distserve.sim.run import SimOptions, sim_config
 from distserve.sim.simulator import Simulator
-from distserve.workload import Workload
 from distserve.workload.build import WorkloadSpec, build_workload
 
 KV_GB = 0.3
@@ -54,21 +54,6 @@ def get_profile(path: str | None, quick: bool) -> tuple[object, str]:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     save_profiles(out, [prof])
     return prof, out
-
-
-async def lone_request_overhead(
-    url: str, model: str, profile, workload: Workload
-) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """Per-step seconds the real path adds to the model's time: a lone request's TPOT
-    minus the profile's batch-1 decode step at its context; and its prefill time ratio."""
-    req = sorted(workload.requests, key=lambda r: r.prompt_len)[len(workload) // 2]
-    alone = Workload((dataclasses.replace(req, index=0, arrival=0.0, output_len=32),), {})
-    overheads = []
-    for _ in range(3):
-        (res,), _ = await run_workload(url, alone, model, progress=False)
-        model_step = profile.decode_time([req.prompt_len + 16])
-        overheads.append((res.tpot or 0.0) - model_step)
-    return max(0.0, statistics.median(overheads)), float(req.prompt_len)
 
 
 def compare(real, simulated, slo) -> dict:  # type: ignore[no-untyped-def]
@@ -99,7 +84,9 @@ async def run(args: argparse.Namespace) -> dict:
     single_decode = profile.decode_time([int(probe.summary()["prompt_median"])])
     slo = {"ttft": 2.5 * single_prefill, "tpot": 2.0 * single_decode}
     prefill_rate = 1.0 / single_prefill
-    factors = (0.2, 0.6) if args.quick else (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.1)
+    # from low load to past saturation of both placements (1P1D saturates near 1x the
+    # one-core prefill rate, 2 colocated instances later)
+    factors = (0.2, 0.6) if args.quick else (0.2, 0.45, 0.7, 0.95, 1.2, 1.5)
     rates = [round(prefill_rate * f, 3) for f in factors]
     report: dict = {
         "profile": profile_path,
@@ -113,7 +100,7 @@ async def run(args: argparse.Namespace) -> dict:
         rows = []
         with running_server(*flags, kv_cache_gb=KV_GB) as url:
             model = await server_model(url)
-            overhead, _ = await lone_request_overhead(url, model, profile, probe)
+            overhead = await step_overhead(url, model, profile, probe)
             opts = SimOptions(
                 step_overhead=overhead,
                 transfer_bandwidth=2.5e9,

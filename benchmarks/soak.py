@@ -2,6 +2,10 @@
 of clients hanging up mid-stream; then count what was lost and what leaked.
 
     python benchmarks/soak.py [--requests 2000] [--disconnect 0.2] [--concurrency 32]
+    python benchmarks/soak.py --requests 600 --kill decode --output .../soak-kill-decode.json
+
+With --kill ROLE, that role's worker process is SIGKILLed once a third of the requests
+are done; the report adds how long until /health shows the instance back (restarted).
 
 Lost: a request that neither completed with all its tokens nor was dropped by its own
 client. Leaked: KV blocks still used, or requests still queued, once all clients are done.
@@ -17,8 +21,10 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import psutil
@@ -83,6 +89,29 @@ async def one(client: httpx.AsyncClient, i: int, rng: random.Random, disconnect:
     return "ok" if tokens == n else f"short {tokens}/{n}"
 
 
+async def kill_once(
+    url: str, role: str, when: Callable[[], bool], report: dict[str, float | int]
+) -> None:
+    """SIGKILL `role`'s first worker once `when()` holds; time until /health is ok again
+    with a new process in its place."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        while not when():
+            await asyncio.sleep(0.2)
+        instances = (await client.get("/health")).json()["instances"]
+        name, pid = next((k, v["pid"]) for k, v in instances.items() if v["role"] == role)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        report |= {"killed_pid": pid}
+        while True:
+            await asyncio.sleep(0.2)
+            r = await client.get("/health")
+            now = r.json()["instances"].get(name, {})
+            if r.status_code == 200 and now.get("pid") not in (None, pid):
+                report |= {"restarted_after_s": time.monotonic() - t0, "new_pid": now["pid"]}
+                print(f"{name} killed; healthy again after {report['restarted_after_s']:.1f} s")
+                return
+
+
 async def soak(
     url: str,
     requests: int,
@@ -91,11 +120,18 @@ async def soak(
     seed: int,
     pids: list[int],
     rss_timeline: list[tuple[int, float]],
+    kill: str | None = None,
+    kill_report: dict[str, float | int] | None = None,
 ) -> dict:
     """Send the requests; every 250 finished, print the outcomes and sample the RSS (MB)."""
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency)
     outcomes: dict[str, int] = {}
+    killer = None
+    if kill:
+        third = lambda: sum(outcomes.values()) >= requests // 3  # noqa: E731
+        assert kill_report is not None
+        killer = asyncio.create_task(kill_once(url, kill, third, kill_report))
     async with httpx.AsyncClient(
         base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)
     ) as client:
@@ -110,6 +146,8 @@ async def soak(
                 print(f"{done}/{requests} {outcomes} rss {rss_timeline[-1][1]:.0f} MB", flush=True)
 
         await asyncio.gather(*(guarded(i) for i in range(requests)))
+    if killer is not None:
+        await asyncio.wait_for(killer, 300)
     return outcomes
 
 
@@ -147,6 +185,12 @@ def main() -> int:
         help="share of clients that hang up mid-stream (default: 0.2)",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    ap.add_argument(
+        "--kill",
+        choices=["prefill", "decode"],
+        default=None,
+        help="SIGKILL this role's worker once a third of the requests are done",
+    )
     ap.add_argument("--output", default="benchmarks/results/soak.json", help="results JSON")
     args = ap.parse_args()
     with running_server("--mode", "disagg", kv_cache_gb=0.3) as url:
@@ -154,9 +198,21 @@ def main() -> int:
         rss0 = tree_rss(pids)
         t0 = time.monotonic()
         timeline: list[tuple[int, float]] = []
+        killed: dict[str, float | int] = {}
         outcomes = asyncio.run(
-            soak(url, args.requests, args.concurrency, args.disconnect, args.seed, pids, timeline)
+            soak(
+                url,
+                args.requests,
+                args.concurrency,
+                args.disconnect,
+                args.seed,
+                pids,
+                timeline,
+                args.kill,
+                killed,
+            )
         )
+        pids = server_pids(url)  # a killed worker has a successor
         seconds = time.monotonic() - t0
         used, queued = leaks(url)
         rss1 = tree_rss(pids)
@@ -167,6 +223,7 @@ def main() -> int:
         "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
         "rss_growth_mb": (rss1 - rss0) / 2**20,
         "rss_timeline_mb": timeline,
+        "kill": killed or None,
         "config": vars(args),
     }  # fmt: skip
     print(json.dumps(report, indent=1))

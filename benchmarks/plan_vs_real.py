@@ -1,0 +1,198 @@
+"""Does the planner's advice hold when deployed? Plan SmolLM2 on this machine's 2 cores,
+deploy each layout the plan compares with `serve --plan`, and measure its goodput.
+
+    python benchmarks/plan_vs_real.py [--profile benchmarks/results/smollm2-1core.json]
+
+1. A 1-core profile of SmolLM2 (made now with `distserve profile`'s code if missing); the
+   serving path's per-step overhead calibrated on a lone request through a real 1P1D server.
+2. `distserve plan`'s search for 2 cores (chatbot, prompts <= 512, outputs <= 64 tokens;
+   TTFT target 2.5x a lone median prefill, TPOT 2x a lone decode step, as in
+   sim_fidelity.py), the plan written to benchmarks/results/plan-cpu.json.
+3. Each layout the plan scored (disaggregated, colocated, chunked) deployed with
+   `serve --plan` and swept over rates around its predicted goodput; measured goodput is
+   interpolated where attainment crosses 90%, as `distserve goodput` does.
+Writes benchmarks/results/plan_vs_real.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from distserve.bench.calibrate import step_overhead
+from distserve.bench.client import run_workload, server_model
+from distserve.bench.metrics import goodput, summarize
+from distserve.bench.run import tokenizer_for
+from distserve.bench.server_process import running_server
+from distserve.core import SchedulerConfig
+from distserve.planner.phases import Setting
+from distserve.planner.plan import make_plan, write_plan
+from distserve.planner.search import Cluster
+from distserve.sim.profile import load_profiles
+from distserve.workload.build import WorkloadSpec, build_workload
+
+KV_GB = 0.3
+FACTORS = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.5)
+"""Rates tried, as multiples of the plan's predicted goodput of the layout."""
+
+
+def _profile(path: str):  # type: ignore[no-untyped-def]
+    if os.path.exists(path):
+        return load_profiles(path)[0]
+    from distserve.config import EngineConfig
+    from distserve.core import CacheConfig
+    from distserve.planner.profile import profile_model
+    from distserve.sim.profile import save_profiles
+
+    config = EngineConfig(
+        cache=CacheConfig(kv_cache_gb=KV_GB), scheduler=SchedulerConfig(max_num_batched_tokens=4096)
+    )
+    prof = profile_model(config, cores=1)
+    save_profiles(path, [prof])
+    return prof
+
+
+def layout_plan(plan: dict, name: str) -> dict:
+    """The plan with `name`'s layout as the one to deploy."""
+    choice = plan["disagg"] if name == "disagg" else plan["baselines"][name]
+    return plan | {"placement": choice, "recommended": name}
+
+
+async def measure(url: str, base: WorkloadSpec, tok, rates: list[float], slo: dict) -> list:  # type: ignore[no-untyped-def]
+    model = await server_model(url)
+    points = []
+    for rate in rates:
+        wl = build_workload(dataclasses.replace(base, rate=rate), tok)
+        results, elapsed = await run_workload(url, wl, model, progress=False)
+        s = summarize(results, slo["ttft"], slo["tpot"], elapsed)
+        att = s["attainment"]["both"]
+        points.append((rate, att))
+        print(
+            f"    rate {rate:6.3f}: attainment {100 * att:5.1f}% "
+            f"(p90 TTFT {s['ttft']['p90']:.2f} s, TPOT {1000 * s['tpot']['p90']:.0f} ms)",
+            flush=True,
+        )
+        if att < 0.5:
+            break  # far past the crossing
+    return points
+
+
+async def run(args: argparse.Namespace) -> dict:
+    profile = _profile(args.profile)
+    tok = tokenizer_for("smollm2-135m")
+    base = WorkloadSpec(
+        dataset="chatbot",
+        num_requests=args.num_requests,
+        seed=args.seed,
+        max_prompt_len=512,
+        max_output_len=64,
+    )
+    probe = build_workload(base, tok)
+    median_prompt = int(probe.summary()["prompt_median"])
+    slo = {
+        "ttft": 2.5 * profile.prefill_time([median_prompt]),
+        "tpot": 2.0 * profile.decode_time([median_prompt]),
+    }
+    with running_server("--mode", "disagg", kv_cache_gb=KV_GB) as url:
+        overhead = await step_overhead(url, await server_model(url), profile, probe)
+    print(
+        f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms; "
+        f"step overhead {1000 * overhead:.1f} ms",
+        flush=True,
+    )
+    pool = build_workload(dataclasses.replace(base, num_requests=4000, rate=1.0), tok)
+    setting = Setting(
+        pool,
+        slo["ttft"],
+        slo["tpot"],
+        0.9,
+        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048),
+        transfer_bandwidth=2.5e9,
+        step_overhead=overhead,
+        min_requests=args.num_requests,
+    )
+    t0 = time.perf_counter()
+    plan = make_plan(
+        setting,
+        [profile],
+        None,
+        Cluster(1, 2, "cpu-core"),
+        workers=2,
+        progress=lambda m: print("  plan: " + m, flush=True),
+        workload_meta=probe.meta,
+    )
+    print(f"plan in {time.perf_counter() - t0:.0f} s: recommended {plan['recommended']}")
+    write_plan(args.plan_output, plan)
+    rows = {}
+    names = ["disagg", *plan["baselines"]] if args.all else [plan["recommended"]]
+    for name in names:
+        choice = plan["disagg"] if name == "disagg" else plan["baselines"].get(name)
+        if not choice or not choice.get("goodput"):
+            continue
+        predicted = choice["goodput"]
+        path = args.plan_output.replace(".json", f"-{name}.json")
+        write_plan(path, layout_plan(plan, name))
+        rates = [round(predicted * f, 3) for f in FACTORS]
+        print(f"  {name}: predicted {predicted:.3f} req/s on 2 cores; rates {rates}", flush=True)
+        with running_server("--plan", path, kv_cache_gb=KV_GB) as url:
+            points = await measure(url, base, tok, rates, slo)
+        measured = goodput(points, 0.9)
+        rows[name] = {
+            "predicted_rps": predicted,
+            "measured_rps": measured,
+            "predicted_per_core": predicted / 2,
+            "measured_per_core": measured / 2,
+            "error": (predicted - measured) / measured if measured else None,
+            "points": points,
+        }
+        print(
+            f"  {name}: predicted {predicted / 2:.3f} req/s per core, measured "
+            f"{measured / 2:.3f} ({100 * (predicted - measured) / max(measured, 1e-9):+.1f}%)",
+            flush=True,
+        )
+    return {
+        "profile": args.profile,
+        "slo": slo,
+        "step_overhead": overhead,
+        "recommended": plan["recommended"],
+        "plan": args.plan_output,
+        "layouts": rows,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--profile",
+        default="benchmarks/results/smollm2-1core.json",
+        help="1-core profile JSON (made if missing)",
+    )
+    ap.add_argument("--num-requests", type=int, default=60, help="requests per rate")
+    ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    ap.add_argument(
+        "--recommended-only",
+        dest="all",
+        action="store_false",
+        help="deploy only the recommended layout (default: every layout the plan scored)",
+    )
+    ap.add_argument(
+        "--plan-output", default="benchmarks/results/plan-cpu.json", help="where the plan goes"
+    )
+    ap.add_argument("--output", default="benchmarks/results/plan_vs_real.json", help="results")
+    args = ap.parse_args()
+    report = asyncio.run(run(args))
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
