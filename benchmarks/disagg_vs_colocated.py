@@ -178,8 +178,12 @@ async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: 
                 slo = scaled_slo(name, probe, prefill_s, tpot_s)
                 est = 1.0 / prefill_s
                 factors = (0.5, FIXED_FACTOR) if args.quick else RATE_FACTORS
+                if args.rate_factors:
+                    factors = tuple(sorted(args.rate_factors))
                 rates = [round(est * f, 3) for f in factors]
-                fixed = round(est * FIXED_FACTOR, 3)
+                fixed = round(est * (args.fixed_factor or FIXED_FACTOR), 3)
+                if fixed not in rates:
+                    rates = sorted([*rates, fixed])
                 report["slo"], report["rates"] = slo, rates
                 print(
                     f"{name}: SLO TTFT {slo['ttft']:.2f} s, TPOT {slo['tpot']:.3f} s "
@@ -250,6 +254,19 @@ def main() -> int:
         default=None,
         help="requests per rate (default: 40; 16 for summarization)",
     )
+    ap.add_argument(
+        "--rate-factors",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="rates as multiples of one core's prefill-bound rate, comma-separated "
+        f"(default: {','.join(map(str, RATE_FACTORS))})",
+    )
+    ap.add_argument(
+        "--fixed-factor",
+        type=float,
+        default=None,
+        help=f"rate of the SLO-scale curves, as such a multiple (default: {FIXED_FACTOR})",
+    )
     ap.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few requests, two rates")
     ap.add_argument(
@@ -265,7 +282,13 @@ def main() -> int:
             ap.error(f"--workloads: unknown workload {name!r} (choose from {', '.join(PAPER)})")
         reports.append(asyncio.run(run_workload_experiment(name, args, args.output_dir)))
         _print_table(reports[-1])
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+    # a run of some workloads replaces theirs in summary.json and keeps the others
+    path = os.path.join(args.output_dir, "summary.json")
+    done = {r["workload"] for r in reports}
+    if os.path.exists(path):
+        with open(path) as f:
+            reports = [r for r in json.load(f)["reports"] if r["workload"] not in done] + reports
+    with open(path, "w") as f:
         json.dump({"reports": reports, "seconds": time.time() - t0}, f, indent=1, default=str)
     print(
         f"done in {(time.time() - t0) / 60:.1f} min; results in {args.output_dir}", file=sys.stderr

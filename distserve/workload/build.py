@@ -83,7 +83,7 @@ def load_samples(
         samples, info = datasets.code(tokenizer, spec.seed)
         return samples, None, info
     if spec.dataset == "summarization":
-        key = f"summarization-s{spec.seed}-{fp}"
+        key = f"summarization-v2-s{spec.seed}-{fp}"  # v2: outputs cut to fit
         samples, info = cached_samples(key, lambda: datasets.summarization(tokenizer, spec.seed))
         return samples, None, info
     if spec.dataset == "trace":

@@ -7,8 +7,9 @@ tokenizer.
 - code: HumanEval (164 problems): the prompt, and the canonical solution's length as output.
 - summarization: LongBench-like, synthetic (LongBench itself is not installable here):
   prompts of 1900-2040 tokens made by concatenating ShareGPT answers after an instruction
-  to summarize, outputs of 64-256 tokens (uniform). The lengths follow LongBench's; the
-  text is ShareGPT's.
+  to summarize, outputs of 64-256 tokens (uniform) cut so that prompt + output fit the
+  2048-token context (7-147 tokens for the longest prompts). The lengths follow
+  LongBench's; the text is ShareGPT's.
 - random / fixed: random token ids of uniform / constant lengths.
 - trace: lengths (and times) from a file.
 """
@@ -30,6 +31,8 @@ Sample = tuple[list[int], int]
 
 SYNTHETIC_TOKENS = (1000, 30000)
 """Random prompts draw token ids from here: inside every supported vocabulary."""
+CONTEXT = 2048
+"""The paper's OPT models' context: prompt + output stay below it."""
 
 
 class TokenizerLike(Protocol):
@@ -105,10 +108,11 @@ def summarization(
         ids = list(head)
         while len(ids) < target:
             ids.extend(pieces[rng.randrange(len(pieces))])
-        samples.append((ids[:target], rng.randint(64, 256)))
+        # prompt + output stay within the 2048-token context (as the paper's OPT models')
+        samples.append((ids[:target], min(rng.randint(64, 256), CONTEXT - 1 - target)))
     info = {
         "source": "synthetic LongBench-like: ShareGPT answers concatenated to 1900-2040 "
-        "tokens, outputs 64-256",
+        f"tokens, outputs 64-256 cut to fit a {CONTEXT}-token context",
         "samples": len(samples),
     }
     return samples, info
