@@ -29,7 +29,7 @@ import time
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import attainment, goodput, min_slo_scale, phase_breakdown, summarize
 from distserve.bench.plots import attainment_vs_x, phase_cdf
-from distserve.bench.results import RequestResult, write_results
+from distserve.bench.results import RequestResult, read_results, write_results
 from distserve.bench.run import tokenizer_for
 from distserve.bench.server_process import running_server
 from distserve.sim.profile import bundled_a100, find
@@ -63,6 +63,8 @@ FIXED_FACTOR = 0.7
 """The rate of the SLO-scale curves (the paper's Fig. 9 shape), as a multiple as above."""
 STOP_BELOW = 0.5
 SCALES = (0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0)
+GOODPUT_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+"""SLO scales at which per-core goodput is also reported (from the same runs)."""
 
 
 async def single_request_latency(
@@ -194,6 +196,49 @@ async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: 
             systems[system] = await sweep_system(
                 url, workload_at, rates, slo, model, out_dir, f"{name}-{system}", fixed
             )
+    return summarize_report(report, systems, slo, fixed, out_dir)
+
+
+def from_results(name: str, out_dir: str, fixed_factor: float) -> dict:
+    """A workload's report rebuilt from the per-rate result files of an earlier run."""
+    systems: dict[str, dict] = {}
+    slo: dict[str, float] = {}
+    meta: dict = {}
+    for system in SYSTEMS:
+        prefix = f"{name}-{system}-rate-"
+        files = sorted(
+            (f for f in os.listdir(out_dir) if f.startswith(prefix) and f.endswith(".json")),
+            key=lambda f: float(f[len(prefix) : -5]),
+        )
+        runs: dict[str, list] = {"points": [], "results": [], "rates": []}
+        for f in files:
+            config, summary, results = read_results(os.path.join(out_dir, f))
+            slo, meta = config["slo"], config["workload"]
+            runs["points"].append((config["rate"], summary["attainment"]["both"]))
+            runs["results"].append(results)
+            runs["rates"].append(config["rate"])
+        if files:
+            systems[system] = runs
+    if not systems:
+        raise SystemExit(f"no result files for {name} in {out_dir}")
+    fixed = round(fixed_factor / slo["ours_prefill_s"], 3)
+    max_p, max_o = CAPS[name]
+    report = {
+        "workload": name,
+        "lengths": meta.get("lengths", {}),
+        "caps": {"max_prompt_len": max_p, "max_output_len": max_o},
+        "slo": slo,
+        "rates": sorted({r for runs in systems.values() for r in runs["rates"]}),
+        "rebuilt_from_results": True,
+    }
+    return summarize_report(report, systems, slo, fixed, out_dir)
+
+
+def summarize_report(
+    report: dict, systems: dict[str, dict], slo: dict, fixed: float, out_dir: str
+) -> dict:
+    """Goodput, SLO-scale curves and phase breakdowns per system; the plots."""
+    name = report["workload"]
     summary = {}
     for system, runs in systems.items():
         g = goodput(runs["points"], 0.9)
@@ -203,6 +248,18 @@ async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: 
             "goodput_rps": g,
             "per_core_goodput": g / CORES,
             "points": runs["points"],
+            # the same runs judged against both targets scaled by s: goodput across SLOs
+            "per_core_goodput_by_slo_scale": {
+                s: goodput(
+                    [
+                        (rate, attainment(res, slo["ttft"] * s, slo["tpot"] * s)["both"])
+                        for rate, res in zip(runs["rates"], runs["results"], strict=True)
+                    ],
+                    0.9,
+                )
+                / CORES
+                for s in GOODPUT_SCALES
+            },
             "fixed_rate": fixed,
             "slo_scale_ttft": scale_curve(at_fixed, slo, "ttft"),
             "slo_scale_tpot": scale_curve(at_fixed, slo, "tpot"),
@@ -267,6 +324,12 @@ def main() -> int:
         default=None,
         help=f"rate of the SLO-scale curves, as such a multiple (default: {FIXED_FACTOR})",
     )
+    ap.add_argument(
+        "--from-results",
+        action="store_true",
+        help="serve nothing: rebuild the reports and plots from the result files of an "
+        "earlier run in --output-dir",
+    )
     ap.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few requests, two rates")
     ap.add_argument(
@@ -280,7 +343,11 @@ def main() -> int:
     for name in args.workloads.split(","):
         if name not in PAPER:
             ap.error(f"--workloads: unknown workload {name!r} (choose from {', '.join(PAPER)})")
-        reports.append(asyncio.run(run_workload_experiment(name, args, args.output_dir)))
+        if args.from_results:
+            factor = args.fixed_factor or FIXED_FACTOR
+            reports.append(from_results(name, args.output_dir, factor))
+        else:
+            reports.append(asyncio.run(run_workload_experiment(name, args, args.output_dir)))
         _print_table(reports[-1])
     # a run of some workloads replaces theirs in summary.json and keeps the others
     path = os.path.join(args.output_dir, "summary.json")
@@ -313,6 +380,14 @@ def _print_table(report: dict) -> None:
             else ""
         )
         print(f"  {system:16s} {v['per_core_goodput']:.3f}{ratio}")
+    print("  per-core goodput at SLO scale " + " / ".join(str(s) for s in GOODPUT_SCALES) + ":")
+    for system, v in report["systems"].items():
+        row = " / ".join(f"{g:.3f}" for g in v["per_core_goodput_by_slo_scale"].values())
+        print(f"  {system:16s} {row}")
+    print("  smallest SLO scale meeting 90% at the fixed rate (both / TTFT only / TPOT only):")
+    for system, v in report["systems"].items():
+        m = v["min_scale"]
+        print(f"  {system:16s} {m['both']:.2f} / {m['ttft']:.2f} / {m['tpot']:.2f}")
 
 
 if __name__ == "__main__":
