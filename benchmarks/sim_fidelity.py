@@ -24,6 +24,7 @@ import sys
 from distserve.bench.calibrate import step_overhead
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import attainment, percentile
+from distserve.bench.results import write_results
 from distserve.bench.run import tokenizer_for
 from distserve.bench.server_process import running_server
 from distserve.config import EngineConfig, PlacementConfig
@@ -114,6 +115,13 @@ async def run(args: argparse.Namespace) -> dict:
                 real, _ = await run_workload(url, wl, model, progress=False)
                 sim = Simulator(config).run(wl)
                 row = {"rate": rate, **compare(real, sim, slo)}
+                for kind, res in (("real", real), ("sim", sim)):  # per request, to diagnose
+                    write_results(
+                        os.path.join(args.details_dir, f"{system}-{rate:.3f}-{kind}.json"),
+                        {"system": system, "rate": rate, "slo": slo, "kind": kind},
+                        row[kind],
+                        res,
+                    )
                 rows.append(row)
                 re, si = row["real"], row["sim"]
                 print(
@@ -140,6 +148,11 @@ def main() -> int:
     ap.add_argument("--num-requests", type=int, default=60, help="requests per rate (default: 60)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
     ap.add_argument("--quick", action="store_true", help="a smoke run")
+    ap.add_argument(
+        "--details-dir",
+        default="benchmarks/results/sim_fidelity",
+        help="per-request results of each run, real and simulated",
+    )
     ap.add_argument("--output", default="benchmarks/results/sim_fidelity.json", help="results JSON")
     args = ap.parse_args()
     report = asyncio.run(run(args))
