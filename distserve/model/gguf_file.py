@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from distserve.model.config import ModelConfig
+from distserve.model.gguf_reader import GGUFReader
 
 _NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -54,18 +55,14 @@ class GGUFModelFile:
     """A llama-architecture GGUF file, opened lazily (memory-mapped by `gguf`)."""
 
     def __init__(self, path: str) -> None:
-        import gguf
-
         self.path = path
-        self._gguf = gguf
-        self.reader = gguf.GGUFReader(path)
+        self.reader = GGUFReader(path)
         arch = self.field("general.architecture")
         if arch != "llama":
             raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self.reader.fields.get(key, default)
 
     @cached_property
     def config(self) -> ModelConfig:
@@ -76,7 +73,7 @@ class GGUFModelFile:
         tokens = self.reader.fields["tokenizer.ggml.tokens"]
         return ModelConfig(
             arch="llama",
-            vocab_size=int(g("llama.vocab_size", len(tokens.data))),
+            vocab_size=int(g("llama.vocab_size", len(tokens))),
             hidden_size=hidden,
             num_layers=int(g("llama.block_count")),
             num_heads=heads,
@@ -95,11 +92,13 @@ class GGUFModelFile:
     def weights(self) -> Iterator[tuple[str, Any]]:
         """(HF name, float32 torch tensor) for every tensor, dequantized, q/k unpermuted."""
         import torch
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
 
         cfg = self.config
         for t in self.reader.tensors:
             name = hf_name(t.name)
-            w = self._gguf.quants.dequantize(t.data, t.tensor_type)
+            w = dequantize(t.data, GGMLQuantizationType(t.tensor_type))
             w = w.reshape([int(d) for d in reversed(t.shape)])
             if name.endswith("q_proj.weight"):
                 w = unpermute_rope_rows(w, cfg.num_heads)
