@@ -134,25 +134,30 @@ async def run(args: argparse.Namespace) -> dict:
         choice = plan["disagg"] if name == "disagg" else plan["baselines"].get(name)
         if not choice or not choice.get("goodput"):
             continue
-        predicted = choice["goodput"]
+        predicted, devices = choice["goodput"], choice["devices"]
         path = args.plan_output.replace(".json", f"-{name}.json")
         write_plan(path, layout_plan(plan, name))
         rates = [round(predicted * f, 3) for f in FACTORS]
-        print(f"  {name}: predicted {predicted:.3f} req/s on 2 cores; rates {rates}", flush=True)
+        print(
+            f"  {name}: predicted {predicted:.3f} req/s on {devices} cores; rates {rates}",
+            flush=True,
+        )
         with running_server("--plan", path, kv_cache_gb=KV_GB) as url:
             points = await measure(url, base, tok, rates, slo)
         measured = goodput(points, 0.9)
         rows[name] = {
             "predicted_rps": predicted,
             "measured_rps": measured,
-            "predicted_per_core": predicted / 2,
-            "measured_per_core": measured / 2,
+            "devices": devices,
+            "predicted_per_core": predicted / devices,
+            "measured_per_core": measured / devices,
             "error": (predicted - measured) / measured if measured else None,
             "points": points,
         }
         print(
-            f"  {name}: predicted {predicted / 2:.3f} req/s per core, measured "
-            f"{measured / 2:.3f} ({100 * (predicted - measured) / max(measured, 1e-9):+.1f}%)",
+            f"  {name}: predicted {predicted / devices:.3f} req/s per core, measured "
+            f"{measured / devices:.3f} "
+            f"({100 * (predicted - measured) / max(measured, 1e-9):+.1f}%)",
             flush=True,
         )
     return {

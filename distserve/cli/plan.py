@@ -101,6 +101,13 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="KV migration bytes/s (default: 1e10)",
     )
     p.add_argument(
+        "--step-overhead",
+        type=float,
+        default=0.0,
+        help="seconds each step spends outside the model (the serving path's round trip; "
+        "benchmarks/sim_fidelity.py measures it); default: 0",
+    )
+    p.add_argument(
         "--workers",
         type=positive_int,
         default=os.cpu_count() or 1,
@@ -149,6 +156,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if not 0 < args.attainment <= 1:
         parser.error(f"--attainment must be in (0, 1], got {args.attainment}")
+    if args.step_overhead < 0:
+        parser.error(f"--step-overhead must be >= 0, got {args.step_overhead}")
     try:
         profiles = _profiles(args.profile, args.model)
         decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None
@@ -181,6 +190,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sched,
         transfer_bandwidth=args.transfer_bandwidth,
         capacity=a100_kv_capacity(),
+        step_overhead=args.step_overhead,
         min_requests=args.num_requests,
     )
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))

@@ -86,6 +86,8 @@ class Setting:
     block_size: int = 16
     transfer_bandwidth: float = 1e10
     capacity: dict[tuple[str, int, int], int] | None = None
+    step_overhead: float = 0.0
+    """Seconds each step spends outside the model (the serving path's round trip)."""
     min_requests: int = 300
     """Requests per simulation at least; more (up to the workload's size) where the
     placement holds many at once."""
@@ -134,6 +136,7 @@ def bisect_rate(
 def _latency(profile: Profile, pp: int, setting: Setting) -> LatencyModel:
     return LatencyModel(
         staged(profile, pp),
+        step_overhead=setting.step_overhead,
         kv_bytes_per_token=kv_bytes_per_token(profile),
         transfer_bandwidth=setting.transfer_bandwidth,
     )
@@ -196,6 +199,16 @@ def placement_goodput(
     )
     size = min(len(pool), max(s.min_requests, int(3 * concurrent)))
     workload = Workload(pool[:size], s.workload.meta)
+    if colocated is None and decode is None:
+        # Decode is ideal, so only TTFT can miss, and it ends at the first token: one-token
+        # outputs give the same TTFTs without simulating any decode step.
+        workload = Workload(
+            tuple(
+                WorkloadRequest(r.index, r.arrival, r.prompt_token_ids, 1)
+                for r in workload.requests
+            ),
+            workload.meta,
+        )
 
     allowed_misses = (1 - s.target) * len(workload)
 

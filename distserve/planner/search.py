@@ -90,7 +90,8 @@ def candidates(
         for pp in range(1, (max_pp or cluster.num_nodes * cluster.devices_per_node) + 1):
             if layers % pp or per_instance * pp > cluster.devices:
                 continue
-            if pp > 1 and arch is None:
+            # CPU-core profiles: the runtime has no pipeline parallelism to deploy (yet)
+            if pp > 1 and (arch is None or p.cores):
                 continue
             out.append(InstanceConfig(p, pp))
     return out
