@@ -103,6 +103,8 @@ class Controller:
         """Completed migrations per transport used (TransferStats.transport)."""
         self._group: KVProcessGroup | None = None
         self.instances: list[Instance] = []
+        self.load_seconds = 0.0
+        """The slowest worker's own start (model load, packing, KV cache), once started."""
         self.requests: dict[str, RequestState] = {}
         """Live requests by id; a request leaves on finish, failure or abort."""
         self.awaiting: deque[tuple[RequestState, Request]] = deque()
@@ -127,6 +129,7 @@ class Controller:
             self.engine_config, self.placement, self.use_ray, self.ray_address, self.start_timeout
         )
         infos = list(await asyncio.gather(*(e.info() for e in executors)))
+        self.load_seconds = max((i.load_seconds for i in infos), default=0.0)
         try:
             await self._connect(executors, infos)
         except BaseException:
@@ -224,13 +227,19 @@ class Controller:
         if queued >= self.max_queued:
             raise Overloaded(f"{queued} prompts are already waiting for prefill; retry later")
         inst = pick_prefill(self.entry_instances)
-        if inst is None:
+        restarting = self.recovery.restart_enabled and bool(self.entry_instances)
+        if inst is None and not restarting:
             raise RequestFailed("no live instance can take requests")
-        inst.scheduler.add_request(req)
-        state = RequestState(rid, asyncio.Queue(), inst)
+        state = RequestState(rid, asyncio.Queue(), inst or self.entry_instances[0])
         self.requests[rid] = state
         self.outputs.add(rid, text, params.stop)
-        inst.wake()
+        if inst is None:
+            # every entry instance is down and being restarted: the request waits for one,
+            # as a rescued request does (bounded by max_queued and the orphan timeout)
+            self.recovery.orphans.append((time.monotonic(), state, req))
+        else:
+            inst.scheduler.add_request(req)
+            inst.wake()
         return state
 
     async def stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:

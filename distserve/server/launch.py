@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 from distserve.cluster.controller import Controller
@@ -73,7 +74,14 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
         file=sys.stderr,
         flush=True,
     )
+    t0 = time.perf_counter()
     await controller.start()
+    print(
+        f"instances ready in {time.perf_counter() - t0:.1f} s (the slowest worker's own "
+        f"model load and setup: {controller.load_seconds:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     metrics.attach(controller)
     model_name = os.path.basename(engine.model.rstrip("/")).removesuffix(".gguf")
     app = build_app(
