@@ -12,6 +12,7 @@
 // the block table, in one stream that is prefetched a few chunks ahead, from one item into
 // the next (the cache is far larger than L3: this kernel is bound by memory, not by
 // arithmetic, and an unprefetched row costs a full DRAM latency).
+#include "avx512_exp.h"
 #include "kernels.h"
 #include <ATen/Parallel.h>
 
@@ -51,21 +52,6 @@ inline __m512 reduce16(__m512 a[16]) {
   // d[i]'s 128-bit lanes: halves of the sums for a[8i .. 8i+3], then for a[8i+4 .. 8i+7].
   return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88),
                        _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
-}
-
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
 }
 
 inline void prefetch_row(const uint16_t* row, int64_t bytes) {

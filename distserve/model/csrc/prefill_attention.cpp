@@ -15,6 +15,7 @@
 // elementwise, o^T = o^T * exp(m_old - m) + bf16(exp(s - m)) vp (o^T: [D, 16 queries]).
 // Work items (KV head, query tile) are ordered short-long-short-long, so that both
 // threads get a similar share of the causal triangle.
+#include "avx512_exp.h"
 #include "kernels.h"
 #include <ATen/Parallel.h>
 
@@ -30,21 +31,6 @@
 namespace {
 
 constexpr int kT = 16;
-
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 struct Prompt {
   const uint16_t *q, *k, *v;
