@@ -121,6 +121,12 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         metavar="FILE",
         help="deploy a plan written by `distserve plan` (sets mode, instance counts, cores)",
     )
+    srv.add_argument(
+        "--trace-steps",
+        default=None,
+        metavar="FILE",
+        help="write one JSON line per instance step (what ran, how long) to FILE",
+    )
     add_engine_flags(srv)
     return srv  # type: ignore[no-any-return]
 
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             transport=args.transport,
             max_queued=args.max_queued,
             max_body_mb=args.max_body_mb,
+            trace_steps=args.trace_steps,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))

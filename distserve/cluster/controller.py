@@ -36,6 +36,7 @@ from distserve.runtime.engine import check_token_ids
 from distserve.runtime.executor import Executor
 from distserve.runtime.instance import Instance, Role
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
+from distserve.runtime.step_trace import StepTrace
 from distserve.runtime.threads import available_cores
 from distserve.runtime.transport import TransferStats, check_transport
 from distserve.runtime.worker import WorkerInfo
@@ -90,8 +91,11 @@ class Controller:
         transport: str = "auto",
         max_queued: int = 512,
         restart: bool = True,
+        step_trace: str | None = None,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
+        self.step_trace = StepTrace(step_trace) if step_trace else None
+        """One JSON line per step of every instance, when asked for (serve --trace-steps)."""
         self.engine_config, self.placement = engine, placement
         self.use_ray, self.ray_address = use_ray, ray_address
         self.observer = observer
@@ -154,6 +158,7 @@ class Controller:
         inst = Instance(
             name, role, self._scheduler(role, info), executor, self._on_outputs,
             self.migration.on_admitted, self.recovery.on_failure, cores=cores,
+            trace=self.step_trace,
         )  # fmt: skip
         inst.pid = info.pid
         return inst
@@ -181,6 +186,8 @@ class Controller:
         for state in list(self.requests.values()):
             state.queue.put_nowait(RequestFailed("the server is shutting down"))
         self.requests.clear()
+        if self.step_trace is not None:
+            self.step_trace.close()
 
     def _scheduler(self, role: Role, info: WorkerInfo) -> Scheduler:
         sched_cfg = dataclasses.replace(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from distserve.core import DecodeScheduler, Request, Scheduler, StepOutput
 from distserve.runtime.executor import Executor
+from distserve.runtime.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,15 @@ class Instance:
         on_failure: Callable[[Instance, BaseException], None] | None = None,
         step_timeout: float = 300.0,
         cores: list[int] | None = None,
+        trace: StepTrace | None = None,
     ) -> None:
         self.name, self.role = name, role
         self.cores = list(cores or [])
         self.pid: int | None = None
         """The worker's process id, when known (health output; fault tests)."""
         """The CPU cores its worker owns (kept to restart it on the same ones)."""
+        self.trace = trace
+        """Where each step is recorded (serve --trace-steps), if anywhere."""
         self.step_timeout = step_timeout
         """Seconds a step may take before the worker is declared hung (and failed)."""
         self.scheduler = scheduler
@@ -118,6 +122,8 @@ class Instance:
             return False
         t0 = time.perf_counter()
         result = await asyncio.wait_for(self.executor.execute(plan), self.step_timeout)
+        if self.trace is not None:
+            self.trace.record(self.name, self.role.value, t0, plan, result)
         self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.tokens += plan.num_tokens

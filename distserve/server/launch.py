@@ -43,6 +43,9 @@ class ServerConfig:
         default=512, metadata={"help": "prompts waiting for prefill before new ones get 429"}
     )
     max_body_mb: float = field(default=8.0, metadata={"help": "largest request body (MiB)"})
+    trace_steps: str | None = field(
+        default=None, metadata={"help": "write one JSON line per instance step to this file"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -67,6 +70,7 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
         observer=metrics,
         transport=server.transport,
         max_queued=server.max_queued,
+        step_trace=server.trace_steps,
     )
     print(
         f"starting {len(placement.roles)} instances ({placement.mode}: "

@@ -14,8 +14,13 @@ SMALL = ["--dataset", "random", "--prompt-len", "16,64", "--output-len", "4,8", 
 
 
 @pytest.fixture(scope="module")
-def url():
-    with running_server("--mode", "disagg") as u:
+def trace(tmp_path_factory):
+    return tmp_path_factory.mktemp("trace") / "steps.jsonl"
+
+
+@pytest.fixture(scope="module")
+def url(trace):
+    with running_server("--mode", "disagg", "--trace-steps", str(trace)) as u:
         yield u
 
 
@@ -25,7 +30,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_bench_writes_results(url, tmp_path) -> None:
+def test_bench_writes_results(url, trace, tmp_path) -> None:
     out = tmp_path / "r.json"
     r = _cli(
         "bench",
@@ -55,6 +60,16 @@ def test_bench_writes_results(url, tmp_path) -> None:
         assert 0 < q["ttft"] <= q["e2e"]
         assert {"prefill_start", "migration_end", "decode_end"} <= set(q["server"])
     assert "migration" in s["phases_median"]
+
+    # serve --trace-steps: every step of both instances, what ran and how long
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    prefill = [s for s in steps if s["instance"] == "prefill-0"]
+    decode = [s for s in steps if s["instance"] == "decode-0"]
+    assert prefill and decode and len(prefill) + len(decode) == len(steps)
+    assert all(s["prefill"] and not s["decode"] and s["role"] == "prefill" for s in prefill)
+    assert all(s["decode"] and not s["prefill"] and s["role"] == "decode" for s in decode)
+    assert sum(sum(s["prefill"]) for s in prefill) >= sum(q["prompt_len"] for q in reqs)
+    assert all(0 < s["exec"] <= s["seconds"] for s in steps)
 
 
 def test_goodput_sweep_and_plot(url, tmp_path) -> None:

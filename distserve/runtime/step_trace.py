@@ -1,0 +1,40 @@
+"""A per-step record of what each instance ran and how long it took, one JSON line per
+step (`distserve serve --trace-steps FILE`): for checking the simulator's latency model
+against the real serving path, and for finding where a slow request's time went."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TextIO
+
+from distserve.core import StepPlan
+from distserve.core.plan import StepResult
+
+
+class StepTrace:
+    """Appends one line per step: instance, role, start (seconds since the trace opened),
+    the round trip as the controller saw it (`seconds`), the worker's own time (`exec`),
+    prompt chunk lengths (`prefill`) and decode context lengths (`decode`)."""
+
+    def __init__(self, path: str) -> None:
+        self._file: TextIO = open(path, "w", buffering=1)  # noqa: SIM115 (closed in close())
+        self._t0 = time.perf_counter()
+
+    def record(
+        self, instance: str, role: str, start: float, plan: StepPlan, result: StepResult
+    ) -> None:
+        line = {
+            "instance": instance,
+            "role": role,
+            "t": round(start - self._t0, 6),
+            "seconds": round(time.perf_counter() - start, 6),
+            "exec": round(result.elapsed, 6),
+            "prefill": [c.num_tokens for c in plan.prefill_chunks],
+            "prefill_start": [c.start for c in plan.prefill_chunks],
+            "decode": [c.context_len for c in plan.decode_chunks],
+        }
+        self._file.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
