@@ -1,5 +1,6 @@
 """Routing rules, shared by the real cluster and the simulator: prompts go to the
-prefill (or colocated) instance with the fewest queued prompt tokens; prefilled requests
+prefill (or colocated) instance with the fewest prompt tokens ahead of them (queued or
+being computed), then the fewest running requests; prefilled requests
 go to the decode instance with room in its admission queue and the most free blocks net
 of what that queue already claims."""
 
@@ -25,9 +26,15 @@ T = TypeVar("T", bound=Routable)
 
 
 def pick_prefill(instances: Sequence[T]) -> T | None:
-    """The live instance with the fewest queued prompt tokens (ties: the first)."""
+    """The live instance with the fewest prompt tokens ahead (queued, or in a prefill
+    running now); ties: the fewest running requests (decodes a colocated prefill would
+    stall), then the first."""
     alive = [i for i in instances if i.alive]
-    return min(alive, key=lambda i: i.scheduler.num_queued_tokens) if alive else None
+    if not alive:
+        return None
+    return min(
+        alive, key=lambda i: (i.scheduler.num_prompt_tokens_ahead, len(i.scheduler.running))
+    )
 
 
 def free_after_queue(sched: DecodeScheduler) -> int:

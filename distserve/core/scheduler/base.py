@@ -150,8 +150,15 @@ class Scheduler(ABC):
 
     @property
     def num_queued_tokens(self) -> int:
-        """Tokens waiting to be computed by requests not yet running (router's load)."""
+        """Tokens waiting to be computed by requests not yet running."""
         return sum(r.num_uncomputed_tokens for r in self.waiting)
+
+    @property
+    def num_prompt_tokens_ahead(self) -> int:
+        """Prompt tokens a new request would wait behind (the router's load): those queued
+        and those of prompts being computed now (a step in flight, or chunks to come)."""
+        prefilling = (r for r in self.running if r.status == RequestStatus.PREFILLING)
+        return self.num_queued_tokens + sum(r.num_uncomputed_tokens for r in prefilling)
 
     # ---- helpers for subclasses ---------------------------------------------------
     def _next_step_id(self) -> int:

@@ -1,0 +1,47 @@
+"""The routing rule shared by the real cluster and the simulator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distserve.core import BlockManager, ColocatedScheduler, Request, SamplingParams, StepResult
+from distserve.core import SchedulerConfig as Cfg
+from distserve.core.routing import pick_prefill
+
+
+@dataclass
+class Inst:
+    name: str
+    scheduler: ColocatedScheduler
+    alive: bool = True
+
+
+def inst(name: str) -> Inst:
+    return Inst(name, ColocatedScheduler(Cfg(max_model_len=64), BlockManager(64, 4)))
+
+
+def req(rid: str, n: int) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=8, ignore_eos=True), 0.0)
+
+
+def test_a_prompt_being_computed_counts_as_load() -> None:
+    """A prompt arriving while instance a computes another (its queue empty again) goes
+    to the idle instance b, not behind a's prefill."""
+    a, b = inst("a"), inst("b")
+    a.scheduler.add_request(req("x", 20))
+    a.scheduler.schedule(0.0)  # the prefill of x is in flight
+    assert a.scheduler.num_queued_tokens == 0
+    assert a.scheduler.num_prompt_tokens_ahead == 20
+    assert pick_prefill([a, b]) is b
+
+
+def test_ties_go_to_the_instance_with_fewer_running_requests() -> None:
+    a, b = inst("a"), inst("b")
+    b.scheduler.add_request(req("y", 8))
+    plan = b.scheduler.schedule(0.0)
+    b.scheduler.update(plan, StepResult(sampled={"y": 5}), 0.1)  # y now decodes on b
+    assert b.scheduler.num_prompt_tokens_ahead == 0
+    assert pick_prefill([b, a]) is a
+    assert pick_prefill([a, b]) is a
+    a.alive = False
+    assert pick_prefill([a, b]) is b
