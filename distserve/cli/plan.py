@@ -108,6 +108,13 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "benchmarks/sim_fidelity.py measures it); default: 0",
     )
     p.add_argument(
+        "--compute-scale",
+        type=float,
+        default=1.0,
+        help="model time when serving over model time when profiled, e.g. 1.1 where the "
+        "API server shares the workers' cores (default: 1)",
+    )
+    p.add_argument(
         "--workers",
         type=positive_int,
         default=os.cpu_count() or 1,
@@ -158,6 +165,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--attainment must be in (0, 1], got {args.attainment}")
     if args.step_overhead < 0:
         parser.error(f"--step-overhead must be >= 0, got {args.step_overhead}")
+    if not args.compute_scale > 0:
+        parser.error(f"--compute-scale must be > 0, got {args.compute_scale}")
     try:
         profiles = _profiles(args.profile, args.model)
         decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None
@@ -191,6 +200,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         transfer_bandwidth=args.transfer_bandwidth,
         capacity=a100_kv_capacity(),
         step_overhead=args.step_overhead,
+        compute_scale=args.compute_scale,
         min_requests=args.num_requests,
     )
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))

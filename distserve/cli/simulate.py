@@ -64,6 +64,13 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="seconds per step outside the model (default: 0)",
     )
     p.add_argument(
+        "--compute-scale",
+        type=positive_float,
+        default=1.0,
+        help="model time when serving over model time when profiled, e.g. 1.1 where the "
+        "API server shares the workers' cores (default: 1)",
+    )
+    p.add_argument(
         "--transfer-bandwidth",
         type=positive_float,
         default=None,
@@ -154,6 +161,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         opts = SimOptions(
             step_overhead=args.step_overhead,
+            compute_scale=args.compute_scale,
             transfer_bandwidth=args.transfer_bandwidth,
             num_blocks=args.num_blocks,
             scheduler=sched,

@@ -88,6 +88,8 @@ class Setting:
     capacity: dict[tuple[str, int, int], int] | None = None
     step_overhead: float = 0.0
     """Seconds each step spends outside the model (the serving path's round trip)."""
+    compute_scale: float = 1.0
+    """Model time when serving over model time when profiled."""
     min_requests: int = 300
     """Requests per simulation at least; more (up to the workload's size) where the
     placement holds many at once."""
@@ -139,6 +141,7 @@ def _latency(profile: Profile, pp: int, setting: Setting) -> LatencyModel:
         step_overhead=setting.step_overhead,
         kv_bytes_per_token=kv_bytes_per_token(profile),
         transfer_bandwidth=setting.transfer_bandwidth,
+        compute_scale=setting.compute_scale,
     )
 
 

@@ -136,6 +136,11 @@ def make_plan(
         else None,
         "slo": {"ttft": setting.ttft_slo, "tpot": setting.tpot_slo, "attainment": setting.target},
         "affinity": affinity,
+        "serving_path": {
+            "step_overhead": setting.step_overhead,
+            "compute_scale": setting.compute_scale,
+            "transfer_bandwidth": setting.transfer_bandwidth,
+        },
         "baseline_profiles": sorted({p.source for p in (baseline_profiles or profiles)}),
         "target_rate": rate,
         "workload": workload_meta or {},

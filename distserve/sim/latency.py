@@ -17,7 +17,9 @@ class LatencyModel:
     decode formula; a mixed step (chunked prefill) pays the fixed term once. A prompt
     chunk that starts at position s > 0 attends to s earlier tokens: its quadratic term
     is (s + l)^2 - s^2 instead of l^2. `step_overhead` is the per-step time outside the
-    model (scheduling, the controller's round trip to the worker)."""
+    model (scheduling, the controller's round trip to the worker); `compute_scale`
+    stretches the model's own time (a serving process shares its cores with the API
+    server and the load it serves, which the profiler, alone on its core, does not)."""
 
     profile: Profile
     step_overhead: float = 0.0
@@ -26,6 +28,8 @@ class LatencyModel:
     """Bytes per second of KV migration."""
     transfer_overhead: float = 0.0
     """Fixed seconds per migration (round trips)."""
+    compute_scale: float = 1.0
+    """Model time when serving over model time when profiled."""
 
     def step_time(self, plan: StepPlan) -> float:
         prefill = plan.prefill_chunks
@@ -41,7 +45,7 @@ class LatencyModel:
             t += self.profile.decode_time([ch.start for ch in decode])
             if prefill:
                 t -= min(self.profile.prefill[0], self.profile.decode_small[0])
-        return t + self.step_overhead if (prefill or decode) else 0.0
+        return t * self.compute_scale + self.step_overhead if (prefill or decode) else 0.0
 
     def decode_steps_time(self, contexts: list[int], steps: int) -> float:
         """Total time of `steps` consecutive decode steps of the same batch, contexts
@@ -55,9 +59,8 @@ class LatencyModel:
             else self.profile.decode_small
         )
         base = sum(n + 1 for n in contexts)
-        return steps * (a + c * batch + self.step_overhead) + b * (
-            steps * base + batch * steps * (steps - 1) // 2
-        )
+        model = steps * (a + c * batch) + b * (steps * base + batch * steps * (steps - 1) // 2)
+        return model * self.compute_scale + steps * self.step_overhead
 
     def transfer_time(self, num_tokens: int) -> float:
         return (

@@ -28,6 +28,10 @@ class SimOptions:
         default=None, metadata={"help": "KV migration bytes/s (None: the profile's, else 10 GB/s)"}
     )
     transfer_overhead: float = field(default=0.0, metadata={"help": "fixed seconds per migration"})
+    compute_scale: float = field(
+        default=1.0,
+        metadata={"help": "model time when serving over model time when profiled"},
+    )
     num_blocks: int | None = field(
         default=None, metadata={"help": "KV blocks per instance (None: the profile's capacity)"}
     )
@@ -45,7 +49,12 @@ def kv_bytes_per_token(profile: Profile) -> int:
 def latency_model(profile: Profile, opts: SimOptions) -> LatencyModel:
     bw = opts.transfer_bandwidth or float(profile.fit.get("transfer_bandwidth", 1e10))
     return LatencyModel(
-        profile, opts.step_overhead, kv_bytes_per_token(profile), bw, opts.transfer_overhead
+        profile,
+        opts.step_overhead,
+        kv_bytes_per_token(profile),
+        bw,
+        opts.transfer_overhead,
+        opts.compute_scale,
     )
 
 

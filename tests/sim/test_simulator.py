@@ -86,6 +86,19 @@ def test_one_request_prefill_transfer_decode_by_hand() -> None:
     assert r.num_tokens == 5
 
 
+def test_compute_scale_stretches_model_time_not_overhead() -> None:
+    """A serving path that runs the model 1.5x slower than profiled, plus 2 ms a step."""
+    lat = LatencyModel(ROUND, step_overhead=0.002, compute_scale=1.5)
+    roles = ("prefill", "decode", "colocated")
+    cfg = dataclasses.replace(_config(), latency={r: lat for r in roles})
+    (r,) = Simulator(cfg).run(_wl((0.0, 100, 5)))
+    assert r.ttft == pytest.approx(1.5 * (0.010 + 0.001 * 100) + 0.002)
+    step = 1.5 * (0.005 + 0.001) + 0.002
+    # transfer: no bandwidth cost given here (kv_bytes_per_token 0)
+    assert r.e2e == pytest.approx(r.ttft + 4 * step)
+    assert lat.decode_steps_time([100], 4) == pytest.approx(4 * step)
+
+
 def test_two_requests_queue_for_prefill() -> None:
     # The second arrives while the first is prefilling: it waits, then prefills alone.
     a, b = Simulator(_config()).run(_wl((0.0, 100, 2), (0.05, 50, 2)))
