@@ -4,9 +4,10 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
     python benchmarks/plan_vs_real.py [--profile benchmarks/results/smollm2-1core.json]
 
 1. A 1-core profile of SmolLM2 (made now with `distserve profile`'s code if missing); the
-   serving path's per-step overhead calibrated on a lone request through a real 1P1D server.
+   serving path's per-step overhead and compute slowdown calibrated on a lone request
+   through a real 1P1D server.
 2. `distserve plan`'s search for 2 cores (chatbot, prompts <= 512, outputs <= 64 tokens;
-   TTFT target 2.5x a lone median prefill, TPOT 2x a lone decode step, as in
+   TTFT target 2.5x a lone median prefill, TPOT 3x a lone decode step, as in
    sim_fidelity.py), the plan written to benchmarks/results/plan-cpu.json.
 3. Each layout the plan scored (disaggregated, colocated, chunked) deployed with
    `serve --plan` and swept over rates around its predicted goodput; measured goodput is
@@ -24,7 +25,7 @@ import os
 import sys
 import time
 
-from distserve.bench.calibrate import step_overhead
+from distserve.bench.calibrate import calibrate
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import goodput, summarize
 from distserve.bench.run import tokenizer_for
@@ -96,13 +97,13 @@ async def run(args: argparse.Namespace) -> dict:
     median_prompt = int(probe.summary()["prompt_median"])
     slo = {
         "ttft": 2.5 * profile.prefill_time([median_prompt]),
-        "tpot": 2.0 * profile.decode_time([median_prompt]),
+        "tpot": 3.0 * profile.decode_time([median_prompt]),
     }
     with running_server("--mode", "disagg", kv_cache_gb=KV_GB) as url:
-        overhead = await step_overhead(url, await server_model(url), profile, probe)
+        cal = await calibrate(url, await server_model(url), profile, probe)
     print(
         f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms; "
-        f"step overhead {1000 * overhead:.1f} ms",
+        f"compute scale {cal.compute_scale:.3f}, step overhead {1000 * cal.step_overhead:.1f} ms",
         flush=True,
     )
     pool = build_workload(dataclasses.replace(base, num_requests=4000, rate=1.0), tok)
@@ -113,7 +114,8 @@ async def run(args: argparse.Namespace) -> dict:
         0.9,
         SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048),
         transfer_bandwidth=2.5e9,
-        step_overhead=overhead,
+        step_overhead=cal.step_overhead,
+        compute_scale=cal.compute_scale,
         min_requests=args.num_requests,
     )
     t0 = time.perf_counter()
@@ -163,7 +165,7 @@ async def run(args: argparse.Namespace) -> dict:
     return {
         "profile": args.profile,
         "slo": slo,
-        "step_overhead": overhead,
+        "calibration": dataclasses.asdict(cal),
         "recommended": plan["recommended"],
         "plan": args.plan_output,
         "layouts": rows,
