@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,18 +51,22 @@ def choice_dict(c: Choice | None) -> dict[str, Any] | None:
 
 
 def verify(setting: Setting, c: Choice) -> float:
-    """Goodput of the whole placement, simulated jointly (both targets)."""
+    """Goodput of the placement, simulated jointly (both targets). A placement of k equal
+    copies (k = the gcd of its instance counts) is simulated as one copy and scaled by k:
+    copies behind one router do at least as well as k separate ones, and one copy
+    simulates k times faster."""
     if c.colocated is not None:
-        return placement_goodput(
-            setting,
-            None,
-            None,
-            colocated=c.colocated,
-            num_colocated=c.num_colocated,
-            chunked=c.chunked,
+        k = c.num_colocated
+        return k * placement_goodput(
+            setting, None, None, colocated=c.colocated, num_colocated=1, chunked=c.chunked
         )
-    return placement_goodput(
-        setting, c.prefill, c.decode, num_prefill=c.num_prefill, num_decode=c.num_decode
+    k = math.gcd(c.num_prefill, c.num_decode)
+    return k * placement_goodput(
+        setting,
+        c.prefill,
+        c.decode,
+        num_prefill=c.num_prefill // k,
+        num_decode=c.num_decode // k,
     )
 
 
