@@ -120,13 +120,15 @@ def main() -> int:
     args = ap.parse_args()
     tokenizer = tokenizer_for("smollm2-135m")
     rows = []
-    for name in args.cases.split(","):
+    names = args.cases.split(",")
+    for name in names:
         if name not in CASES:
             ap.error(f"--cases: unknown case {name!r} (choose from {', '.join(CASES)})")
-        rows.append(run_case(name, args.workers, args.num_requests, tokenizer))
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump({"workers": args.workers, "cases": rows}, f, indent=1, default=str)
+    for name in names:
+        rows.append(run_case(name, args.workers, args.num_requests, tokenizer))
+        with open(args.output, "w") as f:  # after every case: a long run keeps what it did
+            json.dump({"workers": args.workers, "cases": rows}, f, indent=1, default=str)
     return 0
 
 

@@ -32,9 +32,7 @@ def pick_prefill(instances: Sequence[T]) -> T | None:
     alive = [i for i in instances if i.alive]
     if not alive:
         return None
-    return min(
-        alive, key=lambda i: (i.scheduler.num_prompt_tokens_ahead, len(i.scheduler.running))
-    )
+    return min(alive, key=lambda i: (i.scheduler.num_prompt_tokens_ahead, len(i.scheduler.running)))
 
 
 def free_after_queue(sched: DecodeScheduler) -> int:
