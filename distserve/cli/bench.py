@@ -177,6 +177,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--dataset trace needs --trace FILE")
     if args.verb == "goodput" and not 0 < args.target <= 1:
         parser.error(f"--target must be in (0, 1], got {args.target}")
+    if getattr(args, "plot", None):
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--plot needs matplotlib: pip install 'distserve[bench]'")
     try:
         spec = WorkloadSpec(
             dataset=args.dataset, num_requests=args.num_requests, rate=getattr(args, "rate", 1.0),
