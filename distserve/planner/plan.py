@@ -100,10 +100,12 @@ def make_plan(
         disagg, table = algorithm2(setting, list(profiles), cluster, rate, workers, progress)
     else:
         raise ValueError(f"affinity must be high or low, got {affinity!r}")
+    t_search = time.perf_counter() - t0
     colo, colo_table = colocated_baseline(setting, bshapes, cluster, rate, False, workers, progress)
     chunk, chunk_table = colocated_baseline(
         setting, bshapes, cluster, rate, True, workers, progress
     )
+    t_baselines = time.perf_counter() - t0 - t_search
     estimates = {}
     for name, c in (("disagg", disagg), ("colocated", colo), ("chunked", chunk)):
         if c is not None:
@@ -156,6 +158,11 @@ def make_plan(
             "before_verification": estimates,
         },
         "search_seconds": time.perf_counter() - t0,
+        "seconds_by_phase": {
+            "algorithm": t_search,
+            "baselines": t_baselines,
+            "verification": time.perf_counter() - t0 - t_search - t_baselines,
+        },
     }
     if best_name != "disagg" and disagg is not None and disagg.per_device > 0:
         ratio = best.per_device / disagg.per_device
