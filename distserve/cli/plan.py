@@ -109,7 +109,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compute-scale",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="model time when serving over model time when profiled, e.g. 1.1 where the "
         "API server shares the workers' cores (default: 1)",
@@ -165,8 +165,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--attainment must be in (0, 1], got {args.attainment}")
     if args.step_overhead < 0:
         parser.error(f"--step-overhead must be >= 0, got {args.step_overhead}")
-    if not args.compute_scale > 0:
-        parser.error(f"--compute-scale must be > 0, got {args.compute_scale}")
     try:
         profiles = _profiles(args.profile, args.model)
         decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None

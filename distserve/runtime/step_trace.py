@@ -15,7 +15,8 @@ from distserve.core.plan import StepResult
 class StepTrace:
     """Appends one line per step: instance, role, start (seconds since the trace opened),
     the round trip as the controller saw it (`seconds`), the worker's own time (`exec`),
-    prompt chunk lengths (`prefill`) and decode context lengths (`decode`)."""
+    prompt chunk lengths (`prefill`) and their first positions (`prefill_start`, > 0 for
+    a later chunk of a chunked prompt), and decode context lengths (`decode`)."""
 
     def __init__(self, path: str) -> None:
         self._file: TextIO = open(path, "w", buffering=1)  # noqa: SIM115 (closed in close())
