@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class Run:
     texts: list[str]
     migrations: dict[str, int]
     used_blocks: dict[str, int]
+    worker_nice: list[int]
 
 
 async def _serve(transport: str) -> Run:
@@ -47,7 +49,8 @@ async def _serve(transport: str) -> Run:
         for inst in controller.instances:
             inst.scheduler.blocks.check_integrity()
             used[inst.name] = inst.scheduler.blocks.num_used_blocks
-        return Run(texts, dict(controller.migrations), used)
+        nice = [os.getpriority(os.PRIO_PROCESS, i.pid) for i in controller.instances if i.pid]
+        return Run(texts, dict(controller.migrations), used, nice)
     finally:
         await controller.stop()
 
@@ -67,6 +70,12 @@ def test_same_text_over_every_transport(runs: dict[str, Run]) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_every_migration_used_the_transport(runs: dict[str, Run], transport: str) -> None:
     assert runs[transport].migrations == {transport: len(PROMPTS)}
+
+
+def test_workers_run_at_the_frontends_priority(runs: dict[str, Run]) -> None:
+    """Ray's default nice 15 let the API server preempt the model it was waiting for."""
+    for run in runs.values():
+        assert run.worker_nice == [os.nice(0)] * 2, run.worker_nice
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
