@@ -10,7 +10,8 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
    TTFT target 2.5x a lone median prefill, TPOT 3x a lone decode step, as in
    sim_fidelity.py), the plan written to benchmarks/results/plan-cpu.json.
 3. Each layout the plan scored (disaggregated, colocated, chunked) deployed with
-   `serve --plan` and swept over rates around its predicted goodput; measured goodput is
+   `serve --plan` and measured at rates stepped from its predicted goodput until attainment
+   crosses 90% (then once more inside the bracket); measured goodput is
    interpolated where attainment crosses 90%, as `distserve goodput` does.
 Writes benchmarks/results/plan_vs_real.json.
 """
@@ -38,8 +39,9 @@ from distserve.sim.profile import load_profiles
 from distserve.workload.build import WorkloadSpec, build_workload
 
 KV_GB = 0.3
-FACTORS = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.5)
-"""Rates tried, as multiples of the plan's predicted goodput of the layout."""
+STEP = 1.25
+"""Rates go up or down by this factor from the predicted goodput until attainment crosses
+the target; one more rate then halves the bracket."""
 
 
 def _profile(path: str):  # type: ignore[no-untyped-def]
@@ -64,10 +66,14 @@ def layout_plan(plan: dict, name: str) -> dict:
     return plan | {"placement": choice, "recommended": name}
 
 
-async def measure(url: str, base: WorkloadSpec, tok, rates: list[float], slo: dict) -> list:  # type: ignore[no-untyped-def]
+async def measure(url: str, base: WorkloadSpec, tok, predicted: float, slo: dict) -> list:  # type: ignore[no-untyped-def]
+    """(rate, attainment) points from the predicted goodput: step by STEP towards the
+    crossing of 90% until it is bracketed (at most 5 rates), then bisect the bracket once
+    (geometrically)."""
     model = await server_model(url)
-    points = []
-    for rate in rates:
+    points: list[tuple[float, float]] = []
+
+    async def at(rate: float) -> float:
         wl = build_workload(dataclasses.replace(base, rate=rate), tok)
         results, elapsed = await run_workload(url, wl, model, progress=False)
         s = summarize(results, slo["ttft"], slo["tpot"], elapsed)
@@ -78,8 +84,18 @@ async def measure(url: str, base: WorkloadSpec, tok, rates: list[float], slo: di
             f"(p90 TTFT {s['ttft']['p90']:.2f} s, TPOT {1000 * s['tpot']['p90']:.0f} ms)",
             flush=True,
         )
-        if att < 0.5:
-            break  # far past the crossing
+        return att
+
+    rate = round(predicted, 3)
+    first = await at(rate) >= 0.9
+    for _ in range(4):
+        rate = round(rate * STEP if first else rate / STEP, 3)
+        if (await at(rate) >= 0.9) != first:
+            break
+    else:
+        return points  # no crossing within the range: goodput is a bound
+    lo, hi = sorted(points[-2:])
+    await at(round((lo[0] * hi[0]) ** 0.5, 3))
     return points
 
 
@@ -99,11 +115,14 @@ async def run(args: argparse.Namespace) -> dict:
         "ttft": 2.5 * profile.prefill_time([median_prompt]),
         "tpot": 3.0 * profile.decode_time([median_prompt]),
     }
-    with running_server("--mode", "disagg", kv_cache_gb=KV_GB) as url:
-        cal = await calibrate(url, await server_model(url), profile, probe)
+    trace = args.plan_output.replace(".json", "-calibration-steps.jsonl")
+    with running_server("--mode", "disagg", "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
+        cal = await calibrate(url, await server_model(url), profile, probe, trace=trace)
+    os.remove(trace)
     print(
         f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms; "
-        f"compute scale {cal.compute_scale:.3f}, step overhead {1000 * cal.step_overhead:.1f} ms",
+        f"compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f}), "
+        f"step overhead {1000 * cal.step_overhead:.1f} ms",
         flush=True,
     )
     pool = build_workload(dataclasses.replace(base, num_requests=4000, rate=1.0), tok)
@@ -116,6 +135,7 @@ async def run(args: argparse.Namespace) -> dict:
         transfer_bandwidth=2.5e9,
         step_overhead=cal.step_overhead,
         compute_scale=cal.compute_scale,
+        decode_scale=cal.decode_scale,
         min_requests=args.num_requests,
     )
     t0 = time.perf_counter()
@@ -139,13 +159,9 @@ async def run(args: argparse.Namespace) -> dict:
         predicted, devices = choice["goodput"], choice["devices"]
         path = args.plan_output.replace(".json", f"-{name}.json")
         write_plan(path, layout_plan(plan, name))
-        rates = [round(predicted * f, 3) for f in FACTORS]
-        print(
-            f"  {name}: predicted {predicted:.3f} req/s on {devices} cores; rates {rates}",
-            flush=True,
-        )
+        print(f"  {name}: predicted {predicted:.3f} req/s on {devices} cores", flush=True)
         with running_server("--plan", path, kv_cache_gb=KV_GB) as url:
-            points = await measure(url, base, tok, rates, slo)
+            points = await measure(url, base, tok, predicted, slo)
         measured = goodput(points, 0.9)
         rows[name] = {
             "predicted_rps": predicted,
@@ -154,6 +170,7 @@ async def run(args: argparse.Namespace) -> dict:
             "predicted_per_core": predicted / devices,
             "measured_per_core": measured / devices,
             "error": (predicted - measured) / measured if measured else None,
+            "crossed": any(a >= 0.9 for _, a in points) and any(a < 0.9 for _, a in points),
             "points": points,
         }
         print(

@@ -35,7 +35,7 @@ CASES = {
 }
 
 
-def run_case(name: str, workers: int, num_requests: int, tokenizer) -> dict:  # type: ignore[no-untyped-def]
+def run_case(name: str, workers: int, num_requests: int, tokenizer, max_pp: int | None) -> dict:  # type: ignore[no-untyped-def]
     model, dataset, ttft, tpot, nodes, per_node, paper = CASES[name]
     spec = WorkloadSpec(dataset=dataset, num_requests=4000, rate=1.0, seed=0)
     workload = build_workload(spec, tokenizer)
@@ -58,6 +58,7 @@ def run_case(name: str, workers: int, num_requests: int, tokenizer) -> dict:  # 
         workers=workers,
         workload_meta=workload.meta,
         baseline_profiles=pick("vllm"),
+        max_pp=max_pp,
     )
     seconds = time.perf_counter() - t0
     d = plan["disagg"] or {}
@@ -92,6 +93,7 @@ def run_case(name: str, workers: int, num_requests: int, tokenizer) -> dict:  # 
         else None,
         "recommended": plan["recommended"],
         "paper": paper,
+        "max_pp": max_pp,
         "search_seconds": seconds,
         "algorithm_seconds": plan["seconds_by_phase"]["algorithm"],
         "plan": plan,
@@ -118,6 +120,12 @@ def main() -> int:
     ap.add_argument(
         "--num-requests", type=int, default=300, help="requests per simulation at least"
     )
+    ap.add_argument(
+        "--max-pp",
+        type=int,
+        default=None,
+        help="highest pipeline degree searched (default: any; 1: tensor parallelism only)",
+    )
     ap.add_argument("--output", default="benchmarks/results/planner.json", help="results JSON")
     args = ap.parse_args()
     tokenizer = tokenizer_for("smollm2-135m")
@@ -128,7 +136,7 @@ def main() -> int:
             ap.error(f"--cases: unknown case {name!r} (choose from {', '.join(CASES)})")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     for name in names:
-        rows.append(run_case(name, args.workers, args.num_requests, tokenizer))
+        rows.append(run_case(name, args.workers, args.num_requests, tokenizer, args.max_pp))
         with open(args.output, "w") as f:  # after every case: a long run keeps what it did
             json.dump({"workers": args.workers, "cases": rows}, f, indent=1, default=str)
     return 0

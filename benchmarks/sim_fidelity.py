@@ -3,9 +3,10 @@
     python benchmarks/sim_fidelity.py [--quick] [--profile benchmarks/results/smollm2-1core.json]
 
 1. Profile SmolLM2 on one core (each instance of both placements owns one core), unless a
-   profile file is given; calibrate, from a lone request through the real server, how
-   much slower the model runs when serving (the API server and the load generator share
-   the two cores) and the per-step overhead outside the model (Ray round trip, streaming).
+   profile file is given; calibrate, from a lone request through the real server and its
+   step trace, how much slower the model's prefill and decode steps run when serving (the
+   API server and the load generator share the two cores; a decode step starts with cold
+   caches) and the per-step overhead outside the model (Ray round trip, streaming).
 2. For disagg 1P1D and colocated 2x1, at rates from low load to past saturation, replay the
    same chatbot requests against the real server and through the simulator.
 3. Report attainment real vs simulated per rate (the paper's Table 2 shape) and the error
@@ -107,15 +108,16 @@ async def run(args: argparse.Namespace) -> dict:
         trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
         with running_server(*flags, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
             model = await server_model(url)
-            cal = await calibrate(url, model, profile, probe)
+            cal = await calibrate(url, model, profile, probe, trace=trace)
             print(
-                f"{system}: compute scale {cal.compute_scale:.3f}, step overhead "
-                f"{1000 * cal.step_overhead:.1f} ms",
+                f"{system}: compute scale {cal.compute_scale:.3f} (decode "
+                f"{cal.decode_scale or 0:.3f}), step overhead {1000 * cal.step_overhead:.1f} ms",
                 flush=True,
             )
             opts = SimOptions(
                 step_overhead=cal.step_overhead,
                 compute_scale=cal.compute_scale,
+                decode_scale=cal.decode_scale,
                 transfer_bandwidth=2.5e9,
                 transfer_overhead=0.005,
                 scheduler=SCHED,

@@ -7,6 +7,8 @@ sampling, streaming)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
 from typing import Any
 
@@ -17,32 +19,76 @@ from distserve.workload.spec import Workload
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     compute_scale: float
-    """Server-side prefill time of the lone request over the profile's."""
+    """Served prefill time of the lone request over the profile's."""
     step_overhead: float
     """Seconds per decode step beyond the profile's step (scaled), never negative."""
+    decode_scale: float | None = None
+    """Served decode step time over the profile's, where a step trace shows it."""
+
+
+def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[float]]:
+    """The model's own time over the profile's, per prefill-only and per decode-only step
+    of a step trace (`serve --trace-steps`)."""
+    prefill, decode = [], []
+    for line in lines:
+        s = json.loads(line)
+        if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
+            prefill.append(s["exec"] / profile.prefill_time(s["prefill"]))
+        elif s["decode"] and not s["prefill"]:
+            decode.append(s["exec"] / profile.decode_time(s["decode"]))
+    return prefill, decode
 
 
 async def calibrate(
-    url: str, model: str, profile: Any, workload: Workload, reps: int = 3, output_len: int = 32
+    url: str,
+    model: str,
+    profile: Any,
+    workload: Workload,
+    reps: int = 5,
+    output_len: int = 32,
+    trace: str | None = None,
 ) -> Calibration:
-    """Send the workload's median-length request alone `reps` times (after one warm-up);
-    compare its server-side prefill time with the profile's prefill, and its TPOT with
-    the profile's decode step at its context (medians over the reps)."""
-    req = sorted(workload.requests, key=lambda r: r.prompt_len)[len(workload) // 2]
-    alone = Workload((dataclasses.replace(req, index=0, arrival=0.0, output_len=output_len),), {})
-    model_prefill = profile.prefill_time([req.prompt_len])
-    model_step = profile.decode_time([req.prompt_len + output_len // 2])
-    scales, tpots = [], []
-    for i in range(reps + 1):
+    """Send `reps` of the workload's requests alone, one after another (after a warm-up),
+    at evenly spaced quantiles of its prompt lengths, so that the profile's fit error at
+    any one length does not become the scale; compare each one's server-side prefill time
+    with the profile's prefill, and its TPOT with the profile's decode step at its context
+    (medians over the requests). With the server's step trace, the model's own time of
+    each step gives the scales of prefill and decode apart, without the round trip."""
+    by_len = sorted(workload.requests, key=lambda r: r.prompt_len)
+    picks = [by_len[len(by_len) // 2]] + [
+        by_len[min(len(by_len) - 1, int((i + 0.5) * len(by_len) / reps))] for i in range(reps)
+    ]
+    scales, tpots, contexts = [], [], []
+    start = 0
+    for i, req in enumerate(picks):
+        if i == 1 and trace:
+            start = os.path.getsize(trace)
+        alone = Workload(
+            (dataclasses.replace(req, index=0, arrival=0.0, output_len=output_len),), {}
+        )
         (res,), _ = await run_workload(url, alone, model, progress=False)
         if not res.ok:
             raise RuntimeError(f"calibration request failed: {res.error}")
         if i == 0:
             continue  # warm-up: first-touch of the cache blocks, allocator growth
         s = res.server
-        if "prefill_start" in s and "prefill_end" in s and model_prefill > 0:
-            scales.append((s["prefill_end"] - s["prefill_start"]) / model_prefill)
+        if "prefill_start" in s and "prefill_end" in s:
+            scales.append(
+                (s["prefill_end"] - s["prefill_start"]) / profile.prefill_time([req.prompt_len])
+            )
         tpots.append(res.tpot or 0.0)
+        contexts.append(req.prompt_len + output_len // 2)
+    decode_scale = None
+    if trace:
+        with open(trace) as f:
+            f.seek(start)
+            lines = f.read().split("\n")[:-1]  # whole lines only: the server may be writing
+            prefill, decode = trace_scales(lines, profile)
+        scales = prefill or scales
+        decode_scale = statistics.median(decode) if decode else None
     scale = statistics.median(scales) if scales else 1.0
-    overhead = max(0.0, statistics.median(tpots) - scale * model_step)
-    return Calibration(scale, overhead)
+    step_scale = scale if decode_scale is None else decode_scale
+    overhead = statistics.median(
+        t - step_scale * profile.decode_time([c]) for t, c in zip(tpots, contexts, strict=True)
+    )
+    return Calibration(scale, max(0.0, overhead), decode_scale)

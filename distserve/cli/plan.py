@@ -115,6 +115,20 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "API server shares the workers' cores (default: 1)",
     )
     p.add_argument(
+        "--decode-scale",
+        type=positive_float,
+        default=None,
+        help="the same for decode steps alone, where a served decode step slows more than "
+        "a prefill (default: --compute-scale)",
+    )
+    p.add_argument(
+        "--max-pp",
+        type=positive_int,
+        default=None,
+        help="highest pipeline degree of an instance (default: what the cluster holds; "
+        "1 searches tensor parallelism only)",
+    )
+    p.add_argument(
         "--workers",
         type=positive_int,
         default=os.cpu_count() or 1,
@@ -199,6 +213,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         capacity=a100_kv_capacity(),
         step_overhead=args.step_overhead,
         compute_scale=args.compute_scale,
+        decode_scale=args.decode_scale,
         min_requests=args.num_requests,
     )
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -214,6 +229,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             say,
             workload.meta,
             baseline,
+            args.max_pp,
         )
     except ValueError as e:
         print(f"distserve plan: error: {e}", file=sys.stderr)

@@ -71,6 +71,13 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "API server shares the workers' cores (default: 1)",
     )
     p.add_argument(
+        "--decode-scale",
+        type=positive_float,
+        default=None,
+        help="the same for decode steps alone, where a served decode step slows more than "
+        "a prefill (default: --compute-scale)",
+    )
+    p.add_argument(
         "--transfer-bandwidth",
         type=positive_float,
         default=None,
@@ -162,6 +169,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         opts = SimOptions(
             step_overhead=args.step_overhead,
             compute_scale=args.compute_scale,
+            decode_scale=args.decode_scale,
             transfer_bandwidth=args.transfer_bandwidth,
             num_blocks=args.num_blocks,
             scheduler=sched,

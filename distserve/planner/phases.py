@@ -90,6 +90,8 @@ class Setting:
     """Seconds each step spends outside the model (the serving path's round trip)."""
     compute_scale: float = 1.0
     """Model time when serving over model time when profiled."""
+    decode_scale: float | None = None
+    """The same for decode steps (None: `compute_scale`)."""
     min_requests: int = 300
     """Requests per simulation at least; more (up to the workload's size) where the
     placement holds many at once."""
@@ -142,6 +144,7 @@ def _latency(profile: Profile, pp: int, setting: Setting) -> LatencyModel:
         kv_bytes_per_token=kv_bytes_per_token(profile),
         transfer_bandwidth=setting.transfer_bandwidth,
         compute_scale=setting.compute_scale,
+        decode_scale=setting.decode_scale,
     )
 
 

@@ -81,14 +81,16 @@ def make_plan(
     progress: Callable[[str], None] | None = None,
     workload_meta: dict[str, Any] | None = None,
     baseline_profiles: Sequence[Profile] | None = None,
+    max_pp: int | None = None,
 ) -> dict[str, Any]:
     """Search, verify the winners jointly, and compare with the colocated baselines.
     `baseline_profiles`: the baselines' own engine (e.g. vLLM's A100 coefficients, as the
-    paper compares against); default: the same profiles as the disaggregated search."""
+    paper compares against); default: the same profiles as the disaggregated search.
+    `max_pp`: the highest pipeline degree of any instance (default: what the cluster holds)."""
     t0 = time.perf_counter()
-    shapes = candidates(profiles, cluster)
-    dshapes = candidates(decode_profiles, cluster) if decode_profiles else shapes
-    bshapes = candidates(baseline_profiles, cluster) if baseline_profiles else shapes
+    shapes = candidates(profiles, cluster, max_pp)
+    dshapes = candidates(decode_profiles, cluster, max_pp) if decode_profiles else shapes
+    bshapes = candidates(baseline_profiles, cluster, max_pp) if baseline_profiles else shapes
     if not shapes or not dshapes or not bshapes:
         raise ValueError(
             "no instance shape fits the cluster (check --devices-per-node and the "
@@ -146,6 +148,7 @@ def make_plan(
         "serving_path": {
             "step_overhead": setting.step_overhead,
             "compute_scale": setting.compute_scale,
+            "decode_scale": setting.decode_scale,
             "transfer_bandwidth": setting.transfer_bandwidth,
         },
         "baseline_profiles": sorted({p.source for p in (baseline_profiles or profiles)}),

@@ -19,7 +19,9 @@ class LatencyModel:
     is (s + l)^2 - s^2 instead of l^2. `step_overhead` is the per-step time outside the
     model (scheduling, the controller's round trip to the worker); `compute_scale`
     stretches the model's own time (a serving process shares its cores with the API
-    server and the load it serves, which the profiler, alone on its core, does not)."""
+    server and the load it serves, which the profiler, alone on its core, does not), and
+    `decode_scale`, where given, the decode part's alone (a served decode step leaves its
+    caches to the round trip between steps; a long prefill hardly notices)."""
 
     profile: Profile
     step_overhead: float = 0.0
@@ -30,6 +32,12 @@ class LatencyModel:
     """Fixed seconds per migration (round trips)."""
     compute_scale: float = 1.0
     """Model time when serving over model time when profiled."""
+    decode_scale: float | None = None
+    """The same for decode steps (None: `compute_scale`)."""
+
+    @property
+    def decode_factor(self) -> float:
+        return self.compute_scale if self.decode_scale is None else self.decode_scale
 
     def step_time(self, plan: StepPlan) -> float:
         prefill = plan.prefill_chunks
@@ -37,15 +45,19 @@ class LatencyModel:
         t = 0.0
         if prefill:
             a, b, c = self.profile.prefill
-            t += a + sum(
-                b * ch.num_tokens + c * ((ch.start + ch.num_tokens) ** 2 - ch.start**2)
-                for ch in prefill
+            t += self.compute_scale * (
+                a
+                + sum(
+                    b * ch.num_tokens + c * ((ch.start + ch.num_tokens) ** 2 - ch.start**2)
+                    for ch in prefill
+                )
             )
         if decode:
-            t += self.profile.decode_time([ch.start for ch in decode])
-            if prefill:
-                t -= min(self.profile.prefill[0], self.profile.decode_small[0])
-        return t * self.compute_scale + self.step_overhead if (prefill or decode) else 0.0
+            d = self.profile.decode_time([ch.start for ch in decode])
+            if prefill:  # a mixed step pays one fixed term
+                d -= min(self.profile.prefill[0], self.profile.decode_small[0])
+            t += self.decode_factor * d
+        return t + self.step_overhead if (prefill or decode) else 0.0
 
     def decode_steps_time(self, contexts: list[int], steps: int) -> float:
         """Total time of `steps` consecutive decode steps of the same batch, contexts
@@ -60,7 +72,7 @@ class LatencyModel:
         )
         base = sum(n + 1 for n in contexts)
         model = steps * (a + c * batch) + b * (steps * base + batch * steps * (steps - 1) // 2)
-        return model * self.compute_scale + steps * self.step_overhead
+        return model * self.decode_factor + steps * self.step_overhead
 
     def transfer_time(self, num_tokens: int) -> float:
         return (

@@ -32,6 +32,9 @@ class SimOptions:
         default=1.0,
         metadata={"help": "model time when serving over model time when profiled"},
     )
+    decode_scale: float | None = field(
+        default=None, metadata={"help": "the same for decode steps (None: compute_scale)"}
+    )
     num_blocks: int | None = field(
         default=None, metadata={"help": "KV blocks per instance (None: the profile's capacity)"}
     )
@@ -55,6 +58,7 @@ def latency_model(profile: Profile, opts: SimOptions) -> LatencyModel:
         bw,
         opts.transfer_overhead,
         opts.compute_scale,
+        opts.decode_scale,
     )
 
 

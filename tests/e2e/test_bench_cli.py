@@ -110,3 +110,35 @@ def test_bench_errors_are_clear(url) -> None:
     assert r.returncode == 2 and "--trace" in r.stderr
     r = _cli("bench", "--base-url", url, "--rate", "-1", "--ttft-slo", "1", "--tpot-slo", "1")
     assert r.returncode == 2 and "--rate" in r.stderr
+
+
+def test_calibration_reads_the_step_trace(url, trace) -> None:
+    """Calibrating on a lone request with the server's step trace: the scales are the
+    trace's own ratios over the calibration's steps (the warm-up request left out)."""
+    import asyncio
+    import statistics
+
+    from distserve.bench.calibrate import calibrate, trace_scales
+    from distserve.bench.client import server_model
+    from distserve.sim.profile import Profile
+    from distserve.workload import Workload, WorkloadRequest
+
+    toy = Profile(
+        "toy", "toy", prefill=(0.001, 1e-4, 0.0), decode_small=(0.002, 0.0, 0.0),
+        decode_large=(0.002, 0.0, 0.0),
+    )  # fmt: skip
+    wl = Workload((WorkloadRequest(0, 0.0, tuple(range(100, 160)), 8),))
+    before = trace.read_text().splitlines()
+
+    async def go():
+        model = await server_model(url)
+        return await calibrate(url, model, toy, wl, reps=2, output_len=6, trace=str(trace))
+
+    cal = asyncio.run(go())
+    new = trace.read_text().splitlines()[len(before) :]
+    prefill, decode = trace_scales(new, toy)
+    assert len(prefill) == 3 and len(decode) == 3 * 5  # warm-up + 2 reps, 6 tokens each
+    prefill, decode = trace_scales(new[len(new) // 3 :], toy)  # without the warm-up
+    assert cal.compute_scale == pytest.approx(statistics.median(prefill))
+    assert cal.decode_scale == pytest.approx(statistics.median(decode))
+    assert cal.step_overhead >= 0

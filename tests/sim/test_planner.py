@@ -85,3 +85,12 @@ def test_plan_compares_with_colocated_and_says_which_wins() -> None:
 
 def test_instance_config_shapes() -> None:
     assert InstanceConfig(TP2, pp=1).devices == 2 and InstanceConfig(TP1).label == "tp1 pp1"
+
+
+def test_pipeline_degrees_divide_the_layers_and_respect_max_pp() -> None:
+    from distserve.sim.profile import bundled_a100, find
+
+    opt13 = find(bundled_a100(), "opt-13b", 1)  # 40 layers
+    assert sorted(s.pp for s in candidates([opt13], Cluster(1, 8))) == [1, 2, 4, 5, 8]
+    assert [s.pp for s in candidates([opt13], Cluster(1, 8), max_pp=2)] == [1, 2]
+    assert [s.pp for s in candidates([opt13], Cluster(1, 8), max_pp=1)] == [1]

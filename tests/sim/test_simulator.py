@@ -11,6 +11,7 @@ import pytest
 
 from distserve.config import PlacementConfig
 from distserve.core import SchedulerConfig
+from distserve.core.plan import ScheduledChunk, StepPlan
 from distserve.planner.fit import fit_decode, fit_prefill
 from distserve.sim.latency import LatencyModel
 from distserve.sim.profile import Profile, bundled_a100, find
@@ -97,6 +98,28 @@ def test_compute_scale_stretches_model_time_not_overhead() -> None:
     # transfer: no bandwidth cost given here (kv_bytes_per_token 0)
     assert r.e2e == pytest.approx(r.ttft + 4 * step)
     assert lat.decode_steps_time([100], 4) == pytest.approx(4 * step)
+
+
+def test_decode_scale_stretches_decode_steps_only() -> None:
+    """Prefill served 1.2x slower than profiled, decode 1.5x."""
+    lat = LatencyModel(ROUND, step_overhead=0.002, compute_scale=1.2, decode_scale=1.5)
+    roles = ("prefill", "decode", "colocated")
+    cfg = dataclasses.replace(_config(), latency={r: lat for r in roles})
+    (r,) = Simulator(cfg).run(_wl((0.0, 100, 5)))
+    assert r.ttft == pytest.approx(1.2 * (0.010 + 0.001 * 100) + 0.002)
+    step = 1.5 * (0.005 + 0.001) + 0.002
+    assert r.e2e == pytest.approx(r.ttft + 4 * step)
+    assert lat.decode_steps_time([100], 4) == pytest.approx(4 * step)
+
+
+def test_mixed_step_scales_each_part() -> None:
+    """A chunked-prefill step: 100 prompt tokens and two decodes pay one fixed term."""
+    lat = LatencyModel(ROUND, step_overhead=0.002, compute_scale=1.2, decode_scale=1.5)
+    chunk = lambda start, n: ScheduledChunk("r", (), start, (), None, num_tokens=n)  # noqa: E731
+    plan = StepPlan(0, (chunk(0, 100), chunk(50, 1), chunk(60, 1)))
+    prefill = 0.010 + 0.001 * 100
+    decode = 0.005 + 2 * 0.001 - 0.005  # the shared fixed term paid once
+    assert lat.step_time(plan) == pytest.approx(1.2 * prefill + 1.5 * decode + 0.002)
 
 
 def test_two_requests_queue_for_prefill() -> None:
