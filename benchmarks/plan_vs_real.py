@@ -4,8 +4,9 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
     python benchmarks/plan_vs_real.py [--profile benchmarks/results/smollm2-1core.json]
 
 1. A 1-core profile of SmolLM2 (made now with `distserve profile`'s code if missing); the
-   serving path's per-step overhead and compute slowdown calibrated on a lone request
-   through a real 1P1D server.
+   serving path's per-step overhead (lone requests) and the model's slowdown when served
+   (a run of other requests at half the one-core prefill capacity, from the step trace)
+   calibrated through a real 1P1D server.
 2. `distserve plan`'s search for 2 cores (chatbot, prompts <= 512, outputs <= 64 tokens;
    TTFT target 2.5x a lone median prefill, TPOT 3x a lone decode step, as in
    sim_fidelity.py), the plan written to benchmarks/results/plan-cpu.json.
@@ -115,14 +116,21 @@ async def run(args: argparse.Namespace) -> dict:
         "ttft": 2.5 * profile.prefill_time([median_prompt]),
         "tpot": 3.0 * profile.decode_time([median_prompt]),
     }
+    # calibration under load: other requests (another seed) at half the prefill capacity
+    load = build_workload(
+        dataclasses.replace(
+            base, seed=args.seed + 1, rate=round(0.5 / profile.prefill_time([median_prompt]), 3)
+        ),
+        tok,
+    )
     trace = args.plan_output.replace(".json", "-calibration-steps.jsonl")
     with running_server("--mode", "disagg", "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
-        cal = await calibrate(url, await server_model(url), profile, probe, trace=trace)
+        cal = await calibrate(url, await server_model(url), profile, probe, trace=trace, load=load)
     os.remove(trace)
     print(
         f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms; "
-        f"compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f}), "
-        f"step overhead {1000 * cal.step_overhead:.1f} ms",
+        f"compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f}; lone "
+        f"requests {cal.lone}), step overhead {1000 * cal.step_overhead:.1f} ms",
         flush=True,
     )
     pool = build_workload(dataclasses.replace(base, num_requests=4000, rate=1.0), tok)

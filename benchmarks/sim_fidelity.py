@@ -3,10 +3,11 @@
     python benchmarks/sim_fidelity.py [--quick] [--profile benchmarks/results/smollm2-1core.json]
 
 1. Profile SmolLM2 on one core (each instance of both placements owns one core), unless a
-   profile file is given; calibrate, from a lone request through the real server and its
-   step trace, how much slower the model's prefill and decode steps run when serving (the
-   API server and the load generator share the two cores; a decode step starts with cold
-   caches) and the per-step overhead outside the model (Ray round trip, streaming).
+   profile file is given; calibrate through the real server and its step trace: the
+   per-step overhead outside the model (Ray round trip, streaming) from lone requests, and
+   how much slower the model's prefill and decode steps run when serving (the API server
+   and the load generator share the two cores; a decode step starts with cold caches)
+   from a run of other requests (another seed) at half the one-core prefill capacity.
 2. For disagg 1P1D and colocated 2x1, at rates from low load to past saturation, replay the
    same chatbot requests against the real server and through the simulator.
 3. Report attainment real vs simulated per rate (the paper's Table 2 shape) and the error
@@ -94,6 +95,10 @@ async def run(args: argparse.Namespace) -> dict:
     # one-core prefill rate, 2 colocated instances later)
     factors = (0.2, 0.6) if args.quick else (0.2, 0.45, 0.7, 0.95, 1.2, 1.5)
     rates = [round(prefill_rate * f, 3) for f in factors]
+    # calibration under load: other requests (another seed) at half the prefill capacity
+    load = build_workload(
+        dataclasses.replace(base, seed=args.seed + 1, rate=round(0.5 * prefill_rate, 3)), tok
+    )
     report: dict = {
         "profile": profile_path,
         "slo": slo,
@@ -108,10 +113,11 @@ async def run(args: argparse.Namespace) -> dict:
         trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
         with running_server(*flags, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
             model = await server_model(url)
-            cal = await calibrate(url, model, profile, probe, trace=trace)
+            cal = await calibrate(url, model, profile, probe, trace=trace, load=load)
             print(
                 f"{system}: compute scale {cal.compute_scale:.3f} (decode "
-                f"{cal.decode_scale or 0:.3f}), step overhead {1000 * cal.step_overhead:.1f} ms",
+                f"{cal.decode_scale or 0:.3f}; lone requests {cal.lone}), step overhead "
+                f"{1000 * cal.step_overhead:.1f} ms",
                 flush=True,
             )
             opts = SimOptions(

@@ -19,11 +19,13 @@ from distserve.workload.spec import Workload
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     compute_scale: float
-    """Served prefill time of the lone request over the profile's."""
+    """Served prefill time over the profile's."""
     step_overhead: float
     """Seconds per decode step beyond the profile's step (scaled), never negative."""
     decode_scale: float | None = None
     """Served decode step time over the profile's, where a step trace shows it."""
+    lone: tuple[float, float | None] | None = None
+    """(prefill, decode) scales of the lone requests, where a loaded run set the scales."""
 
 
 def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[float]]:
@@ -39,6 +41,30 @@ def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[floa
     return prefill, decode
 
 
+def trace_time_ratios(lines: list[str], profile: Any) -> tuple[float | None, float | None]:
+    """Total model time over total profile time, of prefill-only and of decode-only steps:
+    the factor that stretches a run's time, where a median would miss the slow tail."""
+    sums = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
+    for line in lines:
+        s = json.loads(line)
+        if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
+            acc, model = sums["prefill"], profile.prefill_time(s["prefill"])
+        elif s["decode"] and not s["prefill"]:
+            acc, model = sums["decode"], profile.decode_time(s["decode"])
+        else:
+            continue
+        acc[0] += s["exec"]
+        acc[1] += model
+    p, d = sums["prefill"], sums["decode"]
+    return (p[0] / p[1] if p[1] else None), (d[0] / d[1] if d[1] else None)
+
+
+def _new_lines(trace: str, start: int) -> list[str]:
+    with open(trace) as f:
+        f.seek(start)
+        return f.read().split("\n")[:-1]  # whole lines only: the server may be writing
+
+
 async def calibrate(
     url: str,
     model: str,
@@ -47,13 +73,17 @@ async def calibrate(
     reps: int = 5,
     output_len: int = 32,
     trace: str | None = None,
+    load: Workload | None = None,
 ) -> Calibration:
     """Send `reps` of the workload's requests alone, one after another (after a warm-up),
     at evenly spaced quantiles of its prompt lengths, so that the profile's fit error at
     any one length does not become the scale; compare each one's server-side prefill time
     with the profile's prefill, and its TPOT with the profile's decode step at its context
     (medians over the requests). With the server's step trace, the model's own time of
-    each step gives the scales of prefill and decode apart, without the round trip."""
+    each step gives the scales of prefill and decode apart, without the round trip; with a
+    `load` workload too (requests at a rate, none of those measured later), the scales are
+    those of that run: on a CPU the model runs slower when both cores are busy and the
+    frontend streams tokens than for a lone request."""
     by_len = sorted(workload.requests, key=lambda r: r.prompt_len)
     picks = [by_len[len(by_len) // 2]] + [
         by_len[min(len(by_len) - 1, int((i + 0.5) * len(by_len) / reps))] for i in range(reps)
@@ -80,10 +110,7 @@ async def calibrate(
         contexts.append(req.prompt_len + output_len // 2)
     decode_scale = None
     if trace:
-        with open(trace) as f:
-            f.seek(start)
-            lines = f.read().split("\n")[:-1]  # whole lines only: the server may be writing
-            prefill, decode = trace_scales(lines, profile)
+        prefill, decode = trace_scales(_new_lines(trace, start), profile)
         scales = prefill or scales
         decode_scale = statistics.median(decode) if decode else None
     scale = statistics.median(scales) if scales else 1.0
@@ -91,4 +118,18 @@ async def calibrate(
     overhead = statistics.median(
         t - step_scale * profile.decode_time([c]) for t, c in zip(tpots, contexts, strict=True)
     )
-    return Calibration(scale, max(0.0, overhead), decode_scale)
+    cal = Calibration(scale, max(0.0, overhead), decode_scale)
+    if trace is None or load is None:
+        return cal
+    start = os.path.getsize(trace)
+    results, _ = await run_workload(url, load, model, progress=False)
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} calibration requests failed: {failed[0]}")
+    loaded_prefill, loaded_decode = trace_time_ratios(_new_lines(trace, start), profile)
+    return dataclasses.replace(
+        cal,
+        compute_scale=loaded_prefill or scale,
+        decode_scale=loaded_decode or decode_scale,
+        lone=(scale, decode_scale),
+    )

@@ -142,3 +142,41 @@ def test_calibration_reads_the_step_trace(url, trace) -> None:
     assert cal.compute_scale == pytest.approx(statistics.median(prefill))
     assert cal.decode_scale == pytest.approx(statistics.median(decode))
     assert cal.step_overhead >= 0
+
+
+def test_calibration_under_load_takes_the_loaded_runs_scales(url, trace) -> None:
+    import asyncio
+
+    from distserve.bench.calibrate import calibrate, trace_time_ratios
+    from distserve.bench.client import server_model
+    from distserve.sim.profile import Profile
+    from distserve.workload import Workload, WorkloadRequest
+
+    toy = Profile(
+        "toy", "toy", prefill=(0.001, 1e-4, 0.0), decode_small=(0.002, 0.0, 0.0),
+        decode_large=(0.002, 0.0, 0.0),
+    )  # fmt: skip
+    lone = Workload((WorkloadRequest(0, 0.0, tuple(range(100, 160)), 8),))
+    load = Workload(
+        tuple(WorkloadRequest(i, 0.05 * i, tuple(range(200, 240 + 8 * i)), 6) for i in range(4))
+    )
+    sizes = []
+
+    async def go():
+        model = await server_model(url)
+        cal = await calibrate(url, model, toy, lone, reps=1, output_len=4, trace=str(trace))
+        sizes.append(len(trace.read_text().splitlines()))
+        loaded = await calibrate(
+            url, model, toy, lone, reps=1, output_len=4, trace=str(trace), load=load
+        )
+        return cal, loaded
+
+    cal, loaded = asyncio.run(go())
+    assert cal.lone is None
+    assert loaded.lone is not None and loaded.step_overhead >= 0
+    # the loaded run's lines: after the second calibration's two lone requests (4 tokens)
+    lines = trace.read_text().splitlines()[sizes[0] + 2 * 4 :]
+    assert sum(len(json.loads(line)["prefill"]) for line in lines) == len(load)
+    prefill, decode = trace_time_ratios(lines, toy)
+    assert loaded.compute_scale == pytest.approx(prefill)
+    assert loaded.decode_scale == pytest.approx(decode)
