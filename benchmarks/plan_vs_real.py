@@ -9,7 +9,8 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
    calibrated through a real 1P1D server.
 2. `distserve plan`'s search for 2 cores (chatbot, prompts <= 512, outputs <= 64 tokens;
    TTFT target 2.5x a lone median prefill, TPOT 3x a lone decode step, as in
-   sim_fidelity.py), the plan written to benchmarks/results/plan-cpu.json.
+   sim_fidelity.py), made for the same 60 requests that each rate then replays; the plan
+   written to benchmarks/results/plan-cpu.json.
 3. Each layout the plan scored (disaggregated, colocated, chunked) deployed with
    `serve --plan` and measured at rates stepped from its predicted goodput until attainment
    crosses 90% (then once more inside the bracket); measured goodput is
@@ -133,9 +134,12 @@ async def run(args: argparse.Namespace) -> dict:
         f"requests {cal.lone}), step overhead {1000 * cal.step_overhead:.1f} ms",
         flush=True,
     )
-    pool = build_workload(dataclasses.replace(base, num_requests=4000, rate=1.0), tok)
+    # The plan is made for the very requests each rate replays (same seed, arrivals
+    # stretched): at 60 requests a sample's mix is its own (this one has 8% outputs of <= 4
+    # tokens, the first 4,000 requests 4.7%), and a plan for another sample of the same
+    # dataset measured the sample difference along with the planner's error.
     setting = Setting(
-        pool,
+        probe,
         slo["ttft"],
         slo["tpot"],
         0.9,
@@ -190,6 +194,7 @@ async def run(args: argparse.Namespace) -> dict:
     return {
         "profile": args.profile,
         "slo": slo,
+        "workload_spec": dataclasses.asdict(base),
         "calibration": dataclasses.asdict(cal),
         "recommended": plan["recommended"],
         "plan": args.plan_output,
