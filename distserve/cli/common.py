@@ -68,3 +68,21 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=2048,
         help="longest prompt + output in tokens (default: 2048)",
     )
+
+
+def add_serving_path_scale_flags(p: argparse.ArgumentParser) -> None:
+    """How much slower the model runs when served than when profiled (simulate, plan)."""
+    p.add_argument(
+        "--compute-scale",
+        type=positive_float,
+        default=1.0,
+        help="model time when serving over model time when profiled, e.g. 1.1 where the "
+        "API server shares the workers' cores (default: 1)",
+    )
+    p.add_argument(
+        "--decode-scale",
+        type=positive_float,
+        default=None,
+        help="the same for decode steps alone, where a served decode step slows more than "
+        "a prefill (default: --compute-scale)",
+    )

@@ -10,7 +10,12 @@ import sys
 from typing import Any
 
 from distserve.cli.bench import DATASETS, _clean
-from distserve.cli.common import flag_message, positive_float, positive_int
+from distserve.cli.common import (
+    add_serving_path_scale_flags,
+    flag_message,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
@@ -107,20 +112,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="seconds each step spends outside the model (the serving path's round trip; "
         "benchmarks/sim_fidelity.py measures it); default: 0",
     )
-    p.add_argument(
-        "--compute-scale",
-        type=positive_float,
-        default=1.0,
-        help="model time when serving over model time when profiled, e.g. 1.1 where the "
-        "API server shares the workers' cores (default: 1)",
-    )
-    p.add_argument(
-        "--decode-scale",
-        type=positive_float,
-        default=None,
-        help="the same for decode steps alone, where a served decode step slows more than "
-        "a prefill (default: --compute-scale)",
-    )
+    add_serving_path_scale_flags(p)
     p.add_argument(
         "--max-pp",
         type=positive_int,

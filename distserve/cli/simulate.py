@@ -7,7 +7,12 @@ import json
 from typing import Any
 
 from distserve.cli.bench import DATASETS, _clean, _range
-from distserve.cli.common import flag_message, positive_float, positive_int
+from distserve.cli.common import (
+    add_serving_path_scale_flags,
+    flag_message,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
@@ -63,20 +68,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         default=0.0,
         help="seconds per step outside the model (default: 0)",
     )
-    p.add_argument(
-        "--compute-scale",
-        type=positive_float,
-        default=1.0,
-        help="model time when serving over model time when profiled, e.g. 1.1 where the "
-        "API server shares the workers' cores (default: 1)",
-    )
-    p.add_argument(
-        "--decode-scale",
-        type=positive_float,
-        default=None,
-        help="the same for decode steps alone, where a served decode step slows more than "
-        "a prefill (default: --compute-scale)",
-    )
+    add_serving_path_scale_flags(p)
     p.add_argument(
         "--transfer-bandwidth",
         type=positive_float,

@@ -57,3 +57,39 @@ def test_bad_flags_name_the_flag() -> None:
         r = _run("generate", *args, "hi")
         assert r.returncode == 2, (args, r.stderr)
         assert flag in r.stderr, r.stderr
+
+
+def test_plan_json_on_the_bundled_profiles() -> None:
+    """`distserve plan` end to end: OPT-13B on 2 A100s, tensor parallelism only, the
+    calibrated serving path recorded in the plan."""
+    r = _run(
+        "plan", "--profile", "a100", "--model", "opt-13b", "--devices-per-node", "2",
+        "--dataset", "random", "--num-requests", "60", "--ttft-slo", "0.25", "--tpot-slo", "0.1",
+        "--max-pp", "1", "--compute-scale", "1.1", "--decode-scale", "1.3", "--workers", "1",
+        "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    shapes = [
+        c[k]
+        for c in (plan["disagg"], *plan["baselines"].values())
+        if c
+        for k in ("prefill", "decode", "colocated")
+        if c.get(k)
+    ]
+    assert shapes and all(s["pp"] == 1 for s in shapes)
+    assert plan["serving_path"]["compute_scale"] == 1.1
+    assert plan["serving_path"]["decode_scale"] == 1.3
+    assert plan["recommended"] in ("disagg", "colocated", "chunked")
+
+
+def test_plan_bad_flags_name_the_flag() -> None:
+    base = ["plan", "--profile", "a100", "--devices-per-node", "2"]
+    for args, flag in (
+        (["--decode-scale", "0"], "--decode-scale"),
+        (["--max-pp", "0"], "--max-pp"),
+        (["--compute-scale", "-1"], "--compute-scale"),
+    ):
+        r = _run(*base, "--ttft-slo", "1", "--tpot-slo", "0.1", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert flag in r.stderr, r.stderr

@@ -87,27 +87,19 @@ def test_one_request_prefill_transfer_decode_by_hand() -> None:
     assert r.num_tokens == 5
 
 
-def test_compute_scale_stretches_model_time_not_overhead() -> None:
-    """A serving path that runs the model 1.5x slower than profiled, plus 2 ms a step."""
-    lat = LatencyModel(ROUND, step_overhead=0.002, compute_scale=1.5)
+@pytest.mark.parametrize("prefill_scale,decode_scale", [(1.5, None), (1.2, 1.5)])
+def test_scales_stretch_model_time_not_overhead(prefill_scale, decode_scale) -> None:
+    """A serving path that runs the model slower than profiled (decode 1.5x, prefill the
+    same or 1.2x), plus 2 ms a step."""
+    lat = LatencyModel(
+        ROUND, step_overhead=0.002, compute_scale=prefill_scale, decode_scale=decode_scale
+    )
     roles = ("prefill", "decode", "colocated")
     cfg = dataclasses.replace(_config(), latency={r: lat for r in roles})
     (r,) = Simulator(cfg).run(_wl((0.0, 100, 5)))
-    assert r.ttft == pytest.approx(1.5 * (0.010 + 0.001 * 100) + 0.002)
+    assert r.ttft == pytest.approx(prefill_scale * (0.010 + 0.001 * 100) + 0.002)
     step = 1.5 * (0.005 + 0.001) + 0.002
     # transfer: no bandwidth cost given here (kv_bytes_per_token 0)
-    assert r.e2e == pytest.approx(r.ttft + 4 * step)
-    assert lat.decode_steps_time([100], 4) == pytest.approx(4 * step)
-
-
-def test_decode_scale_stretches_decode_steps_only() -> None:
-    """Prefill served 1.2x slower than profiled, decode 1.5x."""
-    lat = LatencyModel(ROUND, step_overhead=0.002, compute_scale=1.2, decode_scale=1.5)
-    roles = ("prefill", "decode", "colocated")
-    cfg = dataclasses.replace(_config(), latency={r: lat for r in roles})
-    (r,) = Simulator(cfg).run(_wl((0.0, 100, 5)))
-    assert r.ttft == pytest.approx(1.2 * (0.010 + 0.001 * 100) + 0.002)
-    step = 1.5 * (0.005 + 0.001) + 0.002
     assert r.e2e == pytest.approx(r.ttft + 4 * step)
     assert lat.decode_steps_time([100], 4) == pytest.approx(4 * step)
 
