@@ -131,7 +131,8 @@ async def run(args: argparse.Namespace) -> dict:
     print(
         f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms; "
         f"compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f}; lone "
-        f"requests {cal.lone}), step overhead {1000 * cal.step_overhead:.1f} ms",
+        f"requests {cal.lone}; other instance idle/busy {cal.contention}), step overhead "
+        f"{1000 * cal.step_overhead:.1f} ms",
         flush=True,
     )
     # The plan is made for the very requests each rate replays (same seed, arrivals
@@ -146,8 +147,7 @@ async def run(args: argparse.Namespace) -> dict:
         SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048),
         transfer_bandwidth=2.5e9,
         step_overhead=cal.step_overhead,
-        compute_scale=cal.compute_scale,
-        decode_scale=cal.decode_scale,
+        **cal.scales(),
         min_requests=args.num_requests,
     )
     t0 = time.perf_counter()

@@ -53,6 +53,8 @@ def simulated(report: dict, plan: dict, name: str, rates: list[float]) -> list[f
         step_overhead=sp["step_overhead"],
         compute_scale=sp["compute_scale"],
         decode_scale=sp.get("decode_scale"),
+        contended_scale=sp.get("contended_scale"),
+        contended_decode_scale=sp.get("contended_decode_scale"),
         transfer_bandwidth=sp["transfer_bandwidth"],
         scheduler=SchedulerConfig(
             max_num_seqs=64,

@@ -116,14 +116,13 @@ async def run(args: argparse.Namespace) -> dict:
             cal = await calibrate(url, model, profile, probe, trace=trace, load=load)
             print(
                 f"{system}: compute scale {cal.compute_scale:.3f} (decode "
-                f"{cal.decode_scale or 0:.3f}; lone requests {cal.lone}), step overhead "
-                f"{1000 * cal.step_overhead:.1f} ms",
+                f"{cal.decode_scale or 0:.3f}; lone requests {cal.lone}; other instances "
+                f"idle/busy {cal.contention}), step overhead {1000 * cal.step_overhead:.1f} ms",
                 flush=True,
             )
             opts = SimOptions(
                 step_overhead=cal.step_overhead,
-                compute_scale=cal.compute_scale,
-                decode_scale=cal.decode_scale,
+                **cal.scales(contention=not args.no_contention),
                 transfer_bandwidth=2.5e9,
                 transfer_overhead=0.005,
                 scheduler=SCHED,
@@ -168,6 +167,11 @@ def main() -> int:
     ap.add_argument("--num-requests", type=int, default=60, help="requests per rate (default: 60)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
     ap.add_argument("--quick", action="store_true", help="a smoke run")
+    ap.add_argument(
+        "--no-contention",
+        action="store_true",
+        help="simulate without the contention between busy instances the calibration reads",
+    )
     ap.add_argument(
         "--details-dir",
         default="benchmarks/results/sim_fidelity",

@@ -6,6 +6,7 @@ sampling, streaming)."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -26,6 +27,27 @@ class Calibration:
     """Served decode step time over the profile's, where a step trace shows it."""
     lone: tuple[float, float | None] | None = None
     """(prefill, decode) scales of the lone requests, where a loaded run set the scales."""
+    contention: dict[str, tuple[float | None, float | None]] | None = None
+    """Per phase, (scale while the other instances are idle, while they are busy), from the
+    loaded run: on a CPU the frontend's work takes the workers' time when no core is idle."""
+
+    def scales(self, contention: bool = True) -> dict[str, float | None]:
+        """The latency model's scales (SimOptions / Setting fields): with `contention`
+        and a loaded run, idle-neighbour scales plus contended ones; else the totals."""
+        out: dict[str, float | None] = {
+            "compute_scale": self.compute_scale,
+            "decode_scale": self.decode_scale,
+        }
+        if contention and self.contention:
+            (p_idle, p_busy), (d_idle, d_busy) = (
+                self.contention["prefill"],
+                self.contention["decode"],
+            )
+            if p_idle is not None and p_busy is not None:
+                out |= {"compute_scale": p_idle, "contended_scale": p_busy}
+            if d_idle is not None and d_busy is not None:
+                out |= {"decode_scale": d_idle, "contended_decode_scale": d_busy}
+        return out
 
 
 def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[float]]:
@@ -57,6 +79,53 @@ def trace_time_ratios(lines: list[str], profile: Any) -> tuple[float | None, flo
         acc[1] += model
     p, d = sums["prefill"], sums["decode"]
     return (p[0] / p[1] if p[1] else None), (d[0] / d[1] if d[1] else None)
+
+
+def contention_ratios(
+    lines: list[str], profile: Any, idle_below: float = 0.2, busy_above: float = 0.8
+) -> dict[str, tuple[float | None, float | None]]:
+    """Per phase, model time over profile time of the steps during which the other
+    instances were idle (busy less than `idle_below` of the step) and of those during
+    which they were busy (more than `busy_above`)."""
+    steps = [json.loads(line) for line in lines]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for s in steps:
+        by.setdefault(s["instance"], []).append(s)
+    for v in by.values():
+        v.sort(key=lambda s: s["t"])
+    starts = {k: [s["t"] for s in v] for k, v in by.items()}
+
+    def busy(name: str, a: float, b: float) -> float:
+        others = [k for k in by if k != name]
+        if not others or b <= a:
+            return 0.0
+        total = 0.0
+        for k in others:
+            v, i = by[k], max(0, bisect.bisect_left(starts[k], a) - 1)
+            while i < len(v) and v[i]["t"] < b:
+                total += max(0.0, min(b, v[i]["t"] + v[i]["seconds"]) - max(a, v[i]["t"]))
+                i += 1
+        return total / (b - a) / len(others)
+
+    sums = {(ph, c): [0.0, 0.0] for ph in ("prefill", "decode") for c in ("idle", "busy")}
+    for s in steps:
+        if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
+            phase, model = "prefill", profile.prefill_time(s["prefill"])
+        elif s["decode"] and not s["prefill"]:
+            phase, model = "decode", profile.decode_time(s["decode"])
+        else:
+            continue
+        share = busy(s["instance"], s["t"], s["t"] + s["seconds"])
+        kind = "idle" if share < idle_below else "busy" if share > busy_above else None
+        if kind:
+            sums[(phase, kind)][0] += s["exec"]
+            sums[(phase, kind)][1] += model
+
+    def ratio(key: tuple[str, str]) -> float | None:
+        e, m = sums[key]
+        return e / m if m else None
+
+    return {ph: (ratio((ph, "idle")), ratio((ph, "busy"))) for ph in ("prefill", "decode")}
 
 
 def _new_lines(trace: str, start: int) -> list[str]:
@@ -126,10 +195,12 @@ async def calibrate(
     failed = [r.error for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} calibration requests failed: {failed[0]}")
-    loaded_prefill, loaded_decode = trace_time_ratios(_new_lines(trace, start), profile)
+    lines = _new_lines(trace, start)
+    loaded_prefill, loaded_decode = trace_time_ratios(lines, profile)
     return dataclasses.replace(
         cal,
         compute_scale=loaded_prefill or scale,
         decode_scale=loaded_decode or decode_scale,
         lone=(scale, decode_scale),
+        contention=contention_ratios(lines, profile),
     )

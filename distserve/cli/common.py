@@ -86,3 +86,16 @@ def add_serving_path_scale_flags(p: argparse.ArgumentParser) -> None:
         help="the same for decode steps alone, where a served decode step slows more than "
         "a prefill (default: --compute-scale)",
     )
+    p.add_argument(
+        "--contended-scale",
+        type=positive_float,
+        default=None,
+        help="prefill's scale while every other instance is busy, for CPU cores sharing one "
+        "host (bench/calibrate.py measures it; default: no contention modelled)",
+    )
+    p.add_argument(
+        "--contended-decode-scale",
+        type=positive_float,
+        default=None,
+        help="decode's scale while every other instance is busy (default: none)",
+    )

@@ -206,6 +206,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         step_overhead=args.step_overhead,
         compute_scale=args.compute_scale,
         decode_scale=args.decode_scale,
+        contended_scale=args.contended_scale,
+        contended_decode_scale=args.contended_decode_scale,
         min_requests=args.num_requests,
     )
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))

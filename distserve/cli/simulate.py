@@ -162,6 +162,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             step_overhead=args.step_overhead,
             compute_scale=args.compute_scale,
             decode_scale=args.decode_scale,
+            contended_scale=args.contended_scale,
+            contended_decode_scale=args.contended_decode_scale,
             transfer_bandwidth=args.transfer_bandwidth,
             num_blocks=args.num_blocks,
             scheduler=sched,

@@ -92,6 +92,11 @@ class Setting:
     """Model time when serving over model time when profiled."""
     decode_scale: float | None = None
     """The same for decode steps (None: `compute_scale`)."""
+    contended_scale: float | None = None
+    """Prefill's scale while every other instance on the machine is busy (None: no
+    contention modelled; for CPU cores that share one host)."""
+    contended_decode_scale: float | None = None
+    """The same for decode steps."""
     min_requests: int = 300
     """Requests per simulation at least; more (up to the workload's size) where the
     placement holds many at once."""
@@ -145,6 +150,8 @@ def _latency(profile: Profile, pp: int, setting: Setting) -> LatencyModel:
         transfer_bandwidth=setting.transfer_bandwidth,
         compute_scale=setting.compute_scale,
         decode_scale=setting.decode_scale,
+        contended_scale=setting.contended_scale,
+        contended_decode_scale=setting.contended_decode_scale,
     )
 
 

@@ -149,6 +149,8 @@ def make_plan(
             "step_overhead": setting.step_overhead,
             "compute_scale": setting.compute_scale,
             "decode_scale": setting.decode_scale,
+            "contended_scale": setting.contended_scale,
+            "contended_decode_scale": setting.contended_decode_scale,
             "transfer_bandwidth": setting.transfer_bandwidth,
         },
         "baseline_profiles": sorted({p.source for p in (baseline_profiles or profiles)}),

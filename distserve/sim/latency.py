@@ -34,18 +34,40 @@ class LatencyModel:
     """Model time when serving over model time when profiled."""
     decode_scale: float | None = None
     """The same for decode steps (None: `compute_scale`)."""
+    contended_scale: float | None = None
+    """Prefill's scale while every other instance on the machine is busy (None: no
+    contention). On a CPU the frontend's per-token work then has no idle core to run on
+    and takes the workers' time; the simulator interpolates by the share of the other
+    instances busy when a step starts."""
+    contended_decode_scale: float | None = None
+    """The same for decode steps (None: no contention)."""
 
     @property
     def decode_factor(self) -> float:
         return self.compute_scale if self.decode_scale is None else self.decode_scale
 
-    def step_time(self, plan: StepPlan) -> float:
+    @property
+    def contended(self) -> bool:
+        return self.contended_scale is not None or self.contended_decode_scale is not None
+
+    def factors(self, busy_share: float = 0.0) -> tuple[float, float]:
+        """(prefill, decode) scales with `busy_share` of the other instances busy."""
+        p, d = self.compute_scale, self.decode_factor
+        if busy_share > 0:
+            if self.contended_scale is not None:
+                p += (self.contended_scale - p) * busy_share
+            if self.contended_decode_scale is not None:
+                d += (self.contended_decode_scale - d) * busy_share
+        return p, d
+
+    def step_time(self, plan: StepPlan, busy_share: float = 0.0) -> float:
         prefill = plan.prefill_chunks
         decode = plan.decode_chunks
+        p_scale, d_scale = self.factors(busy_share)
         t = 0.0
         if prefill:
             a, b, c = self.profile.prefill
-            t += self.compute_scale * (
+            t += p_scale * (
                 a
                 + sum(
                     b * ch.num_tokens + c * ((ch.start + ch.num_tokens) ** 2 - ch.start**2)
@@ -56,10 +78,10 @@ class LatencyModel:
             d = self.profile.decode_time([ch.start for ch in decode])
             if prefill:  # a mixed step pays one fixed term
                 d -= min(self.profile.prefill[0], self.profile.decode_small[0])
-            t += self.decode_factor * d
+            t += d_scale * d
         return t + self.step_overhead if (prefill or decode) else 0.0
 
-    def decode_steps_time(self, contexts: list[int], steps: int) -> float:
+    def decode_steps_time(self, contexts: list[int], steps: int, busy_share: float = 0.0) -> float:
         """Total time of `steps` consecutive decode steps of the same batch, contexts
         growing by one each step: the formula is linear in the summed context."""
         if steps <= 0 or not contexts:
@@ -72,7 +94,7 @@ class LatencyModel:
         )
         base = sum(n + 1 for n in contexts)
         model = steps * (a + c * batch) + b * (steps * base + batch * steps * (steps - 1) // 2)
-        return model * self.decode_factor + steps * self.step_overhead
+        return model * self.factors(busy_share)[1] + steps * self.step_overhead
 
     def transfer_time(self, num_tokens: int) -> float:
         return (

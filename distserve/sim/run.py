@@ -35,6 +35,14 @@ class SimOptions:
     decode_scale: float | None = field(
         default=None, metadata={"help": "the same for decode steps (None: compute_scale)"}
     )
+    contended_scale: float | None = field(
+        default=None,
+        metadata={"help": "prefill's scale while every other instance is busy (None: same)"},
+    )
+    contended_decode_scale: float | None = field(
+        default=None,
+        metadata={"help": "decode's scale while every other instance is busy (None: same)"},
+    )
     num_blocks: int | None = field(
         default=None, metadata={"help": "KV blocks per instance (None: the profile's capacity)"}
     )
@@ -59,6 +67,8 @@ def latency_model(profile: Profile, opts: SimOptions) -> LatencyModel:
         opts.transfer_overhead,
         opts.compute_scale,
         opts.decode_scale,
+        opts.contended_scale,
+        opts.contended_decode_scale,
     )
 
 

@@ -169,9 +169,11 @@ class Simulator:
             if self._next_arrival < len(self._arrivals)
             else float("inf")
         )
-        if inst.role != "decode":
+        if inst.role != "decode" and not inst.latency.contended:
             return arrival
         t = min((e[0] for e in self._events), default=float("inf"))
+        if inst.role != "decode":  # contended: another instance's step changes this one's
+            return min(t, arrival)
         if any(not i.busy for i in self.instances if i.role == "prefill"):
             t = min(t, arrival)
         return t
@@ -191,6 +193,13 @@ class Simulator:
         self._at(t, "wake", lambda t2, i=inst: self._wake(i, t2))
 
     # ---- instance steps -----------------------------------------------------------
+    def _busy_share(self, inst: SimInstance) -> float:
+        """Share of the other instances in a step (only where contention is modelled)."""
+        if not inst.latency.contended or len(self.instances) < 2:
+            return 0.0
+        busy = sum(i.busy for i in self.instances if i is not inst and i.alive)
+        return busy / (len(self.instances) - 1)
+
     def _wake(self, inst: SimInstance, t: float) -> None:
         if inst.busy:
             return
@@ -210,7 +219,7 @@ class Simulator:
             return
         if self.config.record_plans:
             inst.plans.append(plan)
-        dt = inst.latency.step_time(plan)
+        dt = inst.latency.step_time(plan, self._busy_share(inst))
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + 1, inst.busy_seconds + dt
         self._at(t + dt, "step", lambda t2, i=inst, p=plan: self._step_done(t2, i, p))
 
@@ -223,16 +232,17 @@ class Simulator:
         horizon = self._horizon(inst)
         contexts = [r.num_tokens - 1 for r in inst.scheduler.running]
         lat = inst.latency
+        share = self._busy_share(inst)
         lo, hi = 0, k  # the largest m whose first m steps all start before the horizon
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if t + lat.decode_steps_time(contexts, mid - 1) < horizon:
+            if t + lat.decode_steps_time(contexts, mid - 1, share) < horizon:
                 lo = mid
             else:
                 hi = mid - 1
         if lo < 2:
             return False
-        dt = lat.decode_steps_time(contexts, lo)
+        dt = lat.decode_steps_time(contexts, lo, share)
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + lo, inst.busy_seconds + dt
 
         batch = list(inst.scheduler.running)

@@ -180,3 +180,5 @@ def test_calibration_under_load_takes_the_loaded_runs_scales(url, trace) -> None
     prefill, decode = trace_time_ratios(lines, toy)
     assert loaded.compute_scale == pytest.approx(prefill)
     assert loaded.decode_scale == pytest.approx(decode)
+    assert loaded.contention is not None and set(loaded.contention) == {"prefill", "decode"}
+    assert cal.contention is None and "contended_scale" not in cal.scales()

@@ -122,16 +122,36 @@ def test_two_requests_queue_for_prefill() -> None:
     assert b.ttft == pytest.approx(0.06 + 0.010 + 0.050)
 
 
+def test_contention_slows_a_step_while_the_other_instance_is_busy() -> None:
+    """Two colocated instances, two prompts at t=0: the first starts while the other is
+    idle (scale 1), the second while the first is busy (contended prefill scale 2)."""
+    lat = LatencyModel(ROUND, compute_scale=1.0, contended_scale=2.0, contended_decode_scale=3.0)
+    cfg = dataclasses.replace(_config("colocated", num_instances=2), latency={"colocated": lat})
+    a, b = Simulator(cfg).run(_wl((0.0, 100, 1), (0.0, 100, 1)))
+    assert a.ttft == pytest.approx(0.11)
+    assert b.ttft == pytest.approx(2 * 0.11)
+    # without contention both take the profile's time
+    plain = dataclasses.replace(cfg, latency={"colocated": LatencyModel(ROUND)})
+    assert [r.ttft for r in Simulator(plain).run(_wl((0.0, 100, 1), (0.0, 100, 1)))] == [
+        pytest.approx(0.11),
+        pytest.approx(0.11),
+    ]
+    # decode: halfway between idle (1) and contended (3) scales with half the others busy
+    assert lat.decode_steps_time([10], 1, busy_share=0.5) == pytest.approx(2 * 0.006)
+
+
 @pytest.mark.parametrize(
-    "mode,kw",
+    "mode,kw,contended",
     [
-        ("disagg", {}),
-        ("disagg", {"num_prefill": 2, "num_decode": 2}),
-        ("colocated", {}),
-        ("colocated", {"chunked_prefill": True}),
+        ("disagg", {}, False),
+        ("disagg", {"num_prefill": 2, "num_decode": 2}, False),
+        ("colocated", {}, False),
+        ("colocated", {"chunked_prefill": True}, False),
+        ("disagg", {}, True),
+        ("colocated", {"num_instances": 3}, True),
     ],
 )
-def test_fast_forward_changes_nothing(mode: str, kw: dict) -> None:
+def test_fast_forward_changes_nothing(mode: str, kw: dict, contended: bool) -> None:
     profile = find(bundled_a100(), "opt-13b", 1)
     spec = WorkloadSpec(
         dataset="random",
@@ -148,8 +168,9 @@ def test_fast_forward_changes_nothing(mode: str, kw: dict) -> None:
         max_num_batched_tokens=1024 if kw.get("chunked_prefill") else 2048,
         chunked_prefill=kw.get("chunked_prefill", False),
     )
+    scales = {"contended_scale": 1.3, "contended_decode_scale": 1.6} if contended else {}
     base = sim_config(
-        placement, profile, None, SimOptions(num_blocks=400, scheduler=sched)
+        placement, profile, None, SimOptions(num_blocks=400, scheduler=sched, **scales)
     )  # few blocks: preemptions too
     fast = Simulator(base).run(wl)
     slow = Simulator(dataclasses.replace(base, fast_forward=False)).run(wl)

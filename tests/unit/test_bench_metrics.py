@@ -107,3 +107,13 @@ def test_phase_breakdown_from_server_milestones() -> None:
     assert ph["migration"] == pytest.approx([0.05])
     assert ph["decode_queue"] == pytest.approx([0.05, 0.1])  # colocated: from prefill end
     assert ph["decode"] == pytest.approx([1.0, 0.6])
+
+
+def test_calibration_scales_with_and_without_contention() -> None:
+    from distserve.bench.calibrate import Calibration
+
+    cal = Calibration(1.05, 0.003, 1.2, contention={"prefill": (1.0, 1.1), "decode": (1.15, None)})
+    assert cal.scales(contention=False) == {"compute_scale": 1.05, "decode_scale": 1.2}
+    # decode has no contended reading: its total stays, unsplit
+    assert cal.scales() == {"compute_scale": 1.0, "contended_scale": 1.1, "decode_scale": 1.2}
+    assert Calibration(1.0, 0.0).scales() == {"compute_scale": 1.0, "decode_scale": None}
