@@ -24,10 +24,10 @@ import os
 import statistics
 import sys
 
-from distserve.bench.calibrate import calibrate
+from distserve.bench.calibrate import Calibration, calibrate
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import attainment, percentile
-from distserve.bench.results import write_results
+from distserve.bench.results import read_results, write_results
 from distserve.bench.run import tokenizer_for
 from distserve.bench.server_process import running_server
 from distserve.config import EngineConfig, PlacementConfig
@@ -76,13 +76,17 @@ def compare(real, simulated, slo) -> dict:  # type: ignore[no-untyped-def]
     return out
 
 
+def base_spec(args: argparse.Namespace) -> WorkloadSpec:
+    n = 20 if args.quick else args.num_requests
+    return WorkloadSpec(
+        dataset="chatbot", num_requests=n, seed=args.seed, max_prompt_len=512, max_output_len=64
+    )
+
+
 async def run(args: argparse.Namespace) -> dict:
     profile, profile_path = get_profile(args.profile, args.quick)
     tok = tokenizer_for("smollm2-135m")
-    n = 20 if args.quick else args.num_requests
-    base = WorkloadSpec(
-        dataset="chatbot", num_requests=n, seed=args.seed, max_prompt_len=512, max_output_len=64
-    )
+    base = base_spec(args)
     probe = build_workload(base, tok)
     single_prefill = profile.prefill_time([int(probe.summary()["prompt_median"])])
     single_decode = profile.decode_time([int(probe.summary()["prompt_median"])])
@@ -120,15 +124,7 @@ async def run(args: argparse.Namespace) -> dict:
                 f"idle/busy {cal.contention}), step overhead {1000 * cal.step_overhead:.1f} ms",
                 flush=True,
             )
-            opts = SimOptions(
-                step_overhead=cal.step_overhead,
-                **cal.scales(contention=not args.no_contention),
-                transfer_bandwidth=2.5e9,
-                transfer_overhead=0.005,
-                scheduler=SCHED,
-            )
-            placement = PlacementConfig(mode=mode, num_instances=2)
-            config = sim_config(placement, profile, None, opts)
+            config = simulated_system(mode, profile, cal, not args.no_contention)
             for rate in rates:
                 wl = build_workload(dataclasses.replace(base, rate=rate), tok)
                 real, _ = await run_workload(url, wl, model, progress=False)
@@ -142,16 +138,57 @@ async def run(args: argparse.Namespace) -> dict:
                         res,
                     )
                 rows.append(row)
-                re, si = row["real"], row["sim"]
-                print(
-                    f"{system:14s} rate {rate:6.3f}: attainment real "
-                    f"{100 * re['attainment']['both']:5.1f}% "
-                    f"sim {100 * si['attainment']['both']:5.1f}%"
-                    f"  TTFT p50 {re['ttft_p50']:.2f}/{si['ttft_p50']:.2f}s"
-                    f"  TPOT p50 {1000 * re['tpot_p50']:.0f}/{1000 * si['tpot_p50']:.0f}ms",
-                    flush=True,
-                )
+                print_row(system, row)
         report["systems"][system] = {"calibration": dataclasses.asdict(cal), "rows": rows}
+    return report
+
+
+def simulated_system(mode: str, profile, cal: Calibration, contention: bool):  # type: ignore[no-untyped-def]
+    opts = SimOptions(
+        step_overhead=cal.step_overhead,
+        **cal.scales(contention=contention),
+        transfer_bandwidth=2.5e9,
+        transfer_overhead=0.005,
+        scheduler=SCHED,
+    )
+    return sim_config(PlacementConfig(mode=mode, num_instances=2), profile, None, opts)
+
+
+def print_row(system: str, row: dict) -> None:
+    re, si = row["real"], row["sim"]
+    print(
+        f"{system:14s} rate {row['rate']:6.3f}: attainment real "
+        f"{100 * re['attainment']['both']:5.1f}% "
+        f"sim {100 * si['attainment']['both']:5.1f}%"
+        f"  TTFT p50 {re['ttft_p50']:.2f}/{si['ttft_p50']:.2f}s"
+        f"  TPOT p50 {1000 * re['tpot_p50']:.0f}/{1000 * si['tpot_p50']:.0f}ms",
+        flush=True,
+    )
+
+
+def resimulate(args: argparse.Namespace) -> dict:
+    """The simulator alone, against the real results and calibrations a run saved (e.g.
+    with and without contention): no server, seconds instead of minutes."""
+    with open(args.output) as f:
+        report = json.load(f)
+    profile = load_profiles(report["profile"])[0]
+    tok = tokenizer_for("smollm2-135m")
+    base = base_spec(args)
+    slo = report["slo"]
+    for system, (mode, _) in SYSTEMS.items():
+        saved = report["systems"][system]
+        cal = Calibration(**saved["calibration"])
+        config = simulated_system(mode, profile, cal, not args.no_contention)
+        rows = []
+        for rate in report["rates"]:
+            wl = build_workload(dataclasses.replace(base, rate=rate), tok)
+            path = os.path.join(args.details_dir, f"{system}-{rate:.3f}-real.json")
+            real = read_results(path)[2]
+            row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo)}
+            rows.append(row)
+            print_row(system, row)
+        saved["rows"] = rows
+    report["resimulated"] = {"contention": not args.no_contention}
     return report
 
 
@@ -168,6 +205,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
     ap.add_argument("--quick", action="store_true", help="a smoke run")
     ap.add_argument(
+        "--resimulate",
+        metavar="OUT",
+        default=None,
+        help="rerun only the simulator against the real results and calibrations saved in "
+        "--output and --details-dir; write the rows to OUT",
+    )
+    ap.add_argument(
         "--no-contention",
         action="store_true",
         help="simulate without the contention between busy instances the calibration reads",
@@ -179,7 +223,7 @@ def main() -> int:
     )
     ap.add_argument("--output", default="benchmarks/results/sim_fidelity.json", help="results JSON")
     args = ap.parse_args()
-    report = asyncio.run(run(args))
+    report = resimulate(args) if args.resimulate else asyncio.run(run(args))
     errs = [r["attainment_error_points"] for s in report["systems"].values() for r in s["rows"]]
     ttft = [r["ttft_p50_rel_error"] for s in report["systems"].values() for r in s["rows"]]
     tpot = [r["tpot_p50_rel_error"] for s in report["systems"].values() for r in s["rows"]]
@@ -199,8 +243,9 @@ def main() -> int:
             indent=1,
         )
     )
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
+    out = args.resimulate or args.output
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
         json.dump(report, f, indent=1)
     return 0
 
