@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 from distserve.bench.calibrate import calibrate
@@ -162,18 +163,30 @@ async def run(args: argparse.Namespace) -> dict:
     )
     print(f"plan in {time.perf_counter() - t0:.0f} s: recommended {plan['recommended']}")
     write_plan(args.plan_output, plan)
-    rows = {}
+    rows: dict = {}
+    report = {
+        "profile": args.profile,
+        "slo": slo,
+        "workload_spec": dataclasses.asdict(base),
+        "calibration": dataclasses.asdict(cal),
+        "recommended": plan["recommended"],
+        "plan": args.plan_output,
+        "layouts": rows,
+    }
     names = ["disagg", *plan["baselines"]] if args.all else [plan["recommended"]]
+    if args.layouts:
+        names = [n for n in names if n in args.layouts.split(",")]
     for name in names:
         choice = plan["disagg"] if name == "disagg" else plan["baselines"].get(name)
         if not choice or not choice.get("goodput"):
             continue
         predicted, devices = choice["goodput"], choice["devices"]
-        path = args.plan_output.replace(".json", f"-{name}.json")
-        write_plan(path, layout_plan(plan, name))
         print(f"  {name}: predicted {predicted:.3f} req/s on {devices} cores", flush=True)
-        with running_server("--plan", path, kv_cache_gb=KV_GB) as url:
-            points = await measure(url, base, tok, predicted, slo)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"plan-{name}.json")
+            write_plan(path, layout_plan(plan, name))
+            with running_server("--plan", path, kv_cache_gb=KV_GB) as url:
+                points = await measure(url, base, tok, predicted, slo)
         measured = goodput(points, 0.9)
         rows[name] = {
             "predicted_rps": predicted,
@@ -191,15 +204,14 @@ async def run(args: argparse.Namespace) -> dict:
             f"({100 * (predicted - measured) / max(measured, 1e-9):+.1f}%)",
             flush=True,
         )
-    return {
-        "profile": args.profile,
-        "slo": slo,
-        "workload_spec": dataclasses.asdict(base),
-        "calibration": dataclasses.asdict(cal),
-        "recommended": plan["recommended"],
-        "plan": args.plan_output,
-        "layouts": rows,
-    }
+        save(args.output, report)  # after every layout: a long run keeps what it measured
+    return report
+
+
+def save(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def main() -> int:
@@ -220,14 +232,16 @@ def main() -> int:
         help="deploy only the recommended layout (default: every layout the plan scored)",
     )
     ap.add_argument(
+        "--layouts",
+        default=None,
+        help="comma-separated layouts to deploy among disagg, colocated, chunked (default: all)",
+    )
+    ap.add_argument(
         "--plan-output", default="benchmarks/results/plan-cpu.json", help="where the plan goes"
     )
     ap.add_argument("--output", default="benchmarks/results/plan_vs_real.json", help="results")
     args = ap.parse_args()
-    report = asyncio.run(run(args))
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1)
+    save(args.output, asyncio.run(run(args)))
     return 0
 
 
