@@ -94,3 +94,18 @@ def test_pipeline_degrees_divide_the_layers_and_respect_max_pp() -> None:
     assert sorted(s.pp for s in candidates([opt13], Cluster(1, 8))) == [1, 2, 4, 5, 8]
     assert [s.pp for s in candidates([opt13], Cluster(1, 8), max_pp=2)] == [1, 2]
     assert [s.pp for s in candidates([opt13], Cluster(1, 8), max_pp=1)] == [1]
+
+
+def test_small_placements_are_verified_whole() -> None:
+    """Two colocated instances behind one router: simulated whole, at least twice one
+    instance at half the rate (one queue pools them)."""
+    from distserve.planner.phases import placement_goodput
+    from distserve.planner.plan import verify
+    from distserve.planner.search import Choice
+
+    setting = _setting()
+    inst = InstanceConfig(TP1)
+    two = verify(setting, Choice("colocated", colocated=inst, num_colocated=2))
+    one = placement_goodput(setting, None, None, colocated=inst, num_colocated=1)
+    whole = placement_goodput(setting, None, None, colocated=inst, num_colocated=2)
+    assert two == whole and two >= 2 * one * 0.95  # bisection tolerance 5%
