@@ -50,35 +50,39 @@ class Calibration:
         return out
 
 
-def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[float]]:
-    """The model's own time over the profile's, per prefill-only and per decode-only step
-    of a step trace (`serve --trace-steps`)."""
-    prefill, decode = [], []
+def _phase_steps(lines: list[str], profile: Any) -> list[tuple[dict[str, Any], str, float]]:
+    """(step, phase, the profile's time for it) of each prefill-only (first chunks only)
+    and each decode-only step of a step trace (`serve --trace-steps`)."""
+    out = []
     for line in lines:
         s = json.loads(line)
         if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
-            prefill.append(s["exec"] / profile.prefill_time(s["prefill"]))
+            out.append((s, "prefill", profile.prefill_time(s["prefill"])))
         elif s["decode"] and not s["prefill"]:
-            decode.append(s["exec"] / profile.decode_time(s["decode"]))
-    return prefill, decode
+            out.append((s, "decode", profile.decode_time(s["decode"])))
+    return out
+
+
+def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[float]]:
+    """The model's own time over the profile's, per prefill-only and per decode-only step."""
+    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for s, phase, model in _phase_steps(lines, profile):
+        ratios[phase].append(s["exec"] / model)
+    return ratios["prefill"], ratios["decode"]
+
+
+def _ratio(acc: list[float]) -> float | None:
+    return acc[0] / acc[1] if acc[1] else None
 
 
 def trace_time_ratios(lines: list[str], profile: Any) -> tuple[float | None, float | None]:
     """Total model time over total profile time, of prefill-only and of decode-only steps:
     the factor that stretches a run's time, where a median would miss the slow tail."""
     sums = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
-    for line in lines:
-        s = json.loads(line)
-        if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
-            acc, model = sums["prefill"], profile.prefill_time(s["prefill"])
-        elif s["decode"] and not s["prefill"]:
-            acc, model = sums["decode"], profile.decode_time(s["decode"])
-        else:
-            continue
-        acc[0] += s["exec"]
-        acc[1] += model
-    p, d = sums["prefill"], sums["decode"]
-    return (p[0] / p[1] if p[1] else None), (d[0] / d[1] if d[1] else None)
+    for s, phase, model in _phase_steps(lines, profile):
+        sums[phase][0] += s["exec"]
+        sums[phase][1] += model
+    return _ratio(sums["prefill"]), _ratio(sums["decode"])
 
 
 def contention_ratios(
@@ -87,9 +91,9 @@ def contention_ratios(
     """Per phase, model time over profile time of the steps during which the other
     instances were idle (busy less than `idle_below` of the step) and of those during
     which they were busy (more than `busy_above`)."""
-    steps = [json.loads(line) for line in lines]
     by: dict[str, list[dict[str, Any]]] = {}
-    for s in steps:
+    for line in lines:
+        s = json.loads(line)
         by.setdefault(s["instance"], []).append(s)
     for v in by.values():
         v.sort(key=lambda s: s["t"])
@@ -108,24 +112,15 @@ def contention_ratios(
         return total / (b - a) / len(others)
 
     sums = {(ph, c): [0.0, 0.0] for ph in ("prefill", "decode") for c in ("idle", "busy")}
-    for s in steps:
-        if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
-            phase, model = "prefill", profile.prefill_time(s["prefill"])
-        elif s["decode"] and not s["prefill"]:
-            phase, model = "decode", profile.decode_time(s["decode"])
-        else:
-            continue
+    for s, phase, model in _phase_steps(lines, profile):
         share = busy(s["instance"], s["t"], s["t"] + s["seconds"])
         kind = "idle" if share < idle_below else "busy" if share > busy_above else None
         if kind:
             sums[(phase, kind)][0] += s["exec"]
             sums[(phase, kind)][1] += model
-
-    def ratio(key: tuple[str, str]) -> float | None:
-        e, m = sums[key]
-        return e / m if m else None
-
-    return {ph: (ratio((ph, "idle")), ratio((ph, "busy"))) for ph in ("prefill", "decode")}
+    return {
+        ph: (_ratio(sums[(ph, "idle")]), _ratio(sums[(ph, "busy")])) for ph in ("prefill", "decode")
+    }
 
 
 def _new_lines(trace: str, start: int) -> list[str]:

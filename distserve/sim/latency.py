@@ -43,16 +43,13 @@ class LatencyModel:
     """The same for decode steps (None: no contention)."""
 
     @property
-    def decode_factor(self) -> float:
-        return self.compute_scale if self.decode_scale is None else self.decode_scale
-
-    @property
     def contended(self) -> bool:
         return self.contended_scale is not None or self.contended_decode_scale is not None
 
     def factors(self, busy_share: float = 0.0) -> tuple[float, float]:
         """(prefill, decode) scales with `busy_share` of the other instances busy."""
-        p, d = self.compute_scale, self.decode_factor
+        p = self.compute_scale
+        d = self.compute_scale if self.decode_scale is None else self.decode_scale
         if busy_share > 0:
             if self.contended_scale is not None:
                 p += (self.contended_scale - p) * busy_share
