@@ -10,7 +10,7 @@ from torch import nn
 
 from distserve.model.attention import AttentionMetadata
 from distserve.model.config import ModelConfig
-from distserve.model.packed import PackedLinear, can_pack
+from distserve.model.packed import PackedLinear, can_pack, max_rows
 
 WeightTarget = tuple[str, int | None]
 """(our parameter name, shard index in a fused parameter or None)."""
@@ -45,7 +45,11 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head_packed is not None and hidden.dtype == torch.bfloat16:
+        if (
+            self.lm_head_packed is not None
+            and hidden.dtype == torch.bfloat16
+            and hidden.shape[0] <= max_rows(self.lm_head_packed, self.lm_head_weight())
+        ):
             return self.lm_head_packed(hidden.contiguous())
         return F.linear(hidden, self.lm_head_weight())
 

@@ -57,7 +57,11 @@ class Linear(nn.Linear):
         self.packed = PackedLinear(self.weight, self.bias, silu_mul=False) if ok else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is not None and x.dtype == torch.bfloat16:
+        if (
+            self.packed is not None
+            and x.dtype == torch.bfloat16
+            and x.shape[0] <= packing.max_rows(self.packed, self.weight, residual is not None)
+        ):
             return self.packed(x, residual)
         return packing.reference(x, self.weight, self.bias, residual)
 
@@ -76,7 +80,11 @@ class GateUpProj(Linear):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         assert residual is None
-        if self.packed is not None and x.dtype == torch.bfloat16:
+        if (
+            self.packed is not None
+            and x.dtype == torch.bfloat16
+            and x.shape[0] <= packing.max_rows(self.packed, self.weight)
+        ):
             return self.packed(x)
         gate, up = F.linear(x, self.weight).chunk(2, dim=-1)
         return self.act(gate) * up  # type: ignore[no-any-return]

@@ -14,6 +14,7 @@ from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
 from distserve.model.kernels import bf16_linear_kernels
 from distserve.model.layers import GateUpProj, Linear, RMSNorm, RotaryEmbedding
+from distserve.model.packed import max_rows
 
 
 class LlamaAttention(nn.Module):
@@ -69,6 +70,20 @@ class LlamaLayer(nn.Module):
         self.fused: Any = None
         """The compiled decode-only path (csrc/llama_layer.cpp), built by `fuse`."""
 
+    def fused_rows(self) -> int:
+        """The most decode rows the fused path takes: where every one of its packed
+        projections still beats torch's (model/packed.py max_rows)."""
+        attn, mlp = self.self_attn, self.mlp
+        return min(
+            max_rows(lin.packed, lin.weight, residual)  # type: ignore[arg-type]
+            for lin, residual in (
+                (attn.qkv_proj, False),
+                (attn.o_proj, True),
+                (mlp.gate_up_proj, False),
+                (mlp.down_proj, True),
+            )
+        )
+
     def fuse(self, rope: RotaryEmbedding, fast: bool = True) -> None:
         """Build the compiled decode-only path from the packed weights (after
         `pack_weights`), or drop it. It needs every projection packed and SiLU."""
@@ -100,7 +115,12 @@ class LlamaLayer(nn.Module):
         cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        if self.fused is not None and not meta.prefills and x.dtype == torch.bfloat16:
+        if (
+            self.fused is not None
+            and not meta.prefills
+            and x.dtype == torch.bfloat16
+            and x.shape[0] <= self.fused_rows()
+        ):
             return self.fused.forward(  # type: ignore[no-any-return]
                 x, positions, cache, meta.slot_mapping, meta.decode_blocks, meta.decode_lens,
                 meta.block_size,

@@ -10,6 +10,10 @@ zero rows, K to even with a zero column):
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -77,6 +81,60 @@ def can_pack(weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and bf16_linear_kernels() is not None
     )
+
+
+ROW_PROBES = (1, 2, 4, 8, 16, 32, 64)
+_MAX_ROWS: dict[tuple[tuple[int, ...], bool, bool, int], int] = {}
+
+
+def max_rows(packed: PackedLinear, weight: torch.Tensor, residual: bool = False) -> int:
+    """The most rows (tokens) for which `packed` beats the plain-torch path it replaces
+    (`weight` is the same layer unpacked; with its epilogue: the residual add, SiLU and
+    product) at the current torch thread count: measured once per process, shape and
+    thread count (or DISTSERVE_PACKED_MAX_ROWS). Callers take the kernel up to it and
+    torch above. The kernel streams the weight once per call, which wins where the weight
+    read dominates (decode); on a CPU with matrix units (Intel AMX) torch's oneDNN path
+    wins as soon as there are rows to fill them: measured on a Xeon with AMX, the kernel
+    was 2x slower at 32 rows and 4-9x at 128-512, while on an AMD EPYC (AVX512-BF16, no
+    AMX) it won at every size profiled."""
+    env = os.environ.get("DISTSERVE_PACKED_MAX_ROWS")
+    if env is not None:
+        return int(env)
+    key = (tuple(weight.shape), packed.silu_mul, residual, torch.get_num_threads())
+    rows = _MAX_ROWS.get(key)
+    if rows is None:
+        rows = _MAX_ROWS[key] = _measure_max_rows(packed, weight, residual)
+    return rows
+
+
+def _measure_max_rows(packed: PackedLinear, weight: torch.Tensor, residual: bool) -> int:
+    gen = torch.Generator().manual_seed(0)
+    last_win = 0
+    for m in ROW_PROBES:
+        x = torch.randn(m, weight.shape[1], generator=gen).to(torch.bfloat16)
+        r = torch.randn(m, weight.shape[0], generator=gen).to(torch.bfloat16) if residual else None
+
+        def plain() -> torch.Tensor:
+            if packed.silu_mul:
+                gate, up = F.linear(x, weight).chunk(2, dim=-1)  # noqa: B023
+                return F.silu(gate) * up
+            return reference(x, weight, None, r)  # noqa: B023
+
+        if _best(plain) < _best(lambda: packed(x, r)):  # noqa: B023
+            return last_win
+        last_win = m
+    return sys.maxsize  # the kernel won up to the largest probe: take it at every size
+
+
+def _best(fn: object, reps: int = 5) -> float:
+    assert callable(fn)
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def reference(
