@@ -4,6 +4,8 @@ embedding plus the KV-cache store, and a whole Llama forward pass."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -83,6 +85,29 @@ def test_linear_module_switches_paths() -> None:
     assert lin.packed is None
 
 
+def test_linear_takes_the_kernel_only_up_to_max_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above `max_rows` the module runs torch's path: the packed copy, zeroed here, is
+    not read at 3 rows with a limit of 2, and is at a limit of 3."""
+    from distserve.model import packed as packing
+
+    lin = Linear(50, 70, bias=False).to(BF16)
+    with torch.no_grad():
+        lin.weight.copy_(_randn(70, 50, seed=7, scale=0.1))
+    x = _randn(3, 50, seed=9)
+    ref = lin(x)
+    lin.pack()
+    assert lin.packed is not None
+    lin.packed.weight.zero_()
+    monkeypatch.setenv("DISTSERVE_PACKED_MAX_ROWS", "2")
+    _close(lin(x), ref)
+    monkeypatch.setenv("DISTSERVE_PACKED_MAX_ROWS", "3")
+    assert lin(x).abs().max().item() == 0
+    monkeypatch.delenv("DISTSERVE_PACKED_MAX_ROWS")
+    rows = packing.max_rows(lin.packed, lin.weight)  # measured on this CPU, then cached
+    assert rows in (0, *packing.ROW_PROBES, sys.maxsize)
+    assert packing.max_rows(lin.packed, lin.weight) == rows
+
+
 @pytest.mark.parametrize("hidden", [576, 37, 16])
 def test_rms_norm_matches_reference(hidden: int) -> None:
     norm = RMSNorm(hidden, 1e-5).to(BF16)
@@ -159,8 +184,11 @@ def test_llama_forward_fast_equals_reference() -> None:
         second = model.compute_logits(model(ids[n:], torch.tensor([n]), caches, dmeta))
         return torch.cat([first, second]).float()
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISTSERVE_PACKED_MAX_ROWS", "1000")  # every fast path, at every size
     with torch.inference_mode():
         fast = run()
+        mp.undo()
         model.pack_weights(False)
         kernels.cpu_kernels.cache_clear()
         kernels.bf16_linear_kernels.cache_clear()
