@@ -6,7 +6,8 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
 1. A 1-core profile of SmolLM2 (made now with `distserve profile`'s code if missing); the
    serving path's per-step overhead (lone requests) and the model's slowdown when served
    (a run of other requests at half the one-core prefill capacity, from the step trace)
-   calibrated through a real 1P1D server.
+   calibrated on a real 1P1D server for the disaggregated search and on a real server of
+   2 colocated instances for the baselines.
 2. `distserve plan`'s search for 2 cores (chatbot, prompts <= 512, outputs <= 64 tokens;
    TTFT target 2.5x a lone median prefill, TPOT 3x a lone decode step, as in
    sim_fidelity.py), made for the same 60 requests that each rate then replays; the plan
@@ -14,7 +15,11 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
 3. Each layout the plan scored (disaggregated, colocated, chunked) deployed with
    `serve --plan` and measured at rates stepped from its predicted goodput until attainment
    crosses 90% (then once more inside the bracket); measured goodput is
-   interpolated where attainment crosses 90%, as `distserve goodput` does.
+   interpolated where attainment crosses 90%, as `distserve goodput` does. Next to it: the
+   simulated attainment at each measured rate (where attainment is flat in rate, a point
+   of attainment moves goodput far), and the goodput re-predicted with the same
+   calibration repeated on the deployed server just before measuring (the machine's
+   speed drifts).
 Writes benchmarks/results/plan_vs_real.json.
 """
 
@@ -29,19 +34,30 @@ import sys
 import tempfile
 import time
 
-from distserve.bench.calibrate import calibrate
+from distserve.bench.calibrate import Calibration, calibrate
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import goodput, summarize
 from distserve.bench.run import tokenizer_for
 from distserve.bench.server_process import running_server
 from distserve.core import SchedulerConfig
 from distserve.planner.phases import Setting
-from distserve.planner.plan import make_plan, write_plan
+from distserve.planner.plan import (
+    attainment_curve,
+    choice_from_dict,
+    make_plan,
+    verify,
+    write_plan,
+)
 from distserve.planner.search import Cluster
 from distserve.sim.profile import load_profiles
 from distserve.workload.build import WorkloadSpec, build_workload
 
 KV_GB = 0.3
+SCHED = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
+CALIBRATION_SERVERS = {
+    "disagg": ["--mode", "disagg"],
+    "colocated": ["--mode", "colocated", "--instances", "2"],
+}
 STEP = 1.25
 """Rates go up or down by this factor from the predicted goodput until attainment crosses
 the target; one more rate then halves the bracket."""
@@ -102,6 +118,31 @@ async def measure(url: str, base: WorkloadSpec, tok, predicted: float, slo: dict
     return points
 
 
+def _setting(probe, slo: dict, cal: Calibration, n: int) -> Setting:  # type: ignore[no-untyped-def]
+    return Setting(
+        probe,
+        slo["ttft"],
+        slo["tpot"],
+        0.9,
+        SCHED,
+        transfer_bandwidth=2.5e9,
+        step_overhead=cal.step_overhead,
+        **cal.scales(),
+        min_requests=n,
+    )
+
+
+async def _calibrate(url: str, trace: str, profile, probe, load, label: str) -> Calibration:  # type: ignore[no-untyped-def]
+    cal = await calibrate(url, await server_model(url), profile, probe, trace=trace, load=load)
+    print(
+        f"  {label}: compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f};"
+        f" lone requests {cal.lone}; other instance idle/busy {cal.contention}), step "
+        f"overhead {1000 * cal.step_overhead:.1f} ms",
+        flush=True,
+    )
+    return cal
+
+
 async def run(args: argparse.Namespace) -> dict:
     profile = _profile(args.profile)
     tok = tokenizer_for("smollm2-135m")
@@ -118,6 +159,7 @@ async def run(args: argparse.Namespace) -> dict:
         "ttft": 2.5 * profile.prefill_time([median_prompt]),
         "tpot": 3.0 * profile.decode_time([median_prompt]),
     }
+    print(f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms", flush=True)
     # calibration under load: other requests (another seed) at half the prefill capacity
     load = build_workload(
         dataclasses.replace(
@@ -125,41 +167,30 @@ async def run(args: argparse.Namespace) -> dict:
         ),
         tok,
     )
-    trace = args.plan_output.replace(".json", "-calibration-steps.jsonl")
-    with running_server("--mode", "disagg", "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
-        cal = await calibrate(url, await server_model(url), profile, probe, trace=trace, load=load)
-    os.remove(trace)
-    print(
-        f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms; "
-        f"compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f}; lone "
-        f"requests {cal.lone}; other instance idle/busy {cal.contention}), step overhead "
-        f"{1000 * cal.step_overhead:.1f} ms",
-        flush=True,
-    )
+    # Each mode's serving path calibrated on a server of that mode: a 1P1D server's scales
+    # predicted the colocated layout 38% low (its frontend streams from one decode
+    # instance; two colocated instances share the cores with it differently).
+    cals = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, flags in CALIBRATION_SERVERS.items():
+            trace = os.path.join(tmp, f"{mode}-steps.jsonl")
+            with running_server(*flags, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
+                cals[mode] = await _calibrate(url, trace, profile, probe, load, f"{mode} server")
+    settings = {m: _setting(probe, slo, c, args.num_requests) for m, c in cals.items()}
     # The plan is made for the very requests each rate replays (same seed, arrivals
     # stretched): at 60 requests a sample's mix is its own (this one has 8% outputs of <= 4
     # tokens, the first 4,000 requests 4.7%), and a plan for another sample of the same
     # dataset measured the sample difference along with the planner's error.
-    setting = Setting(
-        probe,
-        slo["ttft"],
-        slo["tpot"],
-        0.9,
-        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048),
-        transfer_bandwidth=2.5e9,
-        step_overhead=cal.step_overhead,
-        **cal.scales(),
-        min_requests=args.num_requests,
-    )
     t0 = time.perf_counter()
     plan = make_plan(
-        setting,
+        settings["disagg"],
         [profile],
         None,
         Cluster(1, 2, "cpu-core"),
         workers=2,
         progress=lambda m: print("  plan: " + m, flush=True),
         workload_meta=probe.meta,
+        baseline_setting=settings["colocated"],
     )
     print(f"plan in {time.perf_counter() - t0:.0f} s: recommended {plan['recommended']}")
     write_plan(args.plan_output, plan)
@@ -168,7 +199,7 @@ async def run(args: argparse.Namespace) -> dict:
         "profile": args.profile,
         "slo": slo,
         "workload_spec": dataclasses.asdict(base),
-        "calibration": dataclasses.asdict(cal),
+        "calibration": {m: dataclasses.asdict(c) for m, c in cals.items()},
         "recommended": plan["recommended"],
         "plan": args.plan_output,
         "layouts": rows,
@@ -177,16 +208,25 @@ async def run(args: argparse.Namespace) -> dict:
     if args.layouts:
         names = [n for n in names if n in args.layouts.split(",")]
     for name in names:
-        choice = plan["disagg"] if name == "disagg" else plan["baselines"].get(name)
-        if not choice or not choice.get("goodput"):
+        d = plan["disagg"] if name == "disagg" else plan["baselines"].get(name)
+        if not d or not d.get("goodput"):
             continue
-        predicted, devices = choice["goodput"], choice["devices"]
+        choice = choice_from_dict(d, [profile])
+        setting = settings["disagg" if name == "disagg" else "colocated"]
+        predicted, devices = d["goodput"], d["devices"]
         print(f"  {name}: predicted {predicted:.3f} req/s on {devices} cores", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"plan-{name}.json")
+            path, trace = os.path.join(tmp, "plan.json"), os.path.join(tmp, "steps.jsonl")
             write_plan(path, layout_plan(plan, name))
-            with running_server("--plan", path, kv_cache_gb=KV_GB) as url:
+            with running_server("--plan", path, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
+                # the same calibration again on the deployed server, just before measuring:
+                # how far the machine's speed moved since the plan was made
+                dcal = await _calibrate(url, trace, profile, probe, load, f"{name} deployed")
                 points = await measure(url, base, tok, predicted, slo)
+        # simulations after the server stopped: no CPU taken from the measurement
+        rates = [r for r, _ in points]
+        dsetting = _setting(probe, slo, dcal, args.num_requests)
+        redo = verify(dsetting, choice)
         measured = goodput(points, 0.9)
         rows[name] = {
             "predicted_rps": predicted,
@@ -197,11 +237,19 @@ async def run(args: argparse.Namespace) -> dict:
             "error": (predicted - measured) / measured if measured else None,
             "crossed": any(a >= 0.9 for _, a in points) and any(a < 0.9 for _, a in points),
             "points": points,
+            "simulated_attainment": attainment_curve(setting, choice, rates),
+            "deployed_calibration": dataclasses.asdict(dcal),
+            "repredicted_rps": redo,
+            "repredicted_error": (redo - measured) / measured if measured else None,
+            "simulated_attainment_repredicted": attainment_curve(dsetting, choice, rates),
         }
+        sim = rows[name]["simulated_attainment"]
+        worst = max(100 * abs(a - b) for (_, a), b in zip(points, sim, strict=True))
         print(
             f"  {name}: predicted {predicted / devices:.3f} req/s per core, measured "
-            f"{measured / devices:.3f} "
-            f"({100 * (predicted - measured) / max(measured, 1e-9):+.1f}%)",
+            f"{measured / devices:.3f} ({100 * (rows[name]['error'] or 0):+.1f}%); attainment "
+            f"real vs simulated at the measured rates within {worst:.1f} points; "
+            f"re-predicted with the deployed server's calibration {redo / devices:.3f}",
             flush=True,
         )
         save(args.output, report)  # after every layout: a long run keeps what it measured

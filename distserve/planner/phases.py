@@ -169,12 +169,36 @@ def placement_goodput(
 ) -> float:
     """Goodput (req/s) of a placement; `prefill`/`decode` None means that phase is ideal.
     `only`: which target counts ('both', 'ttft' or 'tpot')."""
+    attain = placement_attainment(
+        setting, prefill, decode, colocated, num_prefill, num_decode, num_colocated, chunked, only
+    )
+    if attain is None:
+        return 0.0
+    start = 0.8 * guess if guess else _guess(setting, prefill or colocated, decode or colocated)
+    return bisect_rate(attain, setting.target, start)
+
+
+def placement_attainment(
+    setting: Setting,
+    prefill: InstanceConfig | None,
+    decode: InstanceConfig | None,
+    colocated: InstanceConfig | None = None,
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    num_colocated: int = 1,
+    chunked: bool = False,
+    only: str = "both",
+    exact: bool = False,
+) -> Callable[[float], float] | None:
+    """The placement's simulated attainment as a function of rate (None if a shape does
+    not fit). Unless `exact`, a simulation stops once the target is out of reach and
+    returns a value below it, which is all a bisection needs."""
     s = setting
     roles: dict[str, tuple[LatencyModel, int]] = {}
     if colocated is not None:
         blocks = colocated.kv_blocks(s.block_size, s.capacity)
         if blocks is None:
-            return 0.0
+            return None
         roles["colocated"] = (_latency(colocated.profile, colocated.pp, s), blocks)
         placement = PlacementConfig(
             mode="colocated", num_instances=num_colocated * colocated.pp, chunked_prefill=chunked
@@ -186,7 +210,7 @@ def placement_goodput(
                 continue
             blocks = inst.kv_blocks(s.block_size, s.capacity)
             if blocks is None:
-                return 0.0
+                return None
             roles[role] = (_latency(inst.profile, inst.pp, s), blocks)
         placement = PlacementConfig(
             mode="disagg",
@@ -223,7 +247,7 @@ def placement_goodput(
             workload.meta,
         )
 
-    allowed_misses = (1 - s.target) * len(workload)
+    allowed_misses = math.inf if exact else (1 - s.target) * len(workload)
 
     def attain(rate: float) -> float:
         misses = 0
@@ -236,8 +260,7 @@ def placement_goodput(
         results = Simulator(config).run(at_rate(workload, rate), give_up)
         return attainment(results, ttft, tpot)["both"]
 
-    start = 0.8 * guess if guess else _guess(setting, prefill or colocated, decode or colocated)
-    return bisect_rate(attain, s.target, start)
+    return attain
 
 
 def _guess(

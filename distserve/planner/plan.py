@@ -8,7 +8,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from distserve.planner.phases import InstanceConfig, Setting, placement_goodput
+from distserve.planner.phases import (
+    InstanceConfig,
+    Setting,
+    placement_attainment,
+    placement_goodput,
+)
 from distserve.planner.search import (
     Choice,
     Cluster,
@@ -50,6 +55,42 @@ def choice_dict(c: Choice | None) -> dict[str, Any] | None:
     return d
 
 
+def choice_from_dict(d: dict[str, Any], profiles: Sequence[Profile]) -> Choice:
+    """The placement of a plan's layout (`choice_dict`'s output), on the profiles that
+    match its shapes (model, tp, cores)."""
+
+    def inst(shape: dict[str, Any]) -> InstanceConfig:
+        for p in profiles:
+            if (p.model, p.tp, p.cores) == (
+                shape["profile"]["model"],
+                shape["tp"],
+                shape["cores"],
+            ):
+                return InstanceConfig(p, shape["pp"])
+        raise ValueError(
+            f"no profile of {shape['profile']['model']} at tp{shape['tp']} / "
+            f"{shape['cores']} core(s) among those given"
+        )
+
+    if d.get("colocated"):
+        shape = d["colocated"]
+        return Choice(
+            "colocated",
+            colocated=inst(shape),
+            num_colocated=shape["instances"],
+            chunked=bool(d.get("chunked_prefill")),
+            goodput=d["goodput"],
+        )
+    return Choice(
+        "disagg",
+        prefill=inst(d["prefill"]),
+        decode=inst(d["decode"]),
+        num_prefill=d["prefill"]["instances"],
+        num_decode=d["decode"]["instances"],
+        goodput=d["goodput"],
+    )
+
+
 JOINT_UP_TO = 4
 """Placements of at most this many instances are simulated whole."""
 
@@ -83,6 +124,33 @@ def verify(setting: Setting, c: Choice) -> float:
     )
 
 
+def attainment_curve(setting: Setting, c: Choice, rates: Sequence[float]) -> list[float]:
+    """The whole placement's simulated attainment (both targets) at each rate: what a
+    deployment measured at those rates is compared with."""
+    if c.colocated is not None:
+        attain = placement_attainment(
+            setting,
+            None,
+            None,
+            colocated=c.colocated,
+            num_colocated=c.num_colocated,
+            chunked=c.chunked,
+            exact=True,
+        )
+    else:
+        attain = placement_attainment(
+            setting,
+            c.prefill,
+            c.decode,
+            num_prefill=c.num_prefill,
+            num_decode=c.num_decode,
+            exact=True,
+        )
+    if attain is None:
+        return [0.0 for _ in rates]
+    return [attain(r) for r in rates]
+
+
 def make_plan(
     setting: Setting,
     profiles: Sequence[Profile],
@@ -95,11 +163,22 @@ def make_plan(
     workload_meta: dict[str, Any] | None = None,
     baseline_profiles: Sequence[Profile] | None = None,
     max_pp: int | None = None,
+    baseline_setting: Setting | None = None,
 ) -> dict[str, Any]:
     """Search, verify the winners jointly, and compare with the colocated baselines.
     `baseline_profiles`: the baselines' own engine (e.g. vLLM's A100 coefficients, as the
     paper compares against); default: the same profiles as the disaggregated search.
+    `baseline_setting`: the baselines' own serving path (scales and overhead calibrated on
+    a colocated server; the workload and SLO must be the same); default: `setting`.
     `max_pp`: the highest pipeline degree of any instance (default: what the cluster holds)."""
+    bsetting = baseline_setting or setting
+    if (bsetting.workload, bsetting.ttft_slo, bsetting.tpot_slo, bsetting.target) != (
+        setting.workload,
+        setting.ttft_slo,
+        setting.tpot_slo,
+        setting.target,
+    ):
+        raise ValueError("baseline_setting must have the same workload, SLO and target")
     t0 = time.perf_counter()
     shapes = candidates(profiles, cluster, max_pp)
     dshapes = candidates(decode_profiles, cluster, max_pp) if decode_profiles else shapes
@@ -116,16 +195,18 @@ def make_plan(
     else:
         raise ValueError(f"affinity must be high or low, got {affinity!r}")
     t_search = time.perf_counter() - t0
-    colo, colo_table = colocated_baseline(setting, bshapes, cluster, rate, False, workers, progress)
+    colo, colo_table = colocated_baseline(
+        bsetting, bshapes, cluster, rate, False, workers, progress
+    )
     chunk, chunk_table = colocated_baseline(
-        setting, bshapes, cluster, rate, True, workers, progress
+        bsetting, bshapes, cluster, rate, True, workers, progress
     )
     t_baselines = time.perf_counter() - t0 - t_search
     estimates = {}
     for name, c in (("disagg", disagg), ("colocated", colo), ("chunked", chunk)):
         if c is not None:
             estimates[name] = c.goodput
-            c.goodput = verify(setting, c)
+            c.goodput = verify(setting if name == "disagg" else bsetting, c)
             if progress:
                 progress(
                     f"verified {name}: {c.goodput:.3f} req/s on {c.devices} devices "
@@ -158,14 +239,8 @@ def make_plan(
         else None,
         "slo": {"ttft": setting.ttft_slo, "tpot": setting.tpot_slo, "attainment": setting.target},
         "affinity": affinity,
-        "serving_path": {
-            "step_overhead": setting.step_overhead,
-            "compute_scale": setting.compute_scale,
-            "decode_scale": setting.decode_scale,
-            "contended_scale": setting.contended_scale,
-            "contended_decode_scale": setting.contended_decode_scale,
-            "transfer_bandwidth": setting.transfer_bandwidth,
-        },
+        "serving_path": serving_path(setting)
+        | ({"baselines": serving_path(bsetting)} if baseline_setting else {}),
         "baseline_profiles": sorted({p.source for p in (baseline_profiles or profiles)}),
         "target_rate": rate,
         "workload": workload_meta or {},
@@ -189,6 +264,18 @@ def make_plan(
             "per device for this workload and SLO"
         )
     return plan
+
+
+def serving_path(setting: Setting) -> dict[str, Any]:
+    """The serving path's calibration a plan was made with."""
+    return {
+        "step_overhead": setting.step_overhead,
+        "compute_scale": setting.compute_scale,
+        "decode_scale": setting.decode_scale,
+        "contended_scale": setting.contended_scale,
+        "contended_decode_scale": setting.contended_decode_scale,
+        "transfer_bandwidth": setting.transfer_bandwidth,
+    }
 
 
 def write_plan(path: str, plan: dict[str, Any]) -> None:

@@ -109,3 +109,47 @@ def test_small_placements_are_verified_whole() -> None:
     one = placement_goodput(setting, None, None, colocated=inst, num_colocated=1)
     whole = placement_goodput(setting, None, None, colocated=inst, num_colocated=2)
     assert two == whole and two >= 2 * one * 0.95  # bisection tolerance 5%
+
+
+def test_baselines_are_scored_with_their_own_serving_path() -> None:
+    """A colocated server calibrated slower than the disaggregated one: the baselines'
+    goodput drops, the disaggregated layout's does not move, and the plan records both."""
+    import dataclasses
+
+    import pytest
+
+    setting = _setting()
+    same = make_plan(setting, [TP1], None, Cluster(1, 2), workers=1)
+    slow = dataclasses.replace(setting, compute_scale=1.5, decode_scale=1.5)
+    plan = make_plan(setting, [TP1], None, Cluster(1, 2), workers=1, baseline_setting=slow)
+    assert plan["disagg"]["goodput"] == same["disagg"]["goodput"]
+    for name in ("colocated", "chunked"):
+        assert plan["baselines"][name]["goodput"] < 0.8 * same["baselines"][name]["goodput"]
+    assert plan["serving_path"]["compute_scale"] == 1.0
+    assert plan["serving_path"]["baselines"]["compute_scale"] == 1.5
+    assert "baselines" not in same["serving_path"]
+    other = dataclasses.replace(setting, ttft_slo=0.3)
+    with pytest.raises(ValueError, match="same workload, SLO"):
+        make_plan(setting, [TP1], None, Cluster(1, 2), workers=1, baseline_setting=other)
+
+
+def test_a_plans_layout_round_trips_and_its_attainment_curve_brackets_its_goodput() -> None:
+    from distserve.planner.plan import attainment_curve, choice_dict, choice_from_dict, verify
+    from distserve.planner.search import Choice
+
+    setting = _setting()
+    for c in (
+        Choice(
+            "disagg",
+            prefill=InstanceConfig(TP2),
+            decode=InstanceConfig(TP1),
+            num_prefill=1,
+            num_decode=2,
+        ),
+        Choice("colocated", colocated=InstanceConfig(TP1), num_colocated=2, chunked=True),
+    ):
+        c.goodput = verify(setting, c)
+        back = choice_from_dict(choice_dict(c), [TP1, TP2])
+        assert back == c
+        low, high = attainment_curve(setting, back, [0.5 * c.goodput, 3 * c.goodput])
+        assert low >= 0.9 > high
