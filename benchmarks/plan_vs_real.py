@@ -1,7 +1,7 @@
 """Does the planner's advice hold when deployed? Plan SmolLM2 on this machine's 2 cores,
 deploy each layout the plan compares with `serve --plan`, and measure its goodput.
 
-    python benchmarks/plan_vs_real.py [--profile benchmarks/results/smollm2-1core.json]
+    python benchmarks/plan_vs_real.py [--profile PROFILE.json]
 
 1. A 1-core profile of SmolLM2 (made now with `distserve profile`'s code if missing); the
    serving path's per-step overhead (lone requests) and the model's slowdown when served
@@ -48,6 +48,7 @@ from distserve.planner.plan import (
     verify,
     write_plan,
 )
+from distserve.planner.profile import profile_path_for_this_cpu
 from distserve.planner.search import Cluster
 from distserve.sim.profile import load_profiles
 from distserve.workload.build import WorkloadSpec, build_workload
@@ -64,12 +65,15 @@ the target; one more rate then halves the bracket."""
 
 
 def _profile(path: str):  # type: ignore[no-untyped-def]
-    if os.path.exists(path):
-        return load_profiles(path)[0]
     from distserve.config import EngineConfig
     from distserve.core import CacheConfig
-    from distserve.planner.profile import profile_model
+    from distserve.planner.profile import profile_model, require_this_cpu
     from distserve.sim.profile import save_profiles
+
+    if os.path.exists(path):
+        prof = load_profiles(path)[0]
+        require_this_cpu(prof, path)
+        return prof
 
     config = EngineConfig(
         cache=CacheConfig(kv_cache_gb=KV_GB), scheduler=SchedulerConfig(max_num_batched_tokens=4096)
@@ -144,6 +148,8 @@ async def _calibrate(url: str, trace: str, profile, probe, load, label: str) -> 
 
 
 async def run(args: argparse.Namespace) -> dict:
+    if args.profile is None:
+        args.profile = profile_path_for_this_cpu("benchmarks/results", "smollm2-1core")
     profile = _profile(args.profile)
     tok = tokenizer_for("smollm2-135m")
     base = WorkloadSpec(
@@ -268,8 +274,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--profile",
-        default="benchmarks/results/smollm2-1core.json",
-        help="1-core profile JSON (made if missing)",
+        default=None,
+        help="1-core profile JSON of this CPU, made if missing (default: "
+        "benchmarks/results/smollm2-1core-<cpu>.json)",
     )
     ap.add_argument("--num-requests", type=int, default=60, help="requests per rate")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")

@@ -1,6 +1,6 @@
 """Simulator fidelity: the real server and the simulator on the same requests.
 
-    python benchmarks/sim_fidelity.py [--quick] [--profile benchmarks/results/smollm2-1core.json]
+    python benchmarks/sim_fidelity.py [--quick] [--profile PROFILE.json]
 
 1. Profile SmolLM2 on one core (each instance of both placements owns one core), unless a
    profile file is given; calibrate through the real server and its step trace: the
@@ -46,11 +46,22 @@ SCHED = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_
 
 
 def get_profile(path: str | None, quick: bool) -> tuple[object, str]:
-    if path and os.path.exists(path):
-        return load_profiles(path)[0], path
-    from distserve.planner.profile import profile_model
+    from distserve.planner.profile import (
+        profile_model,
+        profile_path_for_this_cpu,
+        require_this_cpu,
+    )
 
-    out = path or "benchmarks/results/smollm2-1core.json"
+    if path and os.path.exists(path):
+        prof = load_profiles(path)[0]
+        require_this_cpu(prof, path)
+        return prof, path
+
+    out = path or profile_path_for_this_cpu("benchmarks/results", "smollm2-1core")
+    if os.path.exists(out):
+        prof = load_profiles(out)[0]
+        require_this_cpu(prof, out)
+        return prof, out
     config = EngineConfig(
         cache=CacheConfig(kv_cache_gb=KV_GB), scheduler=SchedulerConfig(max_num_batched_tokens=4096)
     )
@@ -199,7 +210,8 @@ def main() -> int:
     ap.add_argument(
         "--profile",
         default=None,
-        help="profile JSON to use (or to write, if missing); default: profile now",
+        help="profile JSON of this CPU to use (or to write, if missing); default: "
+        "benchmarks/results/smollm2-1core-<cpu>.json",
     )
     ap.add_argument("--num-requests", type=int, default=60, help="requests per rate (default: 60)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
