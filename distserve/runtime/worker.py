@@ -68,6 +68,7 @@ class Worker:
             mcfg, num_blocks, cc.block_size, dtype, config.device, cc.num_swap_blocks, shm
         )
         self.runner = ModelRunner(loaded.model, self.cache, config.seed)
+        loaded.model.measure_kernel_limits()
         self.peers: dict[str, torch.Tensor] = {}
         # A Ray actor runs two calls at once (a transfer beside a step); transfers share
         # staging buffers and the process group, so they take turns.
