@@ -114,6 +114,15 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     )
     add_serving_path_scale_flags(p)
     p.add_argument(
+        "--baseline-serving-path",
+        default=None,
+        metavar="JSON",
+        help="the colocated baselines' own serving path, calibrated on a colocated server: "
+        "a JSON object (or a file holding one) with any of step_overhead, compute_scale, "
+        "decode_scale, contended_scale, contended_decode_scale; the rest as the flags above "
+        "(default: the flags above)",
+    )
+    p.add_argument(
         "--max-pp",
         type=positive_int,
         default=None,
@@ -210,6 +219,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         contended_decode_scale=args.contended_decode_scale,
         min_requests=args.num_requests,
     )
+    baseline_setting = None
+    if args.baseline_serving_path is not None:
+        try:
+            baseline_setting = dataclasses.replace(
+                setting, **_serving_path(args.baseline_serving_path)
+            )
+        except ValueError as e:
+            parser.error(f"--baseline-serving-path: {e}")
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         plan = make_plan(
@@ -224,6 +241,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             workload.meta,
             baseline,
             args.max_pp,
+            baseline_setting,
         )
     except ValueError as e:
         print(f"distserve plan: error: {e}", file=sys.stderr)
@@ -235,6 +253,44 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         _print_summary(plan)
     return 0
+
+
+SERVING_PATH_KEYS = (
+    "step_overhead",
+    "compute_scale",
+    "decode_scale",
+    "contended_scale",
+    "contended_decode_scale",
+)
+
+
+def _serving_path(text: str) -> dict[str, float | None]:
+    """--baseline-serving-path's JSON object (inline or in a file), checked."""
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not a JSON object or a file holding one ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError("must be a JSON object")
+    unknown = sorted(set(d) - set(SERVING_PATH_KEYS))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} (known: {', '.join(SERVING_PATH_KEYS)})")
+    for k, v in d.items():
+        optional = k not in ("step_overhead", "compute_scale")
+        if v is None and optional:
+            continue
+        if (
+            not isinstance(v, int | float)
+            or isinstance(v, bool)
+            or v < 0
+            or (v == 0 and k != "step_overhead")
+        ):
+            bound = ">= 0" if k == "step_overhead" else "> 0"
+            raise ValueError(f"{k} must be a number {bound}, got {v!r}")
+    return d
 
 
 def _print_summary(plan: dict[str, Any]) -> None:

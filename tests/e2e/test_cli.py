@@ -66,7 +66,7 @@ def test_plan_json_on_the_bundled_profiles() -> None:
         "plan", "--profile", "a100", "--model", "opt-13b", "--devices-per-node", "2",
         "--dataset", "random", "--num-requests", "60", "--ttft-slo", "0.25", "--tpot-slo", "0.1",
         "--max-pp", "1", "--compute-scale", "1.1", "--decode-scale", "1.3", "--workers", "1",
-        "--json",
+        "--baseline-serving-path", '{"compute_scale": 1.2, "step_overhead": 0.002}', "--json",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
@@ -80,6 +80,8 @@ def test_plan_json_on_the_bundled_profiles() -> None:
     assert shapes and all(s["pp"] == 1 for s in shapes)
     assert plan["serving_path"]["compute_scale"] == 1.1
     assert plan["serving_path"]["decode_scale"] == 1.3
+    base = plan["serving_path"]["baselines"]  # its own keys, the rest from the flags
+    assert (base["compute_scale"], base["step_overhead"], base["decode_scale"]) == (1.2, 0.002, 1.3)
     assert plan["recommended"] in ("disagg", "colocated", "chunked")
 
 
@@ -89,6 +91,9 @@ def test_plan_bad_flags_name_the_flag() -> None:
         (["--decode-scale", "0"], "--decode-scale"),
         (["--max-pp", "0"], "--max-pp"),
         (["--compute-scale", "-1"], "--compute-scale"),
+        (["--baseline-serving-path", '{"compute_scale": 0}'], "--baseline-serving-path"),
+        (["--baseline-serving-path", '{"speed": 2}'], "--baseline-serving-path"),
+        (["--baseline-serving-path", "no-such-file.json"], "--baseline-serving-path"),
     ):
         r = _run(*base, "--ttft-slo", "1", "--tpot-slo", "0.1", *args)
         assert r.returncode == 2, (args, r.stderr)
