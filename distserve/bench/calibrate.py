@@ -123,7 +123,76 @@ def contention_ratios(
     }
 
 
-def _new_lines(trace: str, start: int) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class TraceFit:
+    """The scales and step overhead that best explain one run's step trace."""
+
+    prefill_scale: float | None
+    decode_scale: float | None
+    step_overhead: float
+    steps: int
+    median_rel_error: float
+    """Of the fitted model time against each step's measured model time."""
+
+    def sim_options(self) -> dict[str, float | None]:
+        """The SimOptions fields these stand for (no contention: the fit averages it)."""
+        return {
+            "compute_scale": self.prefill_scale or self.decode_scale or 1.0,
+            "decode_scale": self.decode_scale,
+            "step_overhead": self.step_overhead,
+        }
+
+
+def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> TraceFit | None:
+    """Fit every step of a trace (prompt-only, decode-only and mixed) as prefill_scale x
+    its prompt part + decode_scale x its decode part of the profile's time, by least
+    squares on relative error (`sim.latency.step_parts`), and the step overhead as the
+    mean time an instance spends per step outside its model when the steps run back to
+    back (within `back_to_back` seconds). This is the machine's speed during that run: on
+    a VM whose speed drifts, replaying a run through the simulator with its own fit
+    separates what the simulator gets wrong from what the machine did. None for a trace
+    with no steps."""
+    from distserve.sim.latency import step_parts
+
+    steps = [json.loads(line) for line in lines if line.strip()]
+    rows = []
+    for s in steps:
+        starts = s.get("prefill_start") or [0] * len(s["prefill"])
+        p, d = step_parts(profile, list(zip(starts, s["prefill"], strict=True)), s["decode"])
+        if s["exec"] > 0 and p + d > 0:
+            rows.append((p, d, s["exec"]))
+    if not rows:
+        return None
+    # normal equations of min sum ((kp p + kd d - y) / y)^2
+    spp = sum(p * p / (y * y) for p, _, y in rows)
+    sdd = sum(d * d / (y * y) for _, d, y in rows)
+    spd = sum(p * d / (y * y) for p, d, y in rows)
+    sp = sum(p / y for p, _, y in rows)
+    sd = sum(d / y for _, d, y in rows)
+    det = spp * sdd - spd * spd
+    kp: float | None
+    kd: float | None
+    if spp > 0 and sdd > 0 and det > 1e-9 * spp * sdd:
+        kp, kd = (sp * sdd - sd * spd) / det, (sd * spp - sp * spd) / det
+    else:  # one kind of step only: one scale
+        kp = sp / spp if spp > 0 else None
+        kd = sd / sdd if sdd > 0 else None
+    err = statistics.median(abs((kp or 0) * p + (kd or 0) * d - y) / y for p, d, y in rows)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for s in steps:
+        by.setdefault(s["instance"], []).append(s)
+    outside = []
+    for v in by.values():
+        v.sort(key=lambda s: s["t"])
+        for a, b in zip(v, v[1:], strict=False):
+            if b["t"] - (a["t"] + a["seconds"]) < back_to_back:
+                outside.append(b["t"] - a["t"] - a["exec"])
+    if not outside:
+        outside = [s["seconds"] - s["exec"] for s in steps]
+    return TraceFit(kp, kd, max(0.0, statistics.fmean(outside)), len(rows), err)
+
+
+def trace_lines_since(trace: str, start: int) -> list[str]:
     with open(trace) as f:
         f.seek(start)
         return f.read().split("\n")[:-1]  # whole lines only: the server may be writing
@@ -174,7 +243,7 @@ async def calibrate(
         contexts.append(req.prompt_len + output_len // 2)
     decode_scale = None
     if trace:
-        prefill, decode = trace_scales(_new_lines(trace, start), profile)
+        prefill, decode = trace_scales(trace_lines_since(trace, start), profile)
         scales = prefill or scales
         decode_scale = statistics.median(decode) if decode else None
     scale = statistics.median(scales) if scales else 1.0
@@ -190,7 +259,7 @@ async def calibrate(
     failed = [r.error for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} calibration requests failed: {failed[0]}")
-    lines = _new_lines(trace, start)
+    lines = trace_lines_since(trace, start)
     loaded_prefill, loaded_decode = trace_time_ratios(lines, profile)
     return dataclasses.replace(
         cal,

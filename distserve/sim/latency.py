@@ -3,6 +3,7 @@ instead of running a model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from distserve.core.plan import StepPlan
@@ -58,25 +59,13 @@ class LatencyModel:
         return p, d
 
     def step_time(self, plan: StepPlan, busy_share: float = 0.0) -> float:
-        prefill = plan.prefill_chunks
-        decode = plan.decode_chunks
+        prefill = [(ch.start, ch.num_tokens) for ch in plan.prefill_chunks]
+        decode = [ch.start for ch in plan.decode_chunks]
+        if not (prefill or decode):
+            return 0.0
+        p, d = step_parts(self.profile, prefill, decode)
         p_scale, d_scale = self.factors(busy_share)
-        t = 0.0
-        if prefill:
-            a, b, c = self.profile.prefill
-            t += p_scale * (
-                a
-                + sum(
-                    b * ch.num_tokens + c * ((ch.start + ch.num_tokens) ** 2 - ch.start**2)
-                    for ch in prefill
-                )
-            )
-        if decode:
-            d = self.profile.decode_time([ch.start for ch in decode])
-            if prefill:  # a mixed step pays one fixed term
-                d -= min(self.profile.prefill[0], self.profile.decode_small[0])
-            t += d_scale * d
-        return t + self.step_overhead if (prefill or decode) else 0.0
+        return p_scale * p + d_scale * d + self.step_overhead
 
     def decode_steps_time(self, contexts: list[int], steps: int, busy_share: float = 0.0) -> float:
         """Total time of `steps` consecutive decode steps of the same batch, contexts
@@ -97,3 +86,22 @@ class LatencyModel:
         return (
             self.transfer_overhead + num_tokens * self.kv_bytes_per_token / self.transfer_bandwidth
         )
+
+
+def step_parts(
+    profile: Profile, prefill: Sequence[tuple[int, int]], decode: Sequence[int]
+) -> tuple[float, float]:
+    """The profile's time of one step, split into its prompt part and its decode part,
+    unscaled: `prefill` holds (start, tokens) of each prompt chunk, `decode` the context of
+    each decoding request. A mixed step (chunked prefill) pays one fixed term."""
+    p = d = 0.0
+    if prefill:
+        a, b, c = profile.prefill
+        p = a + sum(b * n + c * ((s + n) ** 2 - s**2) for s, n in prefill)
+    if decode:
+        d = profile.decode_time(decode)
+        if prefill:
+            large = len(decode) >= profile.decode_threshold
+            fixed = (profile.decode_large if large else profile.decode_small)[0]
+            d -= min(profile.prefill[0], fixed)
+    return p, d

@@ -117,3 +117,62 @@ def test_calibration_scales_with_and_without_contention() -> None:
     # decode has no contended reading: its total stays, unsplit
     assert cal.scales() == {"compute_scale": 1.0, "contended_scale": 1.1, "decode_scale": 1.2}
     assert Calibration(1.0, 0.0).scales() == {"compute_scale": 1.0, "decode_scale": None}
+
+
+def _trace_line(inst: str, t: float, exec_s: float, prefill=(), starts=(), decode=()) -> str:  # type: ignore[no-untyped-def]
+    import json
+
+    return json.dumps(
+        {
+            "instance": inst,
+            "t": t,
+            "seconds": exec_s + 0.001,
+            "exec": exec_s,
+            "prefill": list(prefill),
+            "prefill_start": list(starts),
+            "decode": list(decode),
+        }
+    )
+
+
+def test_trace_fit_recovers_the_scales_of_mixed_and_pure_steps() -> None:
+    """A trace made from known scales (prompt 1.3x, decode 2.0x the profile) and a known
+    4 ms per step outside the model: the fit gets them back from prompt-only, decode-only
+    and mixed steps (chunks that start mid-prompt included)."""
+    from distserve.bench.calibrate import trace_fit
+    from distserve.sim.latency import step_parts
+    from distserve.sim.profile import Profile
+
+    prof = Profile(
+        "m",
+        "cpu",
+        prefill=(0.01, 1e-3, 1e-7),
+        decode_small=(0.02, 1e-6, 1e-3),
+        decode_large=(0.025, 1e-6, 5e-4),
+        decode_threshold=8,
+    )
+    shapes = [
+        ([100], [0], []),
+        ([], [], [50, 60]),
+        ([30], [200], [10, 20, 30]),
+        ([512], [0], [5] * 9),
+        ([], [], [300] * 12),
+    ]
+    lines, t = [], 0.0
+    for pf, st, dc in shapes * 3:
+        p, d = step_parts(prof, list(zip(st, pf, strict=True)), dc)
+        ex = 1.3 * p + 2.0 * d
+        lines.append(_trace_line("i0", t, ex, pf, st, dc))
+        t += ex + 0.004
+    fit = trace_fit(lines, prof)
+    assert fit is not None and fit.steps == 15
+    assert fit.prefill_scale == pytest.approx(1.3)
+    assert fit.decode_scale == pytest.approx(2.0)
+    assert fit.median_rel_error == pytest.approx(0.0, abs=1e-9)
+    assert fit.step_overhead == pytest.approx(0.004)
+    assert fit.sim_options()["compute_scale"] == pytest.approx(1.3)
+    decode_only = trace_fit(lines[1:2], prof)
+    assert decode_only is not None and decode_only.prefill_scale is None
+    assert decode_only.decode_scale == pytest.approx(2.0)
+    assert decode_only.sim_options()["compute_scale"] == pytest.approx(2.0)
+    assert trace_fit([], prof) is None
