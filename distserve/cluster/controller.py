@@ -108,6 +108,8 @@ class Controller:
         self._group: KVProcessGroup | None = None
         self.instances: list[Instance] = []
         self.load_seconds = 0.0
+        self.kernel_rows: list[int | None] = []
+        """Per worker, up to how many rows it takes the packed kernels (WorkerInfo)."""
         """The slowest worker's own start (model load, packing, KV cache), once started."""
         self.requests: dict[str, RequestState] = {}
         """Live requests by id; a request leaves on finish, failure or abort."""
@@ -134,6 +136,7 @@ class Controller:
         )
         infos = list(await asyncio.gather(*(e.info() for e in executors)))
         self.load_seconds = max((i.load_seconds for i in infos), default=0.0)
+        self.kernel_rows = [i.kernel_rows for i in infos]
         try:
             await self._connect(executors, infos)
         except BaseException:

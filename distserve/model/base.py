@@ -65,20 +65,12 @@ class CausalLM(nn.Module):
         w = self.lm_head_weight()
         self.lm_head_packed = PackedLinear(w, None, False) if fast and can_pack(w) else None
 
-    def measure_kernel_limits(self) -> None:
-        """Measure now, at the current torch thread count, where each packed kernel stops
-        beating torch (`packed.max_rows`, cached per shape), so that the first request
-        does not pay for it (~1 s on SmolLM2, most of it the 49k-row head)."""
+    def has_packed_kernels(self) -> bool:
         from distserve.model.layers import Linear
 
-        with torch.inference_mode():
-            for m in self.modules():
-                if isinstance(m, Linear) and m.packed is not None:
-                    max_rows(m.packed, m.weight)
-                    if not m.packed.silu_mul:
-                        max_rows(m.packed, m.weight, residual=True)
-            if self.lm_head_packed is not None:
-                max_rows(self.lm_head_packed, self.lm_head_weight())
+        return self.lm_head_packed is not None or any(
+            isinstance(m, Linear) and m.packed is not None for m in self.modules()
+        )
 
     # ---- weights ------------------------------------------------------------------
     def map_weight(self, hf_name: str) -> WeightTarget | None:

@@ -85,21 +85,36 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 ROW_PROBES = (1, 2, 4, 8, 16, 32, 64)
 _MAX_ROWS: dict[tuple[tuple[int, ...], bool, bool, int], int] = {}
+_MODEL_ROWS: int | None = None
+
+
+def set_max_rows(rows: int | None) -> None:
+    """One limit for every packed layer of this process, chosen on whole model steps
+    (`runtime/kernel_choice.py`), in place of the per-layer probes; None: back to them."""
+    global _MODEL_ROWS
+    _MODEL_ROWS = rows
 
 
 def max_rows(packed: PackedLinear, weight: torch.Tensor, residual: bool = False) -> int:
     """The most rows (tokens) for which `packed` beats the plain-torch path it replaces
     (`weight` is the same layer unpacked; with its epilogue: the residual add, SiLU and
     product) at the current torch thread count: measured once per process, shape and
-    thread count (or DISTSERVE_PACKED_MAX_ROWS). Callers take the kernel up to it and
-    torch above. The kernel streams the weight once per call, which wins where the weight
-    read dominates (decode); on a CPU with matrix units (Intel AMX) torch's oneDNN path
-    wins as soon as there are rows to fill them: measured on a Xeon with AMX, the kernel
-    was 2x slower at 32 rows and 4-9x at 128-512, while on an AMD EPYC (AVX512-BF16, no
-    AMX) it won at every size profiled."""
+    thread count (or DISTSERVE_PACKED_MAX_ROWS, or the whole-model limit of
+    `set_max_rows`, which a worker measures at start). Callers take the kernel up to it
+    and torch above. The kernel streams the weight once per call, which wins where the
+    weight read dominates (decode); on a CPU with matrix units (Intel AMX) torch's oneDNN
+    path wins as soon as there are rows to fill them: measured on a Xeon with AMX, the
+    kernel was 2x slower at 32 rows and 4-9x at 128-512, while on an AMD EPYC
+    (AVX512-BF16, no AMX) it won at every size profiled. A layer probed alone reads its
+    weight from cache; in a model step every weight comes from memory, which favours the
+    kernel: on the Xeon, per-layer probes chose 4 rows, while whole SmolLM2 decode steps
+    on one core ran faster with the kernels up to 13-14 rows (43 vs 88 ms at 1 row, 65 vs
+    92 ms at 8, 99 vs 96 ms at 14)."""
     env = os.environ.get("DISTSERVE_PACKED_MAX_ROWS")
     if env is not None:
         return int(env)
+    if _MODEL_ROWS is not None:
+        return _MODEL_ROWS
     key = (tuple(weight.shape), packed.silu_mul, residual, torch.get_num_threads())
     rows = _MAX_ROWS.get(key)
     if rows is None:

@@ -41,17 +41,21 @@ def fit_prefill(
 
 
 def fit_decode(
-    batches: Sequence[Sequence[int]], times: Sequence[float]
+    batches: Sequence[Sequence[int]], times: Sequence[float], threshold: int | None = None
 ) -> tuple[Triple, Triple, int, np.ndarray]:
     """(small triple, large triple, threshold, relative errors) of
     a + b*sum(context + 1) + c*batch, the threshold chosen among the measured batch sizes
-    to minimise the total squared relative error."""
+    to minimise the total squared relative error, or `threshold` where it is known (the
+    batch at which the runner leaves its packed kernels) and leaves 3 samples a side."""
     x = np.array([[1.0, float(sum(n + 1 for n in b)), float(len(b))] for b in batches])
     t = np.asarray(times, dtype=float)
     sizes = np.array([len(b) for b in batches])
     best: tuple[float, Triple, Triple, int, np.ndarray] | None = None
     candidates = sorted(set(sizes.tolist()))
-    for thr in [*candidates[1:], candidates[-1] + 1]:
+    thresholds = [*candidates[1:], candidates[-1] + 1]
+    if threshold is not None and min((sizes < threshold).sum(), (sizes >= threshold).sum()) >= 3:
+        thresholds = [threshold]
+    for thr in thresholds:
         small, large = sizes < thr, sizes >= thr
         if small.sum() < 3 or (large.any() and large.sum() < 3):
             continue

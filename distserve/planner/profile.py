@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import platform
-import random
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from distserve.config import EngineConfig
-from distserve.core import BlockManager, SamplingParams, ScheduledChunk, StepPlan
+from distserve.core import StepPlan
 from distserve.planner.fit import error_summary, fit_decode, fit_prefill
 from distserve.sim.profile import Profile
 
@@ -26,7 +26,6 @@ PREFILL_GRID = [
 DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (64, 256, 512, 1024)]
 QUICK_PREFILL = [(n, b) for n in (32, 128, 512) for b in (1, 2)]
 QUICK_DECODE = [(b, c) for b in (1, 4, 16) for c in (64, 512)]
-_GREEDY = SamplingParams(temperature=0.0, max_tokens=1)
 
 
 def cpu_name() -> str:
@@ -59,34 +58,6 @@ def require_this_cpu(profile: Profile, path: str) -> None:
         )
 
 
-class _Plans:
-    """Builds plans over real block ids (contiguous allocation; timing does not depend
-    on where blocks are)."""
-
-    def __init__(self, num_blocks: int, block_size: int, vocab: int, seed: int = 0) -> None:
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.rng = random.Random(seed)
-        self.vocab = vocab
-        self._ids = 0
-
-    def _chunk(self, start: int, n: int) -> ScheduledChunk:
-        self._ids += 1
-        rid = str(self._ids)
-        table = self.blocks.allocate(rid, start + n)
-        tokens = tuple(self.rng.randrange(100, min(self.vocab, 30000)) for _ in range(n))
-        return ScheduledChunk(rid, tokens, start, tuple(table), _GREEDY)
-
-    def prefill(self, length: int, batch: int) -> StepPlan:
-        return StepPlan(self._ids, tuple(self._chunk(0, length) for _ in range(batch)))
-
-    def decode(self, batch: int, context: int) -> StepPlan:
-        return StepPlan(self._ids, tuple(self._chunk(context, 1) for _ in range(batch)))
-
-    def release(self) -> None:
-        for rid in range(self._ids + 1):
-            self.blocks.free(str(rid))
-
-
 def _time(execute: Callable[[StepPlan], Any], plan: StepPlan, reps: int) -> float:
     execute(plan)  # warm-up, excluded
     times = []
@@ -103,6 +74,7 @@ def profile_model(
     """Measure and fit. Runs the model in this process, pinned to the first `cores` cores."""
     from tqdm import tqdm
 
+    from distserve.runtime.synthetic import SyntheticPlans
     from distserve.runtime.threads import available_cores
     from distserve.runtime.worker import Worker
 
@@ -112,12 +84,20 @@ def profile_model(
     worker = Worker(config, usable[:cores])
     info = worker.info()
     mcfg = info.model_config
-    plans = _Plans(info.num_blocks, info.block_size, mcfg.vocab_size)
+    plans = SyntheticPlans(info.num_blocks, info.block_size, mcfg.vocab_size)
     pgrid, dgrid = (QUICK_PREFILL, QUICK_DECODE) if quick else (PREFILL_GRID, DECODE_GRID)
     limit = min(config.scheduler.max_model_len, mcfg.max_position_embeddings)
     pgrid = [
         (n, b) for n, b in pgrid if n <= limit and (n * b) // info.block_size + b <= info.num_blocks
     ]
+    # the step jumps where the worker leaves its packed kernels: measure both sides of it
+    kernel_rows = info.kernel_rows if info.kernel_rows not in (None, sys.maxsize) else None
+    if kernel_rows:
+        known = {b for b, _ in dgrid}
+        contexts = sorted({c for _, c in dgrid})
+        for b in (kernel_rows, kernel_rows + 1):
+            if b not in known:
+                dgrid += [(b, c) for c in contexts]
     dgrid = [
         (b, c) for b, c in dgrid if c < limit and b * (c // info.block_size + 1) <= info.num_blocks
     ]
@@ -137,7 +117,9 @@ def profile_model(
         bar.update(1)
     bar.close()
     prefill, p_err = fit_prefill(p_batches, p_times)
-    small, large, threshold, d_err = fit_decode(d_batches, d_times)
+    small, large, threshold, d_err = fit_decode(
+        d_batches, d_times, None if kernel_rows is None else kernel_rows + 1
+    )
     samples = {
         "prefill": [[bt, t] for bt, t in zip(p_batches, p_times, strict=True)],
         "decode": [[len(bt), bt[0], t] for bt, t in zip(d_batches, d_times, strict=True)],
@@ -160,5 +142,6 @@ def profile_model(
             "decode": error_summary(d_err),
             "samples": samples,
             "kv_bytes_per_token": mcfg.kv_bytes_per_token(4 if config.dtype == "float32" else 2),
+            "kernel_rows": info.kernel_rows,
         },
     )

@@ -21,9 +21,11 @@ from distserve.core import StepPlan, StepResult
 from distserve.model.config import ModelConfig
 from distserve.model.loader import DTYPES, LoadedModel, load
 from distserve.model.registry import resolve
+from distserve.runtime.kernel_choice import choose_kernel_rows
 from distserve.runtime.kv_cache import KVCache, block_view, map_shared, num_blocks_for
 from distserve.runtime.model_runner import ModelRunner
 from distserve.runtime.p2p import P2PEndpoint
+from distserve.runtime.synthetic import SyntheticPlans
 from distserve.runtime.threads import pin_to_cores
 
 
@@ -43,6 +45,9 @@ class WorkerInfo:
     shm_path: str | None = None
     """Its cache file under /dev/shm, for same-node peers to map (until unlinked)."""
     cache_shape: tuple[int, ...] = ()
+    kernel_rows: int | None = None
+    """Up to how many rows per step it takes the packed kernels, chosen at start
+    (`runtime/kernel_choice.py`); None: no packed kernels here."""
 
 
 class Worker:
@@ -68,7 +73,11 @@ class Worker:
             mcfg, num_blocks, cc.block_size, dtype, config.device, cc.num_swap_blocks, shm
         )
         self.runner = ModelRunner(loaded.model, self.cache, config.seed)
-        loaded.model.measure_kernel_limits()
+        self.kernel_rows: int | None = None
+        """Up to how many rows this process takes the packed kernels (None: none here)."""
+        if loaded.model.has_packed_kernels():
+            plans = SyntheticPlans(num_blocks, cc.block_size, mcfg.vocab_size, config.seed)
+            self.kernel_rows, _ = choose_kernel_rows(self.runner.execute, plans)
         self.peers: dict[str, torch.Tensor] = {}
         # A Ray actor runs two calls at once (a transfer beside a step); transfers share
         # staging buffers and the process group, so they take turns.
@@ -87,6 +96,7 @@ class Worker:
             node=_node_id(),
             shm_path=self.cache.shm_path,
             cache_shape=self.cache.shape,
+            kernel_rows=self.kernel_rows,
         )
 
     def info(self) -> WorkerInfo:

@@ -80,9 +80,17 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
     )
     t0 = time.perf_counter()
     await controller.start()
+    rows = [r for r in controller.kernel_rows if r is not None]
+    kernels = (
+        "; packed kernels up to "
+        + "/".join("all" if r == sys.maxsize else str(r) for r in rows)
+        + " rows a step"
+        if rows
+        else ""
+    )
     print(
         f"instances ready in {time.perf_counter() - t0:.1f} s (the slowest worker's own "
-        f"model load and setup: {controller.load_seconds:.1f} s)",
+        f"model load and setup: {controller.load_seconds:.1f} s{kernels})",
         file=sys.stderr,
         flush=True,
     )

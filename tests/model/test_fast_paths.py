@@ -90,6 +90,7 @@ def test_linear_takes_the_kernel_only_up_to_max_rows(monkeypatch: pytest.MonkeyP
     not read at 3 rows with a limit of 2, and is at a limit of 3."""
     from distserve.model import packed as packing
 
+    monkeypatch.setattr(packing, "_MODEL_ROWS", None)  # per-layer probes, as outside a worker
     lin = Linear(50, 70, bias=False).to(BF16)
     with torch.no_grad():
         lin.weight.copy_(_randn(70, 50, seed=7, scale=0.1))

@@ -1,0 +1,83 @@
+"""Up to how many rows a worker takes the packed bf16 kernels (`model/packed.py`),
+chosen on whole decode steps of the real model at worker start.
+
+A decode step of b requests runs every linear layer on b rows. The packed kernel streams
+each weight once per call and wins at few rows; torch's path (oneDNN, AMX where the CPU
+has it) wins once there are rows to fill the matrix units. Where they cross depends on
+the CPU, the thread count and on the weights coming from memory rather than cache, so it
+is measured here, on the steps the worker will run, once per process."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from distserve.core import StepPlan
+from distserve.model import packed
+from distserve.runtime.synthetic import SyntheticPlans
+
+PROBES = (1, 2, 4, 8, 16, 32, 64)
+CONTEXT = 128
+"""Tokens of KV per request in a probe step: attention is the same on both paths."""
+
+
+def _step_time(
+    execute: Callable[[StepPlan], object], plan: StepPlan, reps: int, clock: Callable[[], float]
+) -> float:
+    execute(plan)  # warm-up: first touch of the blocks, torch's kernel selection
+    best = float("inf")
+    for _ in range(reps):
+        t = clock()
+        execute(plan)
+        best = min(best, clock() - t)
+    return best
+
+
+def choose_kernel_rows(
+    execute: Callable[[StepPlan], object],
+    plans: SyntheticPlans,
+    reps: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Time a decode step of b requests with the kernels and without, for b in PROBES
+    until torch wins, then bisect between the last win and the first loss; set the
+    largest b at which the kernels still won as this process's limit
+    (`packed.set_max_rows`) and return it with the timings {b: (kernels, torch)}.
+    sys.maxsize: the kernels won at every probe. A batch the cache has no room for is not
+    tried: the limit stays at the largest batch that was."""
+    timings: dict[int, tuple[float, float]] = {}
+
+    def kernels_win(b: int) -> bool:
+        plan = plans.decode(b, CONTEXT)
+        try:
+            packed.set_max_rows(sys.maxsize)
+            on = _step_time(execute, plan, reps, clock)
+            packed.set_max_rows(0)
+            off = _step_time(execute, plan, reps, clock)
+        finally:
+            plans.release()
+        timings[b] = (on, off)
+        return on < off
+
+    room = plans.blocks.num_free_blocks // (CONTEXT // plans.blocks.block_size + 1)
+    lo, hi = 0, None
+    for b in PROBES:
+        if b > room:
+            hi = lo + 1  # untried: stop at what was
+            break
+        if not kernels_win(b):
+            hi = b
+            break
+        lo = b
+    if hi is None:
+        lo = sys.maxsize
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if kernels_win(mid):
+                lo = mid
+            else:
+                hi = mid
+    packed.set_max_rows(lo)
+    return lo, timings
