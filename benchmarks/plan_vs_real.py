@@ -17,9 +17,12 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
    crosses 90% (then once more inside the bracket); measured goodput is
    interpolated where attainment crosses 90%, as `distserve goodput` does. Next to it: the
    simulated attainment at each measured rate (where attainment is flat in rate, a point
-   of attainment moves goodput far), and the goodput re-predicted with the same
-   calibration repeated on the deployed server just before measuring (the machine's
-   speed drifts).
+   of attainment moves goodput far), the goodput re-predicted with the same
+   calibration repeated on the deployed server just before measuring, and the replay:
+   each rate simulated again at the speed its own step trace shows (`trace_fit`), and
+   the goodput re-predicted at the speed of the whole measurement (this VM's speed
+   drifts by up to 2x within an hour; the replay separates the simulator's error from
+   the machine's).
 Writes benchmarks/results/plan_vs_real.json.
 """
 
@@ -33,8 +36,15 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
-from distserve.bench.calibrate import Calibration, calibrate
+from distserve.bench.calibrate import (
+    Calibration,
+    TraceFit,
+    calibrate,
+    trace_fit,
+    trace_lines_since,
+)
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import goodput, summarize
 from distserve.bench.run import tokenizer_for
@@ -89,22 +99,35 @@ def layout_plan(plan: dict, name: str) -> dict:
     return plan | {"placement": choice, "recommended": name}
 
 
-async def measure(url: str, base: WorkloadSpec, tok, predicted: float, slo: dict) -> list:  # type: ignore[no-untyped-def]
+async def measure(
+    url: str, base: WorkloadSpec, tok: Any, predicted: float, slo: dict, trace: str, profile: Any
+) -> tuple[list, list]:
     """(rate, attainment) points from the predicted goodput: step by STEP towards the
     crossing of 90% until it is bracketed (at most 5 rates), then bisect the bracket once
-    (geometrically)."""
+    (geometrically). With each point, the fit of its own step trace (`trace_fit`): the
+    machine's speed while it ran."""
     model = await server_model(url)
     points: list[tuple[float, float]] = []
+    fits: list[TraceFit | None] = []
 
     async def at(rate: float) -> float:
         wl = build_workload(dataclasses.replace(base, rate=rate), tok)
+        start = os.path.getsize(trace)
         results, elapsed = await run_workload(url, wl, model, progress=False)
+        fit = trace_fit(trace_lines_since(trace, start), profile)
         s = summarize(results, slo["ttft"], slo["tpot"], elapsed)
         att = s["attainment"]["both"]
         points.append((rate, att))
+        fits.append(fit)
+        speed = (
+            f"; speed vs profile: prefill {fit.prefill_scale or 0:.2f}x, decode "
+            f"{fit.decode_scale or 0:.2f}x"
+            if fit
+            else ""
+        )
         print(
             f"    rate {rate:6.3f}: attainment {100 * att:5.1f}% "
-            f"(p90 TTFT {s['ttft']['p90']:.2f} s, TPOT {1000 * s['tpot']['p90']:.0f} ms)",
+            f"(p90 TTFT {s['ttft']['p90']:.2f} s, TPOT {1000 * s['tpot']['p90']:.0f} ms{speed})",
             flush=True,
         )
         return att
@@ -116,13 +139,18 @@ async def measure(url: str, base: WorkloadSpec, tok, predicted: float, slo: dict
         if (await at(rate) >= 0.9) != first:
             break
     else:
-        return points  # no crossing within the range: goodput is a bound
+        return points, fits  # no crossing within the range: goodput is a bound
     lo, hi = sorted(points[-2:])
     await at(round((lo[0] * hi[0]) ** 0.5, 3))
-    return points
+    return points, fits
 
 
-def _setting(probe, slo: dict, cal: Calibration, n: int) -> Setting:  # type: ignore[no-untyped-def]
+def _setting(probe, slo: dict, cal: Calibration | TraceFit, n: int) -> Setting:  # type: ignore[no-untyped-def]
+    """The planner's setting with a calibration's scales, or with one run's trace fit."""
+    if isinstance(cal, Calibration):
+        path = {"step_overhead": cal.step_overhead, **cal.scales()}
+    else:
+        path = cal.sim_options()
     return Setting(
         probe,
         slo["ttft"],
@@ -130,8 +158,7 @@ def _setting(probe, slo: dict, cal: Calibration, n: int) -> Setting:  # type: ig
         0.9,
         SCHED,
         transfer_bandwidth=2.5e9,
-        step_overhead=cal.step_overhead,
-        **cal.scales(),
+        **path,
         min_requests=n,
     )
 
@@ -228,12 +255,23 @@ async def run(args: argparse.Namespace) -> dict:
                 # the same calibration again on the deployed server, just before measuring:
                 # how far the machine's speed moved since the plan was made
                 dcal = await _calibrate(url, trace, profile, probe, load, f"{name} deployed")
-                points = await measure(url, base, tok, predicted, slo)
+                start = os.path.getsize(trace)
+                points, fits = await measure(url, base, tok, predicted, slo, trace, profile)
+                whole = trace_fit(trace_lines_since(trace, start), profile)
         # simulations after the server stopped: no CPU taken from the measurement
         rates = [r for r, _ in points]
         dsetting = _setting(probe, slo, dcal, args.num_requests)
         redo = verify(dsetting, choice)
         measured = goodput(points, 0.9)
+        # Replays: each point simulated at the speed its own trace shows, and the goodput
+        # re-predicted at the speed of the whole measurement: what the plan would have said
+        # had it known how fast the machine would run (it drifts up to ~2x within an hour).
+        n = args.num_requests
+        replayed = [
+            attainment_curve(_setting(probe, slo, f, n), choice, [r])[0] if f else None
+            for r, f in zip(rates, fits, strict=True)
+        ]
+        replay_rps = verify(_setting(probe, slo, whole, n), choice) if whole else None
         rows[name] = {
             "predicted_rps": predicted,
             "measured_rps": measured,
@@ -248,6 +286,13 @@ async def run(args: argparse.Namespace) -> dict:
             "repredicted_rps": redo,
             "repredicted_error": (redo - measured) / measured if measured else None,
             "simulated_attainment_repredicted": attainment_curve(dsetting, choice, rates),
+            "trace_fits": [dataclasses.asdict(f) if f else None for f in fits],
+            "simulated_attainment_replayed": replayed,
+            "measurement_fit": dataclasses.asdict(whole) if whole else None,
+            "replayed_rps": replay_rps,
+            "replayed_error": (replay_rps - measured) / measured
+            if measured and replay_rps
+            else None,
         }
         sim = rows[name]["simulated_attainment"]
         worst = max(100 * abs(a - b) for (_, a), b in zip(points, sim, strict=True))
@@ -255,7 +300,8 @@ async def run(args: argparse.Namespace) -> dict:
             f"  {name}: predicted {predicted / devices:.3f} req/s per core, measured "
             f"{measured / devices:.3f} ({100 * (rows[name]['error'] or 0):+.1f}%); attainment "
             f"real vs simulated at the measured rates within {worst:.1f} points; "
-            f"re-predicted with the deployed server's calibration {redo / devices:.3f}",
+            f"re-predicted with the deployed server's calibration {redo / devices:.3f}, "
+            f"at the measurement's own speed {(replay_rps or 0) / devices:.3f}",
             flush=True,
         )
         save(args.output, report)  # after every layout: a long run keeps what it measured

@@ -11,7 +11,10 @@
 2. For disagg 1P1D and colocated 2x1, at rates from low load to past saturation, replay the
    same chatbot requests against the real server and through the simulator.
 3. Report attainment real vs simulated per rate (the paper's Table 2 shape) and the error
-   of median TTFT and TPOT. Writes benchmarks/results/sim_fidelity.json.
+   of median TTFT and TPOT; and the same for the replay: each rate simulated again with
+   the scales and step overhead fitted to its own step trace (`trace_fit`), which
+   separates the simulator's error from the drift of this VM's speed between the
+   calibration and the run. Writes benchmarks/results/sim_fidelity.json.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import os
 import statistics
 import sys
 
-from distserve.bench.calibrate import Calibration, calibrate
+from distserve.bench.calibrate import (
+    Calibration,
+    TraceFit,
+    calibrate,
+    trace_fit,
+    trace_lines_since,
+)
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import attainment, percentile
 from distserve.bench.results import read_results, write_results
@@ -71,19 +80,28 @@ def get_profile(path: str | None, quick: bool) -> tuple[object, str]:
     return prof, out
 
 
-def compare(real, simulated, slo) -> dict:  # type: ignore[no-untyped-def]
+def compare(real, simulated, slo, replayed=None) -> dict:  # type: ignore[no-untyped-def]
+    """Real against simulated (the calibration made before the runs) and, where given,
+    against replayed (the run's own trace fit: the machine's speed during that run)."""
     out = {}
-    for name, res in (("real", real), ("sim", simulated)):
+    runs = (("real", real), ("sim", simulated), ("replay", replayed))
+    for name, res in ((n, r) for n, r in runs if r is not None):
         ok = [r for r in res if r.ok]
         out[name] = {
             "attainment": attainment(res, slo["ttft"], slo["tpot"]),
             "ttft_p50": percentile([r.ttft for r in ok], 50),
             "tpot_p50": percentile([r.tpot for r in ok], 50),
         }
-    r, s = out["real"], out["sim"]
-    out["attainment_error_points"] = 100 * abs(r["attainment"]["both"] - s["attainment"]["both"])
-    out["ttft_p50_rel_error"] = abs(s["ttft_p50"] - r["ttft_p50"]) / r["ttft_p50"]
-    out["tpot_p50_rel_error"] = abs(s["tpot_p50"] - r["tpot_p50"]) / r["tpot_p50"]
+    r = out["real"]
+    for name, prefix in (("sim", ""), ("replay", "replay_")):
+        if name not in out:
+            continue
+        s = out[name]
+        out[f"{prefix}attainment_error_points"] = 100 * abs(
+            r["attainment"]["both"] - s["attainment"]["both"]
+        )
+        out[f"{prefix}ttft_p50_rel_error"] = abs(s["ttft_p50"] - r["ttft_p50"]) / r["ttft_p50"]
+        out[f"{prefix}tpot_p50_rel_error"] = abs(s["tpot_p50"] - r["tpot_p50"]) / r["tpot_p50"]
     return out
 
 
@@ -138,10 +156,17 @@ async def run(args: argparse.Namespace) -> dict:
             config = simulated_system(mode, profile, cal, not args.no_contention)
             for rate in rates:
                 wl = build_workload(dataclasses.replace(base, rate=rate), tok)
+                start = os.path.getsize(trace)
                 real, _ = await run_workload(url, wl, model, progress=False)
+                fit = trace_fit(trace_lines_since(trace, start), profile)
                 sim = Simulator(config).run(wl)
-                row = {"rate": rate, **compare(real, sim, slo)}
-                for kind, res in (("real", real), ("sim", sim)):  # per request, to diagnose
+                replay = Simulator(replay_system(mode, profile, fit)).run(wl) if fit else None
+                row = {"rate": rate, **compare(real, sim, slo, replay)}
+                row["fit"] = dataclasses.asdict(fit) if fit else None
+                for kind, res in (("real", real), ("sim", sim), ("replay", replay)):
+                    if res is None:
+                        continue
+                    # per request, to diagnose
                     write_results(
                         os.path.join(args.details_dir, f"{system}-{rate:.3f}-{kind}.json"),
                         {"system": system, "rate": rate, "slo": slo, "kind": kind},
@@ -165,12 +190,29 @@ def simulated_system(mode: str, profile, cal: Calibration, contention: bool):  #
     return sim_config(PlacementConfig(mode=mode, num_instances=2), profile, None, opts)
 
 
+def replay_system(mode: str, profile, fit: TraceFit):  # type: ignore[no-untyped-def]
+    """The simulated system at the speed one run's trace shows (`trace_fit`)."""
+    opts = SimOptions(
+        **fit.sim_options(),
+        transfer_bandwidth=2.5e9,
+        transfer_overhead=0.005,
+        scheduler=SCHED,
+    )
+    return sim_config(PlacementConfig(mode=mode, num_instances=2), profile, None, opts)
+
+
 def print_row(system: str, row: dict) -> None:
-    re, si = row["real"], row["sim"]
+    re, si, rp = row["real"], row["sim"], row.get("replay")
+    replay = (
+        f" replay {100 * rp['attainment']['both']:5.1f}% (speed prefill "
+        f"{row['fit']['prefill_scale'] or 0:.2f} decode {row['fit']['decode_scale'] or 0:.2f})"
+        if rp
+        else ""
+    )
     print(
         f"{system:14s} rate {row['rate']:6.3f}: attainment real "
         f"{100 * re['attainment']['both']:5.1f}% "
-        f"sim {100 * si['attainment']['both']:5.1f}%"
+        f"sim {100 * si['attainment']['both']:5.1f}%{replay}"
         f"  TTFT p50 {re['ttft_p50']:.2f}/{si['ttft_p50']:.2f}s"
         f"  TPOT p50 {1000 * re['tpot_p50']:.0f}/{1000 * si['tpot_p50']:.0f}ms",
         flush=True,
@@ -195,7 +237,11 @@ def resimulate(args: argparse.Namespace) -> dict:
             wl = build_workload(dataclasses.replace(base, rate=rate), tok)
             path = os.path.join(args.details_dir, f"{system}-{rate:.3f}-real.json")
             real = read_results(path)[2]
-            row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo)}
+            old = next((r for r in saved["rows"] if r["rate"] == rate), {})
+            fit = TraceFit(**old["fit"]) if old.get("fit") else None
+            replay = Simulator(replay_system(mode, profile, fit)).run(wl) if fit else None
+            row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo, replay)}
+            row["fit"] = old.get("fit")
             rows.append(row)
             print_row(system, row)
         saved["rows"] = rows
@@ -242,19 +288,18 @@ def main() -> int:
     report["worst_attainment_error_points"] = max(errs)
     report["median_ttft_rel_error"] = statistics.median(ttft)
     report["median_tpot_rel_error"] = statistics.median(tpot)
-    print(
-        json.dumps(
-            {
-                k: report[k]
-                for k in (
-                    "worst_attainment_error_points",
-                    "median_ttft_rel_error",
-                    "median_tpot_rel_error",
-                )
-            },
-            indent=1,
+    keys = ["worst_attainment_error_points", "median_ttft_rel_error", "median_tpot_rel_error"]
+    rows = [r for s in report["systems"].values() for r in s["rows"] if "replay" in r]
+    if rows:
+        report["replay_worst_attainment_error_points"] = max(
+            r["replay_attainment_error_points"] for r in rows
         )
-    )
+        for k in ("ttft", "tpot"):
+            report[f"replay_median_{k}_rel_error"] = statistics.median(
+                r[f"replay_{k}_p50_rel_error"] for r in rows
+            )
+        keys += [f"replay_{k}" for k in keys]
+    print(json.dumps({k: report[k] for k in keys}, indent=1))
     out = args.resimulate or args.output
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
