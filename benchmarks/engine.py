@@ -29,6 +29,7 @@ import torch
 from distserve.config import EngineConfig
 from distserve.core import CacheConfig, SamplingParams, SchedulerConfig
 from distserve.runtime.engine import LLMEngine
+from distserve.timing import best_time
 
 CONTEXT = 512
 
@@ -36,16 +37,6 @@ CONTEXT = 512
 def _prompt(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, 40000, (n,), generator=g).tolist()
-
-
-def _best(fn: Any, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def machine_limits(threads: list[int]) -> dict[str, dict[int, float]]:
@@ -56,8 +47,8 @@ def machine_limits(threads: list[int]) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {"read_gb_s": {}, "bf16_gflop_s": {}}
     for t in threads:
         torch.set_num_threads(t)
-        out["read_gb_s"][t] = x.numel() * 4 / _best(x.sum, 5) / 1e9
-        out["bf16_gflop_s"][t] = 2 * 2048**3 / _best(lambda: a @ b, 5) / 1e9
+        out["read_gb_s"][t] = x.numel() * 4 / best_time(x.sum, 5) / 1e9
+        out["bf16_gflop_s"][t] = 2 * 2048**3 / best_time(lambda: a @ b, 5) / 1e9
     del x
     return out
 

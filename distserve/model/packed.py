@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from distserve.model.kernels import bf16_linear_kernels
+from distserve.timing import best_time
 
 TILE = 64
 NONE, RESIDUAL, SILU_MUL = 0, 1, 2  # epilogues of csrc/linear.cpp
@@ -135,21 +135,10 @@ def _measure_max_rows(packed: PackedLinear, weight: torch.Tensor, residual: bool
                 return F.silu(gate) * up
             return reference(x, weight, None, r)  # noqa: B023
 
-        if _best(plain) < _best(lambda: packed(x, r)):  # noqa: B023
+        if best_time(plain, 5) < best_time(lambda: packed(x, r), 5):  # noqa: B023
             return last_win
         last_win = m
     return sys.maxsize  # the kernel won up to the largest probe: take it at every size
-
-
-def _best(fn: object, reps: int = 5) -> float:
-    assert callable(fn)
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def reference(

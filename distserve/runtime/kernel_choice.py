@@ -16,22 +16,11 @@ from collections.abc import Callable
 from distserve.core import StepPlan
 from distserve.model import packed
 from distserve.runtime.synthetic import SyntheticPlans
+from distserve.timing import best_time
 
 PROBES = (1, 2, 4, 8, 16, 32, 64)
 CONTEXT = 128
 """Tokens of KV per request in a probe step: attention is the same on both paths."""
-
-
-def _step_time(
-    execute: Callable[[StepPlan], object], plan: StepPlan, reps: int, clock: Callable[[], float]
-) -> float:
-    execute(plan)  # warm-up: first touch of the blocks, torch's kernel selection
-    best = float("inf")
-    for _ in range(reps):
-        t = clock()
-        execute(plan)
-        best = min(best, clock() - t)
-    return best
 
 
 def choose_kernel_rows(
@@ -52,9 +41,9 @@ def choose_kernel_rows(
         plan = plans.decode(b, CONTEXT)
         try:
             packed.set_max_rows(sys.maxsize)
-            on = _step_time(execute, plan, reps, clock)
+            on = best_time(lambda: execute(plan), reps, clock=clock)  # noqa: B023
             packed.set_max_rows(0)
-            off = _step_time(execute, plan, reps, clock)
+            off = best_time(lambda: execute(plan), reps, clock=clock)  # noqa: B023
         finally:
             plans.release()
         timings[b] = (on, off)
