@@ -26,6 +26,7 @@ PREFILL_GRID = [
 DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (64, 256, 512, 1024)]
 QUICK_PREFILL = [(n, b) for n in (32, 128, 512) for b in (1, 2)]
 QUICK_DECODE = [(b, c) for b in (1, 4, 16) for c in (64, 512)]
+ROUNDS = 3
 
 
 def cpu_name() -> str:
@@ -58,14 +59,17 @@ def require_this_cpu(profile: Profile, path: str) -> None:
         )
 
 
-def _time(execute: Callable[[StepPlan], Any], plan: StepPlan, reps: int) -> float:
-    execute(plan)  # warm-up, excluded
+def _times(
+    execute: Callable[[StepPlan], Any], plan: StepPlan, reps: int, warm_up: bool
+) -> list[float]:
+    if warm_up:
+        execute(plan)  # excluded
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         execute(plan)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def profile_model(
@@ -101,21 +105,35 @@ def profile_model(
     dgrid = [
         (b, c) for b, c in dgrid if c < limit and b * (c // info.block_size + 1) <= info.num_blocks
     ]
-    reps = 2 if quick else 3
-    p_batches, p_times, d_batches, d_times = [], [], [], []
-    bar = tqdm(total=len(pgrid) + len(dgrid), desc="profiling", unit="shape", disable=not progress)
-    for n, b in pgrid:
-        p_batches.append([n] * b)
-        p_times.append(_time(worker.execute, plans.prefill(n, b), reps))
-        plans.release()
-        bar.update(1)
-    for b, c in dgrid:
-        d_batches.append([c] * b)
-        # decode steps are short and noisy (a stray interrupt is a large share): more reps
-        d_times.append(_time(worker.execute, plans.decode(b, c), 3 * reps + 2))
-        plans.release()
-        bar.update(1)
+    # The grid is measured in ROUNDS passes and each shape takes the median of all its
+    # times: this VM's speed drifts (up to 2x within an hour), and a shape measured in one
+    # go took whatever the machine did then (one profile's 512-token prefill read 0.80 s
+    # where its neighbours' fit said 0.55 s and served requests took 0.83 s).
+    rounds = 1 if quick else ROUNDS
+    p_reps, d_reps = (2, 4) if quick else (1, 4)
+    p_samples: list[list[float]] = [[] for _ in pgrid]
+    d_samples: list[list[float]] = [[] for _ in dgrid]
+    bar = tqdm(
+        total=rounds * (len(pgrid) + len(dgrid)),
+        desc="profiling",
+        unit="shape",
+        disable=not progress,
+    )
+    for r in range(rounds):
+        for i, (n, b) in enumerate(pgrid):
+            p_samples[i] += _times(worker.execute, plans.prefill(n, b), p_reps, r == 0)
+            plans.release()
+            bar.update(1)
+        for i, (b, c) in enumerate(dgrid):
+            # decode steps are short and noisy (a stray interrupt is a large share): more reps
+            d_samples[i] += _times(worker.execute, plans.decode(b, c), d_reps, r == 0)
+            plans.release()
+            bar.update(1)
     bar.close()
+    p_batches = [[n] * b for n, b in pgrid]
+    p_times = [statistics.median(t) for t in p_samples]
+    d_batches = [[c] * b for b, c in dgrid]
+    d_times = [statistics.median(t) for t in d_samples]
     prefill, p_err = fit_prefill(p_batches, p_times)
     small, large, threshold, d_err = fit_decode(
         d_batches, d_times, None if kernel_rows is None else kernel_rows + 1

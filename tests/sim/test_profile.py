@@ -49,3 +49,31 @@ def test_round_trip(tmp_path) -> None:
     path = tmp_path / "p.json"
     save_profiles(str(path), profiles)
     assert load_profiles(str(path)) == profiles
+
+
+def test_profiler_on_a_real_tiny_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The profiler runs the real runner over its (quick) grid and fits a profile that
+    records the worker's kernel limit; where the limit falls inside the grid, the decode
+    threshold sits just above it and both sides of it were measured."""
+    import sys
+
+    from distserve.config import EngineConfig
+    from distserve.core import CacheConfig, SchedulerConfig
+    from distserve.planner.profile import profile_model
+    from tests.model.hf_reference import tiny_hf_model
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    config = EngineConfig(
+        model=str(tmp_path),
+        dtype="bfloat16",
+        cache=CacheConfig(num_blocks=512),
+        scheduler=SchedulerConfig(max_num_batched_tokens=4096),
+    )
+    prof = profile_model(config, cores=1, quick=True, progress=False)
+    rows = prof.fit["kernel_rows"]
+    sizes = {b for b, _, _ in prof.fit["samples"]["decode"]}
+    assert prof.prefill_time([64]) > 0 and prof.decode_time([64]) > 0
+    assert prof.kv_capacity_tokens == 512 * 16
+    if rows is not None and 0 < rows < 16 and rows != sys.maxsize:
+        assert {rows, rows + 1} <= sizes
+        assert prof.decode_threshold == rows + 1

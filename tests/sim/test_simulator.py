@@ -73,6 +73,10 @@ def test_fit_recovers_known_coefficients() -> None:
     s, l, thr, err = fit_decode(dec, [t(x) for x in dec])
     assert thr == 16 and err.max() < 1e-6
     assert s == pytest.approx(small, rel=1e-4) and l == pytest.approx(large, rel=1e-4)
+    # a known threshold (where the runner leaves its kernels) is taken as given...
+    assert fit_decode(dec, [t(x) for x in dec], threshold=8)[2] == 8
+    # ...unless it leaves fewer than 3 samples on a side
+    assert fit_decode(dec, [t(x) for x in dec], threshold=1)[2] == 16
 
 
 def test_one_request_prefill_transfer_decode_by_hand() -> None:
