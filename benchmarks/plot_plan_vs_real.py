@@ -42,7 +42,7 @@ def main() -> int:
         report = json.load(f)
     if any("simulated_attainment_replayed" not in row for row in report["layouts"].values()):
         ap.error(f"--results: {args.results} predates replayed attainment; rerun plan_vs_real")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     for name, row in report["layouts"].items():
         rows = sorted(
             zip(
@@ -86,7 +86,7 @@ def main() -> int:
         f"SmolLM2 on 2 CPU cores: plan vs deployment "
         f"(TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms)"
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
