@@ -263,7 +263,25 @@ def make_plan(
             f"colocated layout '{best_name}' beats the best disaggregated one by {ratio:.2f}x "
             "per device for this workload and SLO"
         )
+    # Layouts within the search's tolerance of the best are a tie, not a ranking: on the
+    # CPU, colocated and chunked verified at the same goodput and measured 1.65x apart.
+    ties = tied_with({k: v.per_device for k, v in options.items()}, best_name)
+    if ties:
+        plan["ties"] = ties
+        plan["note"] = (plan.get("note", "") + "; " if plan.get("note") else "") + (
+            f"within {100 * TIE:.0f}% of it: {', '.join(ties)} (a tie for the simulator: "
+            "measure both)"
+        )
     return plan
+
+
+TIE = 0.05
+"""Relative goodput within which two layouts are reported as a tie (bisection's tolerance)."""
+
+
+def tied_with(per_device: dict[str, float], best: str) -> list[str]:
+    """The layouts other than `best` whose per-device goodput is within TIE of it."""
+    return [k for k, v in per_device.items() if k != best and v >= (1 - TIE) * per_device[best]]
 
 
 def serving_path(setting: Setting) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distserve.core import SchedulerConfig
 from distserve.planner.phases import InstanceConfig, Setting, bisect_rate
-from distserve.planner.plan import make_plan
+from distserve.planner.plan import make_plan, tied_with
 from distserve.planner.search import Cluster, algorithm1, candidates
 from distserve.sim.profile import Profile
 from distserve.workload.build import WorkloadSpec, build_workload
@@ -81,6 +81,16 @@ def test_plan_compares_with_colocated_and_says_which_wins() -> None:
     }
     assert plan["recommended"] == max(per_device, key=per_device.get)
     assert plan["placement"]["devices"] <= 4
+    assert sorted(plan.get("ties", [])) == sorted(tied_with(per_device, plan["recommended"]))
+
+
+def test_layouts_within_the_tolerance_of_the_best_are_a_tie() -> None:
+    """On the CPU the plan verified colocated and chunked at the same goodput and picked
+    one; deployed, they measured 1.65x apart. Within 5% the plan says it is a tie."""
+    per_device = {"disagg": 0.127, "colocated": 0.254, "chunked": 0.254}
+    assert tied_with(per_device, "colocated") == ["chunked"]
+    assert tied_with({"disagg": 1.0, "colocated": 0.96, "chunked": 0.94}, "disagg") == ["colocated"]
+    assert tied_with({"disagg": 1.0, "colocated": 0.5}, "disagg") == []
 
 
 def test_instance_config_shapes() -> None:
