@@ -153,14 +153,14 @@ async def run(args: argparse.Namespace) -> dict:
                 f"idle/busy {cal.contention}), step overhead {1000 * cal.step_overhead:.1f} ms",
                 flush=True,
             )
-            config = simulated_system(mode, profile, cal, not args.no_contention)
+            config = simulated_system(mode, profile, calibration_path(cal, not args.no_contention))
             for rate in rates:
                 wl = build_workload(dataclasses.replace(base, rate=rate), tok)
                 start = os.path.getsize(trace)
                 real, _ = await run_workload(url, wl, model, progress=False)
                 fit = trace_fit(trace_lines_since(trace, start), profile)
                 sim = Simulator(config).run(wl)
-                replay = Simulator(replay_system(mode, profile, fit)).run(wl) if fit else None
+                replay = replayed(mode, profile, fit, wl)
                 row = {"rate": rate, **compare(real, sim, slo, replay)}
                 row["fit"] = dataclasses.asdict(fit) if fit else None
                 for kind, res in (("real", real), ("sim", sim), ("replay", replay)):
@@ -179,26 +179,20 @@ async def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def simulated_system(mode: str, profile, cal: Calibration, contention: bool):  # type: ignore[no-untyped-def]
-    opts = SimOptions(
-        step_overhead=cal.step_overhead,
-        **cal.scales(contention=contention),
-        transfer_bandwidth=2.5e9,
-        transfer_overhead=0.005,
-        scheduler=SCHED,
-    )
+def simulated_system(mode: str, profile, path: dict):  # type: ignore[no-untyped-def]
+    """The simulated system with a serving path: a calibration's step overhead and scales
+    (`calibration_path`), or one run's trace fit (`TraceFit.sim_options`)."""
+    opts = SimOptions(**path, transfer_bandwidth=2.5e9, transfer_overhead=0.005, scheduler=SCHED)
     return sim_config(PlacementConfig(mode=mode, num_instances=2), profile, None, opts)
 
 
-def replay_system(mode: str, profile, fit: TraceFit):  # type: ignore[no-untyped-def]
-    """The simulated system at the speed one run's trace shows (`trace_fit`)."""
-    opts = SimOptions(
-        **fit.sim_options(),
-        transfer_bandwidth=2.5e9,
-        transfer_overhead=0.005,
-        scheduler=SCHED,
-    )
-    return sim_config(PlacementConfig(mode=mode, num_instances=2), profile, None, opts)
+def replayed(mode: str, profile, fit: TraceFit | None, wl):  # type: ignore[no-untyped-def]
+    """The requests simulated at the speed one run's trace shows (None without a fit)."""
+    return Simulator(simulated_system(mode, profile, fit.sim_options())).run(wl) if fit else None
+
+
+def calibration_path(cal: Calibration, contention: bool) -> dict:
+    return {"step_overhead": cal.step_overhead, **cal.scales(contention=contention)}
 
 
 def print_row(system: str, row: dict) -> None:
@@ -231,7 +225,7 @@ def resimulate(args: argparse.Namespace) -> dict:
     for system, (mode, _) in SYSTEMS.items():
         saved = report["systems"][system]
         cal = Calibration(**saved["calibration"])
-        config = simulated_system(mode, profile, cal, not args.no_contention)
+        config = simulated_system(mode, profile, calibration_path(cal, not args.no_contention))
         rows = []
         for rate in report["rates"]:
             wl = build_workload(dataclasses.replace(base, rate=rate), tok)
@@ -239,7 +233,7 @@ def resimulate(args: argparse.Namespace) -> dict:
             real = read_results(path)[2]
             old = next((r for r in saved["rows"] if r["rate"] == rate), {})
             fit = TraceFit(**old["fit"]) if old.get("fit") else None
-            replay = Simulator(replay_system(mode, profile, fit)).run(wl) if fit else None
+            replay = replayed(mode, profile, fit, wl)
             row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo, replay)}
             row["fit"] = old.get("fit")
             rows.append(row)

@@ -108,9 +108,9 @@ class Controller:
         self._group: KVProcessGroup | None = None
         self.instances: list[Instance] = []
         self.load_seconds = 0.0
+        """The slowest worker's own start (model load, packing, KV cache), once started."""
         self.kernel_rows: list[int | None] = []
         """Per worker, up to how many rows it takes the packed kernels (WorkerInfo)."""
-        """The slowest worker's own start (model load, packing, KV cache), once started."""
         self.requests: dict[str, RequestState] = {}
         """Live requests by id; a request leaves on finish, failure or abort."""
         self.awaiting: deque[tuple[RequestState, Request]] = deque()

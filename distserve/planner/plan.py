@@ -268,10 +268,11 @@ def make_plan(
     ties = tied_with({k: v.per_device for k, v in options.items()}, best_name)
     if ties:
         plan["ties"] = ties
-        plan["note"] = (plan.get("note", "") + "; " if plan.get("note") else "") + (
-            f"within {100 * TIE:.0f}% of it: {', '.join(ties)} (a tie for the simulator: "
-            "measure both)"
+        tie = (
+            f"{', '.join(ties)} within {100 * TIE:.0f}% of '{best_name}': a tie for the "
+            "simulator, measure both"
         )
+        plan["note"] = f"{plan['note']}; {tie}" if "note" in plan else tie
     return plan
 
 

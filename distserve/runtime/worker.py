@@ -73,11 +73,10 @@ class Worker:
             mcfg, num_blocks, cc.block_size, dtype, config.device, cc.num_swap_blocks, shm
         )
         self.runner = ModelRunner(loaded.model, self.cache, config.seed)
-        self.kernel_rows: int | None = None
-        """Up to how many rows this process takes the packed kernels (None: none here)."""
+        kernel_rows = None
         if loaded.model.has_packed_kernels():
             plans = SyntheticPlans(num_blocks, cc.block_size, mcfg.vocab_size, config.seed)
-            self.kernel_rows, _ = choose_kernel_rows(self.runner.execute, plans)
+            kernel_rows, _ = choose_kernel_rows(self.runner.execute, plans)
         self.peers: dict[str, torch.Tensor] = {}
         # A Ray actor runs two calls at once (a transfer beside a step); transfers share
         # staging buffers and the process group, so they take turns.
@@ -96,7 +95,7 @@ class Worker:
             node=_node_id(),
             shm_path=self.cache.shm_path,
             cache_shape=self.cache.shape,
-            kernel_rows=self.kernel_rows,
+            kernel_rows=kernel_rows,
         )
 
     def info(self) -> WorkerInfo:
