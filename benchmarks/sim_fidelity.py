@@ -31,8 +31,10 @@ from distserve.bench.calibrate import (
     Calibration,
     TraceFit,
     calibrate,
+    span_end,
     trace_fit,
     trace_lines_since,
+    trace_span,
 )
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import attainment, percentile
@@ -158,11 +160,13 @@ async def run(args: argparse.Namespace) -> dict:
                 wl = build_workload(dataclasses.replace(base, rate=rate), tok)
                 start = os.path.getsize(trace)
                 real, _ = await run_workload(url, wl, model, progress=False)
-                fit = trace_fit(trace_lines_since(trace, start), profile)
+                lines = trace_lines_since(trace, start)
+                fit = trace_fit(lines, profile)
                 sim = Simulator(config).run(wl)
                 replay = replayed(mode, profile, fit, wl)
                 row = {"rate": rate, **compare(real, sim, slo, replay)}
                 row["fit"] = dataclasses.asdict(fit) if fit else None
+                row["trace_span"] = [start, span_end(start, lines)]  # --resimulate refits
                 for kind, res in (("real", real), ("sim", sim), ("replay", replay)):
                     if res is None:
                         continue
@@ -233,9 +237,13 @@ def resimulate(args: argparse.Namespace) -> dict:
             real = read_results(path)[2]
             old = next((r for r in saved["rows"] if r["rate"] == rate), {})
             fit = TraceFit(**old["fit"]) if old.get("fit") else None
+            trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
+            if old.get("trace_span") and (os.path.exists(trace) or os.path.exists(trace + ".gz")):
+                fit = trace_fit(trace_span(trace, *old["trace_span"]), profile)  # this code's fit
             replay = replayed(mode, profile, fit, wl)
             row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo, replay)}
-            row["fit"] = old.get("fit")
+            row["fit"] = dataclasses.asdict(fit) if fit else None
+            row["trace_span"] = old.get("trace_span")
             rows.append(row)
             print_row(system, row)
         saved["rows"] = rows

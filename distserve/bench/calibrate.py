@@ -145,13 +145,19 @@ class TraceFit:
 
 def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> TraceFit | None:
     """Fit every step of a trace (prompt-only, decode-only and mixed) as prefill_scale x
-    its prompt part + decode_scale x its decode part of the profile's time, by least
-    squares on relative error (`sim.latency.step_parts`), and the step overhead as the
-    mean time an instance spends per step outside its model when the steps run back to
-    back (within `back_to_back` seconds). This is the machine's speed during that run: on
-    a VM whose speed drifts, replaying a run through the simulator with its own fit
-    separates what the simulator gets wrong from what the machine did. None for a trace
-    with no steps."""
+    its prompt part + decode_scale x its decode part of the profile's time
+    (`sim.latency.step_parts`), and the step overhead as the mean time an instance spends
+    per step outside its model when the steps run back to back (within `back_to_back`
+    seconds). This is the machine's speed during that run: on a VM whose speed drifts,
+    replaying a run through the simulator with its own fit separates what the simulator
+    gets wrong from what the machine did. None for a trace with no steps.
+
+    The scales keep each phase's total time: each step's error counts toward a phase by
+    that phase's share of the step, and both shares sum to zero (for pure steps, the
+    ratio of the totals). A least-squares fit on relative error reads low wherever the
+    times are noisy (it weighs a step by 1/time^2, so the slow ones count least): on the
+    Xeon's step traces its scales ran 2-8% under the totals, and replays ran that much
+    fast (design note 18)."""
     from distserve.sim.latency import step_parts
 
     steps = [json.loads(line) for line in lines if line.strip()]
@@ -163,20 +169,21 @@ def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> Tra
             rows.append((p, d, s["exec"]))
     if not rows:
         return None
-    # normal equations of min sum ((kp p + kd d - y) / y)^2
-    spp = sum(p * p / (y * y) for p, _, y in rows)
-    sdd = sum(d * d / (y * y) for _, d, y in rows)
-    spd = sum(p * d / (y * y) for p, d, y in rows)
-    sp = sum(p / y for p, _, y in rows)
-    sd = sum(d / y for _, d, y in rows)
-    det = spp * sdd - spd * spd
+    # sum over steps of share x (kp p + kd d - y) = 0, share p/(p+d) and d/(p+d)
+    pp = sum(p * p / (p + d) for p, d, _ in rows)
+    dd = sum(d * d / (p + d) for p, d, _ in rows)
+    pd = sum(p * d / (p + d) for p, d, _ in rows)
+    py = sum(p * y / (p + d) for p, d, y in rows)
+    dy = sum(d * y / (p + d) for p, d, y in rows)
+    det = pp * dd - pd * pd
     kp: float | None
     kd: float | None
-    if spp > 0 and sdd > 0 and det > 1e-9 * spp * sdd:
-        kp, kd = (sp * sdd - sd * spd) / det, (sd * spp - sp * spd) / det
-    else:  # one kind of step only: one scale
-        kp = sp / spp if spp > 0 else None
-        kd = sd / sdd if sdd > 0 else None
+    if pp > 0 and dd > 0 and det > 1e-9 * pp * dd:
+        kp, kd = (py * dd - dy * pd) / det, (dy * pp - py * pd) / det
+    else:  # one kind of step only (or every step the same mix): one scale of the totals
+        k = sum(y for *_, y in rows) / sum(p + d for p, d, _ in rows)
+        kp = k if pp > 0 else None
+        kd = k if dd > 0 else None
     err = statistics.median(abs((kp or 0) * p + (kd or 0) * d - y) / y for p, d, y in rows)
     by: dict[str, list[dict[str, Any]]] = {}
     for s in steps:
@@ -196,6 +203,26 @@ def trace_lines_since(trace: str, start: int) -> list[str]:
     with open(trace) as f:
         f.seek(start)
         return f.read().split("\n")[:-1]  # whole lines only: the server may be writing
+
+
+def span_end(start: int, lines: list[str]) -> int:
+    """The byte offset just past `lines`, read from `start` of a trace."""
+    return start + sum(len(line.encode()) + 1 for line in lines)
+
+
+def trace_span(trace: str, start: int, end: int) -> list[str]:
+    """The whole lines of a trace between two byte offsets; the trace may be gzipped
+    (`trace` + '.gz', as results are kept)."""
+    if not os.path.exists(trace) and os.path.exists(trace + ".gz"):
+        import gzip
+
+        with gzip.open(trace + ".gz", "rb") as g:
+            data = g.read()[start:end]
+    else:
+        with open(trace, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    return data.decode().split("\n")[:-1]
 
 
 async def calibrate(

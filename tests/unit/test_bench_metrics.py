@@ -176,3 +176,33 @@ def test_trace_fit_recovers_the_scales_of_mixed_and_pure_steps() -> None:
     assert decode_only.decode_scale == pytest.approx(2.0)
     assert decode_only.sim_options()["compute_scale"] == pytest.approx(2.0)
     assert trace_fit([], prof) is None
+
+
+def test_trace_fit_keeps_each_phase_total_when_steps_are_noisy() -> None:
+    """Steps 30% slower and faster by turns around known scales (prompt 1.5x, decode
+    1.2x): the fit keeps the totals (what a replay must reproduce), where a fit on
+    relative error would read low; with mixed steps, the fitted total is the trace's."""
+    from distserve.bench.calibrate import trace_fit
+    from distserve.sim.latency import step_parts
+    from distserve.sim.profile import Profile
+
+    prof = Profile("m", "cpu", prefill=(0.01, 1e-3, 1e-7), decode_small=(0.02, 1e-6, 1e-3))
+    shapes = [([200], [0], []), ([], [], [100, 200]), ([64], [128], [50] * 3)]
+    lines, t, total, parts = [], 0.0, 0.0, []
+    for i, (pf, st, dc) in enumerate(shapes * 4):
+        p, d = step_parts(prof, list(zip(st, pf, strict=True)), dc)
+        noise = 1.3 if (i // len(shapes)) % 2 else 0.7
+        ex = (1.5 * p + 1.2 * d) * noise
+        lines.append(_trace_line("i0", t, ex, pf, st, dc))
+        parts.append((p, d))
+        total += ex
+        t += ex + 0.004
+    pure = [ln for ln, (pf, _, dc) in zip(lines, shapes * 4, strict=True) if not (pf and dc)]
+    fit = trace_fit(pure, prof)
+    assert fit is not None
+    assert fit.prefill_scale == pytest.approx(1.5)
+    assert fit.decode_scale == pytest.approx(1.2)
+    mixed = trace_fit(lines, prof)
+    assert mixed is not None and mixed.prefill_scale and mixed.decode_scale
+    fitted = sum(mixed.prefill_scale * p + mixed.decode_scale * d for p, d in parts)
+    assert fitted == pytest.approx(total)
