@@ -14,7 +14,10 @@
    of median TTFT and TPOT; and the same for the replay: each rate simulated again with
    the scales and step overhead fitted to its own step trace (`trace_fit`), which
    separates the simulator's error from the drift of this VM's speed between the
-   calibration and the run. Writes benchmarks/results/sim_fidelity.json.
+   calibration and the run; with it, the band (p10-p90) of the replay's attainment when
+   each step's time is drawn around the fit as the run's steps spread around it: how
+   far that step-to-step variation alone moves attainment at 60 requests.
+   Writes benchmarks/results/sim_fidelity.json.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ SYSTEMS = {
     "colocated-2x1": ("colocated", ["--mode", "colocated", "--instances", "2"]),
 }
 SCHED = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
+REPLAY_DRAWS = 20
 
 
 def get_profile(path: str | None, quick: bool) -> tuple[object, str]:
@@ -165,6 +169,7 @@ async def run(args: argparse.Namespace) -> dict:
                 sim = Simulator(config).run(wl)
                 replay = replayed(mode, profile, fit, wl)
                 row = {"rate": rate, **compare(real, sim, slo, replay)}
+                with_band(row, replay_band(mode, profile, fit, wl, slo))
                 row["fit"] = dataclasses.asdict(fit) if fit else None
                 row["trace_span"] = [start, span_end(start, lines)]  # --resimulate refits
                 for kind, res in (("real", real), ("sim", sim), ("replay", replay)):
@@ -195,15 +200,41 @@ def replayed(mode: str, profile, fit: TraceFit | None, wl):  # type: ignore[no-u
     return Simulator(simulated_system(mode, profile, fit.sim_options())).run(wl) if fit else None
 
 
+def replay_band(mode: str, profile, fit: TraceFit | None, wl, slo: dict) -> list | None:  # type: ignore[no-untyped-def]
+    """p10 / p50 / p90 of the replay's attainment with each step's time drawn around the
+    fit, as the run's own steps spread around it (`TraceFit.noise`), over REPLAY_DRAWS
+    seeds: how far the machine's step-to-step variation alone moves attainment."""
+    if fit is None or not fit.noise:
+        return None
+    base = simulated_system(mode, profile, fit.sim_options())
+    runs = [
+        Simulator(dataclasses.replace(base, step_noise=fit.noise, seed=i)).run(wl)
+        for i in range(REPLAY_DRAWS)
+    ]
+    both = [attainment(r, slo["ttft"], slo["tpot"])["both"] for r in runs]
+    return [percentile(both, q) for q in (10, 50, 90)]
+
+
+def with_band(row: dict, band: list | None) -> dict:
+    row["replay_band"] = band
+    if band:
+        real = row["real"]["attainment"]["both"]
+        row["real_in_replay_band"] = band[0] - 1e-9 <= real <= band[2] + 1e-9
+    return row
+
+
 def calibration_path(cal: Calibration, contention: bool) -> dict:
     return {"step_overhead": cal.step_overhead, **cal.scales(contention=contention)}
 
 
 def print_row(system: str, row: dict) -> None:
     re, si, rp = row["real"], row["sim"], row.get("replay")
+    band = row.get("replay_band")
     replay = (
         f" replay {100 * rp['attainment']['both']:5.1f}% (speed prefill "
-        f"{row['fit']['prefill_scale'] or 0:.2f} decode {row['fit']['decode_scale'] or 0:.2f})"
+        f"{row['fit']['prefill_scale'] or 0:.2f} decode {row['fit']['decode_scale'] or 0:.2f}"
+        + (f"; noisy p10-p90 {100 * band[0]:.1f}-{100 * band[2]:.1f}%" if band else "")
+        + ")"
         if rp
         else ""
     )
@@ -242,6 +273,7 @@ def resimulate(args: argparse.Namespace) -> dict:
                 fit = trace_fit(trace_span(trace, *old["trace_span"]), profile)  # this code's fit
             replay = replayed(mode, profile, fit, wl)
             row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo, replay)}
+            with_band(row, replay_band(mode, profile, fit, wl, slo))
             row["fit"] = dataclasses.asdict(fit) if fit else None
             row["trace_span"] = old.get("trace_span")
             rows.append(row)
@@ -301,6 +333,12 @@ def main() -> int:
                 r[f"replay_{k}_p50_rel_error"] for r in rows
             )
         keys += [f"replay_{k}" for k in keys]
+        banded = [r for r in rows if r.get("replay_band")]
+        if banded:
+            report["real_in_replay_band"] = (
+                f"{sum(r['real_in_replay_band'] for r in banded)}/{len(banded)}"
+            )
+            keys.append("real_in_replay_band")
     print(json.dumps({k: report[k] for k in keys}, indent=1))
     out = args.resimulate or args.output
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

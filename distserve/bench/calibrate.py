@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import math
 import os
 import statistics
 from typing import Any
@@ -133,6 +134,9 @@ class TraceFit:
     steps: int
     median_rel_error: float
     """Of the fitted model time against each step's measured model time."""
+    noise: float = 0.0
+    """Standard deviation of log(measured / fitted) over the steps: how much a step's
+    time varies around the fit (`SimConfig.step_noise`)."""
 
     def sim_options(self) -> dict[str, float | None]:
         """The SimOptions fields these stand for (no contention: the fit averages it)."""
@@ -184,7 +188,10 @@ def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> Tra
         k = sum(y for *_, y in rows) / sum(p + d for p, d, _ in rows)
         kp = k if pp > 0 else None
         kd = k if dd > 0 else None
-    err = statistics.median(abs((kp or 0) * p + (kd or 0) * d - y) / y for p, d, y in rows)
+    fitted = [(kp or 0) * p + (kd or 0) * d for p, d, _ in rows]
+    err = statistics.median(abs(f - y) / y for f, (*_, y) in zip(fitted, rows, strict=True))
+    logs = [math.log(y / f) for f, (*_, y) in zip(fitted, rows, strict=True) if f > 0]
+    noise = statistics.pstdev(logs) if len(logs) > 1 else 0.0
     by: dict[str, list[dict[str, Any]]] = {}
     for s in steps:
         by.setdefault(s["instance"], []).append(s)
@@ -196,7 +203,7 @@ def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> Tra
                 outside.append(b["t"] - a["t"] - a["exec"])
     if not outside:
         outside = [s["seconds"] - s["exec"] for s in steps]
-    return TraceFit(kp, kd, max(0.0, statistics.fmean(outside)), len(rows), err)
+    return TraceFit(kp, kd, max(0.0, statistics.fmean(outside)), len(rows), err, noise)
 
 
 def trace_lines_since(trace: str, start: int) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -69,6 +70,15 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="seconds per step outside the model (default: 0)",
     )
     add_serving_path_scale_flags(p)
+    p.add_argument(
+        "--step-noise",
+        type=positive_float,
+        default=None,
+        metavar="SIGMA",
+        help="draw each step's time around the model (lognormal, mean 1, this sigma; seeded "
+        "by --seed), as served steps vary; `trace_fit` reads it from a step trace "
+        "(default: none)",
+    )
     p.add_argument(
         "--transfer-bandwidth",
         type=positive_float,
@@ -169,6 +179,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             scheduler=sched,
         )
         config = sim_config(placement, prefill, decode, opts)
+        if args.step_noise:
+            config = dataclasses.replace(config, step_noise=args.step_noise, seed=args.seed)
         spec = WorkloadSpec(
             dataset=args.dataset,
             num_requests=args.num_requests,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +69,12 @@ class SimConfig:
     fast_forward: bool = True
     record_plans: bool = False
     """Keep every instance's plans (tests compare them with a real instance's)."""
+    step_noise: float = 0.0
+    """Sigma of a lognormal factor (mean 1) drawn for each step's time; 0: every step
+    takes its model's time. A served step's time varies around its model (the same
+    prompt's prefill by +-25% on this VM), which near saturation moves attainment."""
+    seed: int = 0
+    """Of the step-noise draws: same seed, same result."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +95,8 @@ class SimConfig:
                 for k, v in dataclasses.asdict(self.scheduler).items()
             },
             "block_size": self.block_size,
+            "step_noise": self.step_noise,
+            "seed": self.seed,
         }
 
 
@@ -107,6 +117,7 @@ class Simulator:
         self._stopped = False
         self._arrivals: list[Any] = []
         self._next_arrival = 0
+        self._rng = random.Random(config.seed)
 
     def _instance(self, role: str, index: int) -> SimInstance:
         cfg = self.config
@@ -220,6 +231,9 @@ class Simulator:
         if self.config.record_plans:
             inst.plans.append(plan)
         dt = inst.latency.step_time(plan, self._busy_share(inst))
+        if self.config.step_noise > 0:
+            s = self.config.step_noise
+            dt *= math.exp(self._rng.gauss(-s * s / 2, s))
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + 1, inst.busy_seconds + dt
         self._at(t + dt, "step", lambda t2, i=inst, p=plan: self._step_done(t2, i, p))
 
@@ -227,7 +241,7 @@ class Simulator:
         """Run a steady span of decode steps as one event, stopping before the next
         event anywhere (any of them might change this instance's next decision)."""
         k = steady_decode_steps(inst.scheduler)
-        if k < 2:
+        if k < 2 or self.config.step_noise > 0:  # noise: one draw per step
             return False
         horizon = self._horizon(inst)
         contexts = [r.num_tokens - 1 for r in inst.scheduler.running]

@@ -170,6 +170,7 @@ def test_trace_fit_recovers_the_scales_of_mixed_and_pure_steps() -> None:
     assert fit.decode_scale == pytest.approx(2.0)
     assert fit.median_rel_error == pytest.approx(0.0, abs=1e-9)
     assert fit.step_overhead == pytest.approx(0.004)
+    assert fit.noise == pytest.approx(0.0, abs=1e-9)
     assert fit.sim_options()["compute_scale"] == pytest.approx(1.3)
     decode_only = trace_fit(lines[1:2], prof)
     assert decode_only is not None and decode_only.prefill_scale is None
@@ -202,6 +203,7 @@ def test_trace_fit_keeps_each_phase_total_when_steps_are_noisy() -> None:
     assert fit is not None
     assert fit.prefill_scale == pytest.approx(1.5)
     assert fit.decode_scale == pytest.approx(1.2)
+    assert fit.noise == pytest.approx(math.log(1.3 / 0.7) / 2)  # the spread around the fit
     mixed = trace_fit(lines, prof)
     assert mixed is not None and mixed.prefill_scale and mixed.decode_scale
     fitted = sum(mixed.prefill_scale * p + mixed.decode_scale * d for p, d in parts)
