@@ -42,11 +42,14 @@ from distserve.bench.calibrate import (
     Calibration,
     TraceFit,
     calibrate,
+    gzip_file,
+    span_end,
     trace_fit,
     trace_lines_since,
 )
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import goodput, summarize
+from distserve.bench.results import write_results
 from distserve.bench.run import tokenizer_for
 from distserve.bench.server_process import running_server
 from distserve.core import SchedulerConfig
@@ -100,25 +103,37 @@ def layout_plan(plan: dict, name: str) -> dict:
 
 
 async def measure(
-    url: str, base: WorkloadSpec, tok: Any, predicted: float, slo: dict, trace: str, profile: Any
-) -> tuple[list, list]:
+    url: str,
+    base: WorkloadSpec,
+    tok: Any,
+    predicted: float,
+    slo: dict,
+    trace: str,
+    profile: Any,
+    details: str,
+) -> tuple[list, list, list]:
     """(rate, attainment) points from the predicted goodput: step by STEP towards the
     crossing of 90% until it is bracketed (at most 5 rates), then bisect the bracket once
     (geometrically). With each point, the fit of its own step trace (`trace_fit`): the
-    machine's speed while it ran."""
+    machine's speed while it ran, and the byte span of the trace it read; each rate's
+    per-request results go to `details` + '-<rate>-real.json'."""
     model = await server_model(url)
     points: list[tuple[float, float]] = []
     fits: list[TraceFit | None] = []
+    spans: list[list[int]] = []
 
     async def at(rate: float) -> float:
         wl = build_workload(dataclasses.replace(base, rate=rate), tok)
         start = os.path.getsize(trace)
         results, elapsed = await run_workload(url, wl, model, progress=False)
-        fit = trace_fit(trace_lines_since(trace, start), profile)
+        lines = trace_lines_since(trace, start)
+        fit = trace_fit(lines, profile)
         s = summarize(results, slo["ttft"], slo["tpot"], elapsed)
+        write_results(f"{details}-{rate:.3f}-real.json", {"rate": rate, "slo": slo}, s, results)
         att = s["attainment"]["both"]
         points.append((rate, att))
         fits.append(fit)
+        spans.append([start, span_end(start, lines)])
         speed = (
             f"; speed vs profile: prefill {fit.prefill_scale or 0:.2f}x, decode "
             f"{fit.decode_scale or 0:.2f}x"
@@ -139,10 +154,10 @@ async def measure(
         if (await at(rate) >= 0.9) != first:
             break
     else:
-        return points, fits  # no crossing within the range: goodput is a bound
+        return points, fits, spans  # no crossing within the range: goodput is a bound
     lo, hi = sorted(points[-2:])
     await at(round((lo[0] * hi[0]) ** 0.5, 3))
-    return points, fits
+    return points, fits, spans
 
 
 def _setting(probe, slo: dict, cal: Calibration | TraceFit, n: int) -> Setting:  # type: ignore[no-untyped-def]
@@ -248,16 +263,25 @@ async def run(args: argparse.Namespace) -> dict:
         setting = settings["disagg" if name == "disagg" else "colocated"]
         predicted, devices = d["goodput"], d["devices"]
         print(f"  {name}: predicted {predicted:.3f} req/s on {devices} cores", flush=True)
+        os.makedirs(args.details_dir, exist_ok=True)
+        details = os.path.join(args.details_dir, name)
+        trace = f"{details}-steps.jsonl"
+        for old in (trace, trace + ".gz"):
+            if os.path.exists(old):
+                os.remove(old)
         with tempfile.TemporaryDirectory() as tmp:
-            path, trace = os.path.join(tmp, "plan.json"), os.path.join(tmp, "steps.jsonl")
+            path = os.path.join(tmp, "plan.json")
             write_plan(path, layout_plan(plan, name))
             with running_server("--plan", path, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
                 # the same calibration again on the deployed server, just before measuring:
                 # how far the machine's speed moved since the plan was made
                 dcal = await _calibrate(url, trace, profile, probe, load, f"{name} deployed")
                 start = os.path.getsize(trace)
-                points, fits = await measure(url, base, tok, predicted, slo, trace, profile)
+                points, fits, spans = await measure(
+                    url, base, tok, predicted, slo, trace, profile, details
+                )
                 whole = trace_fit(trace_lines_since(trace, start), profile)
+        gzip_file(trace)
         # simulations after the server stopped: no CPU taken from the measurement
         rates = [r for r, _ in points]
         dsetting = _setting(probe, slo, dcal, args.num_requests)
@@ -287,6 +311,7 @@ async def run(args: argparse.Namespace) -> dict:
             "repredicted_error": (redo - measured) / measured if measured else None,
             "simulated_attainment_repredicted": attainment_curve(dsetting, choice, rates),
             "trace_fits": [dataclasses.asdict(f) if f else None for f in fits],
+            "trace_spans": spans,
             "simulated_attainment_replayed": replayed,
             "measurement_fit": dataclasses.asdict(whole) if whole else None,
             "replayed_rps": replay_rps,
@@ -339,6 +364,11 @@ def main() -> int:
     )
     ap.add_argument(
         "--plan-output", default="benchmarks/results/plan-cpu.json", help="where the plan goes"
+    )
+    ap.add_argument(
+        "--details-dir",
+        default="benchmarks/results/plan_vs_real",
+        help="each deployed layout's step trace (gzipped) and per-request results per rate",
     )
     ap.add_argument("--output", default="benchmarks/results/plan_vs_real.json", help="results")
     args = ap.parse_args()

@@ -34,6 +34,7 @@ from distserve.bench.calibrate import (
     Calibration,
     TraceFit,
     calibrate,
+    gzip_file,
     span_end,
     trace_fit,
     trace_lines_since,
@@ -150,6 +151,9 @@ async def run(args: argparse.Namespace) -> dict:
         rows = []
         os.makedirs(args.details_dir, exist_ok=True)
         trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
+        for old in (trace, trace + ".gz"):
+            if os.path.exists(old):
+                os.remove(old)
         with running_server(*flags, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
             model = await server_model(url)
             cal = await calibrate(url, model, profile, probe, trace=trace, load=load)
@@ -184,6 +188,7 @@ async def run(args: argparse.Namespace) -> dict:
                     )
                 rows.append(row)
                 print_row(system, row)
+        gzip_file(trace)
         report["systems"][system] = {"calibration": dataclasses.asdict(cal), "rows": rows}
     return report
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import gzip
 import json
 import math
 import os
+import shutil
 import statistics
 from typing import Any
 
@@ -212,6 +214,13 @@ def trace_lines_since(trace: str, start: int) -> list[str]:
         return f.read().split("\n")[:-1]  # whole lines only: the server may be writing
 
 
+def gzip_file(path: str) -> None:
+    """Compress `path` to `path`.gz and remove it (a step trace, kept with results)."""
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(path)
+
+
 def span_end(start: int, lines: list[str]) -> int:
     """The byte offset just past `lines`, read from `start` of a trace."""
     return start + sum(len(line.encode()) + 1 for line in lines)
@@ -221,8 +230,6 @@ def trace_span(trace: str, start: int, end: int) -> list[str]:
     """The whole lines of a trace between two byte offsets; the trace may be gzipped
     (`trace` + '.gz', as results are kept)."""
     if not os.path.exists(trace) and os.path.exists(trace + ".gz"):
-        import gzip
-
         with gzip.open(trace + ".gz", "rb") as g:
             data = g.read()[start:end]
     else:

@@ -208,3 +208,23 @@ def test_trace_fit_keeps_each_phase_total_when_steps_are_noisy() -> None:
     assert mixed is not None and mixed.prefill_scale and mixed.decode_scale
     fitted = sum(mixed.prefill_scale * p + mixed.decode_scale * d for p, d in parts)
     assert fitted == pytest.approx(total)
+
+
+def test_a_trace_span_reads_the_same_lines_gzipped(tmp_path) -> None:
+    """The byte span of what a run read from a growing trace gives back those lines,
+    from the raw file and after it is gzipped (a partial last line is left out)."""
+    from distserve.bench.calibrate import gzip_file, span_end, trace_lines_since, trace_span
+
+    trace = str(tmp_path / "steps.jsonl")
+    with open(trace, "w") as f:
+        f.write('{"a": 1}\n{"b": "é"}\n')
+    start = len(b'{"a": 1}\n')
+    with open(trace, "a") as f:
+        f.write('{"c": 3}\n{"d": 4}\n{"partial"')
+    lines = trace_lines_since(trace, start)
+    assert lines == ['{"b": "é"}', '{"c": 3}', '{"d": 4}']
+    span = (start, span_end(start, lines))
+    assert trace_span(trace, *span) == lines
+    gzip_file(trace)
+    assert not (tmp_path / "steps.jsonl").exists()
+    assert trace_span(trace, *span) == lines
