@@ -147,7 +147,7 @@ def test_calibration_reads_the_step_trace(url, trace) -> None:
 def test_calibration_under_load_takes_the_loaded_runs_scales(url, trace) -> None:
     import asyncio
 
-    from distserve.bench.calibrate import calibrate, trace_time_ratios
+    from distserve.bench.calibrate import calibrate, trace_fit, trace_time_ratios
     from distserve.bench.client import server_model
     from distserve.sim.profile import Profile
     from distserve.workload import Workload, WorkloadRequest
@@ -180,5 +180,7 @@ def test_calibration_under_load_takes_the_loaded_runs_scales(url, trace) -> None
     prefill, decode = trace_time_ratios(lines, toy)
     assert loaded.compute_scale == pytest.approx(prefill)
     assert loaded.decode_scale == pytest.approx(decode)
+    fit = trace_fit(lines, toy)  # the overhead between the loaded run's steps
+    assert fit is not None and loaded.step_overhead == pytest.approx(fit.step_overhead)
     assert loaded.contention is not None and set(loaded.contention) == {"prefill", "decode"}
     assert cal.contention is None and "contended_scale" not in cal.scales()
