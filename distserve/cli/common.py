@@ -90,12 +90,13 @@ def add_serving_path_scale_flags(p: argparse.ArgumentParser) -> None:
         "--contended-scale",
         type=positive_float,
         default=None,
-        help="prefill's scale while every other instance is busy, for CPU cores sharing one "
-        "host (bench/calibrate.py measures it; default: no contention modelled)",
+        help="prefill's scale while every other instance is in a decode step (its streamed "
+        "tokens keep the frontend busy), for CPU cores sharing one host (bench/calibrate.py "
+        "measures it; default: no contention modelled)",
     )
     p.add_argument(
         "--contended-decode-scale",
         type=positive_float,
         default=None,
-        help="decode's scale while every other instance is busy (default: none)",
+        help="decode's scale while every other instance is in a decode step (default: none)",
     )

@@ -36,10 +36,10 @@ class LatencyModel:
     decode_scale: float | None = None
     """The same for decode steps (None: `compute_scale`)."""
     contended_scale: float | None = None
-    """Prefill's scale while every other instance on the machine is busy (None: no
-    contention). On a CPU the frontend's per-token work then has no idle core to run on
-    and takes the workers' time; the simulator interpolates by the share of the other
-    instances busy when a step starts."""
+    """Prefill's scale while every other instance on the machine is in a decode step
+    (None: no contention). On a CPU the frontend's work for their streamed tokens then
+    has no idle core to run on and takes the workers' time; the simulator interpolates by
+    the share of the other instances in a decode step when a step starts."""
     contended_decode_scale: float | None = None
     """The same for decode steps (None: no contention)."""
 

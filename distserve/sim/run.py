@@ -37,11 +37,11 @@ class SimOptions:
     )
     contended_scale: float | None = field(
         default=None,
-        metadata={"help": "prefill's scale while every other instance is busy (None: same)"},
+        metadata={"help": "prefill's scale while every other instance decodes (None: same)"},
     )
     contended_decode_scale: float | None = field(
         default=None,
-        metadata={"help": "decode's scale while every other instance is busy (None: same)"},
+        metadata={"help": "decode's scale while every other instance decodes (None: same)"},
     )
     num_blocks: int | None = field(
         default=None, metadata={"help": "KV blocks per instance (None: the profile's capacity)"}

@@ -47,6 +47,8 @@ class SimInstance:
     latency: LatencyModel
     alive: bool = True
     busy: bool = False
+    decoding: bool = False
+    """The step in progress has decode tokens (what contention counts)."""
     steps: int = 0
     busy_seconds: float = 0.0
     plans: list[StepPlan] = field(default_factory=list)
@@ -205,10 +207,13 @@ class Simulator:
 
     # ---- instance steps -----------------------------------------------------------
     def _busy_share(self, inst: SimInstance) -> float:
-        """Share of the other instances in a step (only where contention is modelled)."""
+        """Share of the other instances in a step with decode tokens (only where
+        contention is modelled): their streamed tokens keep the frontend busy on the same
+        cores, which slows a step more than the other instance's prompt does (design
+        note 14)."""
         if not inst.latency.contended or len(self.instances) < 2:
             return 0.0
-        busy = sum(i.busy for i in self.instances if i is not inst and i.alive)
+        busy = sum(i.busy and i.decoding for i in self.instances if i is not inst and i.alive)
         return busy / (len(self.instances) - 1)
 
     def _wake(self, inst: SimInstance, t: float) -> None:
@@ -231,6 +236,7 @@ class Simulator:
         if self.config.record_plans:
             inst.plans.append(plan)
         dt = inst.latency.step_time(plan, self._busy_share(inst))
+        inst.decoding = bool(plan.decode_chunks)
         if self.config.step_noise > 0:
             s = self.config.step_noise
             dt *= math.exp(self._rng.gauss(-s * s / 2, s))
@@ -258,6 +264,7 @@ class Simulator:
             return False
         dt = lat.decode_steps_time(contexts, lo, share)
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + lo, inst.busy_seconds + dt
+        inst.decoding = True
 
         batch = list(inst.scheduler.running)
         begin_span(inst.scheduler, batch, lo, t)

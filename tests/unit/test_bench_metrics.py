@@ -228,3 +228,23 @@ def test_a_trace_span_reads_the_same_lines_gzipped(tmp_path) -> None:
     gzip_file(trace)
     assert not (tmp_path / "steps.jsonl").exists()
     assert trace_span(trace, *span) == lines
+
+
+def test_contention_counts_the_other_instances_decode_steps() -> None:
+    """A prompt step of instance a that overlaps b's decode steps reads as contended; one
+    that overlaps b's prompt step (or nothing) as uncontended."""
+    from distserve.bench.calibrate import contention_ratios
+    from distserve.sim.profile import Profile
+
+    prof = Profile("m", "cpu", prefill=(0.0, 1e-3, 0.0), decode_small=(0.01, 0.0, 0.0))
+    lines = [
+        _trace_line("a", 0.0, 0.1, [100], [0], []),  # b idle: 1.0x
+        _trace_line("a", 1.0, 0.12, [100], [0], []),  # b computes a prompt: 1.2x
+        _trace_line("b", 1.0, 0.2, [200], [0], []),
+        _trace_line("a", 2.0, 0.15, [100], [0], []),  # b decodes: 1.5x
+        *[_trace_line("b", 2.0 + 0.01 * i, 0.01, [], [], [300]) for i in range(20)],
+    ]
+    ratios = contention_ratios(lines, prof)
+    idle, busy = ratios["prefill"]
+    assert idle == pytest.approx((0.1 + 0.12 + 0.2) / (0.1 + 0.1 + 0.2))  # b's prompt too
+    assert busy == pytest.approx(1.5)
