@@ -6,8 +6,9 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
 1. A 1-core profile of SmolLM2 (made now with `distserve profile`'s code if missing); the
    serving path's per-step overhead (lone requests) and the model's slowdown when served
    (a run of other requests at half the one-core prefill capacity, from the step trace)
-   calibrated on a real 1P1D server for the disaggregated search and on a real server of
-   2 colocated instances for the baselines.
+   calibrated on a real 1P1D server for the disaggregated search, on a real server of
+   2 colocated instances for the colocated baseline and on one with chunked prefill for
+   the chunked baseline.
 2. `distserve plan`'s search for 2 cores (chatbot, prompts <= 512, outputs <= 64 tokens;
    TTFT target 2.5x a lone median prefill, TPOT 3x a lone decode step, as in
    sim_fidelity.py), made for the same 60 requests that each rate then replays; the plan
@@ -71,6 +72,7 @@ SCHED = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_
 CALIBRATION_SERVERS = {
     "disagg": ["--mode", "disagg"],
     "colocated": ["--mode", "colocated", "--instances", "2"],
+    "chunked": ["--mode", "colocated", "--instances", "2", "--chunked-prefill"],
 }
 STEP = 1.25
 """Rates go up or down by this factor from the predicted goodput until attainment crosses
@@ -239,6 +241,7 @@ async def run(args: argparse.Namespace) -> dict:
         progress=lambda m: print("  plan: " + m, flush=True),
         workload_meta=probe.meta,
         baseline_setting=settings["colocated"],
+        chunked_setting=settings["chunked"],
     )
     print(f"plan in {time.perf_counter() - t0:.0f} s: recommended {plan['recommended']}")
     write_plan(args.plan_output, plan)
@@ -260,7 +263,7 @@ async def run(args: argparse.Namespace) -> dict:
         if not d or not d.get("goodput"):
             continue
         choice = choice_from_dict(d, [profile])
-        setting = settings["disagg" if name == "disagg" else "colocated"]
+        setting = settings[name]
         predicted, devices = d["goodput"], d["devices"]
         print(f"  {name}: predicted {predicted:.3f} req/s on {devices} cores", flush=True)
         os.makedirs(args.details_dir, exist_ok=True)

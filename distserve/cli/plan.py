@@ -123,6 +123,13 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "(default: the flags above)",
     )
     p.add_argument(
+        "--chunked-serving-path",
+        default=None,
+        metavar="JSON",
+        help="the chunked-prefill baseline's own serving path, calibrated on a chunked "
+        "server, in the same form (default: --baseline-serving-path)",
+    )
+    p.add_argument(
         "--max-pp",
         type=positive_int,
         default=None,
@@ -219,14 +226,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         contended_decode_scale=args.contended_decode_scale,
         min_requests=args.num_requests,
     )
-    baseline_setting = None
-    if args.baseline_serving_path is not None:
-        try:
-            baseline_setting = dataclasses.replace(
-                setting, **_serving_path(args.baseline_serving_path)
-            )
-        except ValueError as e:
-            parser.error(f"--baseline-serving-path: {e}")
+    own: dict[str, Setting | None] = {"baseline": None, "chunked": None}
+    for name in own:
+        text = getattr(args, f"{name}_serving_path")
+        if text is not None:
+            try:
+                own[name] = dataclasses.replace(setting, **_serving_path(text))
+            except ValueError as e:
+                parser.error(f"--{name}-serving-path: {e}")
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         plan = make_plan(
@@ -241,7 +248,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             workload.meta,
             baseline,
             args.max_pp,
-            baseline_setting,
+            own["baseline"],
+            own["chunked"],
         )
     except ValueError as e:
         print(f"distserve plan: error: {e}", file=sys.stderr)

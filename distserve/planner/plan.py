@@ -164,21 +164,27 @@ def make_plan(
     baseline_profiles: Sequence[Profile] | None = None,
     max_pp: int | None = None,
     baseline_setting: Setting | None = None,
+    chunked_setting: Setting | None = None,
 ) -> dict[str, Any]:
     """Search, verify the winners jointly, and compare with the colocated baselines.
     `baseline_profiles`: the baselines' own engine (e.g. vLLM's A100 coefficients, as the
     paper compares against); default: the same profiles as the disaggregated search.
     `baseline_setting`: the baselines' own serving path (scales and overhead calibrated on
     a colocated server; the workload and SLO must be the same); default: `setting`.
+    `chunked_setting`: the chunked-prefill baseline's own (calibrated on a chunked server:
+    nearly all its steps carry decode tokens, so its neighbour's contention differs);
+    default: `baseline_setting`.
     `max_pp`: the highest pipeline degree of any instance (default: what the cluster holds)."""
     bsetting = baseline_setting or setting
-    if (bsetting.workload, bsetting.ttft_slo, bsetting.tpot_slo, bsetting.target) != (
-        setting.workload,
-        setting.ttft_slo,
-        setting.tpot_slo,
-        setting.target,
-    ):
-        raise ValueError("baseline_setting must have the same workload, SLO and target")
+    csetting = chunked_setting or bsetting
+    for s in (bsetting, csetting):
+        if (s.workload, s.ttft_slo, s.tpot_slo, s.target) != (
+            setting.workload,
+            setting.ttft_slo,
+            setting.tpot_slo,
+            setting.target,
+        ):
+            raise ValueError("baseline_setting must have the same workload, SLO and target")
     t0 = time.perf_counter()
     shapes = candidates(profiles, cluster, max_pp)
     dshapes = candidates(decode_profiles, cluster, max_pp) if decode_profiles else shapes
@@ -199,14 +205,15 @@ def make_plan(
         bsetting, bshapes, cluster, rate, False, workers, progress
     )
     chunk, chunk_table = colocated_baseline(
-        bsetting, bshapes, cluster, rate, True, workers, progress
+        csetting, bshapes, cluster, rate, True, workers, progress
     )
     t_baselines = time.perf_counter() - t0 - t_search
     estimates = {}
     for name, c in (("disagg", disagg), ("colocated", colo), ("chunked", chunk)):
         if c is not None:
             estimates[name] = c.goodput
-            c.goodput = verify(setting if name == "disagg" else bsetting, c)
+            own = {"disagg": setting, "colocated": bsetting, "chunked": csetting}[name]
+            c.goodput = verify(own, c)
             if progress:
                 progress(
                     f"verified {name}: {c.goodput:.3f} req/s on {c.devices} devices "
@@ -240,7 +247,8 @@ def make_plan(
         "slo": {"ttft": setting.ttft_slo, "tpot": setting.tpot_slo, "attainment": setting.target},
         "affinity": affinity,
         "serving_path": serving_path(setting)
-        | ({"baselines": serving_path(bsetting)} if baseline_setting else {}),
+        | ({"baselines": serving_path(bsetting)} if baseline_setting else {})
+        | ({"chunked": serving_path(csetting)} if chunked_setting else {}),
         "baseline_profiles": sorted({p.source for p in (baseline_profiles or profiles)}),
         "target_rate": rate,
         "workload": workload_meta or {},

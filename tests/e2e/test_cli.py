@@ -66,7 +66,8 @@ def test_plan_json_on_the_bundled_profiles() -> None:
         "plan", "--profile", "a100", "--model", "opt-13b", "--devices-per-node", "2",
         "--dataset", "random", "--num-requests", "60", "--ttft-slo", "0.25", "--tpot-slo", "0.1",
         "--max-pp", "1", "--compute-scale", "1.1", "--decode-scale", "1.3", "--workers", "1",
-        "--baseline-serving-path", '{"compute_scale": 1.2, "step_overhead": 0.002}', "--json",
+        "--baseline-serving-path", '{"compute_scale": 1.2, "step_overhead": 0.002}',
+        "--chunked-serving-path", '{"compute_scale": 1.4}', "--json",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
@@ -82,6 +83,7 @@ def test_plan_json_on_the_bundled_profiles() -> None:
     assert plan["serving_path"]["decode_scale"] == 1.3
     base = plan["serving_path"]["baselines"]  # its own keys, the rest from the flags
     assert (base["compute_scale"], base["step_overhead"], base["decode_scale"]) == (1.2, 0.002, 1.3)
+    assert plan["serving_path"]["chunked"]["compute_scale"] == 1.4
     assert plan["recommended"] in ("disagg", "colocated", "chunked")
 
 
@@ -94,6 +96,7 @@ def test_plan_bad_flags_name_the_flag() -> None:
         (["--baseline-serving-path", '{"compute_scale": 0}'], "--baseline-serving-path"),
         (["--baseline-serving-path", '{"speed": 2}'], "--baseline-serving-path"),
         (["--baseline-serving-path", "no-such-file.json"], "--baseline-serving-path"),
+        (["--chunked-serving-path", '{"speed": 2}'], "--chunked-serving-path"),
     ):
         r = _run(*base, "--ttft-slo", "1", "--tpot-slo", "0.1", *args)
         assert r.returncode == 2, (args, r.stderr)

@@ -141,6 +141,13 @@ def test_baselines_are_scored_with_their_own_serving_path() -> None:
     other = dataclasses.replace(setting, ttft_slo=0.3)
     with pytest.raises(ValueError, match="same workload, SLO"):
         make_plan(setting, [TP1], None, Cluster(1, 2), workers=1, baseline_setting=other)
+    # the chunked baseline on its own serving path: only its goodput moves
+    own = make_plan(setting, [TP1], None, Cluster(1, 2), workers=1, chunked_setting=slow)
+    assert own["baselines"]["colocated"]["goodput"] == same["baselines"]["colocated"]["goodput"]
+    assert own["baselines"]["chunked"]["goodput"] < 0.8 * same["baselines"]["chunked"]["goodput"]
+    assert own["serving_path"]["chunked"]["compute_scale"] == 1.5
+    with pytest.raises(ValueError, match="same workload, SLO"):
+        make_plan(setting, [TP1], None, Cluster(1, 2), workers=1, chunked_setting=other)
 
 
 def test_a_plans_layout_round_trips_and_its_attainment_curve_brackets_its_goodput() -> None:
