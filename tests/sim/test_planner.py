@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from distserve.core import SchedulerConfig
-from distserve.planner.phases import InstanceConfig, Setting, bisect_rate
+from distserve.planner.phases import InstanceConfig, Setting, bisect_rate, placement_attainment
 from distserve.planner.plan import make_plan, tied_with
 from distserve.planner.search import Cluster, algorithm1, candidates
 from distserve.sim.profile import Profile
+from distserve.workload import Workload, WorkloadRequest
 from distserve.workload.build import WorkloadSpec, build_workload
 
 # tp1: slow prefill, cheap decode. tp2: prefill 4x faster (superlinear), decode no faster.
@@ -170,3 +173,17 @@ def test_a_plans_layout_round_trips_and_its_attainment_curve_brackets_its_goodpu
         assert back == c
         low, high = attainment_curve(setting, back, [0.5 * c.goodput, 3 * c.goodput])
         assert low >= 0.9 > high
+
+
+def test_a_rate_at_exactly_the_target_attains_with_or_without_early_stop() -> None:
+    # 9 short prompts meet the 0.2 s TTFT target, one of 1,000 tokens (0.41 s) misses it:
+    # 90% at any low rate. The early stop must not count the 1 allowed miss of 10 as
+    # over the limit ((1 - 0.9) * 10 is 0.999... in floating point).
+    reqs = tuple(
+        WorkloadRequest(i, 10.0 * i, [1] * (1000 if i == 4 else 100), 2) for i in range(10)
+    )
+    s = dataclasses.replace(_setting(), workload=Workload(reqs, {}), min_requests=10)
+    for exact in (True, False):
+        attain = placement_attainment(s, InstanceConfig(TP1), None, exact=exact)
+        assert attain is not None
+        assert attain(0.5) == 0.9
