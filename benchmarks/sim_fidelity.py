@@ -35,6 +35,7 @@ from distserve.bench.calibrate import (
     TraceFit,
     calibrate,
     gzip_file,
+    remove_trace,
     span_end,
     trace_fit,
     trace_lines_since,
@@ -151,9 +152,7 @@ async def run(args: argparse.Namespace) -> dict:
         rows = []
         os.makedirs(args.details_dir, exist_ok=True)
         trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
-        for old in (trace, trace + ".gz"):
-            if os.path.exists(old):
-                os.remove(old)
+        remove_trace(trace)
         with running_server(*flags, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
             model = await server_model(url)
             cal = await calibrate(url, model, profile, probe, trace=trace, load=load)

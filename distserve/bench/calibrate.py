@@ -228,6 +228,13 @@ def gzip_file(path: str) -> None:
     os.remove(path)
 
 
+def remove_trace(path: str) -> None:
+    """Remove a step trace left by an earlier run, raw or gzipped (a server appends)."""
+    for old in (path, path + ".gz"):
+        if os.path.exists(old):
+            os.remove(old)
+
+
 def span_end(start: int, lines: list[str]) -> int:
     """The byte offset just past `lines`, read from `start` of a trace."""
     return start + sum(len(line.encode()) + 1 for line in lines)
