@@ -19,6 +19,9 @@ from typing import Any
 from distserve.bench.client import run_workload
 from distserve.workload.spec import Workload
 
+MIN_BATCHED_STEPS = 20
+"""Decode steps of more than one request a trace needs for its per-request time."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
@@ -35,13 +38,18 @@ class Calibration:
     contention: dict[str, tuple[float | None, float | None]] | None = None
     """Per phase, (scale while the other instances are idle, while they are busy), from the
     loaded run: on a CPU the frontend's work takes the workers' time when no core is idle."""
+    decode_seq_time: float = 0.0
+    """Seconds each decode request beyond the first adds to a step, from the loaded run's
+    trace (`trace_fit`); the decode scales are of what remains."""
 
     def scales(self, contention: bool = True) -> dict[str, float | None]:
-        """The latency model's scales (SimOptions / Setting fields): with `contention`
-        and a loaded run, idle-neighbour scales plus contended ones; else the totals."""
+        """The latency model's scales (SimOptions / Setting fields) and its per-request
+        decode time: with `contention` and a loaded run, idle-neighbour scales plus
+        contended ones; else the totals."""
         out: dict[str, float | None] = {
             "compute_scale": self.compute_scale,
             "decode_scale": self.decode_scale,
+            "decode_seq_time": self.decode_seq_time,
         }
         if contention and self.contention:
             (p_idle, p_busy), (d_idle, d_busy) = (
@@ -55,23 +63,27 @@ class Calibration:
         return out
 
 
-def _phase_steps(lines: list[str], profile: Any) -> list[tuple[dict[str, Any], str, float]]:
-    """(step, phase, the profile's time for it) of each prefill-only (first chunks only)
-    and each decode-only step of a step trace (`serve --trace-steps`)."""
+def _phase_steps(
+    lines: list[str], profile: Any, decode_seq_time: float = 0.0
+) -> list[tuple[dict[str, Any], str, float, float]]:
+    """(step, phase, the profile's time for it, the step's model time less its
+    per-request decode time) of each prefill-only (first chunks only) and each
+    decode-only step of a step trace (`serve --trace-steps`)."""
     out = []
     for line in lines:
         s = json.loads(line)
         if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
-            out.append((s, "prefill", profile.prefill_time(s["prefill"])))
+            out.append((s, "prefill", profile.prefill_time(s["prefill"]), s["exec"]))
         elif s["decode"] and not s["prefill"]:
-            out.append((s, "decode", profile.decode_time(s["decode"])))
+            own = s["exec"] - decode_seq_time * (len(s["decode"]) - 1)
+            out.append((s, "decode", profile.decode_time(s["decode"]), own))
     return out
 
 
 def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[float]]:
     """The model's own time over the profile's, per prefill-only and per decode-only step."""
     ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for s, phase, model in _phase_steps(lines, profile):
+    for s, phase, model, _ in _phase_steps(lines, profile):
         ratios[phase].append(s["exec"] / model)
     return ratios["prefill"], ratios["decode"]
 
@@ -80,18 +92,25 @@ def _ratio(acc: list[float]) -> float | None:
     return acc[0] / acc[1] if acc[1] else None
 
 
-def trace_time_ratios(lines: list[str], profile: Any) -> tuple[float | None, float | None]:
-    """Total model time over total profile time, of prefill-only and of decode-only steps:
-    the factor that stretches a run's time, where a median would miss the slow tail."""
+def trace_time_ratios(
+    lines: list[str], profile: Any, decode_seq_time: float = 0.0
+) -> tuple[float | None, float | None]:
+    """Total model time over total profile time, of prefill-only and of decode-only steps
+    (less `decode_seq_time` per decode request beyond the first): the factor that
+    stretches a run's time, where a median would miss the slow tail."""
     sums = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
-    for s, phase, model in _phase_steps(lines, profile):
-        sums[phase][0] += s["exec"]
+    for _, phase, model, own in _phase_steps(lines, profile, decode_seq_time):
+        sums[phase][0] += own
         sums[phase][1] += model
     return _ratio(sums["prefill"]), _ratio(sums["decode"])
 
 
 def contention_ratios(
-    lines: list[str], profile: Any, idle_below: float = 0.2, busy_above: float = 0.8
+    lines: list[str],
+    profile: Any,
+    idle_below: float = 0.2,
+    busy_above: float = 0.8,
+    decode_seq_time: float = 0.0,
 ) -> dict[str, tuple[float | None, float | None]]:
     """Per phase, model time over profile time of the steps during which the other
     instances were idle (in a step with decode tokens less than `idle_below` of the step)
@@ -122,11 +141,11 @@ def contention_ratios(
         return total / (b - a) / len(others)
 
     sums = {(ph, c): [0.0, 0.0] for ph in ("prefill", "decode") for c in ("idle", "busy")}
-    for s, phase, model in _phase_steps(lines, profile):
+    for s, phase, model, own in _phase_steps(lines, profile, decode_seq_time):
         share = busy(s["instance"], s["t"], s["t"] + s["seconds"])
         kind = "idle" if share < idle_below else "busy" if share > busy_above else None
         if kind:
-            sums[(phase, kind)][0] += s["exec"]
+            sums[(phase, kind)][0] += own
             sums[(phase, kind)][1] += model
     return {
         ph: (_ratio(sums[(ph, "idle")]), _ratio(sums[(ph, "busy")])) for ph in ("prefill", "decode")
@@ -146,6 +165,8 @@ class TraceFit:
     noise: float = 0.0
     """Standard deviation of log(measured / fitted) over the steps: how much a step's
     time varies around the fit (`SimConfig.step_noise`)."""
+    decode_seq_time: float = 0.0
+    """Seconds each decode request beyond the first adds to a step (`LatencyModel`)."""
 
     def sim_options(self) -> dict[str, float | None]:
         """The SimOptions fields these stand for (no contention: the fit averages it)."""
@@ -153,6 +174,7 @@ class TraceFit:
             "compute_scale": self.prefill_scale or self.decode_scale or 1.0,
             "decode_scale": self.decode_scale,
             "step_overhead": self.step_overhead,
+            "decode_seq_time": self.decode_seq_time,
         }
 
 
@@ -174,14 +196,17 @@ def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> Tra
     from distserve.sim.latency import step_parts
 
     steps = [json.loads(line) for line in lines if line.strip()]
-    rows = []
+    rows, extra = [], []
     for s in steps:
         starts = s.get("prefill_start") or [0] * len(s["prefill"])
         p, d = step_parts(profile, list(zip(starts, s["prefill"], strict=True)), s["decode"])
         if s["exec"] > 0 and p + d > 0:
             rows.append((p, d, s["exec"]))
+            extra.append(max(0, len(s["decode"]) - 1))
     if not rows:
         return None
+    seq = decode_seq_time(rows, extra)
+    rows = [(p, d, y - seq * m) for (p, d, y), m in zip(rows, extra, strict=True)]
     # sum over steps of share x (kp p + kd d - y) = 0, share p/(p+d) and d/(p+d)
     pp = sum(p * p / (p + d) for p, d, _ in rows)
     dd = sum(d * d / (p + d) for p, d, _ in rows)
@@ -197,9 +222,12 @@ def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> Tra
         k = sum(y for *_, y in rows) / sum(p + d for p, d, _ in rows)
         kp = k if pp > 0 else None
         kd = k if dd > 0 else None
-    fitted = [(kp or 0) * p + (kd or 0) * d for p, d, _ in rows]
-    err = statistics.median(abs(f - y) / y for f, (*_, y) in zip(fitted, rows, strict=True))
-    logs = [math.log(y / f) for f, (*_, y) in zip(fitted, rows, strict=True) if f > 0]
+    fitted = [
+        (kp or 0) * p + (kd or 0) * d + seq * m for (p, d, _), m in zip(rows, extra, strict=True)
+    ]
+    measured = [y + seq * m for (*_, y), m in zip(rows, extra, strict=True)]
+    err = statistics.median(abs(f - y) / y for f, y in zip(fitted, measured, strict=True))
+    logs = [math.log(y / f) for f, y in zip(fitted, measured, strict=True) if f > 0]
     noise = statistics.pstdev(logs) if len(logs) > 1 else 0.0
     by: dict[str, list[dict[str, Any]]] = {}
     for s in steps:
@@ -212,7 +240,29 @@ def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> Tra
                 outside.append(b["t"] - a["t"] - a["exec"])
     if not outside:
         outside = [s["seconds"] - s["exec"] for s in steps]
-    return TraceFit(kp, kd, max(0.0, statistics.fmean(outside)), len(rows), err, noise)
+    return TraceFit(kp, kd, max(0.0, statistics.fmean(outside)), len(rows), err, noise, seq)
+
+
+def decode_seq_time(rows: list[tuple[float, float, float]], extra: list[int]) -> float:
+    """Seconds each decode request beyond the first adds to a step, on top of the scaled
+    profile, from the decode-only steps among `rows` ((prompt part, decode part,
+    measured) with `extra` requests beyond the first each): the two moment equations that
+    keep the steps' total time and leave their error uncorrelated with the batch size.
+    0 where fewer than MIN_BATCHED_STEPS steps decode more than one request (or the fit
+    says less than nothing)."""
+    dec = [(d, m, y) for (p, d, y), m in zip(rows, extra, strict=True) if p == 0 and d > 0]
+    if sum(m > 0 for _, m, _ in dec) < MIN_BATCHED_STEPS:
+        return 0.0
+    s_d = sum(d for d, _, _ in dec)
+    s_m = sum(m for _, m, _ in dec)
+    s_y = sum(y for _, _, y in dec)
+    s_dm = sum(d * m for d, m, _ in dec)
+    s_mm = sum(m * m for _, m, _ in dec)
+    s_ym = sum(y * m for _, m, y in dec)
+    det = s_d * s_mm - s_m * s_dm
+    if det <= 1e-12 * s_d * s_mm:
+        return 0.0
+    return max(0.0, (s_d * s_ym - s_dm * s_y) / det)
 
 
 def trace_lines_since(trace: str, start: int) -> list[str]:
@@ -315,16 +365,18 @@ async def calibrate(
     if failed:
         raise RuntimeError(f"{len(failed)} calibration requests failed: {failed[0]}")
     lines = trace_lines_since(trace, start)
-    loaded_prefill, loaded_decode = trace_time_ratios(lines, profile)
     fit = trace_fit(lines, profile)
+    seq = fit.decode_seq_time if fit else 0.0
+    loaded_prefill, loaded_decode = trace_time_ratios(lines, profile, seq)
     return dataclasses.replace(
         cal,
         compute_scale=loaded_prefill or scale,
         decode_scale=loaded_decode or decode_scale,
+        decode_seq_time=seq,
         # measured between back-to-back steps, not left over from lone TPOTs after the
         # modelled step (which took in the lone requests' own speed: 9.3 ms against the
         # trace's 5.6 ms on the Xeon's colocated server)
         step_overhead=fit.step_overhead if fit else cal.step_overhead,
         lone=(scale, decode_scale),
-        contention=contention_ratios(lines, profile),
+        contention=contention_ratios(lines, profile, decode_seq_time=seq),
     )

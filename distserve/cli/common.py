@@ -37,6 +37,16 @@ def positive_float(text: str) -> float:
     return v
 
 
+def nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v}")
+    return v
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -99,4 +109,12 @@ def add_serving_path_scale_flags(p: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=None,
         help="decode's scale while every other instance is in a decode step (default: none)",
+    )
+    p.add_argument(
+        "--decode-seq-time",
+        type=nonnegative_float,
+        default=0.0,
+        help="seconds each decode request of a step adds beyond the first, on top of the "
+        "scaled profile: served steps pay per request more than the profiler's isolated "
+        "steps (bench/calibrate.py measures it; default: 0)",
     )

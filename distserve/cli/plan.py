@@ -119,7 +119,8 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         metavar="JSON",
         help="the colocated baselines' own serving path, calibrated on a colocated server: "
         "a JSON object (or a file holding one) with any of step_overhead, compute_scale, "
-        "decode_scale, contended_scale, contended_decode_scale; the rest as the flags above "
+        "decode_scale, contended_scale, contended_decode_scale, decode_seq_time; the rest as "
+        "the flags above "
         "(default: the flags above)",
     )
     p.add_argument(
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         decode_scale=args.decode_scale,
         contended_scale=args.contended_scale,
         contended_decode_scale=args.contended_decode_scale,
+        decode_seq_time=args.decode_seq_time,
         min_requests=args.num_requests,
     )
     own: dict[str, Setting | None] = {"baseline": None, "chunked": None}
@@ -269,6 +271,7 @@ SERVING_PATH_KEYS = (
     "decode_scale",
     "contended_scale",
     "contended_decode_scale",
+    "decode_seq_time",
 )
 
 
@@ -287,16 +290,17 @@ def _serving_path(text: str) -> dict[str, float | None]:
     if unknown:
         raise ValueError(f"unknown keys {unknown} (known: {', '.join(SERVING_PATH_KEYS)})")
     for k, v in d.items():
-        optional = k not in ("step_overhead", "compute_scale")
+        optional = k not in ("step_overhead", "compute_scale", "decode_seq_time")
         if v is None and optional:
             continue
+        zero_ok = k in ("step_overhead", "decode_seq_time")
         if (
             not isinstance(v, int | float)
             or isinstance(v, bool)
             or v < 0
-            or (v == 0 and k != "step_overhead")
+            or (v == 0 and not zero_ok)
         ):
-            bound = ">= 0" if k == "step_overhead" else "> 0"
+            bound = ">= 0" if zero_ok else "> 0"
             raise ValueError(f"{k} must be a number {bound}, got {v!r}")
     return d
 

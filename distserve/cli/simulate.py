@@ -174,6 +174,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             decode_scale=args.decode_scale,
             contended_scale=args.contended_scale,
             contended_decode_scale=args.contended_decode_scale,
+            decode_seq_time=args.decode_seq_time,
             transfer_bandwidth=args.transfer_bandwidth,
             num_blocks=args.num_blocks,
             scheduler=sched,

@@ -97,6 +97,8 @@ class Setting:
     contention modelled; for CPU cores that share one host)."""
     contended_decode_scale: float | None = None
     """The same for decode steps."""
+    decode_seq_time: float = 0.0
+    """Seconds each decode request of a step adds beyond the first (`LatencyModel`)."""
     min_requests: int = 300
     """Requests per simulation at least; more (up to the workload's size) where the
     placement holds many at once."""
@@ -152,6 +154,7 @@ def _latency(profile: Profile, pp: int, setting: Setting) -> LatencyModel:
         decode_scale=setting.decode_scale,
         contended_scale=setting.contended_scale,
         contended_decode_scale=setting.contended_decode_scale,
+        decode_seq_time=setting.decode_seq_time,
     )
 
 

@@ -301,6 +301,7 @@ def serving_path(setting: Setting) -> dict[str, Any]:
         "decode_scale": setting.decode_scale,
         "contended_scale": setting.contended_scale,
         "contended_decode_scale": setting.contended_decode_scale,
+        "decode_seq_time": setting.decode_seq_time,
         "transfer_bandwidth": setting.transfer_bandwidth,
     }
 

@@ -42,6 +42,11 @@ class LatencyModel:
     the share of the other instances in a decode step when a step starts."""
     contended_decode_scale: float | None = None
     """The same for decode steps (None: no contention)."""
+    decode_seq_time: float = 0.0
+    """Seconds each decode request of a step adds beyond the first, on top of the scaled
+    profile: served steps pay per request more than the profiler's isolated steps show
+    (on the EPYC a served decode step of 3 requests ran 1.15-1.3x the profile, of 1
+    request 0.95-1.1x; `bench/calibrate.trace_fit` measures it)."""
 
     @property
     def contended(self) -> bool:
@@ -65,7 +70,8 @@ class LatencyModel:
             return 0.0
         p, d = step_parts(self.profile, prefill, decode)
         p_scale, d_scale = self.factors(busy_share)
-        return p_scale * p + d_scale * d + self.step_overhead
+        extra = self.decode_seq_time * max(0, len(decode) - 1)
+        return p_scale * p + d_scale * d + extra + self.step_overhead
 
     def decode_steps_time(self, contexts: list[int], steps: int, busy_share: float = 0.0) -> float:
         """Total time of `steps` consecutive decode steps of the same batch, contexts
@@ -80,7 +86,8 @@ class LatencyModel:
         )
         base = sum(n + 1 for n in contexts)
         model = steps * (a + c * batch) + b * (steps * base + batch * steps * (steps - 1) // 2)
-        return model * self.factors(busy_share)[1] + steps * self.step_overhead
+        extra = steps * self.decode_seq_time * (batch - 1)
+        return model * self.factors(busy_share)[1] + extra + steps * self.step_overhead
 
     def transfer_time(self, num_tokens: int) -> float:
         return (

@@ -43,6 +43,10 @@ class SimOptions:
         default=None,
         metadata={"help": "decode's scale while every other instance decodes (None: same)"},
     )
+    decode_seq_time: float = field(
+        default=0.0,
+        metadata={"help": "seconds each decode request of a step adds beyond the first"},
+    )
     num_blocks: int | None = field(
         default=None, metadata={"help": "KV blocks per instance (None: the profile's capacity)"}
     )
@@ -69,6 +73,7 @@ def latency_model(profile: Profile, opts: SimOptions) -> LatencyModel:
         opts.decode_scale,
         opts.contended_scale,
         opts.contended_decode_scale,
+        opts.decode_seq_time,
     )
 
 

@@ -66,7 +66,9 @@ def test_plan_json_on_the_bundled_profiles() -> None:
         "plan", "--profile", "a100", "--model", "opt-13b", "--devices-per-node", "2",
         "--dataset", "random", "--num-requests", "60", "--ttft-slo", "0.25", "--tpot-slo", "0.1",
         "--max-pp", "1", "--compute-scale", "1.1", "--decode-scale", "1.3", "--workers", "1",
-        "--baseline-serving-path", '{"compute_scale": 1.2, "step_overhead": 0.002}',
+        "--decode-seq-time", "0.001",
+        "--baseline-serving-path",
+        '{"compute_scale": 1.2, "step_overhead": 0.002, "decode_seq_time": 0}',
         "--chunked-serving-path", '{"compute_scale": 1.4}', "--json",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -83,6 +85,7 @@ def test_plan_json_on_the_bundled_profiles() -> None:
     assert plan["serving_path"]["decode_scale"] == 1.3
     base = plan["serving_path"]["baselines"]  # its own keys, the rest from the flags
     assert (base["compute_scale"], base["step_overhead"], base["decode_scale"]) == (1.2, 0.002, 1.3)
+    assert plan["serving_path"]["decode_seq_time"] == 0.001 and base["decode_seq_time"] == 0
     assert plan["serving_path"]["chunked"]["compute_scale"] == 1.4
     assert plan["recommended"] in ("disagg", "colocated", "chunked")
 
@@ -93,6 +96,9 @@ def test_plan_bad_flags_name_the_flag() -> None:
         (["--decode-scale", "0"], "--decode-scale"),
         (["--max-pp", "0"], "--max-pp"),
         (["--compute-scale", "-1"], "--compute-scale"),
+        (["--decode-seq-time", "-0.001"], "--decode-seq-time"),
+        (["--baseline-serving-path", '{"decode_seq_time": -1}'], "--baseline-serving-path"),
+        (["--baseline-serving-path", '{"decode_seq_time": null}'], "--baseline-serving-path"),
         (["--baseline-serving-path", '{"compute_scale": 0}'], "--baseline-serving-path"),
         (["--baseline-serving-path", '{"speed": 2}'], "--baseline-serving-path"),
         (["--baseline-serving-path", "no-such-file.json"], "--baseline-serving-path"),
@@ -101,3 +107,23 @@ def test_plan_bad_flags_name_the_flag() -> None:
         r = _run(*base, "--ttft-slo", "1", "--tpot-slo", "0.1", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert flag in r.stderr, r.stderr
+
+
+def test_simulate_charges_the_per_request_decode_time(tmp_path) -> None:
+    """`distserve simulate` end to end, with and without --decode-seq-time: the same
+    requests, and each decode step of b requests longer by (b - 1) x the flag."""
+    out = {}
+    for seq in ("0", "0.01"):
+        path = tmp_path / f"sim-{seq}.json"
+        r = _run(
+            "simulate", "--profile", "a100", "--profile-model", "opt-13b", "--mode", "colocated",
+            "--instances", "1", "--dataset", "random", "--num-requests", "40", "--rate", "20",
+            "--ttft-slo", "5", "--tpot-slo", "0.2", "--decode-seq-time", seq,
+            "--output", str(path),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        out[seq] = json.loads(path.read_text())["summary"]
+    assert out["0.01"]["tpot"]["p50"] > out["0"]["tpot"]["p50"] + 0.01
+    r = _run("simulate", "--profile", "a100", "--decode-seq-time", "-1", "--ttft-slo", "1",
+             "--tpot-slo", "1")  # fmt: skip
+    assert r.returncode == 2 and "--decode-seq-time" in r.stderr
