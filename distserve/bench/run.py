@@ -8,7 +8,14 @@ import os
 from typing import Any
 
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.metrics import attainment, goodput, min_slo_scale, summarize
+from distserve.bench.metrics import (
+    attainment,
+    goodput,
+    goodput_interval,
+    met_both,
+    min_slo_scale,
+    summarize,
+)
 from distserve.bench.results import RequestResult, write_results
 from distserve.workload.build import WorkloadSpec, build_workload
 
@@ -73,13 +80,14 @@ async def goodput_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the workload at each rate (same requests, new arrival times) and find the
-    goodput: the highest rate with attainment >= target, interpolated."""
+    goodput: the highest rate with attainment >= target, interpolated, with a bootstrap
+    interval of the requests' own sampling noise (`goodput_interval`)."""
     served = await server_model(base_url, api_key)
     tokenizer = tokenizer_for(model or served)
-    points, runs = [], []
+    points, runs, met = [], [], []
     for rate in sorted(rates):
         out = os.path.join(output_dir, f"rate-{rate:g}.json") if output_dir else None
-        s, _ = await bench_once(
+        s, results = await bench_once(
             base_url,
             dataclasses.replace(spec, rate=rate),
             ttft_slo,
@@ -92,6 +100,7 @@ async def goodput_sweep(
         )
         att = s["attainment"]["both"]
         points.append((rate, att))
+        met.append((rate, met_both(results, ttft_slo, tpot_slo)))
         runs.append(
             {
                 "rate": rate,
@@ -109,9 +118,12 @@ async def goodput_sweep(
                 flush=True,
             )
     g = goodput(points, target)
+    lo, hi = goodput_interval(met, target)
     return {
         "goodput": g,
         "per_device_goodput": g / devices,
+        "goodput_interval": [lo, hi],
+        "per_device_goodput_interval": [lo / devices, hi / devices],
         "devices": devices,
         "target": target,
         "points": points,

@@ -98,6 +98,10 @@ def test_goodput_sweep_and_plot(url, tmp_path) -> None:
     sweep = json.loads(out.read_text())
     assert [p[0] for p in sweep["points"]] == [1.0, 50.0]
     assert sweep["per_device_goodput"] == sweep["goodput"] / 2
+    lo, hi = sweep["goodput_interval"]
+    assert lo <= hi and sweep["per_device_goodput_interval"] == [lo / 2, hi / 2]
+    if all(a == 1.0 for _, a in sweep["points"]):  # nothing to resample: no spread
+        assert lo == hi == sweep["goodput"]
     assert png.stat().st_size > 1000
 
 

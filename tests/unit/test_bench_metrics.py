@@ -9,6 +9,7 @@ import pytest
 from distserve.bench.metrics import (
     attainment,
     goodput,
+    goodput_interval,
     min_slo_scale,
     percentile,
     phase_breakdown,
@@ -58,6 +59,30 @@ def test_goodput_interpolates_at_the_crossing() -> None:
     assert goodput([(1.0, 0.99), (2.0, 0.95)], 0.9) == 2.0  # never missed: the top rate
     # the first fall below target counts, even if a later point recovers
     assert goodput([(1, 1.0), (2, 0.8), (3, 0.95)], 0.9) == pytest.approx(1.5)
+
+
+def test_goodput_interval_brackets_the_estimate_and_narrows_with_more_requests() -> None:
+    # every request met at both rates: no draw can miss, the interval is the top rate
+    assert goodput_interval([(1.0, [True] * 60), (2.0, [True] * 60)]) == (2.0, 2.0)
+
+    def sweep(n: int) -> list[tuple[float, list[bool]]]:
+        # attainment 97.5%, 92.5%, 85% at rates 1, 2, 3, the misses spread out:
+        # goodput 2 + (0.925 - 0.9) / 0.075
+        return [
+            (r, [(37 * i) % n >= round((1 - a) * n) for i in range(n)])
+            for r, a in ((1.0, 0.975), (2.0, 0.925), (3.0, 0.85))
+        ]
+
+    small, large = sweep(40), sweep(400)
+    for s in (small, large):
+        assert [sum(m) / len(m) for _, m in s] == [0.975, 0.925, 0.85]
+    point = goodput([(r, sum(m) / len(m)) for r, m in large])
+    assert point == pytest.approx(2 + 1 / 3)
+    lo, hi = goodput_interval(large)
+    assert lo < point < hi
+    s_lo, s_hi = goodput_interval(small)
+    assert s_hi - s_lo > 2 * (hi - lo)  # a tenth of the requests: about sqrt(10) wider
+    assert goodput_interval(large, seed=3) == goodput_interval(large, seed=3)
 
 
 def test_min_slo_scale_exact() -> None:
@@ -113,10 +138,12 @@ def test_calibration_scales_with_and_without_contention() -> None:
     from distserve.bench.calibrate import Calibration
 
     cal = Calibration(1.05, 0.003, 1.2, contention={"prefill": (1.0, 1.1), "decode": (1.15, None)})
-    assert cal.scales(contention=False) == {"compute_scale": 1.05, "decode_scale": 1.2}
+    seq = {"decode_seq_time": 0.0}
+    assert cal.scales(contention=False) == {"compute_scale": 1.05, "decode_scale": 1.2} | seq
     # decode has no contended reading: its total stays, unsplit
-    assert cal.scales() == {"compute_scale": 1.0, "contended_scale": 1.1, "decode_scale": 1.2}
-    assert Calibration(1.0, 0.0).scales() == {"compute_scale": 1.0, "decode_scale": None}
+    assert cal.scales() == {"compute_scale": 1.0, "contended_scale": 1.1, "decode_scale": 1.2} | seq
+    assert Calibration(1.0, 0.0).scales() == {"compute_scale": 1.0, "decode_scale": None} | seq
+    assert Calibration(1.0, 0.0, decode_seq_time=0.002).scales()["decode_seq_time"] == 0.002
 
 
 def _trace_line(inst: str, t: float, exec_s: float, prefill=(), starts=(), decode=()) -> str:  # type: ignore[no-untyped-def]
@@ -177,6 +204,40 @@ def test_trace_fit_recovers_the_scales_of_mixed_and_pure_steps() -> None:
     assert decode_only.decode_scale == pytest.approx(2.0)
     assert decode_only.sim_options()["compute_scale"] == pytest.approx(2.0)
     assert trace_fit([], prof) is None
+
+
+def test_trace_fit_separates_a_per_request_decode_time_from_the_scales() -> None:
+    """Served decode steps that pay 2 ms per request beyond the first on top of 1.1x the
+    profile (prompts 1.3x): the fit gets all three back, the per-phase ratios of the
+    trace are those of what remains, and a model with them times every step right."""
+    from distserve.bench.calibrate import trace_fit, trace_time_ratios
+    from distserve.sim.latency import LatencyModel, step_parts
+    from distserve.sim.profile import Profile
+
+    prof = Profile("m", "cpu", prefill=(0.01, 1e-3, 1e-7), decode_small=(0.015, 2e-6, 1e-4))
+    shapes = [([200], [0], [])] + [
+        ([], [], [100 + 40 * i] * b) for i in range(4) for b in (1, 2, 3, 5)
+    ]
+    lines, t = [], 0.0
+    for pf, st, dc in shapes * 3:
+        p, d = step_parts(prof, list(zip(st, pf, strict=True)), dc)
+        ex = 1.3 * p + 1.1 * d + 0.002 * max(0, len(dc) - 1)
+        lines.append(_trace_line("i0", t, ex, pf, st, dc))
+        t += ex + 0.004
+    fit = trace_fit(lines, prof)
+    assert fit is not None
+    assert fit.decode_seq_time == pytest.approx(0.002)
+    assert fit.decode_scale == pytest.approx(1.1)
+    assert fit.prefill_scale == pytest.approx(1.3)
+    assert fit.median_rel_error == pytest.approx(0.0, abs=1e-9)
+    assert trace_time_ratios(lines, prof, fit.decode_seq_time)[1] == pytest.approx(1.1)
+    assert trace_time_ratios(lines, prof)[1] > 1.2  # unseparated, the batches inflate it
+    lat = LatencyModel(prof, decode_scale=1.1, decode_seq_time=0.002)
+    step = 1.1 * prof.decode_time([300] * 3) + 2 * 0.002
+    assert lat.decode_steps_time([300] * 3, 1) == pytest.approx(step)
+    # too few batched steps to tell a per-request time from the scale: none
+    few = trace_fit(lines[:10], prof)
+    assert few is not None and few.decode_seq_time == 0.0
 
 
 def test_trace_fit_keeps_each_phase_total_when_steps_are_noisy() -> None:
