@@ -1,7 +1,7 @@
 """Does the planner's advice hold when deployed? Plan SmolLM2 on this machine's 2 cores,
 deploy each layout the plan compares with `serve --plan`, and measure its goodput.
 
-    python benchmarks/plan_vs_real.py [--profile PROFILE.json]
+    python benchmarks/plan_vs_real.py [--profile PROFILE.json] [--num-requests N]
 
 1. A 1-core profile of SmolLM2 (made now with `distserve profile`'s code if missing); the
    serving path's per-step overhead (lone requests) and the model's slowdown when served
@@ -23,8 +23,10 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
    each rate simulated again at the speed its own step trace shows (`trace_fit`), and
    the goodput re-predicted at the speed of the whole measurement (this VM's speed
    drifts by up to 2x within an hour; the replay separates the simulator's error from
-   the machine's).
-Writes benchmarks/results/plan_vs_real.json.
+   the machine's). The measured goodput comes with a 90% bootstrap interval of its
+   requests' own sampling noise (`bench.metrics.goodput_interval`).
+Writes benchmarks/results/plan_vs_real.json. `--reanalyse OUT` scores a saved run again
+with this code (fits from the saved traces; no server).
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ from distserve.bench.calibrate import (
     TraceFit,
     calibrate,
     gzip_file,
+    remove_trace,
     span_end,
     trace_fit,
     trace_lines_since,
+    trace_span,
 )
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.metrics import goodput, summarize
-from distserve.bench.results import write_results
+from distserve.bench.metrics import goodput, goodput_interval, met_both, summarize
+from distserve.bench.results import read_results, write_results
 from distserve.bench.run import tokenizer_for
 from distserve.bench.server_process import running_server
 from distserve.core import SchedulerConfig
@@ -59,6 +63,7 @@ from distserve.planner.plan import (
     attainment_curve,
     choice_from_dict,
     make_plan,
+    read_plan,
     verify,
     write_plan,
 )
@@ -210,10 +215,14 @@ async def run(args: argparse.Namespace) -> dict:
         "tpot": 3.0 * profile.decode_time([median_prompt]),
     }
     print(f"SLO TTFT {slo['ttft']:.2f} s, TPOT {1000 * slo['tpot']:.0f} ms", flush=True)
-    # calibration under load: other requests (another seed) at half the prefill capacity
+    # calibration under load: other requests (another seed) at half the prefill capacity;
+    # it measures speeds (thousands of steps), not attainment, so it need not be as long
     load = build_workload(
         dataclasses.replace(
-            base, seed=args.seed + 1, rate=round(0.5 / profile.prefill_time([median_prompt]), 3)
+            base,
+            seed=args.seed + 1,
+            num_requests=args.calibration_requests,
+            rate=round(0.5 / profile.prefill_time([median_prompt]), 3),
         ),
         tok,
     )
@@ -250,6 +259,7 @@ async def run(args: argparse.Namespace) -> dict:
         "profile": args.profile,
         "slo": slo,
         "workload_spec": dataclasses.asdict(base),
+        "calibration_requests": args.calibration_requests,
         "calibration": {m: dataclasses.asdict(c) for m, c in cals.items()},
         "recommended": plan["recommended"],
         "plan": args.plan_output,
@@ -269,9 +279,7 @@ async def run(args: argparse.Namespace) -> dict:
         os.makedirs(args.details_dir, exist_ok=True)
         details = os.path.join(args.details_dir, name)
         trace = f"{details}-steps.jsonl"
-        for old in (trace, trace + ".gz"):
-            if os.path.exists(old):
-                os.remove(old)
+        remove_trace(trace)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "plan.json")
             write_plan(path, layout_plan(plan, name))
@@ -286,54 +294,137 @@ async def run(args: argparse.Namespace) -> dict:
                 whole = trace_fit(trace_lines_since(trace, start), profile)
         gzip_file(trace)
         # simulations after the server stopped: no CPU taken from the measurement
-        rates = [r for r, _ in points]
-        dsetting = _setting(probe, slo, dcal, args.num_requests)
-        redo = verify(dsetting, choice)
-        measured = goodput(points, 0.9)
-        # Replays: each point simulated at the speed its own trace shows, and the goodput
-        # re-predicted at the speed of the whole measurement: what the plan would have said
-        # had it known how fast the machine would run (it drifts up to ~2x within an hour).
-        n = args.num_requests
-        replayed = [
-            attainment_curve(_setting(probe, slo, f, n), choice, [r])[0] if f else None
-            for r, f in zip(rates, fits, strict=True)
-        ]
-        replay_rps = verify(_setting(probe, slo, whole, n), choice) if whole else None
-        rows[name] = {
-            "predicted_rps": predicted,
-            "measured_rps": measured,
-            "devices": devices,
-            "predicted_per_core": predicted / devices,
-            "measured_per_core": measured / devices,
-            "error": (predicted - measured) / measured if measured else None,
-            "crossed": any(a >= 0.9 for _, a in points) and any(a < 0.9 for _, a in points),
-            "points": points,
-            "simulated_attainment": attainment_curve(setting, choice, rates),
-            "deployed_calibration": dataclasses.asdict(dcal),
-            "repredicted_rps": redo,
-            "repredicted_error": (redo - measured) / measured if measured else None,
-            "simulated_attainment_repredicted": attainment_curve(dsetting, choice, rates),
-            "trace_fits": [dataclasses.asdict(f) if f else None for f in fits],
-            "trace_spans": spans,
-            "simulated_attainment_replayed": replayed,
-            "measurement_fit": dataclasses.asdict(whole) if whole else None,
-            "replayed_rps": replay_rps,
-            "replayed_error": (replay_rps - measured) / measured
-            if measured and replay_rps
-            else None,
-        }
-        sim = rows[name]["simulated_attainment"]
-        worst = max(100 * abs(a - b) for (_, a), b in zip(points, sim, strict=True))
-        print(
-            f"  {name}: predicted {predicted / devices:.3f} req/s per core, measured "
-            f"{measured / devices:.3f} ({100 * (rows[name]['error'] or 0):+.1f}%); attainment "
-            f"real vs simulated at the measured rates within {worst:.1f} points; "
-            f"re-predicted with the deployed server's calibration {redo / devices:.3f}, "
-            f"at the measurement's own speed {(replay_rps or 0) / devices:.3f}",
-            flush=True,
+        rows[name] = score(
+            Measured(predicted, devices, points, fits, spans, whole, dcal),
+            choice,
+            setting,
+            probe,
+            slo,
+            details,
         )
         save(args.output, report)  # after every layout: a long run keeps what it measured
     return report
+
+
+@dataclasses.dataclass
+class Measured:
+    """What one deployed layout's measurement saw, before any simulation."""
+
+    predicted: float
+    devices: int
+    points: list
+    fits: list
+    spans: list
+    whole: TraceFit | None
+    """The fit of the whole measurement's trace."""
+    deployed: Calibration
+
+
+def score(m: Measured, choice, setting: Setting, probe, slo: dict, details: str) -> dict:  # type: ignore[no-untyped-def]
+    """A layout's row: measured goodput (with its interval) against the plan's, the
+    re-prediction from the deployed server's calibration, and the replays."""
+    rates = [r for r, _ in m.points]
+    n = setting.min_requests
+    dsetting = _setting(probe, slo, m.deployed, n)
+    redo = verify(dsetting, choice)
+    measured = goodput(m.points, 0.9)
+    interval = measured_interval(details, m.points, slo)
+    # Replays: each point simulated at the speed its own trace shows, and the goodput
+    # re-predicted at the speed of the whole measurement: what the plan would have said
+    # had it known how fast the machine would run (it drifts up to ~2x within an hour).
+    replayed = [
+        attainment_curve(_setting(probe, slo, f, n), choice, [r])[0] if f else None
+        for r, f in zip(rates, m.fits, strict=True)
+    ]
+    replay_rps = verify(_setting(probe, slo, m.whole, n), choice) if m.whole else None
+    sim = attainment_curve(setting, choice, rates)
+
+    def error(x: float | None) -> float | None:
+        return (x - measured) / measured if measured and x else None
+
+    row = {
+        "predicted_rps": m.predicted,
+        "measured_rps": measured,
+        "devices": m.devices,
+        "predicted_per_core": m.predicted / m.devices,
+        "measured_per_core": measured / m.devices,
+        "measured_interval": interval,
+        "error": error(m.predicted),
+        "crossed": any(a >= 0.9 for _, a in m.points) and any(a < 0.9 for _, a in m.points),
+        "points": m.points,
+        "simulated_attainment": sim,
+        "deployed_calibration": dataclasses.asdict(m.deployed),
+        "repredicted_rps": redo,
+        "repredicted_error": error(redo),
+        "simulated_attainment_repredicted": attainment_curve(dsetting, choice, rates),
+        "trace_fits": [dataclasses.asdict(f) if f else None for f in m.fits],
+        "trace_spans": m.spans,
+        "simulated_attainment_replayed": replayed,
+        "measurement_fit": dataclasses.asdict(m.whole) if m.whole else None,
+        "replayed_rps": replay_rps,
+        "replayed_error": error(replay_rps),
+    }
+    worst = max(100 * abs(a - b) for (_, a), b in zip(m.points, sim, strict=True))
+    d = m.devices
+    # a draw that misses at the lowest rate measured has no crossing above 0 to give
+    low = f"{interval[0] / d:.3f}" if interval[0] > 0 else f"<{min(rates) / d:.3f}"
+    print(
+        f"  {os.path.basename(details)}: predicted {m.predicted / d:.3f} req/s per core, "
+        f"measured {measured / d:.3f} ({100 * (row['error'] or 0):+.1f}%; 90% interval "
+        f"{low}-{interval[1] / d:.3f}); attainment real vs simulated at the "
+        f"measured rates within {worst:.1f} points; re-predicted with the deployed server's "
+        f"calibration {redo / d:.3f}, at the measurement's own speed {(replay_rps or 0) / d:.3f}",
+        flush=True,
+    )
+    return row
+
+
+def reanalyse(args: argparse.Namespace) -> dict:
+    """Score a saved run again with this code (no server): each layout's measurement, the
+    calibrations and the plan read back from --output, the plan file and --details-dir."""
+    with open(args.output) as f:
+        report = json.load(f)
+    profile = load_profiles(report["profile"])[0]
+    base = WorkloadSpec(**report["workload_spec"])
+    probe = build_workload(base, tokenizer_for("smollm2-135m"))
+    slo, plan = report["slo"], read_plan(report["plan"])
+    cals = {m: Calibration(**c) for m, c in report["calibration"].items()}
+    for name, row in report["layouts"].items():
+        d = plan["disagg"] if name == "disagg" else plan["baselines"][name]
+        own = name if name in cals else "colocated"  # runs before chunked had its own
+        fits = [TraceFit(**f) if f else None for f in row["trace_fits"]]
+        whole = TraceFit(**row["measurement_fit"]) if row.get("measurement_fit") else None
+        trace, spans = os.path.join(args.details_dir, f"{name}-steps.jsonl"), row.get("trace_spans")
+        if spans and (os.path.exists(trace) or os.path.exists(trace + ".gz")):
+            # this code's fits, from the saved trace
+            fits = [trace_fit(trace_span(trace, s, e), profile) for s, e in spans]
+            whole = trace_fit(trace_span(trace, spans[0][0], spans[-1][1]), profile)
+        m = Measured(
+            row["predicted_rps"],
+            row["devices"],
+            [tuple(p) for p in row["points"]],
+            fits,
+            row.get("trace_spans", []),
+            whole,
+            Calibration(**row["deployed_calibration"]),
+        )
+        setting = _setting(probe, slo, cals[own], base.num_requests)
+        details = os.path.join(args.details_dir, name)
+        report["layouts"][name] = score(
+            m, choice_from_dict(d, [profile]), setting, probe, slo, details
+        )
+    report["reanalysed"] = True
+    return report
+
+
+def measured_interval(details: str, points: list, slo: dict) -> tuple[float, float]:
+    """The measured goodput's bootstrap interval (`goodput_interval`) from each rate's
+    per-request results (written by `measure`)."""
+    runs = []
+    for rate, _ in points:
+        _, _, results = read_results(f"{details}-{rate:.3f}-real.json")
+        runs.append((rate, met_both(results, slo["ttft"], slo["tpot"])))
+    return goodput_interval(runs, 0.9)
 
 
 def save(path: str, report: dict) -> None:
@@ -353,6 +444,12 @@ def main() -> int:
         "benchmarks/results/smollm2-1core-<cpu>.json)",
     )
     ap.add_argument("--num-requests", type=int, default=60, help="requests per rate")
+    ap.add_argument(
+        "--calibration-requests",
+        type=int,
+        default=60,
+        help="requests of each calibration's loaded run (default 60)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
     ap.add_argument(
         "--recommended-only",
@@ -374,8 +471,18 @@ def main() -> int:
         help="each deployed layout's step trace (gzipped) and per-request results per rate",
     )
     ap.add_argument("--output", default="benchmarks/results/plan_vs_real.json", help="results")
+    ap.add_argument(
+        "--reanalyse",
+        metavar="OUT",
+        default=None,
+        help="score the run saved in --output and --details-dir again with this code (no "
+        "server: intervals, re-predictions, replays); write it to OUT",
+    )
     args = ap.parse_args()
-    save(args.output, asyncio.run(run(args)))
+    if args.reanalyse:
+        save(args.reanalyse, reanalyse(args))
+    else:
+        save(args.output, asyncio.run(run(args)))
     return 0
 
 
