@@ -190,7 +190,8 @@ async def _calibrate(url: str, trace: str, profile, probe, load, label: str) -> 
     print(
         f"  {label}: compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f};"
         f" lone requests {cal.lone}; other instance idle/busy {cal.contention}), step "
-        f"overhead {1000 * cal.step_overhead:.1f} ms",
+        f"overhead {1000 * cal.step_overhead:.1f} ms, per decode request beyond the first "
+        f"{1000 * cal.decode_seq_time:.2f} ms",
         flush=True,
     )
     return cal
