@@ -395,7 +395,8 @@ def reanalyse(args: argparse.Namespace) -> dict:
         own = name if name in cals else "colocated"  # runs before chunked had its own
         fits = [TraceFit(**f) if f else None for f in row["trace_fits"]]
         whole = TraceFit(**row["measurement_fit"]) if row.get("measurement_fit") else None
-        trace, spans = os.path.join(args.details_dir, f"{name}-steps.jsonl"), row.get("trace_spans")
+        details = os.path.join(args.details_dir, name)
+        trace, spans = f"{details}-steps.jsonl", row.get("trace_spans") or []
         if spans and (os.path.exists(trace) or os.path.exists(trace + ".gz")):
             # this code's fits, from the saved trace
             fits = [trace_fit(trace_span(trace, s, e), profile) for s, e in spans]
@@ -405,12 +406,11 @@ def reanalyse(args: argparse.Namespace) -> dict:
             row["devices"],
             [tuple(p) for p in row["points"]],
             fits,
-            row.get("trace_spans", []),
+            spans,
             whole,
             Calibration(**row["deployed_calibration"]),
         )
         setting = _setting(probe, slo, cals[own], base.num_requests)
-        details = os.path.join(args.details_dir, name)
         report["layouts"][name] = score(
             m, choice_from_dict(d, [profile]), setting, probe, slo, details
         )

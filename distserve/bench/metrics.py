@@ -123,20 +123,22 @@ def goodput_interval(
     import random
 
     rng = random.Random(seed)
+    # per rate: its outcomes, block length and blocks per draw
+    shapes = [(rate, met, math.ceil(math.sqrt(len(met))) or 1) for rate, met in runs]
     values = []
     for _ in range(draws):
         points = []
-        for rate, met in runs:
+        for rate, met, b in shapes:
             n = len(met)
             if n == 0:
                 points.append((rate, 0.0))
                 continue
-            b = math.ceil(math.sqrt(n))
+            blocks = math.ceil(n / b)
             hits = 0
-            for _ in range(math.ceil(n / b)):
+            for _ in range(blocks):
                 start = rng.randrange(n)
                 hits += sum(met[(start + j) % n] for j in range(b))
-            points.append((rate, hits / (b * math.ceil(n / b))))
+            points.append((rate, hits / (b * blocks)))
         values.append(goodput(points, target))
     values.sort()
     tail = (1 - level) / 2

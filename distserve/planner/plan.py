@@ -177,14 +177,14 @@ def make_plan(
     `max_pp`: the highest pipeline degree of any instance (default: what the cluster holds)."""
     bsetting = baseline_setting or setting
     csetting = chunked_setting or bsetting
-    for s in (bsetting, csetting):
+    for label, s in (("baseline_setting", bsetting), ("chunked_setting", csetting)):
         if (s.workload, s.ttft_slo, s.tpot_slo, s.target) != (
             setting.workload,
             setting.ttft_slo,
             setting.tpot_slo,
             setting.target,
         ):
-            raise ValueError("baseline_setting must have the same workload, SLO and target")
+            raise ValueError(f"{label} must have the same workload, SLO and target")
     t0 = time.perf_counter()
     shapes = candidates(profiles, cluster, max_pp)
     dshapes = candidates(decode_profiles, cluster, max_pp) if decode_profiles else shapes
