@@ -24,7 +24,9 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
    the goodput re-predicted at the speed of the whole measurement (this VM's speed
    drifts by up to 2x within an hour; the replay separates the simulator's error from
    the machine's). The measured goodput comes with a 90% bootstrap interval of its
-   requests' own sampling noise (`bench.metrics.goodput_interval`).
+   requests' own sampling noise (`bench.metrics.goodput_interval`). With --interleave the
+   layouts are measured rate by rate in turns, so that the machine's drift cannot rank
+   them.
 Writes benchmarks/results/plan_vs_real.json. `--reanalyse OUT` scores a saved run again
 with this code (fits from the saved traces; no server).
 """
@@ -33,13 +35,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import AsyncIterator
 
 from distserve.bench.calibrate import (
     Calibration,
@@ -50,7 +54,7 @@ from distserve.bench.calibrate import (
     span_end,
     trace_fit,
     trace_lines_since,
-    trace_span,
+    trace_spans,
 )
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import goodput, goodput_interval, met_both, summarize
@@ -71,6 +75,7 @@ from distserve.planner.profile import profile_path_for_this_cpu
 from distserve.planner.search import Cluster
 from distserve.sim.profile import load_profiles
 from distserve.workload.build import WorkloadSpec, build_workload
+from distserve.workload.spec import Workload
 
 KV_GB = 0.3
 SCHED = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
@@ -109,38 +114,66 @@ def layout_plan(plan: dict, name: str) -> dict:
     return plan | {"placement": choice, "recommended": name}
 
 
-async def measure(
-    url: str,
-    base: WorkloadSpec,
-    tok: Any,
-    predicted: float,
-    slo: dict,
-    trace: str,
-    profile: Any,
-    details: str,
-) -> tuple[list, list, list]:
-    """(rate, attainment) points from the predicted goodput: step by STEP towards the
-    crossing of 90% until it is bracketed (at most 5 rates), then bisect the bracket once
-    (geometrically). With each point, the fit of its own step trace (`trace_fit`): the
-    machine's speed while it ran, and the byte span of the trace it read; each rate's
-    per-request results go to `details` + '-<rate>-real.json'."""
-    model = await server_model(url)
-    points: list[tuple[float, float]] = []
-    fits: list[TraceFit | None] = []
-    spans: list[list[int]] = []
+def next_rate(points: list, predicted: float) -> float | None:
+    """The next rate to measure given the (rate, attainment) points so far, or None when
+    done: the predicted goodput first, then steps of STEP towards the crossing of 90% until
+    it is bracketed (at most 4), then the bracket bisected once (geometrically). Without a
+    crossing within the range, the goodput is a bound."""
+    if not points:
+        return round(predicted, 3)
+    first = points[0][1] >= 0.9
+    flips = [i for i, (_, a) in enumerate(points) if (a >= 0.9) != first]
+    if not flips:
+        if len(points) >= 5:
+            return None
+        rate = points[-1][0]
+        return round(rate * STEP if first else rate / STEP, 3)
+    i = flips[0]
+    if len(points) > i + 1:
+        return None
+    lo, hi = points[i - 1][0], points[i][0]
+    return round((lo * hi) ** 0.5, 3)
 
-    async def at(rate: float) -> float:
+
+@dataclasses.dataclass
+class Layout:
+    """One layout the plan scored, as it is deployed and measured."""
+
+    name: str
+    predicted: float
+    devices: int
+    details: str
+    """Path prefix of its step trace and per-rate results."""
+    points: list = dataclasses.field(default_factory=list)
+    """(rate, attainment) measured so far."""
+    fits: list = dataclasses.field(default_factory=list)
+    """Each point's own step trace fit (`trace_fit`): the machine's speed while it ran."""
+    spans: list = dataclasses.field(default_factory=list)
+    """Each point's byte span of the step trace."""
+    deployed: Calibration | None = None
+
+    @property
+    def trace(self) -> str:
+        return f"{self.details}-steps.jsonl"
+
+    def next_rate(self) -> float | None:
+        return next_rate(self.points, self.predicted)
+
+    async def at(self, url: str, rate: float, base: WorkloadSpec, tok, slo: dict, profile) -> None:  # type: ignore[no-untyped-def]
+        """Measure one rate on the server at `url`; its per-request results go to
+        details + '-<rate>-real.json'."""
         wl = build_workload(dataclasses.replace(base, rate=rate), tok)
-        start = os.path.getsize(trace)
-        results, elapsed = await run_workload(url, wl, model, progress=False)
-        lines = trace_lines_since(trace, start)
+        start = os.path.getsize(self.trace)
+        results, elapsed = await run_workload(url, wl, await server_model(url), progress=False)
+        lines = trace_lines_since(self.trace, start)
         fit = trace_fit(lines, profile)
         s = summarize(results, slo["ttft"], slo["tpot"], elapsed)
-        write_results(f"{details}-{rate:.3f}-real.json", {"rate": rate, "slo": slo}, s, results)
+        meta = {"rate": rate, "slo": slo}
+        write_results(f"{self.details}-{rate:.3f}-real.json", meta, s, results)
         att = s["attainment"]["both"]
-        points.append((rate, att))
-        fits.append(fit)
-        spans.append([start, span_end(start, lines)])
+        self.points.append((rate, att))
+        self.fits.append(fit)
+        self.spans.append([start, span_end(start, lines)])
         speed = (
             f"; speed vs profile: prefill {fit.prefill_scale or 0:.2f}x, decode "
             f"{fit.decode_scale or 0:.2f}x"
@@ -148,23 +181,20 @@ async def measure(
             else ""
         )
         print(
-            f"    rate {rate:6.3f}: attainment {100 * att:5.1f}% "
-            f"(p90 TTFT {s['ttft']['p90']:.2f} s, TPOT {1000 * s['tpot']['p90']:.0f} ms{speed})",
+            f"    {self.name} rate {rate:6.3f}: attainment {100 * att:5.1f}% (p90 TTFT "
+            f"{s['ttft']['p90']:.2f} s, TPOT {1000 * s['tpot']['p90']:.0f} ms{speed})",
             flush=True,
         )
-        return att
 
-    rate = round(predicted, 3)
-    first = await at(rate) >= 0.9
-    for _ in range(4):
-        rate = round(rate * STEP if first else rate / STEP, 3)
-        if (await at(rate) >= 0.9) != first:
-            break
-    else:
-        return points, fits, spans  # no crossing within the range: goodput is a bound
-    lo, hi = sorted(points[-2:])
-    await at(round((lo[0] * hi[0]) ** 0.5, 3))
-    return points, fits, spans
+
+async def warm_up(url: str, probe) -> None:  # type: ignore[no-untyped-def]
+    """A fresh server's first steps pay first-touch page faults and allocator growth: send
+    a few of the probe's requests at once (every instance gets some) before measuring."""
+    reqs = tuple(
+        dataclasses.replace(r, index=i, arrival=0.0, output_len=16)
+        for i, r in enumerate(probe.requests[:6])
+    )
+    await run_workload(url, Workload(reqs, {}), await server_model(url), progress=False)
 
 
 def _setting(probe, slo: dict, cal: Calibration | TraceFit, n: int) -> Setting:  # type: ignore[no-untyped-def]
@@ -266,111 +296,128 @@ async def run(args: argparse.Namespace) -> dict:
         "plan": args.plan_output,
         "layouts": rows,
     }
+    report["interleaved"] = args.interleave
     names = ["disagg", *plan["baselines"]] if args.all else [plan["recommended"]]
     if args.layouts:
         names = [n for n in names if n in args.layouts.split(",")]
+    os.makedirs(args.details_dir, exist_ok=True)
+    layouts = []
     for name in names:
         d = plan["disagg"] if name == "disagg" else plan["baselines"].get(name)
-        if not d or not d.get("goodput"):
-            continue
-        choice = choice_from_dict(d, [profile])
-        setting = settings[name]
-        predicted, devices = d["goodput"], d["devices"]
-        print(f"  {name}: predicted {predicted:.3f} req/s on {devices} cores", flush=True)
-        os.makedirs(args.details_dir, exist_ok=True)
-        details = os.path.join(args.details_dir, name)
-        trace = f"{details}-steps.jsonl"
-        remove_trace(trace)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "plan.json")
-            write_plan(path, layout_plan(plan, name))
-            with running_server("--plan", path, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
-                # the same calibration again on the deployed server, just before measuring:
-                # how far the machine's speed moved since the plan was made
-                dcal = await _calibrate(url, trace, profile, probe, load, f"{name} deployed")
-                start = os.path.getsize(trace)
-                points, fits, spans = await measure(
-                    url, base, tok, predicted, slo, trace, profile, details
-                )
-                whole = trace_fit(trace_lines_since(trace, start), profile)
-        gzip_file(trace)
+        if d and d.get("goodput"):
+            details = os.path.join(args.details_dir, name)
+            layouts.append(Layout(name, d["goodput"], d["devices"], details))
+            remove_trace(layouts[-1].trace)
+            print(f"  {name}: predicted {d['goodput']:.3f} req/s on {d['devices']} cores")
+
+    def finish(lay: Layout) -> None:
+        gzip_file(lay.trace)
         # simulations after the server stopped: no CPU taken from the measurement
-        rows[name] = score(
-            Measured(predicted, devices, points, fits, spans, whole, dcal),
-            choice,
-            setting,
-            probe,
-            slo,
-            details,
-        )
+        d = plan["disagg"] if lay.name == "disagg" else plan["baselines"][lay.name]
+        choice = choice_from_dict(d, [profile])
+        _, whole = trace_fits(lay.trace, lay.spans, profile)
+        rows[lay.name] = score(lay, whole, choice, settings[lay.name], probe, slo)
         save(args.output, report)  # after every layout: a long run keeps what it measured
+
+    with tempfile.TemporaryDirectory() as tmp:
+
+        @contextlib.asynccontextmanager
+        async def deployed(lay: Layout) -> AsyncIterator[str]:
+            path = os.path.join(tmp, f"{lay.name}-plan.json")
+            write_plan(path, layout_plan(plan, lay.name))
+            flags = ("--plan", path, "--trace-steps", lay.trace)
+            with running_server(*flags, kv_cache_gb=KV_GB) as url:
+                if lay.deployed is None:
+                    # the same calibration again on the deployed server, just before
+                    # measuring: how far the machine's speed moved since the plan was made
+                    label = f"{lay.name} deployed"
+                    lay.deployed = await _calibrate(url, lay.trace, profile, probe, load, label)
+                else:
+                    await warm_up(url, probe)
+                yield url
+
+        if not args.interleave:
+            for lay in layouts:
+                async with deployed(lay) as url:
+                    while (rate := lay.next_rate()) is not None:
+                        await lay.at(url, rate, base, tok, slo, profile)
+                finish(lay)
+            return report
+        # Rate by rate in turns, the order reversed every round (ABBA), a fresh server
+        # for each rate: the machine's drift over the hour falls on every layout alike.
+        for turn in itertools.count():
+            todo = [lay for lay in layouts if lay.next_rate() is not None]
+            if not todo:
+                break
+            for lay in todo if turn % 2 == 0 else todo[::-1]:
+                rate = lay.next_rate()
+                assert rate is not None
+                async with deployed(lay) as url:
+                    await lay.at(url, rate, base, tok, slo, profile)
+        for lay in layouts:
+            finish(lay)
     return report
 
 
-@dataclasses.dataclass
-class Measured:
-    """What one deployed layout's measurement saw, before any simulation."""
-
-    predicted: float
-    devices: int
-    points: list
-    fits: list
-    spans: list
-    whole: TraceFit | None
-    """The fit of the whole measurement's trace."""
-    deployed: Calibration
+def trace_fits(trace: str, spans: list, profile) -> tuple[list, TraceFit | None]:  # type: ignore[no-untyped-def]
+    """The fit of each rate's span of a layout's step trace, and of all of them together
+    (the whole measurement, without the calibration and warm-ups between)."""
+    parts = trace_spans(trace, spans)
+    return [trace_fit(p, profile) for p in parts], trace_fit(sum(parts, []), profile)
 
 
-def score(m: Measured, choice, setting: Setting, probe, slo: dict, details: str) -> dict:  # type: ignore[no-untyped-def]
+def score(lay: Layout, whole: TraceFit | None, choice, setting: Setting, probe, slo: dict) -> dict:  # type: ignore[no-untyped-def]
     """A layout's row: measured goodput (with its interval) against the plan's, the
-    re-prediction from the deployed server's calibration, and the replays."""
-    rates = [r for r, _ in m.points]
+    re-prediction from the deployed server's calibration, and the replays (`whole`: the
+    fit of the whole measurement's trace)."""
+    assert lay.deployed is not None
+    rates = [r for r, _ in lay.points]
     n = setting.min_requests
-    dsetting = _setting(probe, slo, m.deployed, n)
+    dsetting = _setting(probe, slo, lay.deployed, n)
     redo = verify(dsetting, choice)
-    measured = goodput(m.points, 0.9)
-    interval = measured_interval(details, m.points, slo)
+    measured = goodput(lay.points, 0.9)
+    interval = measured_interval(lay.details, lay.points, slo)
     # Replays: each point simulated at the speed its own trace shows, and the goodput
     # re-predicted at the speed of the whole measurement: what the plan would have said
     # had it known how fast the machine would run (it drifts up to ~2x within an hour).
     replayed = [
         attainment_curve(_setting(probe, slo, f, n), choice, [r])[0] if f else None
-        for r, f in zip(rates, m.fits, strict=True)
+        for r, f in zip(rates, lay.fits, strict=True)
     ]
-    replay_rps = verify(_setting(probe, slo, m.whole, n), choice) if m.whole else None
+    replay_rps = verify(_setting(probe, slo, whole, n), choice) if whole else None
     sim = attainment_curve(setting, choice, rates)
 
     def error(x: float | None) -> float | None:
         return (x - measured) / measured if measured and x else None
 
     row = {
-        "predicted_rps": m.predicted,
+        "predicted_rps": lay.predicted,
         "measured_rps": measured,
-        "devices": m.devices,
-        "predicted_per_core": m.predicted / m.devices,
-        "measured_per_core": measured / m.devices,
+        "devices": lay.devices,
+        "predicted_per_core": lay.predicted / lay.devices,
+        "measured_per_core": measured / lay.devices,
         "measured_interval": interval,
-        "error": error(m.predicted),
-        "crossed": any(a >= 0.9 for _, a in m.points) and any(a < 0.9 for _, a in m.points),
-        "points": m.points,
+        "error": error(lay.predicted),
+        "crossed": any(a >= 0.9 for _, a in lay.points) and any(a < 0.9 for _, a in lay.points),
+        "points": lay.points,
         "simulated_attainment": sim,
-        "deployed_calibration": dataclasses.asdict(m.deployed),
+        "deployed_calibration": dataclasses.asdict(lay.deployed),
         "repredicted_rps": redo,
         "repredicted_error": error(redo),
         "simulated_attainment_repredicted": attainment_curve(dsetting, choice, rates),
-        "trace_fits": [dataclasses.asdict(f) if f else None for f in m.fits],
-        "trace_spans": m.spans,
+        "trace_fits": [dataclasses.asdict(f) if f else None for f in lay.fits],
+        "trace_spans": lay.spans,
         "simulated_attainment_replayed": replayed,
-        "measurement_fit": dataclasses.asdict(m.whole) if m.whole else None,
+        "measurement_fit": dataclasses.asdict(whole) if whole else None,
         "replayed_rps": replay_rps,
         "replayed_error": error(replay_rps),
     }
-    worst = max(100 * abs(a - b) for (_, a), b in zip(m.points, sim, strict=True))
-    d = m.devices
+    worst = max(100 * abs(a - b) for (_, a), b in zip(lay.points, sim, strict=True))
+    d = lay.devices
     # a draw that misses at the lowest rate measured has no crossing above 0 to give
     low = f"{interval[0] / d:.3f}" if interval[0] > 0 else f"<{min(rates) / d:.3f}"
     print(
-        f"  {os.path.basename(details)}: predicted {m.predicted / d:.3f} req/s per core, "
+        f"  {lay.name}: predicted {lay.predicted / d:.3f} req/s per core, "
         f"measured {measured / d:.3f} ({100 * (row['error'] or 0):+.1f}%; 90% interval "
         f"{low}-{interval[1] / d:.3f}); attainment real vs simulated at the "
         f"measured rates within {worst:.1f} points; re-predicted with the deployed server's "
@@ -393,26 +440,22 @@ def reanalyse(args: argparse.Namespace) -> dict:
     for name, row in report["layouts"].items():
         d = plan["disagg"] if name == "disagg" else plan["baselines"][name]
         own = name if name in cals else "colocated"  # runs before chunked had its own
-        fits = [TraceFit(**f) if f else None for f in row["trace_fits"]]
-        whole = TraceFit(**row["measurement_fit"]) if row.get("measurement_fit") else None
-        details = os.path.join(args.details_dir, name)
-        trace, spans = f"{details}-steps.jsonl", row.get("trace_spans") or []
-        if spans and (os.path.exists(trace) or os.path.exists(trace + ".gz")):
-            # this code's fits, from the saved trace
-            fits = [trace_fit(trace_span(trace, s, e), profile) for s, e in spans]
-            whole = trace_fit(trace_span(trace, spans[0][0], spans[-1][1]), profile)
-        m = Measured(
+        lay = Layout(
+            name,
             row["predicted_rps"],
             row["devices"],
+            os.path.join(args.details_dir, name),
             [tuple(p) for p in row["points"]],
-            fits,
-            spans,
-            whole,
+            [TraceFit(**f) if f else None for f in row["trace_fits"]],
+            row.get("trace_spans") or [],
             Calibration(**row["deployed_calibration"]),
         )
+        whole = TraceFit(**row["measurement_fit"]) if row.get("measurement_fit") else None
+        if lay.spans and (os.path.exists(lay.trace) or os.path.exists(lay.trace + ".gz")):
+            lay.fits, whole = trace_fits(lay.trace, lay.spans, profile)  # this code's fits
         setting = _setting(probe, slo, cals[own], base.num_requests)
         report["layouts"][name] = score(
-            m, choice_from_dict(d, [profile]), setting, probe, slo, details
+            lay, whole, choice_from_dict(d, [profile]), setting, probe, slo
         )
     report["reanalysed"] = True
     return report
@@ -420,7 +463,7 @@ def reanalyse(args: argparse.Namespace) -> dict:
 
 def measured_interval(details: str, points: list, slo: dict) -> tuple[float, float]:
     """The measured goodput's bootstrap interval (`goodput_interval`) from each rate's
-    per-request results (written by `measure`)."""
+    per-request results (written by `Layout.at`)."""
     runs = []
     for rate, _ in points:
         _, _, results = read_results(f"{details}-{rate:.3f}-real.json")
@@ -462,6 +505,13 @@ def main() -> int:
         "--layouts",
         default=None,
         help="comma-separated layouts to deploy among disagg, colocated, chunked (default: all)",
+    )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="measure the layouts rate by rate in turns (order reversed every round), a fresh "
+        "warmed-up server for each rate, so the machine's drift falls on every layout alike "
+        "(default: one layout after the other, one server each)",
     )
     ap.add_argument(
         "--plan-output", default="benchmarks/results/plan-cpu.json", help="where the plan goes"

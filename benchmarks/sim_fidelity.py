@@ -39,7 +39,7 @@ from distserve.bench.calibrate import (
     span_end,
     trace_fit,
     trace_lines_since,
-    trace_span,
+    trace_spans,
 )
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.metrics import attainment, percentile
@@ -274,7 +274,8 @@ def resimulate(args: argparse.Namespace) -> dict:
             fit = TraceFit(**old["fit"]) if old.get("fit") else None
             trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
             if old.get("trace_span") and (os.path.exists(trace) or os.path.exists(trace + ".gz")):
-                fit = trace_fit(trace_span(trace, *old["trace_span"]), profile)  # this code's fit
+                (lines,) = trace_spans(trace, [old["trace_span"]])
+                fit = trace_fit(lines, profile)  # this code's fit
             replay = replayed(mode, profile, fit, wl)
             row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo, replay)}
             with_band(row, replay_band(mode, profile, fit, wl, slo))

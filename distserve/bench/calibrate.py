@@ -290,17 +290,16 @@ def span_end(start: int, lines: list[str]) -> int:
     return start + sum(len(line.encode()) + 1 for line in lines)
 
 
-def trace_span(trace: str, start: int, end: int) -> list[str]:
-    """The whole lines of a trace between two byte offsets; the trace may be gzipped
-    (`trace` + '.gz', as results are kept)."""
+def trace_spans(trace: str, spans: list) -> list[list[str]]:
+    """The whole lines of a trace between each (start, end) pair of byte offsets; the
+    trace may be gzipped (`trace` + '.gz', as results are kept)."""
     if not os.path.exists(trace) and os.path.exists(trace + ".gz"):
         with gzip.open(trace + ".gz", "rb") as g:
-            data = g.read()[start:end]
+            data = g.read()
     else:
         with open(trace, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
-    return data.decode().split("\n")[:-1]
+            data = f.read()
+    return [data[start:end].decode().split("\n")[:-1] for start, end in spans]
 
 
 async def calibrate(

@@ -125,7 +125,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "--trace-steps",
         default=None,
         metavar="FILE",
-        help="write one JSON line per instance step (what ran, how long) to FILE",
+        help="append one JSON line per instance step (what ran, how long) to FILE",
     )
     add_engine_flags(srv)
     return srv  # type: ignore[no-any-return]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -307,6 +308,8 @@ def serving_path(setting: Setting) -> dict[str, Any]:
 
 
 def write_plan(path: str, plan: dict[str, Any]) -> None:
+    """Write the plan as JSON to `path`, making its directory if missing."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(plan, f, indent=1, default=str)
 

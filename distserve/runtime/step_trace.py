@@ -13,14 +13,16 @@ from distserve.core.plan import StepResult
 
 
 class StepTrace:
-    """Appends one line per step: instance, role, start (seconds since the trace opened),
-    the round trip as the controller saw it (`seconds`), the worker's own time (`exec`),
-    prompt chunk lengths (`prefill`) and their first positions (`prefill_start`, > 0 for
-    a later chunk of a chunked prompt), and decode context lengths (`decode`)."""
+    """Appends one line per step: instance, role, start (`t`, Unix time: a file kept
+    across server restarts stays in time order), the round trip as the controller saw it
+    (`seconds`), the worker's own time (`exec`), prompt chunk lengths (`prefill`) and
+    their first positions (`prefill_start`, > 0 for a later chunk of a chunked prompt),
+    and decode context lengths (`decode`)."""
 
     def __init__(self, path: str) -> None:
-        self._file: TextIO = open(path, "w", buffering=1)  # noqa: SIM115 (closed in close())
-        self._t0 = time.perf_counter()
+        self._file: TextIO = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+        # Unix time of a perf_counter() reading: one clock read, then steps on perf_counter
+        self._t0 = time.time() - time.perf_counter()
 
     def record(
         self, instance: str, role: str, start: float, plan: StepPlan, result: StepResult
@@ -28,7 +30,7 @@ class StepTrace:
         line = {
             "instance": instance,
             "role": role,
-            "t": round(start - self._t0, 6),
+            "t": round(self._t0 + start, 6),
             "seconds": round(time.perf_counter() - start, 6),
             "exec": round(result.elapsed, 6),
             "prefill": [c.num_tokens for c in plan.prefill_chunks],

@@ -274,7 +274,7 @@ def test_trace_fit_keeps_each_phase_total_when_steps_are_noisy() -> None:
 def test_a_trace_span_reads_the_same_lines_gzipped(tmp_path) -> None:
     """The byte span of what a run read from a growing trace gives back those lines,
     from the raw file and after it is gzipped (a partial last line is left out)."""
-    from distserve.bench.calibrate import gzip_file, span_end, trace_lines_since, trace_span
+    from distserve.bench.calibrate import gzip_file, span_end, trace_lines_since, trace_spans
 
     trace = str(tmp_path / "steps.jsonl")
     with open(trace, "w") as f:
@@ -285,10 +285,11 @@ def test_a_trace_span_reads_the_same_lines_gzipped(tmp_path) -> None:
     lines = trace_lines_since(trace, start)
     assert lines == ['{"b": "é"}', '{"c": 3}', '{"d": 4}']
     span = (start, span_end(start, lines))
-    assert trace_span(trace, *span) == lines
+    first = (0, start)
+    assert trace_spans(trace, [span, first]) == [lines, ['{"a": 1}']]
     gzip_file(trace)
     assert not (tmp_path / "steps.jsonl").exists()
-    assert trace_span(trace, *span) == lines
+    assert trace_spans(trace, [span, first]) == [lines, ['{"a": 1}']]
 
 
 def test_contention_counts_the_other_instances_decode_steps() -> None:
