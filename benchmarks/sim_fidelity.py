@@ -148,7 +148,8 @@ async def run(args: argparse.Namespace) -> dict:
         "systems": {},
     }
     print(f"SLO TTFT {slo['ttft']:.2f} s, TPOT {slo['tpot']:.3f} s; rates {rates}", flush=True)
-    for system, (mode, flags) in SYSTEMS.items():
+    for system in args.systems.split(","):
+        mode, flags = SYSTEMS[system]
         rows = []
         os.makedirs(args.details_dir, exist_ok=True)
         trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
@@ -261,8 +262,8 @@ def resimulate(args: argparse.Namespace) -> dict:
     tok = tokenizer_for("smollm2-135m")
     base = base_spec(args)
     slo = report["slo"]
-    for system, (mode, _) in SYSTEMS.items():
-        saved = report["systems"][system]
+    for system, saved in report["systems"].items():
+        mode = SYSTEMS[system][0]
         cal = Calibration(**saved["calibration"])
         config = simulated_system(mode, profile, calibration_path(cal, not args.no_contention))
         rows = []
@@ -300,6 +301,11 @@ def main() -> int:
     )
     ap.add_argument("--num-requests", type=int, default=60, help="requests per rate (default: 60)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    ap.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated systems to run among {', '.join(SYSTEMS)} (default: both)",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run")
     ap.add_argument(
         "--resimulate",
@@ -320,6 +326,10 @@ def main() -> int:
     )
     ap.add_argument("--output", default="benchmarks/results/sim_fidelity.json", help="results JSON")
     args = ap.parse_args()
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        names = ", ".join(SYSTEMS)
+        ap.error(f"--systems: unknown {', '.join(sorted(unknown))}; choose among {names}")
     report = resimulate(args) if args.resimulate else asyncio.run(run(args))
     errs = [r["attainment_error_points"] for s in report["systems"].values() for r in s["rows"]]
     ttft = [r["ttft_p50_rel_error"] for s in report["systems"].values() for r in s["rows"]]
