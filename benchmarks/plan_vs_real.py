@@ -110,8 +110,12 @@ def _profile(path: str):  # type: ignore[no-untyped-def]
 
 def layout_plan(plan: dict, name: str) -> dict:
     """The plan with `name`'s layout as the one to deploy."""
-    choice = plan["disagg"] if name == "disagg" else plan["baselines"][name]
-    return plan | {"placement": choice, "recommended": name}
+    return plan | {"placement": scored(plan, name), "recommended": name}
+
+
+def scored(plan: dict, name: str) -> dict:
+    """The plan's entry for layout `name` (disagg or one of its baselines); {} if none."""
+    return plan["disagg"] if name == "disagg" else plan["baselines"].get(name) or {}
 
 
 def next_rate(points: list, predicted: float) -> float | None:
@@ -303,8 +307,8 @@ async def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.details_dir, exist_ok=True)
     layouts = []
     for name in names:
-        d = plan["disagg"] if name == "disagg" else plan["baselines"].get(name)
-        if d and d.get("goodput"):
+        d = scored(plan, name)
+        if d.get("goodput"):
             details = os.path.join(args.details_dir, name)
             layouts.append(Layout(name, d["goodput"], d["devices"], details))
             remove_trace(layouts[-1].trace)
@@ -313,9 +317,9 @@ async def run(args: argparse.Namespace) -> dict:
     def finish(lay: Layout) -> None:
         gzip_file(lay.trace)
         # simulations after the server stopped: no CPU taken from the measurement
-        d = plan["disagg"] if lay.name == "disagg" else plan["baselines"][lay.name]
-        choice = choice_from_dict(d, [profile])
-        _, whole = trace_fits(lay.trace, lay.spans, profile)
+        choice = choice_from_dict(scored(plan, lay.name), [profile])
+        # the whole measurement: the rates' spans, without the calibration and warm-ups
+        whole = trace_fit(list(itertools.chain(*trace_spans(lay.trace, lay.spans))), profile)
         rows[lay.name] = score(lay, whole, choice, settings[lay.name], probe, slo)
         save(args.output, report)  # after every layout: a long run keeps what it measured
 
@@ -357,13 +361,6 @@ async def run(args: argparse.Namespace) -> dict:
         for lay in layouts:
             finish(lay)
     return report
-
-
-def trace_fits(trace: str, spans: list, profile) -> tuple[list, TraceFit | None]:  # type: ignore[no-untyped-def]
-    """The fit of each rate's span of a layout's step trace, and of all of them together
-    (the whole measurement, without the calibration and warm-ups between)."""
-    parts = trace_spans(trace, spans)
-    return [trace_fit(p, profile) for p in parts], trace_fit(sum(parts, []), profile)
 
 
 def score(lay: Layout, whole: TraceFit | None, choice, setting: Setting, probe, slo: dict) -> dict:  # type: ignore[no-untyped-def]
@@ -438,7 +435,7 @@ def reanalyse(args: argparse.Namespace) -> dict:
     slo, plan = report["slo"], read_plan(report["plan"])
     cals = {m: Calibration(**c) for m, c in report["calibration"].items()}
     for name, row in report["layouts"].items():
-        d = plan["disagg"] if name == "disagg" else plan["baselines"][name]
+        d = scored(plan, name)
         own = name if name in cals else "colocated"  # runs before chunked had its own
         lay = Layout(
             name,
@@ -452,7 +449,11 @@ def reanalyse(args: argparse.Namespace) -> dict:
         )
         whole = TraceFit(**row["measurement_fit"]) if row.get("measurement_fit") else None
         if lay.spans and (os.path.exists(lay.trace) or os.path.exists(lay.trace + ".gz")):
-            lay.fits, whole = trace_fits(lay.trace, lay.spans, profile)  # this code's fits
+            # this code's fits: each rate's span, and the whole measurement (the rates'
+            # spans, without the calibration and warm-ups between)
+            parts = trace_spans(lay.trace, lay.spans)
+            lay.fits = [trace_fit(p, profile) for p in parts]
+            whole = trace_fit(list(itertools.chain(*parts)), profile)
         setting = _setting(probe, slo, cals[own], base.num_requests)
         report["layouts"][name] = score(
             lay, whole, choice_from_dict(d, [profile]), setting, probe, slo

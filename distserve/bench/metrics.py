@@ -124,16 +124,18 @@ def goodput_interval(
 
     rng = random.Random(seed)
     # per rate: its outcomes, block length and blocks per draw
-    shapes = [(rate, met, math.ceil(math.sqrt(len(met))) or 1) for rate, met in runs]
+    shapes = []
+    for rate, met in runs:
+        b = math.ceil(math.sqrt(len(met))) or 1
+        shapes.append((rate, met, b, math.ceil(len(met) / b)))
     values = []
     for _ in range(draws):
         points = []
-        for rate, met, b in shapes:
+        for rate, met, b, blocks in shapes:
             n = len(met)
             if n == 0:
                 points.append((rate, 0.0))
                 continue
-            blocks = math.ceil(n / b)
             hits = 0
             for _ in range(blocks):
                 start = rng.randrange(n)
