@@ -12,7 +12,8 @@ SLOs follow the paper's, scaled to this CPU: each target is the paper's target t
 ratio of this machine's single-request latency to the A100's for the same prompt (from the
 bundled DistServe profile, at the paper's parallelism for that model). Attainment is also
 recomputed at tightened TTFT and TPOT targets from a fixed-rate run (the paper's Fig. 9).
-Results: benchmarks/results/headline/ (JSON per run, summary.json, PNG plots).
+Results: benchmarks/results/headline/ (summary.json, PNG plots); the per-rate results of
+every request go to --details-dir, outside the tree by default (`distserve.bench.runs`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import sys
 import time
 
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.metrics import attainment, goodput, min_slo_scale, phase_breakdown, summarize
 from distserve.bench.plots import attainment_vs_x, phase_cdf
-from distserve.bench.results import RequestResult, read_results, write_results
 from distserve.bench.run import tokenizer_for
+from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
+from distserve.metrics.goodput import goodput
+from distserve.metrics.results import RequestResult, read_results, write_results
+from distserve.metrics.slo import attainment, min_slo_scale
+from distserve.metrics.summary import phase_breakdown, summarize
 from distserve.sim.profile import bundled_a100, find
 from distserve.workload.build import WorkloadSpec, build_workload
 from distserve.workload.spec import Workload
@@ -194,25 +198,26 @@ async def run_workload_experiment(name: str, args: argparse.Namespace, out_dir: 
                 )
             workload_at = lambda r: build_workload(dataclasses.replace(base, rate=r), tokenizer)  # noqa: E731
             systems[system] = await sweep_system(
-                url, workload_at, rates, slo, model, out_dir, f"{name}-{system}", fixed
+                url, workload_at, rates, slo, model, args.details_dir, f"{name}-{system}", fixed
             )
     return summarize_report(report, systems, slo, fixed, out_dir)
 
 
-def from_results(name: str, out_dir: str, fixed_factor: float) -> dict:
-    """A workload's report rebuilt from the per-rate result files of an earlier run."""
+def from_results(name: str, details_dir: str, out_dir: str, fixed_factor: float) -> dict:
+    """A workload's report rebuilt from the per-rate result files of an earlier run (in
+    `details_dir`); its plots written to `out_dir`."""
     systems: dict[str, dict] = {}
     slo: dict[str, float] = {}
     meta: dict = {}
     for system in SYSTEMS:
         prefix = f"{name}-{system}-rate-"
         files = sorted(
-            (f for f in os.listdir(out_dir) if f.startswith(prefix) and f.endswith(".json")),
+            (f for f in os.listdir(details_dir) if f.startswith(prefix) and f.endswith(".json")),
             key=lambda f: float(f[len(prefix) : -5]),
         )
         runs: dict[str, list] = {"points": [], "results": [], "rates": []}
         for f in files:
-            config, summary, results = read_results(os.path.join(out_dir, f))
+            config, summary, results = read_results(os.path.join(details_dir, f))
             slo, meta = config["slo"], config["workload"]
             runs["points"].append((config["rate"], summary["attainment"]["both"]))
             runs["results"].append(results)
@@ -220,7 +225,7 @@ def from_results(name: str, out_dir: str, fixed_factor: float) -> dict:
         if files:
             systems[system] = runs
     if not systems:
-        raise SystemExit(f"no result files for {name} in {out_dir}")
+        raise SystemExit(f"no result files for {name} in {details_dir}")
     fixed = round(fixed_factor / slo["ours_prefill_s"], 3)
     max_p, max_o = CAPS[name]
     report = {
@@ -328,16 +333,26 @@ def main() -> int:
         "--from-results",
         action="store_true",
         help="serve nothing: rebuild the reports and plots from the result files of an "
-        "earlier run in --output-dir",
+        "earlier run in --details-dir",
     )
     ap.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few requests, two rates")
     ap.add_argument(
-        "--output-dir", default="benchmarks/results/headline", help="where results and plots go"
+        "--output-dir",
+        default="benchmarks/results/headline",
+        help="where summary.json and plots go",
+    )
+    ap.add_argument(
+        "--details-dir",
+        default=None,
+        help="where the per-rate results go (default: $DISTSERVE_RUNS_DIR or "
+        "~/.cache/distserve/runs, in a directory named after --output-dir)",
     )
     args = ap.parse_args()
+    args.details_dir = args.details_dir or details_dir_for(args.output_dir)
     args.systems = args.systems.split(",") if args.systems else None
     os.makedirs(args.output_dir, exist_ok=True)
+    os.makedirs(args.details_dir, exist_ok=True)
     t0 = time.time()
     reports = []
     for name in args.workloads.split(","):
@@ -345,7 +360,7 @@ def main() -> int:
             ap.error(f"--workloads: unknown workload {name!r} (choose from {', '.join(PAPER)})")
         if args.from_results:
             factor = args.fixed_factor or FIXED_FACTOR
-            reports.append(from_results(name, args.output_dir, factor))
+            reports.append(from_results(name, args.details_dir, args.output_dir, factor))
         else:
             reports.append(asyncio.run(run_workload_experiment(name, args, args.output_dir)))
         _print_table(reports[-1])

@@ -32,7 +32,7 @@ from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import CacheConfig, SamplingParams
 from distserve.runtime.executor import Executor, LocalExecutor
 from distserve.runtime.transport import TransferStats, transfer_blocks
-from distserve.runtime.worker import Worker
+from distserve.runtime.worker.worker import Worker
 
 PROMPT_TOKENS = (512, 2048)
 RAY_TRANSPORTS = ("shm", "object-store", "gloo")

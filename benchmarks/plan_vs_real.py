@@ -24,11 +24,13 @@ deploy each layout the plan compares with `serve --plan`, and measure its goodpu
    the goodput re-predicted at the speed of the whole measurement (this VM's speed
    drifts by up to 2x within an hour; the replay separates the simulator's error from
    the machine's). The measured goodput comes with a 90% bootstrap interval of its
-   requests' own sampling noise (`bench.metrics.goodput_interval`). With --interleave the
+   requests' own sampling noise (`metrics.goodput.goodput_interval`). With --interleave the
    layouts are measured rate by rate in turns, so that the machine's drift cannot rank
    them.
-Writes benchmarks/results/plan_vs_real.json. `--reanalyse OUT` scores a saved run again
-with this code (fits from the saved traces; no server).
+Writes benchmarks/results/plan_vs_real.json; the raw detail (per-request results, step
+traces) goes to --details-dir, outside the tree by default (`distserve.bench.runs`).
+`--reanalyse OUT` scores a saved run again with this code (fits from the saved traces; no
+server).
 """
 
 from __future__ import annotations
@@ -45,23 +47,16 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 
-from distserve.bench.calibrate import (
-    Calibration,
-    TraceFit,
-    calibrate,
-    gzip_file,
-    remove_trace,
-    span_end,
-    trace_fit,
-    trace_lines_since,
-    trace_spans,
-)
+from distserve.bench.calibrate import Calibration, calibrate
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.metrics import goodput, goodput_interval, met_both, summarize
-from distserve.bench.results import read_results, write_results
 from distserve.bench.run import tokenizer_for
+from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.core import SchedulerConfig
+from distserve.metrics.goodput import goodput, goodput_interval
+from distserve.metrics.results import read_results, write_results
+from distserve.metrics.slo import met_both
+from distserve.metrics.summary import summarize
 from distserve.planner.phases import Setting
 from distserve.planner.plan import (
     attainment_curve,
@@ -74,6 +69,14 @@ from distserve.planner.plan import (
 from distserve.planner.profile import profile_path_for_this_cpu
 from distserve.planner.search import Cluster
 from distserve.sim.profile import load_profiles
+from distserve.sim.trace_files import (
+    gzip_file,
+    remove_trace,
+    span_end,
+    trace_lines_since,
+    trace_spans,
+)
+from distserve.sim.trace_fit import TraceFit, trace_fit
 from distserve.workload.build import WorkloadSpec, build_workload
 from distserve.workload.spec import Workload
 
@@ -180,7 +183,7 @@ class Layout:
         self.spans.append([start, span_end(start, lines)])
         speed = (
             f"; speed vs profile: prefill {fit.prefill_scale or 0:.2f}x, decode "
-            f"{fit.decode_scale or 0:.2f}x"
+            f"{fit.path.decode_scale or 0:.2f}x"
             if fit
             else ""
         )
@@ -202,30 +205,27 @@ async def warm_up(url: str, probe) -> None:  # type: ignore[no-untyped-def]
 
 
 def _setting(probe, slo: dict, cal: Calibration | TraceFit, n: int) -> Setting:  # type: ignore[no-untyped-def]
-    """The planner's setting with a calibration's scales, or with one run's trace fit."""
-    if isinstance(cal, Calibration):
-        path = {"step_overhead": cal.step_overhead, **cal.scales()}
-    else:
-        path = cal.sim_options()
+    """The planner's setting with a calibration's serving path, or with one run's trace fit."""
+    path = cal.serving_path() if isinstance(cal, Calibration) else cal.path
     return Setting(
         probe,
         slo["ttft"],
         slo["tpot"],
         0.9,
         SCHED,
-        transfer_bandwidth=2.5e9,
-        **path,
+        path=dataclasses.replace(path, transfer_bandwidth=2.5e9),
         min_requests=n,
     )
 
 
 async def _calibrate(url: str, trace: str, profile, probe, load, label: str) -> Calibration:  # type: ignore[no-untyped-def]
     cal = await calibrate(url, await server_model(url), profile, probe, trace=trace, load=load)
+    p = cal.path
     print(
-        f"  {label}: compute scale {cal.compute_scale:.3f} (decode {cal.decode_scale or 0:.3f};"
+        f"  {label}: compute scale {p.compute_scale:.3f} (decode {p.decode_scale or 0:.3f};"
         f" lone requests {cal.lone}; other instance idle/busy {cal.contention}), step "
-        f"overhead {1000 * cal.step_overhead:.1f} ms, per decode request beyond the first "
-        f"{1000 * cal.decode_seq_time:.2f} ms",
+        f"overhead {1000 * p.step_overhead:.1f} ms, per decode request beyond the first "
+        f"{1000 * p.decode_seq_time:.2f} ms",
         flush=True,
     )
     return cal
@@ -295,7 +295,7 @@ async def run(args: argparse.Namespace) -> dict:
         "slo": slo,
         "workload_spec": dataclasses.asdict(base),
         "calibration_requests": args.calibration_requests,
-        "calibration": {m: dataclasses.asdict(c) for m, c in cals.items()},
+        "calibration": {m: c.to_dict() for m, c in cals.items()},
         "recommended": plan["recommended"],
         "plan": args.plan_output,
         "layouts": rows,
@@ -398,14 +398,14 @@ def score(lay: Layout, whole: TraceFit | None, choice, setting: Setting, probe, 
         "crossed": any(a >= 0.9 for _, a in lay.points) and any(a < 0.9 for _, a in lay.points),
         "points": lay.points,
         "simulated_attainment": sim,
-        "deployed_calibration": dataclasses.asdict(lay.deployed),
+        "deployed_calibration": lay.deployed.to_dict(),
         "repredicted_rps": redo,
         "repredicted_error": error(redo),
         "simulated_attainment_repredicted": attainment_curve(dsetting, choice, rates),
-        "trace_fits": [dataclasses.asdict(f) if f else None for f in lay.fits],
+        "trace_fits": [f.to_dict() if f else None for f in lay.fits],
         "trace_spans": lay.spans,
         "simulated_attainment_replayed": replayed,
-        "measurement_fit": dataclasses.asdict(whole) if whole else None,
+        "measurement_fit": whole.to_dict() if whole else None,
         "replayed_rps": replay_rps,
         "replayed_error": error(replay_rps),
     }
@@ -433,7 +433,7 @@ def reanalyse(args: argparse.Namespace) -> dict:
     base = WorkloadSpec(**report["workload_spec"])
     probe = build_workload(base, tokenizer_for("smollm2-135m"))
     slo, plan = report["slo"], read_plan(report["plan"])
-    cals = {m: Calibration(**c) for m, c in report["calibration"].items()}
+    cals = {m: Calibration.from_dict(c) for m, c in report["calibration"].items()}
     for name, row in report["layouts"].items():
         d = scored(plan, name)
         own = name if name in cals else "colocated"  # runs before chunked had its own
@@ -443,11 +443,11 @@ def reanalyse(args: argparse.Namespace) -> dict:
             row["devices"],
             os.path.join(args.details_dir, name),
             [tuple(p) for p in row["points"]],
-            [TraceFit(**f) if f else None for f in row["trace_fits"]],
+            [TraceFit.from_dict(f) if f else None for f in row["trace_fits"]],
             row.get("trace_spans") or [],
-            Calibration(**row["deployed_calibration"]),
+            Calibration.from_dict(row["deployed_calibration"]),
         )
-        whole = TraceFit(**row["measurement_fit"]) if row.get("measurement_fit") else None
+        whole = TraceFit.from_dict(row["measurement_fit"]) if row.get("measurement_fit") else None
         if lay.spans and (os.path.exists(lay.trace) or os.path.exists(lay.trace + ".gz")):
             # this code's fits: each rate's span, and the whole measurement (the rates'
             # spans, without the calibration and warm-ups between)
@@ -519,8 +519,10 @@ def main() -> int:
     )
     ap.add_argument(
         "--details-dir",
-        default="benchmarks/results/plan_vs_real",
-        help="each deployed layout's step trace (gzipped) and per-request results per rate",
+        default=None,
+        help="each deployed layout's step trace (gzipped) and per-request results per rate "
+        "(default: $DISTSERVE_RUNS_DIR or ~/.cache/distserve/runs, in a directory named "
+        "after --output)",
     )
     ap.add_argument("--output", default="benchmarks/results/plan_vs_real.json", help="results")
     ap.add_argument(
@@ -531,6 +533,7 @@ def main() -> int:
         "server: intervals, re-predictions, replays); write it to OUT",
     )
     args = ap.parse_args()
+    args.details_dir = args.details_dir or details_dir_for(args.output)
     if args.reanalyse:
         save(args.reanalyse, reanalyse(args))
     else:

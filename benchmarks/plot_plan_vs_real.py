@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from distserve.bench.metrics import goodput
+from distserve.metrics.goodput import goodput
 
 COLORS = {"disagg": "tab:blue", "colocated": "tab:orange", "chunked": "tab:green"}
 

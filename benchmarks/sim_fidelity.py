@@ -17,7 +17,8 @@
    calibration and the run; with it, the band (p10-p90) of the replay's attainment when
    each step's time is drawn around the fit as the run's steps spread around it: how
    far that step-to-step variation alone moves attainment at 60 requests.
-   Writes benchmarks/results/sim_fidelity.json.
+   Writes benchmarks/results/sim_fidelity.json; the raw detail (per-request results, step
+   traces) goes to --details-dir, outside the tree by default (`distserve.bench.runs`).
 """
 
 from __future__ import annotations
@@ -30,27 +31,28 @@ import os
 import statistics
 import sys
 
-from distserve.bench.calibrate import (
-    Calibration,
-    TraceFit,
-    calibrate,
-    gzip_file,
-    remove_trace,
-    span_end,
-    trace_fit,
-    trace_lines_since,
-    trace_spans,
-)
+from distserve.bench.calibrate import Calibration, calibrate
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.metrics import attainment, percentile
-from distserve.bench.results import read_results, write_results
 from distserve.bench.run import tokenizer_for
+from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import CacheConfig, SchedulerConfig
+from distserve.metrics.results import read_results, write_results
+from distserve.metrics.slo import attainment
+from distserve.metrics.summary import percentile
 from distserve.sim.profile import load_profiles, save_profiles
 from distserve.sim.run import SimOptions, sim_config
+from distserve.sim.serving_path import ServingPath
 from distserve.sim.simulator import Simulator
+from distserve.sim.trace_files import (
+    gzip_file,
+    remove_trace,
+    span_end,
+    trace_lines_since,
+    trace_spans,
+)
+from distserve.sim.trace_fit import TraceFit, trace_fit
 from distserve.workload.build import WorkloadSpec, build_workload
 
 KV_GB = 0.3
@@ -157,13 +159,14 @@ async def run(args: argparse.Namespace) -> dict:
         with running_server(*flags, "--trace-steps", trace, kv_cache_gb=KV_GB) as url:
             model = await server_model(url)
             cal = await calibrate(url, model, profile, probe, trace=trace, load=load)
+            p = cal.path
             print(
-                f"{system}: compute scale {cal.compute_scale:.3f} (decode "
-                f"{cal.decode_scale or 0:.3f}; lone requests {cal.lone}; other instances "
-                f"idle/busy {cal.contention}), step overhead {1000 * cal.step_overhead:.1f} ms",
+                f"{system}: compute scale {p.compute_scale:.3f} (decode "
+                f"{p.decode_scale or 0:.3f}; lone requests {cal.lone}; other instances "
+                f"idle/busy {cal.contention}), step overhead {1000 * p.step_overhead:.1f} ms",
                 flush=True,
             )
-            config = simulated_system(mode, profile, calibration_path(cal, not args.no_contention))
+            config = simulated_system(mode, profile, cal.serving_path(not args.no_contention))
             for rate in rates:
                 wl = build_workload(dataclasses.replace(base, rate=rate), tok)
                 start = os.path.getsize(trace)
@@ -174,7 +177,7 @@ async def run(args: argparse.Namespace) -> dict:
                 replay = replayed(mode, profile, fit, wl)
                 row = {"rate": rate, **compare(real, sim, slo, replay)}
                 with_band(row, replay_band(mode, profile, fit, wl, slo))
-                row["fit"] = dataclasses.asdict(fit) if fit else None
+                row["fit"] = fit.to_dict() if fit else None
                 row["trace_span"] = [start, span_end(start, lines)]  # --resimulate refits
                 for kind, res in (("real", real), ("sim", sim), ("replay", replay)):
                     if res is None:
@@ -189,20 +192,21 @@ async def run(args: argparse.Namespace) -> dict:
                 rows.append(row)
                 print_row(system, row)
         gzip_file(trace)
-        report["systems"][system] = {"calibration": dataclasses.asdict(cal), "rows": rows}
+        report["systems"][system] = {"calibration": cal.to_dict(), "rows": rows}
     return report
 
 
-def simulated_system(mode: str, profile, path: dict):  # type: ignore[no-untyped-def]
-    """The simulated system with a serving path: a calibration's step overhead and scales
-    (`calibration_path`), or one run's trace fit (`TraceFit.sim_options`)."""
-    opts = SimOptions(**path, transfer_bandwidth=2.5e9, transfer_overhead=0.005, scheduler=SCHED)
+def simulated_system(mode: str, profile, path: ServingPath):  # type: ignore[no-untyped-def]
+    """The simulated system with a serving path: a calibration's
+    (`Calibration.serving_path`), or one run's trace fit (`TraceFit.path`)."""
+    path = dataclasses.replace(path, transfer_bandwidth=2.5e9, transfer_overhead=0.005)
+    opts = SimOptions(path, scheduler=SCHED)
     return sim_config(PlacementConfig(mode=mode, num_instances=2), profile, None, opts)
 
 
 def replayed(mode: str, profile, fit: TraceFit | None, wl):  # type: ignore[no-untyped-def]
     """The requests simulated at the speed one run's trace shows (None without a fit)."""
-    return Simulator(simulated_system(mode, profile, fit.sim_options())).run(wl) if fit else None
+    return Simulator(simulated_system(mode, profile, fit.path)).run(wl) if fit else None
 
 
 def replay_band(mode: str, profile, fit: TraceFit | None, wl, slo: dict) -> list | None:  # type: ignore[no-untyped-def]
@@ -211,7 +215,7 @@ def replay_band(mode: str, profile, fit: TraceFit | None, wl, slo: dict) -> list
     seeds: how far the machine's step-to-step variation alone moves attainment."""
     if fit is None or not fit.noise:
         return None
-    base = simulated_system(mode, profile, fit.sim_options())
+    base = simulated_system(mode, profile, fit.path)
     runs = [
         Simulator(dataclasses.replace(base, step_noise=fit.noise, seed=i)).run(wl)
         for i in range(REPLAY_DRAWS)
@@ -226,10 +230,6 @@ def with_band(row: dict, band: list | None) -> dict:
         real = row["real"]["attainment"]["both"]
         row["real_in_replay_band"] = band[0] - 1e-9 <= real <= band[2] + 1e-9
     return row
-
-
-def calibration_path(cal: Calibration, contention: bool) -> dict:
-    return {"step_overhead": cal.step_overhead, **cal.scales(contention=contention)}
 
 
 def print_row(system: str, row: dict) -> None:
@@ -264,15 +264,15 @@ def resimulate(args: argparse.Namespace) -> dict:
     slo = report["slo"]
     for system, saved in report["systems"].items():
         mode = SYSTEMS[system][0]
-        cal = Calibration(**saved["calibration"])
-        config = simulated_system(mode, profile, calibration_path(cal, not args.no_contention))
+        cal = Calibration.from_dict(saved["calibration"])
+        config = simulated_system(mode, profile, cal.serving_path(not args.no_contention))
         rows = []
         for rate in report["rates"]:
             wl = build_workload(dataclasses.replace(base, rate=rate), tok)
             path = os.path.join(args.details_dir, f"{system}-{rate:.3f}-real.json")
             real = read_results(path)[2]
             old = next((r for r in saved["rows"] if r["rate"] == rate), {})
-            fit = TraceFit(**old["fit"]) if old.get("fit") else None
+            fit = TraceFit.from_dict(old["fit"]) if old.get("fit") else None
             trace = os.path.join(args.details_dir, f"{system}-steps.jsonl")
             if old.get("trace_span") and (os.path.exists(trace) or os.path.exists(trace + ".gz")):
                 (lines,) = trace_spans(trace, [old["trace_span"]])
@@ -280,7 +280,7 @@ def resimulate(args: argparse.Namespace) -> dict:
             replay = replayed(mode, profile, fit, wl)
             row = {"rate": rate, **compare(real, Simulator(config).run(wl), slo, replay)}
             with_band(row, replay_band(mode, profile, fit, wl, slo))
-            row["fit"] = dataclasses.asdict(fit) if fit else None
+            row["fit"] = fit.to_dict() if fit else None
             row["trace_span"] = old.get("trace_span")
             rows.append(row)
             print_row(system, row)
@@ -321,11 +321,14 @@ def main() -> int:
     )
     ap.add_argument(
         "--details-dir",
-        default="benchmarks/results/sim_fidelity",
-        help="per-request results of each run, real and simulated",
+        default=None,
+        help="per-request results of each run, real and simulated, and the servers' step "
+        "traces (default: $DISTSERVE_RUNS_DIR or ~/.cache/distserve/runs, in a directory "
+        "named after --output)",
     )
     ap.add_argument("--output", default="benchmarks/results/sim_fidelity.json", help="results JSON")
     args = ap.parse_args()
+    args.details_dir = args.details_dir or details_dir_for(args.output)
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
         names = ", ".join(SYSTEMS)

@@ -1,1 +1,2 @@
-"""Load client, SLO metrics (attainment, goodput, SLO scale) and plots."""
+"""The live side of benchmarking: load client, runs and sweeps against a server, the
+server's calibration, plots. What a run measured is scored by `distserve.metrics`."""

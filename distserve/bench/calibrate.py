@@ -2,310 +2,83 @@
 batching mixed in): how much slower the model runs when serving than when profiled (the
 workers share the machine with the API server, the controller and the clients), and the
 per-step time the serving path adds outside the model (the round trip to the worker,
-sampling, streaming)."""
+sampling, streaming). Reading a step trace is the simulator's (`sim/trace_fit.py`); this
+module drives the live server."""
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import gzip
-import json
-import math
 import os
-import shutil
 import statistics
 from typing import Any
 
 from distserve.bench.client import run_workload
+from distserve.sim.profile import Profile
+from distserve.sim.serving_path import ServingPath
+from distserve.sim.trace_files import trace_lines_since
+from distserve.sim.trace_fit import contention_ratios, trace_fit, trace_scales, trace_time_ratios
 from distserve.workload.spec import Workload
-
-MIN_BATCHED_STEPS = 20
-"""Decode steps of more than one request a trace needs for its per-request time."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    compute_scale: float
-    """Served prefill time over the profile's."""
-    step_overhead: float
-    """Seconds per step outside the model, never negative: with a loaded run, the mean
-    gap between back-to-back steps' model times in its trace; else the lone requests'
-    TPOT beyond the profile's step (scaled)."""
-    decode_scale: float | None = None
-    """Served decode step time over the profile's, where a step trace shows it."""
+    """A server's serving path as measured, and the readings behind its scales."""
+
+    path: ServingPath
+    """compute_scale: served prefill time over the profile's; decode_scale: the same for
+    decode steps, where a step trace shows it; decode_seq_time: seconds each decode
+    request beyond the first adds to a step, from the loaded run's trace (`trace_fit`;
+    the decode scales are of what remains); step_overhead: seconds per step outside the
+    model, never negative: with a loaded run, the mean gap between back-to-back steps'
+    model times in its trace, else the lone requests' TPOT beyond the profile's step
+    (scaled). The scales are totals over the run, contention averaged in."""
     lone: tuple[float, float | None] | None = None
     """(prefill, decode) scales of the lone requests, where a loaded run set the scales."""
     contention: dict[str, tuple[float | None, float | None]] | None = None
     """Per phase, (scale while the other instances are idle, while they are busy), from the
     loaded run: on a CPU the frontend's work takes the workers' time when no core is idle."""
-    decode_seq_time: float = 0.0
-    """Seconds each decode request beyond the first adds to a step, from the loaded run's
-    trace (`trace_fit`); the decode scales are of what remains."""
 
-    def scales(self, contention: bool = True) -> dict[str, float | None]:
-        """The latency model's scales (SimOptions / Setting fields) and its per-request
-        decode time: with `contention` and a loaded run, idle-neighbour scales plus
-        contended ones; else the totals."""
-        out: dict[str, float | None] = {
-            "compute_scale": self.compute_scale,
-            "decode_scale": self.decode_scale,
-            "decode_seq_time": self.decode_seq_time,
-        }
+    def serving_path(self, contention: bool = True) -> ServingPath:
+        """The simulator's serving path: with `contention` and a loaded run, idle-neighbour
+        scales plus contended ones (a phase keeps its total where either reading is
+        missing); else the totals."""
+        path = self.path
         if contention and self.contention:
             (p_idle, p_busy), (d_idle, d_busy) = (
                 self.contention["prefill"],
                 self.contention["decode"],
             )
             if p_idle is not None and p_busy is not None:
-                out |= {"compute_scale": p_idle, "contended_scale": p_busy}
+                path = dataclasses.replace(path, compute_scale=p_idle, contended_scale=p_busy)
             if d_idle is not None and d_busy is not None:
-                out |= {"decode_scale": d_idle, "contended_decode_scale": d_busy}
-        return out
+                path = dataclasses.replace(path, decode_scale=d_idle, contended_decode_scale=d_busy)
+        return path
 
-
-def _phase_steps(
-    lines: list[str], profile: Any, decode_seq_time: float = 0.0
-) -> list[tuple[dict[str, Any], str, float, float]]:
-    """(step, phase, the profile's time for it, the step's model time less its
-    per-request decode time) of each prefill-only (first chunks only) and each
-    decode-only step of a step trace (`serve --trace-steps`)."""
-    out = []
-    for line in lines:
-        s = json.loads(line)
-        if s["prefill"] and not s["decode"] and not any(s.get("prefill_start", [])):
-            out.append((s, "prefill", profile.prefill_time(s["prefill"]), s["exec"]))
-        elif s["decode"] and not s["prefill"]:
-            own = s["exec"] - decode_seq_time * (len(s["decode"]) - 1)
-            out.append((s, "decode", profile.decode_time(s["decode"]), own))
-    return out
-
-
-def trace_scales(lines: list[str], profile: Any) -> tuple[list[float], list[float]]:
-    """The model's own time over the profile's, per prefill-only and per decode-only step."""
-    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for s, phase, model, _ in _phase_steps(lines, profile):
-        ratios[phase].append(s["exec"] / model)
-    return ratios["prefill"], ratios["decode"]
-
-
-def _ratio(acc: list[float]) -> float | None:
-    return acc[0] / acc[1] if acc[1] else None
-
-
-def trace_time_ratios(
-    lines: list[str], profile: Any, decode_seq_time: float = 0.0
-) -> tuple[float | None, float | None]:
-    """Total model time over total profile time, of prefill-only and of decode-only steps
-    (less `decode_seq_time` per decode request beyond the first): the factor that
-    stretches a run's time, where a median would miss the slow tail."""
-    sums = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
-    for _, phase, model, own in _phase_steps(lines, profile, decode_seq_time):
-        sums[phase][0] += own
-        sums[phase][1] += model
-    return _ratio(sums["prefill"]), _ratio(sums["decode"])
-
-
-def contention_ratios(
-    lines: list[str],
-    profile: Any,
-    idle_below: float = 0.2,
-    busy_above: float = 0.8,
-    decode_seq_time: float = 0.0,
-) -> dict[str, tuple[float | None, float | None]]:
-    """Per phase, model time over profile time of the steps during which the other
-    instances were idle (in a step with decode tokens less than `idle_below` of the step)
-    and of those during which they were busy so (more than `busy_above`). Only the others'
-    decode-bearing steps count: their streamed tokens keep the frontend busy on the same
-    cores, which costs a step more than the other instance's prompt does (EPYC traces:
-    a prompt step 1.05x the profile with the other instance idle, 1.09x while it computed
-    a prompt, 1.23x while it decoded; a decode step 0.98x / 1.08x / 1.31x)."""
-    by: dict[str, list[dict[str, Any]]] = {}
-    for line in lines:
-        s = json.loads(line)
-        by.setdefault(s["instance"], []).append(s)
-    for v in by.values():
-        v.sort(key=lambda s: s["t"])
-    starts = {k: [s["t"] for s in v] for k, v in by.items()}
-
-    def busy(name: str, a: float, b: float) -> float:
-        others = [k for k in by if k != name]
-        if not others or b <= a:
-            return 0.0
-        total = 0.0
-        for k in others:
-            v, i = by[k], max(0, bisect.bisect_left(starts[k], a) - 1)
-            while i < len(v) and v[i]["t"] < b:
-                if v[i]["decode"]:
-                    total += max(0.0, min(b, v[i]["t"] + v[i]["seconds"]) - max(a, v[i]["t"]))
-                i += 1
-        return total / (b - a) / len(others)
-
-    sums = {(ph, c): [0.0, 0.0] for ph in ("prefill", "decode") for c in ("idle", "busy")}
-    for s, phase, model, own in _phase_steps(lines, profile, decode_seq_time):
-        share = busy(s["instance"], s["t"], s["t"] + s["seconds"])
-        kind = "idle" if share < idle_below else "busy" if share > busy_above else None
-        if kind:
-            sums[(phase, kind)][0] += own
-            sums[(phase, kind)][1] += model
-    return {
-        ph: (_ratio(sums[(ph, "idle")]), _ratio(sums[(ph, "busy")])) for ph in ("prefill", "decode")
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class TraceFit:
-    """The scales and step overhead that best explain one run's step trace."""
-
-    prefill_scale: float | None
-    decode_scale: float | None
-    step_overhead: float
-    steps: int
-    median_rel_error: float
-    """Of the fitted model time against each step's measured model time."""
-    noise: float = 0.0
-    """Standard deviation of log(measured / fitted) over the steps: how much a step's
-    time varies around the fit (`SimConfig.step_noise`)."""
-    decode_seq_time: float = 0.0
-    """Seconds each decode request beyond the first adds to a step (`LatencyModel`)."""
-
-    def sim_options(self) -> dict[str, float | None]:
-        """The SimOptions fields these stand for (no contention: the fit averages it)."""
+    def to_dict(self) -> dict[str, Any]:
+        """The form results files keep a calibration in: the knobs it measured and the
+        readings, side by side."""
+        p = self.path
         return {
-            "compute_scale": self.prefill_scale or self.decode_scale or 1.0,
-            "decode_scale": self.decode_scale,
-            "step_overhead": self.step_overhead,
-            "decode_seq_time": self.decode_seq_time,
+            "compute_scale": p.compute_scale,
+            "step_overhead": p.step_overhead,
+            "decode_scale": p.decode_scale,
+            "lone": self.lone,
+            "contention": self.contention,
+            "decode_seq_time": p.decode_seq_time,
         }
 
-
-def trace_fit(lines: list[str], profile: Any, back_to_back: float = 0.05) -> TraceFit | None:
-    """Fit every step of a trace (prompt-only, decode-only and mixed) as prefill_scale x
-    its prompt part + decode_scale x its decode part of the profile's time
-    (`sim.latency.step_parts`), and the step overhead as the mean time an instance spends
-    per step outside its model when the steps run back to back (within `back_to_back`
-    seconds). This is the machine's speed during that run: on a VM whose speed drifts,
-    replaying a run through the simulator with its own fit separates what the simulator
-    gets wrong from what the machine did. None for a trace with no steps.
-
-    The scales keep each phase's total time: each step's error counts toward a phase by
-    that phase's share of the step, and both shares sum to zero (for pure steps, the
-    ratio of the totals). A least-squares fit on relative error reads low wherever the
-    times are noisy (it weighs a step by 1/time^2, so the slow ones count least): on the
-    Xeon's step traces its scales ran 2-8% under the totals, and replays ran that much
-    fast (design note 18)."""
-    from distserve.sim.latency import step_parts
-
-    steps = [json.loads(line) for line in lines if line.strip()]
-    rows, extra = [], []
-    for s in steps:
-        starts = s.get("prefill_start") or [0] * len(s["prefill"])
-        p, d = step_parts(profile, list(zip(starts, s["prefill"], strict=True)), s["decode"])
-        if s["exec"] > 0 and p + d > 0:
-            rows.append((p, d, s["exec"]))
-            extra.append(max(0, len(s["decode"]) - 1))
-    if not rows:
-        return None
-    seq = decode_seq_time(rows, extra)
-    rows = [(p, d, y - seq * m) for (p, d, y), m in zip(rows, extra, strict=True)]
-    # sum over steps of share x (kp p + kd d - y) = 0, share p/(p+d) and d/(p+d)
-    pp = sum(p * p / (p + d) for p, d, _ in rows)
-    dd = sum(d * d / (p + d) for p, d, _ in rows)
-    pd = sum(p * d / (p + d) for p, d, _ in rows)
-    py = sum(p * y / (p + d) for p, d, y in rows)
-    dy = sum(d * y / (p + d) for p, d, y in rows)
-    det = pp * dd - pd * pd
-    kp: float | None
-    kd: float | None
-    if pp > 0 and dd > 0 and det > 1e-9 * pp * dd:
-        kp, kd = (py * dd - dy * pd) / det, (dy * pp - py * pd) / det
-    else:  # one kind of step only (or every step the same mix): one scale of the totals
-        k = sum(y for *_, y in rows) / sum(p + d for p, d, _ in rows)
-        kp = k if pp > 0 else None
-        kd = k if dd > 0 else None
-    fitted = [
-        (kp or 0) * p + (kd or 0) * d + seq * m for (p, d, _), m in zip(rows, extra, strict=True)
-    ]
-    measured = [y + seq * m for (*_, y), m in zip(rows, extra, strict=True)]
-    err = statistics.median(abs(f - y) / y for f, y in zip(fitted, measured, strict=True))
-    logs = [math.log(y / f) for f, y in zip(fitted, measured, strict=True) if f > 0]
-    noise = statistics.pstdev(logs) if len(logs) > 1 else 0.0
-    by: dict[str, list[dict[str, Any]]] = {}
-    for s in steps:
-        by.setdefault(s["instance"], []).append(s)
-    outside = []
-    for v in by.values():
-        v.sort(key=lambda s: s["t"])
-        for a, b in zip(v, v[1:], strict=False):
-            if b["t"] - (a["t"] + a["seconds"]) < back_to_back:
-                outside.append(b["t"] - a["t"] - a["exec"])
-    if not outside:
-        outside = [s["seconds"] - s["exec"] for s in steps]
-    return TraceFit(kp, kd, max(0.0, statistics.fmean(outside)), len(rows), err, noise, seq)
-
-
-def decode_seq_time(rows: list[tuple[float, float, float]], extra: list[int]) -> float:
-    """Seconds each decode request beyond the first adds to a step, on top of the scaled
-    profile, from the decode-only steps among `rows` ((prompt part, decode part,
-    measured) with `extra` requests beyond the first each): the two moment equations that
-    keep the steps' total time and leave their error uncorrelated with the batch size.
-    0 where fewer than MIN_BATCHED_STEPS steps decode more than one request (or the fit
-    says less than nothing)."""
-    dec = [(d, m, y) for (p, d, y), m in zip(rows, extra, strict=True) if p == 0 and d > 0]
-    if sum(m > 0 for _, m, _ in dec) < MIN_BATCHED_STEPS:
-        return 0.0
-    s_d = sum(d for d, _, _ in dec)
-    s_m = sum(m for _, m, _ in dec)
-    s_y = sum(y for _, _, y in dec)
-    s_dm = sum(d * m for d, m, _ in dec)
-    s_mm = sum(m * m for _, m, _ in dec)
-    s_ym = sum(y * m for _, m, y in dec)
-    det = s_d * s_mm - s_m * s_dm
-    if det <= 1e-12 * s_d * s_mm:
-        return 0.0
-    return max(0.0, (s_d * s_ym - s_dm * s_y) / det)
-
-
-def trace_lines_since(trace: str, start: int) -> list[str]:
-    with open(trace) as f:
-        f.seek(start)
-        return f.read().split("\n")[:-1]  # whole lines only: the server may be writing
-
-
-def gzip_file(path: str) -> None:
-    """Compress `path` to `path`.gz and remove it (a step trace, kept with results)."""
-    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.remove(path)
-
-
-def remove_trace(path: str) -> None:
-    """Remove a step trace left by an earlier run, raw or gzipped (a server appends)."""
-    for old in (path, path + ".gz"):
-        if os.path.exists(old):
-            os.remove(old)
-
-
-def span_end(start: int, lines: list[str]) -> int:
-    """The byte offset just past `lines`, read from `start` of a trace."""
-    return start + sum(len(line.encode()) + 1 for line in lines)
-
-
-def trace_spans(trace: str, spans: list) -> list[list[str]]:
-    """The whole lines of a trace between each (start, end) pair of byte offsets; the
-    trace may be gzipped (`trace` + '.gz', as results are kept)."""
-    if not os.path.exists(trace) and os.path.exists(trace + ".gz"):
-        with gzip.open(trace + ".gz", "rb") as g:
-            data = g.read()
-    else:
-        with open(trace, "rb") as f:
-            data = f.read()
-    return [data[start:end].decode().split("\n")[:-1] for start, end in spans]
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        """A calibration as `to_dict` (or an earlier run, with fewer readings) wrote it."""
+        readings = {k: d[k] for k in ("lone", "contention") if k in d}
+        path = ServingPath.from_dict({k: v for k, v in d.items() if k not in readings})
+        return cls(path, **readings)
 
 
 async def calibrate(
     url: str,
     model: str,
-    profile: Any,
+    profile: Profile,
     workload: Workload,
     reps: int = 5,
     output_len: int = 32,
@@ -355,9 +128,11 @@ async def calibrate(
     overhead = statistics.median(
         t - step_scale * profile.decode_time([c]) for t, c in zip(tpots, contexts, strict=True)
     )
-    cal = Calibration(scale, max(0.0, overhead), decode_scale)
+    lone = ServingPath(
+        step_overhead=max(0.0, overhead), compute_scale=scale, decode_scale=decode_scale
+    )
     if trace is None or load is None:
-        return cal
+        return Calibration(lone)
     start = os.path.getsize(trace)
     results, _ = await run_workload(url, load, model, progress=False)
     failed = [r.error for r in results if not r.ok]
@@ -365,17 +140,20 @@ async def calibrate(
         raise RuntimeError(f"{len(failed)} calibration requests failed: {failed[0]}")
     lines = trace_lines_since(trace, start)
     fit = trace_fit(lines, profile)
-    seq = fit.decode_seq_time if fit else 0.0
+    seq = fit.path.decode_seq_time if fit else 0.0
     loaded_prefill, loaded_decode = trace_time_ratios(lines, profile, seq)
-    return dataclasses.replace(
-        cal,
+    loaded = dataclasses.replace(
+        lone,
         compute_scale=loaded_prefill or scale,
         decode_scale=loaded_decode or decode_scale,
         decode_seq_time=seq,
         # measured between back-to-back steps, not left over from lone TPOTs after the
         # modelled step (which took in the lone requests' own speed: 9.3 ms against the
         # trace's 5.6 ms on the Xeon's colocated server)
-        step_overhead=fit.step_overhead if fit else cal.step_overhead,
+        step_overhead=fit.path.step_overhead if fit else lone.step_overhead,
+    )
+    return Calibration(
+        loaded,
         lone=(scale, decode_scale),
         contention=contention_ratios(lines, profile, decode_seq_time=seq),
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from distserve.bench.results import RequestResult
+from distserve.metrics.results import RequestResult
 from distserve.workload import Workload, WorkloadRequest
 
 

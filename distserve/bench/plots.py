@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from distserve.bench.metrics import PHASES, phase_breakdown
-from distserve.bench.results import RequestResult
+from distserve.metrics.results import RequestResult
+from distserve.metrics.summary import PHASES, phase_breakdown
 
 
 def _pyplot():  # type: ignore[no-untyped-def]

@@ -8,15 +8,10 @@ import os
 from typing import Any
 
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.metrics import (
-    attainment,
-    goodput,
-    goodput_interval,
-    met_both,
-    min_slo_scale,
-    summarize,
-)
-from distserve.bench.results import RequestResult, write_results
+from distserve.metrics.goodput import goodput, goodput_interval
+from distserve.metrics.results import RequestResult, write_results
+from distserve.metrics.slo import attainment, met_both, min_slo_scale
+from distserve.metrics.summary import summarize
 from distserve.workload.build import WorkloadSpec, build_workload
 
 

@@ -1,10 +1,23 @@
-"""Flag helpers shared by the verbs."""
+"""Flag helpers shared by the verbs, and the flag groups that several verbs take: each
+group is declared here once, so a flag means the same and is checked the same wherever
+it appears."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from distserve.model.registry import DEFAULT_MODEL
+from distserve.sim.serving_path import ServingPath
+from distserve.workload.spec import DATASETS
+
+if TYPE_CHECKING:
+    from distserve.workload.build import WorkloadSpec
 
 
 def flag_message(error: ValueError, parser: argparse.ArgumentParser) -> str:
@@ -47,6 +60,195 @@ def nonnegative_float(text: str) -> float:
     return v
 
 
+def length_range(text: str) -> tuple[int, int]:
+    """LO,HI with 1 <= LO <= HI; a single N means N,N."""
+    parts = text.split(",")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (or N), got {text!r}") from None
+    if len(parts) > 2 or not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def share(text: str) -> float:
+    """A share of requests in (0, 1], such as an attainment target."""
+    v = positive_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
+    return v
+
+
+def json_safe(x: Any) -> Any:
+    """JSON has no infinity (an `inf` rate, an unbounded goodput): write it as a string."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return x
+
+
+def add_workload_flags(p: argparse.ArgumentParser, num_requests: int) -> None:
+    """Which requests a verb sends or simulates (bench, goodput, simulate, plan): the
+    `WorkloadSpec` fields that pick and cut them. `workload_spec` reads them back."""
+    p.add_argument(
+        "--dataset",
+        default="chatbot",
+        choices=DATASETS,
+        help="workload to draw requests from (default: chatbot = ShareGPT)",
+    )
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="trace file (timestamp, prompt_len, output_len) for --dataset trace",
+    )
+    p.add_argument(
+        "--num-requests",
+        type=positive_int,
+        default=num_requests,
+        help=f"requests per run (default: {num_requests})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of request sampling and arrivals (default: 0)"
+    )
+    p.add_argument(
+        "--max-prompt-len",
+        type=positive_int,
+        default=None,
+        help="cut prompts to this many tokens (for small hardware)",
+    )
+    p.add_argument(
+        "--max-output-len",
+        type=positive_int,
+        default=None,
+        help="cap output lengths (for small hardware)",
+    )
+
+
+def add_arrival_flags(p: argparse.ArgumentParser, rate: bool = True) -> None:
+    """How the requests of one replayed workload arrive, and the lengths of random/fixed
+    ones (bench, goodput, simulate; the planner chooses its own rates). rate=False: the
+    verb takes its rates another way (goodput's --rates)."""
+    if rate:
+        p.add_argument(
+            "--rate",
+            type=positive_float,
+            default=1.0,
+            help="mean requests per second; inf sends all at once (default: 1)",
+        )
+    p.add_argument(
+        "--burstiness",
+        type=positive_float,
+        default=1.0,
+        help="coefficient of variation of arrival gaps; 1 is Poisson (default: 1)",
+    )
+    p.add_argument(
+        "--prompt-len",
+        type=length_range,
+        default=(128, 512),
+        help="random/fixed: prompt length LO,HI (default: 128,512)",
+    )
+    p.add_argument(
+        "--output-len",
+        type=length_range,
+        default=(32, 128),
+        help="random/fixed: output length LO,HI (default: 32,128)",
+    )
+
+
+def add_tokenizer_flag(p: argparse.ArgumentParser, default: str | None) -> None:
+    """--model: whose tokenizer turns dataset text into prompt tokens. None: the served
+    model's (asked of the server)."""
+    p.add_argument(
+        "--model",
+        default=default,
+        help=f"model whose tokenizer measures prompts (default: {default or 'the served model'})",
+    )
+
+
+def add_slo_flags(p: argparse.ArgumentParser, attainment: str | None = None) -> None:
+    """The latency targets a request must meet, and, under the verb's own flag name
+    (goodput's --target, plan's --attainment), the share of requests that must meet them."""
+    p.add_argument(
+        "--ttft-slo",
+        type=positive_float,
+        required=True,
+        help="time-to-first-token target in seconds",
+    )
+    p.add_argument(
+        "--tpot-slo",
+        type=positive_float,
+        required=True,
+        help="time-per-output-token target in seconds",
+    )
+    if attainment is not None:
+        p.add_argument(
+            attainment,
+            type=share,
+            default=0.9,
+            help="share of requests that must meet both targets, in (0, 1] (default: 0.9)",
+        )
+
+
+def workload_spec(args: argparse.Namespace, rate: float) -> WorkloadSpec:
+    """The `WorkloadSpec` the workload flags describe; a verb without the arrival flags
+    gets the spec's defaults for those. Raises ValueError as the spec does."""
+    from distserve.workload.build import WorkloadSpec
+
+    arrivals = {
+        k: getattr(args, k) for k in ("burstiness", "prompt_len", "output_len") if k in args
+    }
+    return WorkloadSpec(
+        dataset=args.dataset,
+        num_requests=args.num_requests,
+        rate=rate,
+        seed=args.seed,
+        max_prompt_len=args.max_prompt_len,
+        max_output_len=args.max_output_len,
+        trace_path=args.trace,
+        **arrivals,
+    )
+
+
+def add_placement_flags(p: argparse.ArgumentParser) -> None:
+    """How many instances of each role run (serve, simulate): `PlacementConfig`'s counts."""
+    p.add_argument(
+        "--mode",
+        default="disagg",
+        choices=["disagg", "colocated"],
+        help="disagg: prefill + decode instances; colocated: instances doing both "
+        "(default: disagg)",
+    )
+    p.add_argument(
+        "--prefill-instances",
+        type=positive_int,
+        default=1,
+        help="disagg: number of prefill instances (default: 1)",
+    )
+    p.add_argument(
+        "--decode-instances",
+        type=positive_int,
+        default=1,
+        help="disagg: number of decode instances (default: 1)",
+    )
+    p.add_argument(
+        "--instances",
+        type=positive_int,
+        default=2,
+        help="colocated: number of instances (default: 2)",
+    )
+    p.add_argument(
+        "--chunked-prefill",
+        action="store_true",
+        help="colocated: Sarathi-style chunked prefill (decodes and prompt chunks share "
+        "one token budget)",
+    )
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -80,41 +282,48 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_serving_path_scale_flags(p: argparse.ArgumentParser) -> None:
-    """How much slower the model runs when served than when profiled (simulate, plan)."""
-    p.add_argument(
-        "--compute-scale",
-        type=positive_float,
-        default=1.0,
-        help="model time when serving over model time when profiled, e.g. 1.1 where the "
-        "API server shares the workers' cores (default: 1)",
-    )
-    p.add_argument(
-        "--decode-scale",
-        type=positive_float,
-        default=None,
-        help="the same for decode steps alone, where a served decode step slows more than "
-        "a prefill (default: --compute-scale)",
-    )
-    p.add_argument(
-        "--contended-scale",
-        type=positive_float,
-        default=None,
-        help="prefill's scale while every other instance is in a decode step (its streamed "
-        "tokens keep the frontend busy), for CPU cores sharing one host (bench/calibrate.py "
-        "measures it; default: no contention modelled)",
-    )
-    p.add_argument(
-        "--contended-decode-scale",
-        type=positive_float,
-        default=None,
-        help="decode's scale while every other instance is in a decode step (default: none)",
-    )
-    p.add_argument(
-        "--decode-seq-time",
-        type=nonnegative_float,
-        default=0.0,
-        help="seconds each decode request of a step adds beyond the first, on top of the "
-        "scaled profile: served steps pay per request more than the profiler's isolated "
-        "steps (bench/calibrate.py measures it; default: 0)",
-    )
+def add_serving_path_flags(
+    p: argparse.ArgumentParser, defaults: Mapping[str, float | None] | None = None
+) -> None:
+    """One flag per serving-path knob (--step-overhead, --compute-scale, ...): its help,
+    bound and default from `ServingPath`'s field; `defaults` sets a verb's own."""
+    for f in dataclasses.fields(ServingPath):
+        default = (defaults or {}).get(f.name, f.default)
+        shown = f.metadata["unset"] if default is None else f"{default:g}".replace("e+", "e")
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=nonnegative_float if f.metadata["bound"] == ">= 0" else positive_float,
+            default=default,
+            help=f"{f.metadata['help']} (default: {shown})",
+        )
+
+
+def serving_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServingPath:
+    """The serving path the flags of `add_serving_path_flags` give; a value out of its
+    bounds is an error that names its flag."""
+    try:
+        return ServingPath(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServingPath)}
+        )
+    except ValueError as e:
+        parser.error(flag_message(e, parser))
+
+
+def serving_path_json(
+    flag: str, text: str, base: ServingPath, parser: argparse.ArgumentParser
+) -> ServingPath:
+    """The serving path a flag's JSON object gives (inline or in a file holding one): its
+    keys over `base`'s knobs; an error names the flag."""
+    try:
+        if os.path.isfile(text):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a JSON object or a file holding one ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError("must be a JSON object")
+        return ServingPath.from_dict(d, base)
+    except ValueError as e:
+        parser.error(f"{flag}: {e}")

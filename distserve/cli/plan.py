@@ -9,13 +9,19 @@ import os
 import sys
 from typing import Any
 
-from distserve.cli.bench import DATASETS, _clean
 from distserve.cli.common import (
-    add_serving_path_scale_flags,
+    add_serving_path_flags,
+    add_slo_flags,
+    add_workload_flags,
     flag_message,
+    json_safe,
     positive_float,
     positive_int,
+    serving_path,
+    serving_path_json,
+    workload_spec,
 )
+from distserve.sim.serving_path import ServingPath
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
@@ -56,30 +62,8 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--devices-per-node", type=positive_int, required=True, help="GPUs (or CPU cores) per node"
     )
-    p.add_argument(
-        "--dataset", default="chatbot", choices=DATASETS, help="workload (default: chatbot)"
-    )
-    p.add_argument("--trace", default=None, help="trace file for --dataset trace")
-    p.add_argument(
-        "--num-requests",
-        type=positive_int,
-        default=400,
-        help="requests per simulation (default: 400)",
-    )
-    p.add_argument(
-        "--max-prompt-len", type=positive_int, default=None, help="cut prompts (small hardware)"
-    )
-    p.add_argument(
-        "--max-output-len", type=positive_int, default=None, help="cap outputs (small hardware)"
-    )
-    p.add_argument("--ttft-slo", type=positive_float, required=True, help="TTFT target (s)")
-    p.add_argument("--tpot-slo", type=positive_float, required=True, help="TPOT target (s)")
-    p.add_argument(
-        "--attainment",
-        type=positive_float,
-        default=0.9,
-        help="share of requests that must meet both targets (default: 0.9)",
-    )
+    add_workload_flags(p, num_requests=400)
+    add_slo_flags(p, attainment="--attainment")
     p.add_argument(
         "--affinity",
         default="high",
@@ -99,29 +83,16 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         default=128,
         help="scheduler batch limit in the simulations (default: 128)",
     )
-    p.add_argument(
-        "--transfer-bandwidth",
-        type=positive_float,
-        default=1e10,
-        help="KV migration bytes/s (default: 1e10)",
-    )
-    p.add_argument(
-        "--step-overhead",
-        type=float,
-        default=0.0,
-        help="seconds each step spends outside the model (the serving path's round trip; "
-        "benchmarks/sim_fidelity.py measures it); default: 0",
-    )
-    add_serving_path_scale_flags(p)
+    # the planner's KV migrations run at 10 GB/s unless told: profiles do not say
+    add_serving_path_flags(p, defaults={"transfer_bandwidth": 1e10})
     p.add_argument(
         "--baseline-serving-path",
         default=None,
         metavar="JSON",
         help="the colocated baselines' own serving path, calibrated on a colocated server: "
-        "a JSON object (or a file holding one) with any of step_overhead, compute_scale, "
-        "decode_scale, contended_scale, contended_decode_scale, decode_seq_time; the rest as "
-        "the flags above "
-        "(default: the flags above)",
+        "a JSON object (or a file holding one) with any of "
+        f"{', '.join(f.name for f in dataclasses.fields(ServingPath))}; the rest as the flags "
+        "above (default: the flags above)",
     )
     p.add_argument(
         "--chunked-serving-path",
@@ -143,7 +114,6 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="parallel search processes (default: all cores)",
     )
-    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     p.add_argument("--output", default=None, help="write the plan JSON here")
     p.add_argument("--json", action="store_true", help="print the plan JSON to stdout")
     return p  # type: ignore[no-any-return]
@@ -182,25 +152,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from distserve.planner.plan import make_plan, write_plan
     from distserve.planner.search import Cluster
     from distserve.sim.profile import a100_kv_capacity
-    from distserve.workload.build import WorkloadSpec, build_workload
+    from distserve.workload.build import build_workload
 
-    if not 0 < args.attainment <= 1:
-        parser.error(f"--attainment must be in (0, 1], got {args.attainment}")
-    if args.step_overhead < 0:
-        parser.error(f"--step-overhead must be >= 0, got {args.step_overhead}")
+    path = serving_path(args, parser)
     try:
         profiles = _profiles(args.profile, args.model)
         decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None
         baseline = _profiles(args.profile_baseline, args.model) if args.profile_baseline else None
-        spec = WorkloadSpec(
-            dataset=args.dataset,
-            num_requests=args.num_requests,
-            rate=1.0,
-            seed=args.seed,
-            max_prompt_len=args.max_prompt_len,
-            max_output_len=args.max_output_len,
-            trace_path=args.trace,
-        )
+        spec = workload_spec(args, rate=1.0)
         workload = build_workload(
             dataclasses.replace(spec, num_requests=max(4000, spec.num_requests)),
             tokenizer_for("smollm2-135m"),
@@ -218,24 +177,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         args.tpot_slo,
         args.attainment,
         sched,
-        transfer_bandwidth=args.transfer_bandwidth,
         capacity=a100_kv_capacity(),
-        step_overhead=args.step_overhead,
-        compute_scale=args.compute_scale,
-        decode_scale=args.decode_scale,
-        contended_scale=args.contended_scale,
-        contended_decode_scale=args.contended_decode_scale,
-        decode_seq_time=args.decode_seq_time,
+        path=path,
         min_requests=args.num_requests,
     )
     own: dict[str, Setting | None] = {"baseline": None, "chunked": None}
     for name in own:
         text = getattr(args, f"{name}_serving_path")
         if text is not None:
-            try:
-                own[name] = dataclasses.replace(setting, **_serving_path(text))
-            except ValueError as e:
-                parser.error(f"--{name}-serving-path: {e}")
+            flag = f"--{name}-serving-path"
+            own[name] = dataclasses.replace(
+                setting, path=serving_path_json(flag, text, path, parser)
+            )
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         plan = make_plan(
@@ -259,50 +212,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.output:
         write_plan(args.output, plan)
     if args.json:
-        print(json.dumps(_clean(plan), indent=1, default=str))
+        print(json.dumps(json_safe(plan), indent=1, default=str))
     else:
         _print_summary(plan)
     return 0
-
-
-SERVING_PATH_KEYS = (
-    "step_overhead",
-    "compute_scale",
-    "decode_scale",
-    "contended_scale",
-    "contended_decode_scale",
-    "decode_seq_time",
-)
-
-
-def _serving_path(text: str) -> dict[str, float | None]:
-    """--baseline-serving-path's JSON object (inline or in a file), checked."""
-    if os.path.isfile(text):
-        with open(text, encoding="utf-8") as f:
-            text = f.read()
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not a JSON object or a file holding one ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError("must be a JSON object")
-    unknown = sorted(set(d) - set(SERVING_PATH_KEYS))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} (known: {', '.join(SERVING_PATH_KEYS)})")
-    for k, v in d.items():
-        optional = k not in ("step_overhead", "compute_scale", "decode_seq_time")
-        if v is None and optional:
-            continue
-        zero_ok = k in ("step_overhead", "decode_seq_time")
-        if (
-            not isinstance(v, int | float)
-            or isinstance(v, bool)
-            or v < 0
-            or (v == 0 and not zero_ok)
-        ):
-            bound = ">= 0" if zero_ok else "> 0"
-            raise ValueError(f"{k} must be a number {bound}, got {v!r}")
-    return d
 
 
 def _print_summary(plan: dict[str, Any]) -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from distserve.cli.common import add_engine_flags, flag_message, positive_int
+from distserve.cli.common import (
+    add_engine_flags,
+    add_placement_flags,
+    flag_message,
+    positive_int,
+)
 from distserve.config import TRANSPORTS
 
 
@@ -16,37 +21,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         description="Start instances (Ray actors) and an OpenAI-compatible HTTP server; "
         "prints the URL when ready.",
     )
-    srv.add_argument(
-        "--mode",
-        default="disagg",
-        choices=["disagg", "colocated"],
-        help="disagg: prefill + decode instances; colocated: instances doing both "
-        "(default: disagg)",
-    )
-    srv.add_argument(
-        "--prefill-instances",
-        type=positive_int,
-        default=1,
-        help="disagg: number of prefill instances (default: 1)",
-    )
-    srv.add_argument(
-        "--decode-instances",
-        type=positive_int,
-        default=1,
-        help="disagg: number of decode instances (default: 1)",
-    )
-    srv.add_argument(
-        "--instances",
-        type=positive_int,
-        default=2,
-        help="colocated: number of instances (default: 2)",
-    )
-    srv.add_argument(
-        "--chunked-prefill",
-        action="store_true",
-        help="colocated: Sarathi-style chunked prefill (decodes and prompt chunks share "
-        "one token budget)",
-    )
+    add_placement_flags(srv)
     srv.add_argument(
         "--cores-per-instance",
         type=positive_int,

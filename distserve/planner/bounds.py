@@ -39,7 +39,10 @@ def decode_bound(inst: InstanceConfig, setting: Setting) -> float:
         setting.scheduler.max_num_seqs,
         max(1, int(blocks * setting.block_size / (prompt + output / 2))),
     )
-    step = lambda b: p.decode_time([context] * b)  # noqa: E731
+
+    def step(batch: int) -> float:
+        return p.decode_time([context] * batch)
+
     if step(1) > setting.tpot_slo:
         return 0.0
     lo, hi = 1, seats

@@ -27,7 +27,8 @@ def fit_nonneg(features: np.ndarray, times: np.ndarray) -> np.ndarray:
 
 
 def rel_errors(pred: np.ndarray, times: np.ndarray) -> np.ndarray:
-    return np.abs(pred - times) / times
+    errors: np.ndarray = np.abs(pred - times) / times
+    return errors
 
 
 def fit_prefill(

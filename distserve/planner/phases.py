@@ -13,13 +13,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from distserve.bench.metrics import attainment, attains
-from distserve.bench.results import RequestResult
 from distserve.config import PlacementConfig
 from distserve.core import SchedulerConfig
-from distserve.sim.latency import LatencyModel
+from distserve.metrics.results import RequestResult
+from distserve.metrics.slo import attainment, attains
+from distserve.sim.latency import LatencyModel, latency_model
 from distserve.sim.profile import Profile
-from distserve.sim.run import kv_bytes_per_token
+from distserve.sim.serving_path import ServingPath
 from distserve.sim.simulator import SimConfig, Simulator
 from distserve.workload import Workload, WorkloadRequest
 
@@ -65,7 +65,10 @@ def staged(profile: Profile, pp: int) -> Profile:
     """The profile of one full pass through pp stages (per-stage overhead added)."""
     if pp == 1:
         return profile
-    add = lambda t: (t[0] + pp * STAGE_OVERHEAD, t[1], t[2])  # noqa: E731
+
+    def add(t: tuple[float, float, float]) -> tuple[float, float, float]:
+        return (t[0] + pp * STAGE_OVERHEAD, t[1], t[2])
+
     return dataclasses.replace(
         profile,
         prefill=add(profile.prefill),
@@ -84,21 +87,10 @@ class Setting:
     target: float = 0.9
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     block_size: int = 16
-    transfer_bandwidth: float = 1e10
     capacity: dict[tuple[str, int, int], int] | None = None
-    step_overhead: float = 0.0
-    """Seconds each step spends outside the model (the serving path's round trip)."""
-    compute_scale: float = 1.0
-    """Model time when serving over model time when profiled."""
-    decode_scale: float | None = None
-    """The same for decode steps (None: `compute_scale`)."""
-    contended_scale: float | None = None
-    """Prefill's scale while every other instance on the machine is busy (None: no
-    contention modelled; for CPU cores that share one host)."""
-    contended_decode_scale: float | None = None
-    """The same for decode steps."""
-    decode_seq_time: float = 0.0
-    """Seconds each decode request of a step adds beyond the first (`LatencyModel`)."""
+    path: ServingPath = ServingPath(transfer_bandwidth=1e10)
+    """The serving path every simulated instance runs on (KV migrates at 10 GB/s unless
+    it says otherwise)."""
     min_requests: int = 300
     """Requests per simulation at least; more (up to the workload's size) where the
     placement holds many at once."""
@@ -142,20 +134,6 @@ def bisect_rate(
         else:
             hi = mid
     return lo
-
-
-def _latency(profile: Profile, pp: int, setting: Setting) -> LatencyModel:
-    return LatencyModel(
-        staged(profile, pp),
-        step_overhead=setting.step_overhead,
-        kv_bytes_per_token=kv_bytes_per_token(profile),
-        transfer_bandwidth=setting.transfer_bandwidth,
-        compute_scale=setting.compute_scale,
-        decode_scale=setting.decode_scale,
-        contended_scale=setting.contended_scale,
-        contended_decode_scale=setting.contended_decode_scale,
-        decode_seq_time=setting.decode_seq_time,
-    )
 
 
 def placement_goodput(
@@ -202,7 +180,10 @@ def placement_attainment(
         blocks = colocated.kv_blocks(s.block_size, s.capacity)
         if blocks is None:
             return None
-        roles["colocated"] = (_latency(colocated.profile, colocated.pp, s), blocks)
+        roles["colocated"] = (
+            latency_model(staged(colocated.profile, colocated.pp), s.path),
+            blocks,
+        )
         placement = PlacementConfig(
             mode="colocated", num_instances=num_colocated * colocated.pp, chunked_prefill=chunked
         )
@@ -214,7 +195,7 @@ def placement_attainment(
             blocks = inst.kv_blocks(s.block_size, s.capacity)
             if blocks is None:
                 return None
-            roles[role] = (_latency(inst.profile, inst.pp, s), blocks)
+            roles[role] = (latency_model(staged(inst.profile, inst.pp), s.path), blocks)
         placement = PlacementConfig(
             mode="disagg",
             num_prefill=num_prefill * (prefill.pp if prefill else 1),

@@ -247,9 +247,9 @@ def make_plan(
         else None,
         "slo": {"ttft": setting.ttft_slo, "tpot": setting.tpot_slo, "attainment": setting.target},
         "affinity": affinity,
-        "serving_path": serving_path(setting)
-        | ({"baselines": serving_path(bsetting)} if baseline_setting else {})
-        | ({"chunked": serving_path(csetting)} if chunked_setting else {}),
+        "serving_path": setting.path.to_dict()
+        | ({"baselines": bsetting.path.to_dict()} if baseline_setting else {})
+        | ({"chunked": csetting.path.to_dict()} if chunked_setting else {}),
         "baseline_profiles": sorted({p.source for p in (baseline_profiles or profiles)}),
         "target_rate": rate,
         "workload": workload_meta or {},
@@ -292,19 +292,6 @@ TIE = 0.05
 def tied_with(per_device: dict[str, float], best: str) -> list[str]:
     """The layouts other than `best` whose per-device goodput is within TIE of it."""
     return [k for k, v in per_device.items() if k != best and v >= (1 - TIE) * per_device[best]]
-
-
-def serving_path(setting: Setting) -> dict[str, Any]:
-    """The serving path's calibration a plan was made with."""
-    return {
-        "step_overhead": setting.step_overhead,
-        "compute_scale": setting.compute_scale,
-        "decode_scale": setting.decode_scale,
-        "contended_scale": setting.contended_scale,
-        "contended_decode_scale": setting.contended_decode_scale,
-        "decode_seq_time": setting.decode_seq_time,
-        "transfer_bandwidth": setting.transfer_bandwidth,
-    }
 
 
 def write_plan(path: str, plan: dict[str, Any]) -> None:

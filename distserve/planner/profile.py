@@ -78,9 +78,9 @@ def profile_model(
     """Measure and fit. Runs the model in this process, pinned to the first `cores` cores."""
     from tqdm import tqdm
 
-    from distserve.runtime.synthetic import SyntheticPlans
-    from distserve.runtime.threads import available_cores
-    from distserve.runtime.worker import Worker
+    from distserve.runtime.worker.synthetic import SyntheticPlans
+    from distserve.runtime.worker.threads import available_cores
+    from distserve.runtime.worker.worker import Worker
 
     usable = available_cores()
     if cores > len(usable):

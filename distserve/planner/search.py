@@ -164,13 +164,9 @@ def best_combination(
             for m in range(1, (cluster.devices - n * dp) // dd + 1):
                 g = min(n * sp.goodput, m * sd.goodput)
                 c = Choice("disagg", sp.config, sd.config, num_prefill=n, num_decode=m, goodput=g)
-                if rate is not None:
-                    if g < rate:
-                        continue
-                    key = (-c.devices, c.per_device)
-                else:
-                    key = (c.per_device, -c.devices)
-                if best is None or key > _key(best, rate):
+                if rate is not None and g < rate:
+                    continue
+                if best is None or _key(c, rate) > _key(best, rate):
                     best = c
     return best
 
@@ -241,11 +237,11 @@ def algorithm2(
         goodputs = [_pair_goodput(a) for a in args]
     best: Choice | None = None
     table = {}
-    for (p, d), g in zip(jobs, goodputs, strict=True):
-        table[f"P {p.label} + D {d.label}"] = g
+    for (pre, dec), g in zip(jobs, goodputs, strict=True):
+        table[f"P {pre.label} + D {dec.label}"] = g
         if progress:
-            progress(f"pair P {p.label} + D {d.label}: {g:.3f} req/s")
-        c = Choice("disagg", p, d, num_prefill=1, num_decode=1, goodput=g)
+            progress(f"pair P {pre.label} + D {dec.label}: {g:.3f} req/s")
+        c = Choice("disagg", pre, dec, num_prefill=1, num_decode=1, goodput=g)
         if g > 0 and (best is None or c.per_device > best.per_device):
             best = c
     return (replicate(best, cluster, rate) if best else None), table

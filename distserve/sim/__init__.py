@@ -1,1 +1,2 @@
-"""Latency model and simulator. Torch-free: imports core/ and workload/ only."""
+"""Latency model, serving path, simulator, and reading step traces into a serving path.
+Torch-free: imports core/, metrics/, workload/, the configs and the model registry."""

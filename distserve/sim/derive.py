@@ -82,9 +82,8 @@ def derive_all(
     bases = [p for p in profiles if p.model in ARCHITECTURES and p.model != model]
     if not bases:
         raise ValueError(f"cannot derive a profile for {model!r}: no measured profile to scale")
-    size = lambda p: _weights(ARCHITECTURES[p.model])  # noqa: E731
-    largest = max(size(p) for p in bases)
-    bases = [p for p in bases if size(p) == largest]
+    largest = max(_weights(ARCHITECTURES[p.model]) for p in bases)
+    bases = [p for p in bases if _weights(ARCHITECTURES[p.model]) == largest]
     out = []
     for tp in range(1, max_tp + 1):
         if target.num_heads % tp:

@@ -124,19 +124,24 @@ def _from_paper_file(data: dict[str, Any], name: str) -> list[Profile]:
     for model, by_tp in data.items():
         short = _PAPER_NAMES.get(model, model)
         for tp, c in by_tp.items():
-            ms = lambda t: tuple(x / 1000.0 for x in t)  # noqa: E731 (ms -> s)
             out.append(
                 Profile(
                     model=short,
                     hardware="A100-80GB",
                     tp=int(tp),
                     pp=1,
-                    prefill=ms(c["prefill"]),
-                    decode_small=ms(c["decoding_smallbs"]),
-                    decode_large=ms(c["decoding_largebs"]),
+                    prefill=_seconds(c["prefill"]),
+                    decode_small=_seconds(c["decoding_smallbs"]),
+                    decode_large=_seconds(c["decoding_largebs"]),
                     decode_threshold=int(c["decoding_large_small_bs_threshold"]),
                     kv_capacity_tokens=capacity.get((short, int(tp), 1)),
                     source=f"DistServe paper, {engine} engine coefficients ({name})",
                 )  # fmt: skip
             )
     return out
+
+
+def _seconds(ms: Sequence[float]) -> tuple[float, float, float]:
+    """A coefficient triple of the paper's files (milliseconds) in seconds."""
+    a, b, c = (x / 1000.0 for x in ms)
+    return a, b, c

@@ -6,13 +6,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from distserve.bench.metrics import min_slo_scale, summarize
-from distserve.bench.results import RequestResult, write_results
 from distserve.config import PlacementConfig
 from distserve.core import SchedulerConfig
-from distserve.model.registry import ARCHITECTURES
-from distserve.sim.latency import LatencyModel
+from distserve.metrics.results import RequestResult, write_results
+from distserve.metrics.slo import min_slo_scale
+from distserve.metrics.summary import summarize
+from distserve.sim.latency import latency_model
 from distserve.sim.profile import Profile
+from distserve.sim.serving_path import ServingPath
 from distserve.sim.simulator import SimConfig, Simulator
 from distserve.workload import Workload
 
@@ -21,60 +22,14 @@ from distserve.workload import Workload
 class SimOptions:
     """Knobs of the simulated system beyond its profiles."""
 
-    step_overhead: float = field(
-        default=0.0, metadata={"help": "seconds per step outside the model"}
-    )
-    transfer_bandwidth: float | None = field(
-        default=None, metadata={"help": "KV migration bytes/s (None: the profile's, else 10 GB/s)"}
-    )
-    transfer_overhead: float = field(default=0.0, metadata={"help": "fixed seconds per migration"})
-    compute_scale: float = field(
-        default=1.0,
-        metadata={"help": "model time when serving over model time when profiled"},
-    )
-    decode_scale: float | None = field(
-        default=None, metadata={"help": "the same for decode steps (None: compute_scale)"}
-    )
-    contended_scale: float | None = field(
-        default=None,
-        metadata={"help": "prefill's scale while every other instance decodes (None: same)"},
-    )
-    contended_decode_scale: float | None = field(
-        default=None,
-        metadata={"help": "decode's scale while every other instance decodes (None: same)"},
-    )
-    decode_seq_time: float = field(
-        default=0.0,
-        metadata={"help": "seconds each decode request of a step adds beyond the first"},
+    path: ServingPath = field(
+        default=ServingPath(), metadata={"help": "the serving path every instance runs on"}
     )
     num_blocks: int | None = field(
         default=None, metadata={"help": "KV blocks per instance (None: the profile's capacity)"}
     )
     block_size: int = 16
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-
-def kv_bytes_per_token(profile: Profile) -> int:
-    if "kv_bytes_per_token" in profile.fit:
-        return int(profile.fit["kv_bytes_per_token"])
-    arch = ARCHITECTURES.get(profile.model)
-    return arch.kv_bytes_per_token(2) if arch is not None else 0
-
-
-def latency_model(profile: Profile, opts: SimOptions) -> LatencyModel:
-    bw = opts.transfer_bandwidth or float(profile.fit.get("transfer_bandwidth", 1e10))
-    return LatencyModel(
-        profile,
-        opts.step_overhead,
-        kv_bytes_per_token(profile),
-        bw,
-        opts.transfer_overhead,
-        opts.compute_scale,
-        opts.decode_scale,
-        opts.contended_scale,
-        opts.contended_decode_scale,
-        opts.decode_seq_time,
-    )
 
 
 def sim_config(
@@ -94,7 +49,7 @@ def sim_config(
 
     return SimConfig(
         placement=placement,
-        latency={role: latency_model(p, opts) for role, p in profiles.items()},
+        latency={role: latency_model(p, opts.path) for role, p in profiles.items()},
         num_blocks={role: blocks(p) for role, p in profiles.items()},
         scheduler=opts.scheduler,
         block_size=opts.block_size,

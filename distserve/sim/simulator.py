@@ -6,6 +6,7 @@ load client."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import math
@@ -15,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from distserve.bench.results import RequestResult
 from distserve.config import PlacementConfig
 from distserve.core import (
     BlockManager,
@@ -29,8 +29,10 @@ from distserve.core import (
     StepPlan,
     StepResult,
 )
+from distserve.core.request import handoff_copy
 from distserve.core.routing import pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
+from distserve.metrics.results import RequestResult
 from distserve.sim.latency import LatencyModel
 from distserve.workload import Workload
 
@@ -84,9 +86,9 @@ class SimConfig:
             "latency": {
                 k: {
                     "profile": v.profile.to_dict(),
-                    "step_overhead": v.step_overhead,
+                    "step_overhead": v.path.step_overhead,
                     "transfer_bandwidth": v.transfer_bandwidth,
-                    "transfer_overhead": v.transfer_overhead,
+                    "transfer_overhead": v.path.transfer_overhead,
                     "kv_bytes_per_token": v.kv_bytes_per_token,
                 }
                 for k, v in self.latency.items()
@@ -128,12 +130,12 @@ class Simulator:
         )
         blocks = BlockManager(cfg.num_blocks[role], cfg.block_size, cfg.watermark)
         swap = BlockManager(cfg.num_swap_blocks, cfg.block_size) if cfg.num_swap_blocks else None
-        cls = {
+        kinds: dict[str, type[PrefillScheduler | DecodeScheduler | ColocatedScheduler]] = {
             "prefill": PrefillScheduler,
             "decode": DecodeScheduler,
             "colocated": ColocatedScheduler,
-        }[role]
-        scheduler = cls(sched_cfg, blocks, swap)
+        }
+        scheduler = kinds[role](sched_cfg, blocks, swap)
         scheduler.detailed_plans = False
         return SimInstance(f"{role}-{index}", role, scheduler, cfg.latency[role])
 
@@ -203,7 +205,7 @@ class Simulator:
             return
         self._owner[req.request_id] = inst
         # Wake after every arrival of this instant is queued (arrivals go first at a tie).
-        self._at(t, "wake", lambda t2, i=inst: self._wake(i, t2))
+        self._at(t, "wake", functools.partial(self._wake, inst))
 
     # ---- instance steps -----------------------------------------------------------
     def _busy_share(self, inst: SimInstance) -> float:
@@ -226,7 +228,7 @@ class Simulator:
                 self._at(
                     t + inst.latency.transfer_time(req.num_computed_tokens),
                     "transfer",
-                    lambda t2, r=req, s=src, d=inst: self._transferred(t2, r, s, d),
+                    functools.partial(self._transferred, req=req, src=src, dst=inst),
                 )
         if self.config.fast_forward and self._fast_forward(inst, t):
             return
@@ -241,7 +243,7 @@ class Simulator:
             s = self.config.step_noise
             dt *= math.exp(self._rng.gauss(-s * s / 2, s))
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + 1, inst.busy_seconds + dt
-        self._at(t + dt, "step", lambda t2, i=inst, p=plan: self._step_done(t2, i, p))
+        self._at(t + dt, "step", functools.partial(self._step_done, inst=inst, plan=plan))
 
     def _fast_forward(self, inst: SimInstance, t: float) -> bool:
         """Run a steady span of decode steps as one event, stopping before the next
@@ -302,14 +304,8 @@ class Simulator:
             if dst is None:
                 return
             self._awaiting.popleft()
-            copy = dataclasses.replace(
-                req,
-                output_token_ids=list(req.output_token_ids),
-                output_logprobs=[],
-                timestamps=dict(req.timestamps),
-            )
             assert isinstance(dst.scheduler, DecodeScheduler)
-            dst.scheduler.add_migrating(copy)
+            dst.scheduler.add_migrating(handoff_copy(req))
             self._wake(dst, t)
 
     def _transferred(self, t: float, req: Request, src: SimInstance, dst: SimInstance) -> None:

@@ -11,9 +11,7 @@ from typing import Any
 from distserve.workload import datasets
 from distserve.workload.arrivals import arrival_times
 from distserve.workload.cache import cached_samples, tokenizer_fingerprint
-from distserve.workload.spec import Workload, WorkloadRequest
-
-DATASETS = ("chatbot", "code", "summarization", "random", "fixed", "trace")
+from distserve.workload.spec import DATASETS, Workload, WorkloadRequest
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+DATASETS = ("chatbot", "code", "summarization", "random", "fixed", "trace")
+"""The workloads a `WorkloadSpec` names (here, beside the format, so that the CLI can list
+them without loading the builders' numpy)."""
+
 
 @dataclass(frozen=True)
 class WorkloadRequest:

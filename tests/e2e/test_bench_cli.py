@@ -10,6 +10,8 @@ import pytest
 
 from distserve.bench.server_process import running_server
 
+pytestmark = pytest.mark.slow  # starts a real server (Ray actors, the real model)
+
 SMALL = ["--dataset", "random", "--prompt-len", "16,64", "--output-len", "4,8", "--no-progress"]
 
 
@@ -122,9 +124,10 @@ def test_calibration_reads_the_step_trace(url, trace) -> None:
     import asyncio
     import statistics
 
-    from distserve.bench.calibrate import calibrate, trace_scales
+    from distserve.bench.calibrate import calibrate
     from distserve.bench.client import server_model
     from distserve.sim.profile import Profile
+    from distserve.sim.trace_fit import trace_scales
     from distserve.workload import Workload, WorkloadRequest
 
     toy = Profile(
@@ -143,17 +146,18 @@ def test_calibration_reads_the_step_trace(url, trace) -> None:
     prefill, decode = trace_scales(new, toy)
     assert len(prefill) == 3 and len(decode) == 3 * 5  # warm-up + 2 reps, 6 tokens each
     prefill, decode = trace_scales(new[len(new) // 3 :], toy)  # without the warm-up
-    assert cal.compute_scale == pytest.approx(statistics.median(prefill))
-    assert cal.decode_scale == pytest.approx(statistics.median(decode))
-    assert cal.step_overhead >= 0
+    assert cal.path.compute_scale == pytest.approx(statistics.median(prefill))
+    assert cal.path.decode_scale == pytest.approx(statistics.median(decode))
+    assert cal.path.step_overhead >= 0
 
 
 def test_calibration_under_load_takes_the_loaded_runs_scales(url, trace) -> None:
     import asyncio
 
-    from distserve.bench.calibrate import calibrate, trace_fit, trace_time_ratios
+    from distserve.bench.calibrate import calibrate
     from distserve.bench.client import server_model
     from distserve.sim.profile import Profile
+    from distserve.sim.trace_fit import trace_fit, trace_time_ratios
     from distserve.workload import Workload, WorkloadRequest
 
     toy = Profile(
@@ -177,14 +181,15 @@ def test_calibration_under_load_takes_the_loaded_runs_scales(url, trace) -> None
 
     cal, loaded = asyncio.run(go())
     assert cal.lone is None
-    assert loaded.lone is not None and loaded.step_overhead >= 0
+    assert loaded.lone is not None and loaded.path.step_overhead >= 0
     # the loaded run's lines: after the second calibration's two lone requests (4 tokens)
     lines = trace.read_text().splitlines()[sizes[0] + 2 * 4 :]
     assert sum(len(json.loads(line)["prefill"]) for line in lines) == len(load)
     prefill, decode = trace_time_ratios(lines, toy)
-    assert loaded.compute_scale == pytest.approx(prefill)
-    assert loaded.decode_scale == pytest.approx(decode)
+    assert loaded.path.compute_scale == pytest.approx(prefill)
+    assert loaded.path.decode_scale == pytest.approx(decode)
     fit = trace_fit(lines, toy)  # the overhead between the loaded run's steps
-    assert fit is not None and loaded.step_overhead == pytest.approx(fit.step_overhead)
+    assert fit is not None
+    assert loaded.path.step_overhead == pytest.approx(fit.path.step_overhead)
     assert loaded.contention is not None and set(loaded.contention) == {"prefill", "decode"}
-    assert cal.contention is None and "contended_scale" not in cal.scales()
+    assert cal.contention is None and not cal.serving_path().contended

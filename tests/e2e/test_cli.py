@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the CLI end to end in a subprocess
+
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -133,7 +133,8 @@ def test_baselines_are_scored_with_their_own_serving_path() -> None:
 
     setting = _setting()
     same = make_plan(setting, [TP1], None, Cluster(1, 2), workers=1)
-    slow = dataclasses.replace(setting, compute_scale=1.5, decode_scale=1.5)
+    slow_path = dataclasses.replace(setting.path, compute_scale=1.5, decode_scale=1.5)
+    slow = dataclasses.replace(setting, path=slow_path)
     plan = make_plan(setting, [TP1], None, Cluster(1, 2), workers=1, baseline_setting=slow)
     assert plan["disagg"]["goodput"] == same["disagg"]["goodput"]
     for name in ("colocated", "chunked"):

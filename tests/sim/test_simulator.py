@@ -16,6 +16,7 @@ from distserve.planner.fit import fit_decode, fit_prefill
 from distserve.sim.latency import LatencyModel
 from distserve.sim.profile import Profile, bundled_a100, find
 from distserve.sim.run import SimOptions, sim_config, simulate
+from distserve.sim.serving_path import ServingPath
 from distserve.sim.simulator import SimConfig, Simulator
 from distserve.workload import Workload, WorkloadRequest
 from distserve.workload.build import WorkloadSpec, build_workload
@@ -39,7 +40,7 @@ def _wl(*reqs: tuple[float, int, int]) -> Workload:
 
 def _config(mode: str = "disagg", bandwidth: float = 1e6, **kw) -> SimConfig:
     placement = PlacementConfig(mode=mode, **kw)
-    lat = LatencyModel(ROUND, kv_bytes_per_token=1000, transfer_bandwidth=bandwidth)
+    lat = LatencyModel(ROUND, ServingPath(transfer_bandwidth=bandwidth), kv_bytes_per_token=1000)
     roles = {"prefill", "decode", "colocated"}
     return SimConfig(
         placement,
@@ -95,9 +96,8 @@ def test_one_request_prefill_transfer_decode_by_hand() -> None:
 def test_scales_stretch_model_time_not_overhead(prefill_scale, decode_scale) -> None:
     """A serving path that runs the model slower than profiled (decode 1.5x, prefill the
     same or 1.2x), plus 2 ms a step."""
-    lat = LatencyModel(
-        ROUND, step_overhead=0.002, compute_scale=prefill_scale, decode_scale=decode_scale
-    )
+    path = ServingPath(step_overhead=0.002, compute_scale=prefill_scale, decode_scale=decode_scale)
+    lat = LatencyModel(ROUND, path)
     roles = ("prefill", "decode", "colocated")
     cfg = dataclasses.replace(_config(), latency={r: lat for r in roles})
     (r,) = Simulator(cfg).run(_wl((0.0, 100, 5)))
@@ -110,7 +110,7 @@ def test_scales_stretch_model_time_not_overhead(prefill_scale, decode_scale) -> 
 
 def test_mixed_step_scales_each_part() -> None:
     """A chunked-prefill step: 100 prompt tokens and two decodes pay one fixed term."""
-    lat = LatencyModel(ROUND, step_overhead=0.002, compute_scale=1.2, decode_scale=1.5)
+    lat = LatencyModel(ROUND, ServingPath(step_overhead=0.002, compute_scale=1.2, decode_scale=1.5))
     chunk = lambda start, n: ScheduledChunk("r", (), start, (), None, num_tokens=n)  # noqa: E731
     plan = StepPlan(0, (chunk(0, 100), chunk(50, 1), chunk(60, 1)))
     prefill = 0.010 + 0.001 * 100
@@ -130,7 +130,8 @@ def test_contention_slows_a_step_while_the_other_instance_decodes() -> None:
     """Two colocated instances. Two prompts at t=0: each starts while the other is idle or
     computing a prompt (scale 1). A prompt at t=0.2 while the first instance decodes runs
     at the contended prefill scale (2): contention counts the others' decode steps."""
-    lat = LatencyModel(ROUND, compute_scale=1.0, contended_scale=2.0, contended_decode_scale=3.0)
+    path = ServingPath(compute_scale=1.0, contended_scale=2.0, contended_decode_scale=3.0)
+    lat = LatencyModel(ROUND, path)
     cfg = dataclasses.replace(_config("colocated", num_instances=2), latency={"colocated": lat})
     a, b = Simulator(cfg).run(_wl((0.0, 100, 1), (0.0, 100, 1)))
     assert a.ttft == pytest.approx(0.11) and b.ttft == pytest.approx(0.11)
@@ -172,9 +173,11 @@ def test_fast_forward_changes_nothing(mode: str, kw: dict, contended: bool) -> N
         max_num_batched_tokens=1024 if kw.get("chunked_prefill") else 2048,
         chunked_prefill=kw.get("chunked_prefill", False),
     )
-    scales = {"contended_scale": 1.3, "contended_decode_scale": 1.6} if contended else {}
+    path = (
+        ServingPath(contended_scale=1.3, contended_decode_scale=1.6) if contended else ServingPath()
+    )
     base = sim_config(
-        placement, profile, None, SimOptions(num_blocks=400, scheduler=sched, **scales)
+        placement, profile, None, SimOptions(path, num_blocks=400, scheduler=sched)
     )  # few blocks: preemptions too
     fast = Simulator(base).run(wl)
     slow = Simulator(dataclasses.replace(base, fast_forward=False)).run(wl)

@@ -37,6 +37,7 @@ class RequestResult:
 def write_results(
     path: str, config: dict[str, Any], summary: dict[str, Any], requests: list[RequestResult]
 ) -> None:
+    """Write a results file (its directory made if missing)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(
@@ -47,6 +48,7 @@ def write_results(
 
 
 def read_results(path: str) -> tuple[dict[str, Any], dict[str, Any], list[RequestResult]]:
+    """(config, summary, requests) of a results file."""
     with open(path, encoding="utf-8") as f:
         d = json.load(f)
     return d["config"], d["summary"], [RequestResult(**r) for r in d["requests"]]

@@ -1,0 +1,71 @@
+"""Latency percentiles, the per-phase breakdown of server timings, and a run's summary."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from distserve.metrics.results import RequestResult
+from distserve.metrics.slo import attainment
+
+PHASES = {
+    "prefill_queue": ("arrived", "prefill_start"),
+    "prefill": ("prefill_start", "prefill_end"),
+    "migration_queue": ("prefill_end", "migration_start"),
+    "migration": ("migration_start", "migration_end"),
+    "decode_queue": ("migration_end", "decode_start"),
+    "decode": ("decode_start", "decode_end"),
+}
+"""Phase name -> (start milestone, end milestone) in the server's per-request timings."""
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linear between order statistics; None if empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(
+    results: Sequence[RequestResult], ttft_slo: float, tpot_slo: float, duration: float
+) -> dict[str, Any]:
+    """Counts, attainment, throughput, TTFT/TPOT/E2E percentiles and, where the server
+    reported its milestones, each phase's median: the summary of a results file."""
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    tpot = [r.tpot for r in ok if r.tpot is not None]
+    e2e = [r.e2e for r in ok if r.e2e is not None]
+    summary: dict[str, Any] = {
+        "num_requests": len(results),
+        "completed": len(ok),
+        "errors": len(results) - len(ok),
+        "attainment": attainment(results, ttft_slo, tpot_slo),
+        "slo": {"ttft": ttft_slo, "tpot": tpot_slo},
+        "duration_s": duration,
+        "throughput_rps": len(ok) / duration if duration > 0 else None,
+        "output_tokens_per_s": sum(r.num_tokens for r in ok) / duration if duration > 0 else None,
+    }
+    for name, vals in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+        summary[name] = {f"p{q}": percentile(vals, q) for q in (50, 90, 99)} | {
+            "mean": sum(vals) / len(vals) if vals else None
+        }
+    breakdown = phase_breakdown(ok)
+    if breakdown:
+        summary["phases_median"] = {k: percentile(v, 50) for k, v in breakdown.items()}
+    return summary
+
+
+def phase_breakdown(results: Sequence[RequestResult]) -> dict[str, list[float]]:
+    """Per phase, the durations of the requests whose server timings cover it."""
+    out: dict[str, list[float]] = {}
+    for r in results:
+        ts = r.server
+        for name, (a, b) in PHASES.items():
+            start = ts.get(a) if name != "decode_queue" else ts.get(a, ts.get("prefill_end"))
+            if start is not None and b in ts:
+                out.setdefault(name, []).append(max(0.0, ts[b] - start))
+    return out
