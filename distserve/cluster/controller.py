@@ -4,19 +4,24 @@ tokens back and drives KV migrations between prefill and decode workers."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Protocol
 
 from distserve.cluster.migration import Migrations
-from distserve.cluster.placement import assign_cores, connect_peers, start_workers
+from distserve.cluster.placement import (
+    assign_cores,
+    connect_peers,
+    connect_restarted,
+    restart_worker,
+    start_workers,
+)
 from distserve.cluster.process_group import KVProcessGroup, join_process_group
 from distserve.cluster.recovery import Recovery
+from distserve.cluster.request_table import RequestState, RequestTable
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import (
     BlockManager,
@@ -29,17 +34,17 @@ from distserve.core import (
     Scheduler,
     StepOutput,
 )
+from distserve.core.request import check_token_ids
 from distserve.core.routing import pick_prefill
 from distserve.model.metadata import load_tokenizer
 from distserve.model.registry import resolve
-from distserve.runtime.engine import check_token_ids
 from distserve.runtime.executor import Executor
 from distserve.runtime.instance import Instance, Role
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
 from distserve.runtime.step_trace import StepTrace
-from distserve.runtime.threads import available_cores
 from distserve.runtime.transport import TransferStats, check_transport
-from distserve.runtime.worker import WorkerInfo
+from distserve.runtime.worker.threads import available_cores
+from distserve.runtime.worker.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +63,6 @@ class RequestFailed(RuntimeError):
 
 class Overloaded(RuntimeError):
     """Too much is queued already: the client should retry later (HTTP 429)."""
-
-
-@dataclasses.dataclass
-class RequestState:
-    """The controller's view of one live request. `owner` is the instance whose
-    scheduler holds it for prefill (or for everything, colocated); `decode` the decode
-    instance that has taken it over or will."""
-
-    request_id: str
-    queue: asyncio.Queue[RequestOutput | BaseException | None]
-    owner: Instance
-    decode: Instance | None = None
-    migrating: bool = False
-    aborted: bool = False
-    first_token_at: float | None = None
 
 
 class Controller:
@@ -103,22 +93,20 @@ class Controller:
         self.transport = transport
         """How KV migrates between Ray workers (runtime/transport.py): auto copies out of a
         mapped peer cache on one node and pulls through the object store across nodes."""
-        self.migrations: collections.Counter[str] = collections.Counter()
-        """Completed migrations per transport used (TransferStats.transport)."""
         self._group: KVProcessGroup | None = None
-        self.instances: list[Instance] = []
+        self.table = RequestTable()
+        """Live requests, the queues they wait in, and the instances by role."""
         self.load_seconds = 0.0
         """The slowest worker's own start (model load, packing, KV cache), once started."""
         self.kernel_rows: list[int | None] = []
         """Per worker, up to how many rows it takes the packed kernels (WorkerInfo)."""
-        self.requests: dict[str, RequestState] = {}
-        """Live requests by id; a request leaves on finish, failure or abort."""
-        self.awaiting: deque[tuple[RequestState, Request]] = deque()
-        """Prefilled requests not yet handed to a decode instance, oldest first."""
         self.max_queued = max_queued
         """Prompts that may wait for prefill at once; beyond, submit raises Overloaded."""
-        self.migration = Migrations(self)
-        self.recovery = Recovery(self, restart=restart)
+        on_migration = observer.on_migration if observer else None
+        self.migration = Migrations(self.table, self.spawn, migration_timeout, on_migration)
+        self.recovery = Recovery(
+            self.table, self.spawn, self._replacement, self.fail_request, restart=restart
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
         self.model_config, self.tokenizer = load_tokenizer(
@@ -151,7 +139,7 @@ class Controller:
             inst = self.make_instance(
                 f"{role_name}-{index}", Role(role_name), executor, info, cores[i]
             )
-            self.instances.append(inst)
+            self.table.instances.append(inst)
             inst.start()
         self.spawn(self.recovery.watch())
 
@@ -165,6 +153,23 @@ class Controller:
         )  # fmt: skip
         inst.pid = info.pid
         return inst
+
+    async def _replacement(self, dead: Instance) -> Instance:
+        """A new worker in place of a dead one (same name, role and cores), connected to
+        the live decode workers; its instance is not started yet."""
+        executor, info = await restart_worker(
+            self.engine_config,
+            self.placement,
+            dead.role.value,
+            dead.cores,
+            self.use_ray,
+            self.start_timeout,
+        )
+        decoders = [i.executor for i in self.instances if i.alive and i.role == Role.DECODE]
+        await connect_restarted(
+            executor, info, dead.role.value, decoders, self.transport in ("auto", "shm")
+        )
+        return self.make_instance(dead.name, dead.role, executor, info, dead.cores)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background task the controller owns (cancelled on stop)."""
@@ -186,9 +191,9 @@ class Controller:
         if self._group is not None:  # the workers have left (or died): drop the store
             self._group.close()
             self._group = None
-        for state in list(self.requests.values()):
+        for state in list(self.table.requests.values()):
             state.queue.put_nowait(RequestFailed("the server is shutting down"))
-        self.requests.clear()
+        self.table.requests.clear()
         if self.step_trace is not None:
             self.step_trace.close()
 
@@ -210,12 +215,9 @@ class Controller:
 
     # ---- requests -----------------------------------------------------------------
     @property
-    def entry_instances(self) -> list[Instance]:
-        return [i for i in self.instances if i.role != Role.DECODE]
-
-    @property
-    def decode_instances(self) -> list[Instance]:
-        return [i for i in self.instances if i.role == Role.DECODE]
+    def instances(self) -> list[Instance]:
+        """Every instance, by start order (a restarted one takes its predecessor's place)."""
+        return self.table.instances
 
     def submit(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
@@ -223,30 +225,29 @@ class Controller:
         """Queue a request on the least-loaded prefill instance. Raises ValueError for a
         request that can never run (too long, bad token ids, duplicate id)."""
         rid = request_id or f"req-{next(self._ids)}"
-        if rid in self.requests:
+        if rid in self.table.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_token_ids(ids, self.model_config.vocab_size)
         req = Request(rid, ids, params, time.monotonic(), eos_token_id=self.tokenizer.eos_token_id)
-        for dec in self.decode_instances[:1]:
+        for dec in self.table.decode_instances[:1]:
             dec.scheduler.check_request(req)  # the decode side must be able to hold it too
-        queued = sum(len(i.scheduler.waiting) for i in self.entry_instances) + len(
-            self.recovery.orphans
-        )
+        entry = self.table.entry_instances
+        queued = sum(len(i.scheduler.waiting) for i in entry) + len(self.table.orphans)
         if queued >= self.max_queued:
             raise Overloaded(f"{queued} prompts are already waiting for prefill; retry later")
-        inst = pick_prefill(self.entry_instances)
-        restarting = self.recovery.restart_enabled and bool(self.entry_instances)
+        inst = pick_prefill(entry)
+        restarting = self.recovery.restart_enabled and bool(entry)
         if inst is None and not restarting:
             raise RequestFailed("no live instance can take requests")
-        state = RequestState(rid, asyncio.Queue(), inst or self.entry_instances[0])
-        self.requests[rid] = state
+        state = RequestState(rid, asyncio.Queue(), inst or entry[0])
+        self.table.requests[rid] = state
         self.outputs.add(rid, text, params.stop)
         if inst is None:
             # every entry instance is down and being restarted: the request waits for one,
             # as a rescued request does (bounded by max_queued and the orphan timeout)
-            self.recovery.orphans.append((time.monotonic(), state, req))
+            self.table.orphans.append((time.monotonic(), state, req))
         else:
             inst.scheduler.add_request(req)
             inst.wake()
@@ -266,30 +267,23 @@ class Controller:
         """Stop a request (client gone) and free its blocks on every instance holding
         them. During a KV transfer the blocks are freed when the transfer returns, so no
         late write can land in blocks that were handed to someone else."""
-        state = self.requests.pop(request_id, None)
+        state = self.table.requests.pop(request_id, None)
         if state is None:
             return
         state.aborted = True
         self.outputs.discard(request_id)
         if not state.migrating:
-            self.release_everywhere(state)
+            self.table.release_everywhere(state)
         state.queue.put_nowait(None)
         if self.observer:
             self.observer.on_finished("abort", None)
-
-    def release_everywhere(self, state: RequestState) -> None:
-        now = time.monotonic()
-        for inst in (state.owner, state.decode):
-            if inst is not None and inst.alive:
-                inst.scheduler.abort_request(state.request_id, now)
-                inst.wake()
 
     # ---- callbacks from instance loops ----------------------------------------------
     def _on_outputs(self, inst: Instance, outputs: list[StepOutput]) -> None:
         now = time.monotonic()
         for out in outputs:
             req = out.request
-            state = self.requests.get(req.request_id)
+            state = self.table.requests.get(req.request_id)
             if state is None:
                 continue
             ro, stop_hit = self.outputs.process(out)
@@ -304,11 +298,11 @@ class Controller:
                 continue
             state.queue.put_nowait(ro)
             if inst.role == Role.PREFILL:
-                self.awaiting.append((state, req))
-        self.migration.dispatch()
+                self.table.awaiting.append((state, req))
+        self.table.dispatch()
 
     def _finish(self, state: RequestState, out: RequestOutput) -> None:
-        self.requests.pop(state.request_id, None)
+        self.table.requests.pop(state.request_id, None)
         state.queue.put_nowait(out)
         state.queue.put_nowait(None)
         if self.observer:
@@ -323,9 +317,9 @@ class Controller:
 
     def fail_request(self, state: RequestState, reason: str) -> None:
         """End a request with an error its client sees (the stream raises RequestFailed)."""
-        self.requests.pop(state.request_id, None)
+        self.table.requests.pop(state.request_id, None)
         self.outputs.discard(state.request_id)
-        self.release_everywhere(state)
+        self.table.release_everywhere(state)
         state.queue.put_nowait(RequestFailed(reason))
         if self.observer:
             self.observer.on_finished("error", None)

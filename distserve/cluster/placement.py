@@ -9,8 +9,8 @@ import uuid
 
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
-from distserve.runtime.threads import available_cores
-from distserve.runtime.worker import WorkerInfo
+from distserve.runtime.worker.threads import available_cores
+from distserve.runtime.worker.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
 

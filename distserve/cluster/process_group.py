@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from distserve.runtime.executor import Executor, RayExecutor
-from distserve.runtime.worker import WorkerInfo
+from distserve.runtime.worker.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ A decode step computes the KV of the last sampled token and samples the next one
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distserve.core.sampling_params import SamplingParams
 
@@ -146,3 +146,27 @@ class Request:
         if self.num_output_tokens >= params.max_tokens:
             return FinishReason.LENGTH
         return None
+
+
+def handoff_copy(req: Request) -> Request:
+    """The decode side's own copy of a prefilled request, handed over for migration.
+
+    The prefill side keeps its object (and its blocks) until the copy is confirmed, so
+    the two must share nothing that either side changes: the output tokens, their
+    logprobs and the timestamps are copied; the prompt and the sampling parameters are
+    never changed by anyone and are shared. The real controller and the simulator both
+    hand off through this function, so they cannot drift apart."""
+    return replace(
+        req,
+        output_token_ids=list(req.output_token_ids),
+        output_logprobs=list(req.output_logprobs),
+        timestamps=dict(req.timestamps),
+    )
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Raise ValueError for a prompt that no model of `vocab_size` tokens can run."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")

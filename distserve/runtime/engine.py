@@ -9,9 +9,10 @@ import time
 
 from distserve.config import EngineConfig
 from distserve.core import BlockManager, ColocatedScheduler, FinishReason, Request, SamplingParams
+from distserve.core.request import check_token_ids
 from distserve.model.loader import LoadedModel
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
-from distserve.runtime.worker import Worker
+from distserve.runtime.worker.worker import Worker
 
 __all__ = ["LLMEngine", "RequestOutput"]
 
@@ -87,10 +88,3 @@ class LLMEngine:
                 ro = self.outputs.finish(out.request, ro)
             results.append(ro)
         return results
-
-
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
-    if not ids:
-        raise ValueError("the prompt is empty")
-    if any(not 0 <= t < vocab_size for t in ids):
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")

@@ -15,7 +15,7 @@ import numpy as np
 
 from distserve.config import EngineConfig
 from distserve.core import StepPlan, StepResult
-from distserve.runtime.worker import Worker, WorkerInfo
+from distserve.runtime.worker.worker import Worker, WorkerInfo
 
 TAG_LIMIT = 2**31
 """torch.distributed tags are non-negative 32-bit signed ints."""
@@ -116,7 +116,7 @@ class RayExecutor:
     async def pull_from_peer(self, peer: RayExecutor, src: list[int], dst: list[int]) -> int:
         return await self.actor.pull_from_peer.remote(peer.name, src, dst)  # type: ignore[no-any-return]
 
-    # ---- torch.distributed point-to-point (see runtime/p2p.py) -------------------------
+    # ---- torch.distributed point-to-point (see runtime/worker/p2p.py) ------------------
     async def join_group(
         self, address: str, port: int, rank: int, world_size: int, backend: str, timeout: float
     ) -> None:

@@ -50,7 +50,7 @@ async def _serve(transport: str) -> Run:
             inst.scheduler.blocks.check_integrity()
             used[inst.name] = inst.scheduler.blocks.num_used_blocks
         nice = [os.getpriority(os.PRIO_PROCESS, i.pid) for i in controller.instances if i.pid]
-        return Run(texts, dict(controller.migrations), used, nice)
+        return Run(texts, dict(controller.migration.completed), used, nice)
     finally:
         await controller.stop()
 
@@ -60,6 +60,7 @@ def runs() -> dict[str, Run]:
     return {t: asyncio.run(_serve(t)) for t in TRANSPORTS}
 
 
+@pytest.mark.slow  # real Ray actors running the real model
 def test_same_text_over_every_transport(runs: dict[str, Run]) -> None:
     reference = runs[TRANSPORTS[0]].texts
     assert all(text for text in reference)
@@ -67,17 +68,20 @@ def test_same_text_over_every_transport(runs: dict[str, Run]) -> None:
         assert run.texts == reference, transport
 
 
+@pytest.mark.slow  # real Ray actors running the real model
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_every_migration_used_the_transport(runs: dict[str, Run], transport: str) -> None:
     assert runs[transport].migrations == {transport: len(PROMPTS)}
 
 
+@pytest.mark.slow  # real Ray actors running the real model
 def test_workers_run_at_the_frontends_priority(runs: dict[str, Run]) -> None:
     """Ray's default nice 15 let the API server preempt the model it was waiting for."""
     for run in runs.values():
         assert run.worker_nice == [os.nice(0)] * 2, run.worker_nice
 
 
+@pytest.mark.slow  # real Ray actors running the real model
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_every_block_is_free_at_the_end(runs: dict[str, Run], transport: str) -> None:
     used = runs[transport].used_blocks
@@ -114,6 +118,7 @@ async def _abandon_transfers() -> tuple[list[str], int]:
         await controller.stop()
 
 
+@pytest.mark.slow  # real Ray actors running the real model
 def test_abandoned_gloo_transfers_leave_no_send_posted() -> None:
     """A transfer the controller gives up on (timeout) is still matched and released by
     the workers, and the pair of workers keeps working."""

@@ -88,9 +88,8 @@ def test_linear_module_switches_paths() -> None:
 def test_linear_takes_the_kernel_only_up_to_max_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above `max_rows` the module runs torch's path: the packed copy, zeroed here, is
     not read at 3 rows with a limit of 2, and is at a limit of 3."""
-    from distserve.model import packed as packing
+    from distserve.model.packed import ROW_PROBES
 
-    monkeypatch.setattr(packing, "_MODEL_ROWS", None)  # per-layer probes, as outside a worker
     lin = Linear(50, 70, bias=False).to(BF16)
     with torch.no_grad():
         lin.weight.copy_(_randn(70, 50, seed=7, scale=0.1))
@@ -104,9 +103,9 @@ def test_linear_takes_the_kernel_only_up_to_max_rows(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("DISTSERVE_PACKED_MAX_ROWS", "3")
     assert lin(x).abs().max().item() == 0
     monkeypatch.delenv("DISTSERVE_PACKED_MAX_ROWS")
-    rows = packing.max_rows(lin.packed, lin.weight)  # measured on this CPU, then cached
-    assert rows in (0, *packing.ROW_PROBES, sys.maxsize)
-    assert packing.max_rows(lin.packed, lin.weight) == rows
+    rows = lin.packed.max_rows(lin.weight)  # measured on this CPU, then kept
+    assert rows in (0, *ROW_PROBES, sys.maxsize)
+    assert lin.packed.max_rows(lin.weight) == rows
 
 
 @pytest.mark.parametrize("hidden", [576, 37, 16])
@@ -155,6 +154,7 @@ def test_prompt_attention_matches_reference(n: int, heads: int, kv_heads: int, d
     _close(fast, ref, 2e-2)
 
 
+@pytest.mark.slow  # a whole forward pass through the compiled kernels
 def test_llama_forward_fast_equals_reference() -> None:
     """A whole bf16 Llama step (prefill, then decode over the paged cache): logits of the
     fast paths and of the reference paths agree."""

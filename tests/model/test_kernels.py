@@ -53,6 +53,7 @@ def test_padding_blocks_are_never_read(kern) -> None:
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # engine steps through the compiled kernels
 def test_engine_output_same_with_and_without_kernels(monkeypatch, make_engine) -> None:
     from distserve.config import EngineConfig
     from distserve.core import CacheConfig, SamplingParams, SchedulerConfig

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distserve.core import SamplingParams
-from distserve.runtime.sampler import Sampler
+from distserve.runtime.worker.sampler import Sampler
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 N = 20000  # rows drawn at once; frequencies then sit within ~0.01 of the truth

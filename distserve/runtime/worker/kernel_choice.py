@@ -5,7 +5,7 @@ A decode step of b requests runs every linear layer on b rows. The packed kernel
 each weight once per call and wins at few rows; torch's path (oneDNN, AMX where the CPU
 has it) wins once there are rows to fill the matrix units. Where they cross depends on
 the CPU, the thread count and on the weights coming from memory rather than cache, so it
-is measured here, on the steps the worker will run, once per process."""
+is measured here, on the steps the worker will run, once per worker."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 
 from distserve.core import StepPlan
-from distserve.model import packed
-from distserve.runtime.synthetic import SyntheticPlans
+from distserve.model.packed import RowLimits
+from distserve.runtime.worker.synthetic import SyntheticPlans
 from distserve.timing import best_time
 
 PROBES = (1, 2, 4, 8, 16, 32, 64)
@@ -26,23 +26,24 @@ CONTEXT = 128
 def choose_kernel_rows(
     execute: Callable[[StepPlan], object],
     plans: SyntheticPlans,
+    limits: RowLimits,
     reps: int = 2,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[int, dict[int, tuple[float, float]]]:
     """Time a decode step of b requests with the kernels and without, for b in PROBES
     until torch wins, then bisect between the last win and the first loss; set the
-    largest b at which the kernels still won as this process's limit
-    (`packed.set_max_rows`) and return it with the timings {b: (kernels, torch)}.
-    sys.maxsize: the kernels won at every probe. A batch the cache has no room for is not
-    tried: the limit stays at the largest batch that was."""
+    largest b at which the kernels still won as the model's limit (`limits`: the
+    `RowLimits` of the model that `execute` runs) and return it with the timings
+    {b: (kernels, torch)}. sys.maxsize: the kernels won at every probe. A batch the cache
+    has no room for is not tried: the limit stays at the largest batch that was."""
     timings: dict[int, tuple[float, float]] = {}
 
     def kernels_win(b: int) -> bool:
         plan = plans.decode(b, CONTEXT)
         try:
-            packed.set_max_rows(sys.maxsize)
+            limits.model_rows = sys.maxsize
             on = best_time(lambda: execute(plan), reps, clock=clock)  # noqa: B023
-            packed.set_max_rows(0)
+            limits.model_rows = 0
             off = best_time(lambda: execute(plan), reps, clock=clock)  # noqa: B023
         finally:
             plans.release()
@@ -68,5 +69,5 @@ def choose_kernel_rows(
                 lo = mid
             else:
                 hi = mid
-    packed.set_max_rows(lo)
+    limits.model_rows = lo
     return lo, timings

@@ -21,12 +21,12 @@ from distserve.core import StepPlan, StepResult
 from distserve.model.config import ModelConfig
 from distserve.model.loader import DTYPES, LoadedModel, load
 from distserve.model.registry import resolve
-from distserve.runtime.kernel_choice import choose_kernel_rows
-from distserve.runtime.kv_cache import KVCache, block_view, map_shared, num_blocks_for
-from distserve.runtime.model_runner import ModelRunner
-from distserve.runtime.p2p import P2PEndpoint
-from distserve.runtime.synthetic import SyntheticPlans
-from distserve.runtime.threads import pin_to_cores
+from distserve.runtime.worker.kernel_choice import choose_kernel_rows
+from distserve.runtime.worker.kv_cache import KVCache, block_view, map_shared, num_blocks_for
+from distserve.runtime.worker.model_runner import ModelRunner
+from distserve.runtime.worker.p2p import P2PEndpoint
+from distserve.runtime.worker.synthetic import SyntheticPlans
+from distserve.runtime.worker.threads import pin_to_cores
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class WorkerInfo:
     cache_shape: tuple[int, ...] = ()
     kernel_rows: int | None = None
     """Up to how many rows per step it takes the packed kernels, chosen at start
-    (`runtime/kernel_choice.py`); None: no packed kernels here."""
+    (`kernel_choice.py`); None: no packed kernels here."""
 
 
 class Worker:
@@ -76,7 +76,8 @@ class Worker:
         kernel_rows = None
         if loaded.model.has_packed_kernels():
             plans = SyntheticPlans(num_blocks, cc.block_size, mcfg.vocab_size, config.seed)
-            kernel_rows, _ = choose_kernel_rows(self.runner.execute, plans)
+            limits = loaded.model.row_limits
+            kernel_rows, _ = choose_kernel_rows(self.runner.execute, plans, limits)
         self.peers: dict[str, torch.Tensor] = {}
         # A Ray actor runs two calls at once (a transfer beside a step); transfers share
         # staging buffers and the process group, so they take turns.
@@ -151,7 +152,7 @@ class Worker:
 
     def post_send(self, tag: int, block_ids: list[int], dst_rank: int) -> int:
         """Gather blocks into one tensor and post a non-blocking send of it to `dst_rank`
-        under `tag`; returns at once with the bytes posted (see runtime/p2p.py)."""
+        under `tag`; returns at once with the bytes posted (see p2p.py)."""
         with self._transfer_lock:
             return self._endpoint().post_send(tag, self.cache.read_blocks(block_ids), dst_rank)
 

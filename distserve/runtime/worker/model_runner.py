@@ -11,8 +11,8 @@ from distserve.core import ScheduledChunk, StepPlan, StepResult
 from distserve.model.attention import AttentionMetadata, PrefillSpan
 from distserve.model.base import CausalLM
 from distserve.model.kernels import cpu_kernels
-from distserve.runtime.kv_cache import KVCache
-from distserve.runtime.sampler import Sampler
+from distserve.runtime.worker.kv_cache import KVCache
+from distserve.runtime.worker.sampler import Sampler
 
 
 class ModelRunner:
