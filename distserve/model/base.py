@@ -10,7 +10,7 @@ from torch import nn
 
 from distserve.model.attention import AttentionMetadata
 from distserve.model.config import ModelConfig
-from distserve.model.packed import PackedLinear, can_pack, max_rows
+from distserve.model.packed import PackedLinear, RowLimits, can_pack
 
 WeightTarget = tuple[str, int | None]
 """(our parameter name, shard index in a fused parameter or None)."""
@@ -31,6 +31,8 @@ class CausalLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lm_head_packed: PackedLinear | None = None
+        self.row_limits = RowLimits()
+        """Up to how many rows every packed layer of this model takes its kernel."""
 
     def forward(
         self,
@@ -48,7 +50,7 @@ class CausalLM(nn.Module):
         if (
             self.lm_head_packed is not None
             and hidden.dtype == torch.bfloat16
-            and hidden.shape[0] <= max_rows(self.lm_head_packed, self.lm_head_weight())
+            and hidden.shape[0] <= self.lm_head_packed.max_rows(self.lm_head_weight())
         ):
             return self.lm_head_packed(hidden.contiguous())
         return F.linear(hidden, self.lm_head_weight())
@@ -61,9 +63,10 @@ class CausalLM(nn.Module):
 
         for m in self.modules():
             if isinstance(m, Linear):
-                m.pack(fast)
+                m.pack(fast, self.row_limits)
         w = self.lm_head_weight()
-        self.lm_head_packed = PackedLinear(w, None, False) if fast and can_pack(w) else None
+        ok = fast and can_pack(w)
+        self.lm_head_packed = PackedLinear(w, None, False, self.row_limits) if ok else None
 
     def has_packed_kernels(self) -> bool:
         from distserve.model.layers import Linear

@@ -11,7 +11,7 @@ from torch import nn
 
 from distserve.model import packed as packing
 from distserve.model.kernels import bf16_linear_kernels
-from distserve.model.packed import PackedLinear
+from distserve.model.packed import PackedLinear, RowLimits
 
 
 class RMSNorm(nn.Module):
@@ -51,16 +51,17 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias)
         self.packed: PackedLinear | None = None
 
-    def pack(self, fast: bool = True) -> None:
-        """(Re)build the packed copy from the current weight, or drop it (fast=False)."""
+    def pack(self, fast: bool = True, limits: RowLimits | None = None) -> None:
+        """(Re)build the packed copy from the current weight, or drop it (fast=False).
+        `limits`: the model's row limits (`PackedLinear`)."""
         ok = fast and packing.can_pack(self.weight)
-        self.packed = PackedLinear(self.weight, self.bias, silu_mul=False) if ok else None
+        self.packed = PackedLinear(self.weight, self.bias, False, limits) if ok else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (
             self.packed is not None
             and x.dtype == torch.bfloat16
-            and x.shape[0] <= packing.max_rows(self.packed, self.weight, residual is not None)
+            and x.shape[0] <= self.packed.max_rows(self.weight, residual is not None)
         ):
             return self.packed(x, residual)
         return packing.reference(x, self.weight, self.bias, residual)
@@ -74,16 +75,16 @@ class GateUpProj(Linear):
         super().__init__(hidden, 2 * intermediate, bias=False)
         self.act_name, self.act = act, activation(act)
 
-    def pack(self, fast: bool = True) -> None:
+    def pack(self, fast: bool = True, limits: RowLimits | None = None) -> None:
         ok = fast and self.act_name == "silu" and packing.can_pack(self.weight)
-        self.packed = PackedLinear(self.weight, None, silu_mul=True) if ok else None
+        self.packed = PackedLinear(self.weight, None, True, limits) if ok else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         assert residual is None
         if (
             self.packed is not None
             and x.dtype == torch.bfloat16
-            and x.shape[0] <= packing.max_rows(self.packed, self.weight)
+            and x.shape[0] <= self.packed.max_rows(self.weight)
         ):
             return self.packed(x)
         gate, up = F.linear(x, self.weight).chunk(2, dim=-1)

@@ -14,7 +14,6 @@ from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
 from distserve.model.kernels import bf16_linear_kernels
 from distserve.model.layers import GateUpProj, Linear, RMSNorm, RotaryEmbedding
-from distserve.model.packed import max_rows
 
 
 class LlamaAttention(nn.Module):
@@ -72,10 +71,10 @@ class LlamaLayer(nn.Module):
 
     def fused_rows(self) -> int:
         """The most decode rows the fused path takes: where every one of its packed
-        projections still beats torch's (model/packed.py max_rows)."""
+        projections still beats torch's (model/packed.py RowLimits)."""
         attn, mlp = self.self_attn, self.mlp
         return min(
-            max_rows(lin.packed, lin.weight, residual)  # type: ignore[arg-type]
+            lin.packed.max_rows(lin.weight, residual)  # type: ignore[union-attr]
             for lin, residual in (
                 (attn.qkv_proj, False),
                 (attn.o_proj, True),

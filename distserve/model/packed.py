@@ -49,9 +49,16 @@ class PackedLinear:
     __call__(x [M, K] bf16, residual [M, N] | None) -> [M, N] bf16, rounded as the
     reference rounds: bf16(x W^T + b), then bf16(residual + that) when a residual is given.
     With `silu_mul`, W is [gate; up] and the result is bf16(silu(gate)) * up: [M, N/2].
+    `limits`: the row limits of the model it belongs to (a layer of its own without one).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        silu_mul: bool,
+        limits: RowLimits | None = None,
+    ) -> None:
         assert weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
         assert not (silu_mul and bias is not None), "silu_mul takes no bias"
         self.n, self.k = weight.shape
@@ -64,6 +71,11 @@ class PackedLinear:
         kernels = bf16_linear_kernels()
         assert kernels is not None
         self._linear = kernels.linear_bf16
+        self.limits = RowLimits() if limits is None else limits
+
+    def max_rows(self, weight: torch.Tensor, residual: bool = False) -> int:
+        """Up to how many rows callers take this kernel (`RowLimits.max_rows`)."""
+        return self.limits.max_rows(self, weight, residual)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.silu_mul:
@@ -84,42 +96,44 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 ROW_PROBES = (1, 2, 4, 8, 16, 32, 64)
-_MAX_ROWS: dict[tuple[tuple[int, ...], bool, bool, int], int] = {}
-_MODEL_ROWS: int | None = None
 
 
-def set_max_rows(rows: int | None) -> None:
-    """One limit for every packed layer of this process, chosen on whole model steps
-    (`runtime/kernel_choice.py`), in place of the per-layer probes; None: back to them."""
-    global _MODEL_ROWS
-    _MODEL_ROWS = rows
+class RowLimits:
+    """Up to how many rows (tokens) the packed layers of one model take the kernel rather
+    than the plain-torch path they replace. One per model (`CausalLM.row_limits`), shared
+    by its packed layers so that layers of one shape are probed once; the model's worker
+    sets `model_rows` at start (`runtime/worker/kernel_choice.py`)."""
 
+    def __init__(self) -> None:
+        self.model_rows: int | None = None
+        """One limit for every layer, chosen on whole model steps; None: per-layer probes."""
+        self._probed: dict[tuple[tuple[int, ...], bool, bool, int], int] = {}
 
-def max_rows(packed: PackedLinear, weight: torch.Tensor, residual: bool = False) -> int:
-    """The most rows (tokens) for which `packed` beats the plain-torch path it replaces
-    (`weight` is the same layer unpacked; with its epilogue: the residual add, SiLU and
-    product) at the current torch thread count: measured once per process, shape and
-    thread count (or DISTSERVE_PACKED_MAX_ROWS, or the whole-model limit of
-    `set_max_rows`, which a worker measures at start). Callers take the kernel up to it
-    and torch above. The kernel streams the weight once per call, which wins where the
-    weight read dominates (decode); on a CPU with matrix units (Intel AMX) torch's oneDNN
-    path wins as soon as there are rows to fill them: measured on a Xeon with AMX, the
-    kernel was 2x slower at 32 rows and 4-9x at 128-512, while on an AMD EPYC
-    (AVX512-BF16, no AMX) it won at every size profiled. A layer probed alone reads its
-    weight from cache; in a model step every weight comes from memory, which favours the
-    kernel: on the Xeon, per-layer probes chose 4 rows, while whole SmolLM2 decode steps
-    on one core ran faster with the kernels up to 13-14 rows (43 vs 88 ms at 1 row, 65 vs
-    92 ms at 8, 99 vs 96 ms at 14)."""
-    env = os.environ.get("DISTSERVE_PACKED_MAX_ROWS")
-    if env is not None:
-        return int(env)
-    if _MODEL_ROWS is not None:
-        return _MODEL_ROWS
-    key = (tuple(weight.shape), packed.silu_mul, residual, torch.get_num_threads())
-    rows = _MAX_ROWS.get(key)
-    if rows is None:
-        rows = _MAX_ROWS[key] = _measure_max_rows(packed, weight, residual)
-    return rows
+    def max_rows(self, packed: PackedLinear, weight: torch.Tensor, residual: bool) -> int:
+        """The most rows for which `packed` beats the plain-torch path it replaces
+        (`weight` is the same layer unpacked; with its epilogue: the residual add, SiLU
+        and product) at the current torch thread count: measured once per shape and
+        thread count (or DISTSERVE_PACKED_MAX_ROWS, or `model_rows` where set). Callers
+        take the kernel up to it and torch above. The kernel streams the weight once per
+        call, which wins where the weight read dominates (decode); on a CPU with matrix
+        units (Intel AMX) torch's oneDNN path wins as soon as there are rows to fill
+        them: measured on a Xeon with AMX, the kernel was 2x slower at 32 rows and 4-9x
+        at 128-512, while on an AMD EPYC (AVX512-BF16, no AMX) it won at every size
+        profiled. A layer probed alone reads its weight from cache; in a model step every
+        weight comes from memory, which favours the kernel: on the Xeon, per-layer probes
+        chose 4 rows, while whole SmolLM2 decode steps on one core ran faster with the
+        kernels up to 13-14 rows (43 vs 88 ms at 1 row, 65 vs 92 ms at 8, 99 vs 96 ms at
+        14)."""
+        env = os.environ.get("DISTSERVE_PACKED_MAX_ROWS")
+        if env is not None:
+            return int(env)
+        if self.model_rows is not None:
+            return self.model_rows
+        key = (tuple(weight.shape), packed.silu_mul, residual, torch.get_num_threads())
+        rows = self._probed.get(key)
+        if rows is None:
+            rows = self._probed[key] = _measure_max_rows(packed, weight, residual)
+        return rows
 
 
 def _measure_max_rows(packed: PackedLinear, weight: torch.Tensor, residual: bool) -> int:

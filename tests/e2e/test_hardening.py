@@ -12,6 +12,8 @@ import pytest
 
 from distserve.bench.server_process import running_server
 
+pytestmark = pytest.mark.slow  # starts a real server (Ray actors, the real model)
+
 MODEL = "smollm2-135m"
 
 

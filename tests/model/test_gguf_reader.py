@@ -9,6 +9,8 @@ import pytest
 from distserve.model.gguf_reader import GGUFReader
 from distserve.model.registry import resolve
 
+pytestmark = pytest.mark.slow  # reads the real model's GGUF file
+
 
 @pytest.fixture(scope="module")
 def path() -> str:

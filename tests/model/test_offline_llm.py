@@ -7,6 +7,8 @@ import pytest
 
 from distserve import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # loads the real model
+
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 

@@ -13,6 +13,8 @@ from distserve.core import CacheConfig, SamplingParams, SchedulerConfig
 from distserve.model.loader import load
 from distserve.model.registry import resolve
 
+pytestmark = pytest.mark.slow  # loads the real model
+
 PROMPTS = [
     "The capital of France is",
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',

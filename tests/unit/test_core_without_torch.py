@@ -1,6 +1,6 @@
-"""The engine core, the configs and the model registry work where torch is absent, and
-`import distserve` alone does not load torch. Each check runs in a fresh interpreter so
-that modules other tests imported cannot hide an import."""
+"""The engine core, the configs, the model registry, the simulator and the planner work
+where torch is absent, and `import distserve` alone does not load torch. Each check runs
+in a fresh interpreter so that modules other tests imported cannot hide an import."""
 
 from __future__ import annotations
 
@@ -94,3 +94,34 @@ def test_import_distserve_does_not_import_torch() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_every_sim_and_planner_module_imports_without_torch() -> None:
+    """All of them, listed from the packages themselves so that a new module is checked
+    too (the planner's profiler needs torch only inside its functions)."""
+    code = (
+        BLOCK_TORCH
+        + """
+import importlib
+import pkgutil
+
+import distserve.planner
+import distserve.sim
+
+names, failed = [], []
+for pkg in (distserve.sim, distserve.planner):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        names.append(info.name)
+        try:
+            importlib.import_module(info.name)
+        except ImportError as e:
+            failed.append(f"{info.name}: {e}")
+assert len(names) >= 8, names
+assert not failed, "needs torch at import:\\n" + "\\n".join(failed)
+assert "torch" not in sys.modules
+print("ok")
+"""
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
