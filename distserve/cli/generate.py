@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
 from distserve.cli.common import add_engine_flags, flag_message, positive_int
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A --stop value with the escapes a shell user types read as the characters they name
+    (a shell passes '\\n' as a backslash and an n); any other backslash stays as it is."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
@@ -48,7 +57,9 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TEXT",
-        help="stop when this text appears (repeatable)",
+        type=unescape,
+        help="stop when this text appears (repeatable); \\n, \\t, \\r and \\\\ are read as "
+        "escapes, so --stop '\\n' stops at the end of a line",
     )
     gen.add_argument(
         "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token"

@@ -15,6 +15,7 @@ builds them ahead of time (the README's setup does).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import warnings
@@ -33,8 +34,23 @@ _SOURCES = (
 )
 
 
+_CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+
+
 def enabled() -> bool:
     return os.environ.get("DISTSERVE_KERNELS", "1") != "0"
+
+
+def build_name(torch_version: str) -> str:
+    """The extension's name in torch's build cache: keyed by the sources, the flags and the
+    torch version, so that two checkouts or environments on one machine keep a build each
+    instead of rebuilding over each other's at every switch (35-60 s a build)."""
+    digest = hashlib.sha256(torch_version.encode())
+    digest.update(" ".join(_CFLAGS).encode())
+    for name in (*_SOURCES, "kernels.h", "avx512_exp.h"):
+        with open(os.path.join(_SRC, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return f"distserve_cpu_kernels_{digest.hexdigest()[:16]}"
 
 
 @functools.cache
@@ -43,13 +59,14 @@ def cpu_kernels() -> Any | None:
     if not enabled():
         return None
     try:
+        import torch
         from torch.utils.cpp_extension import load
 
         return load(
-            name="distserve_cpu_kernels",
+            name=build_name(torch.__version__),
             sources=[os.path.join(_SRC, f) for f in _SOURCES],
             # OpenMP: without it at::parallel_for in an extension runs on one thread.
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_cflags=list(_CFLAGS),
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -170,7 +170,17 @@ class _ByteBackend:
         return _Encoding(list(text.encode("utf-8")))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        """Bytes as UTF-8; an id past the bytes (a random-weight model samples those most)
+        as `<id>`, so that its output is visible rather than blank."""
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace") + f"<{i}>")
+            run.clear()
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
 
     def id_to_token(self, i: int) -> str:
         return chr(i) if i < 256 else f"<{i}>"

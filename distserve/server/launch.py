@@ -80,17 +80,13 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
     )
     t0 = time.perf_counter()
     await controller.start()
-    rows = [r for r in controller.kernel_rows if r is not None]
-    kernels = (
-        "; packed kernels up to "
-        + "/".join("all" if r == sys.maxsize else str(r) for r in rows)
-        + " rows a step"
-        if rows
-        else ""
-    )
+    for name, r in zip(placement.roles, controller.kernel_rows, strict=False):
+        if r is not None:  # what the worker chose at start; a detail for debugging speed
+            which = "every step" if r == sys.maxsize else f"steps of up to {r} tokens"
+            log.debug("%s worker uses the packed bf16 kernels for %s", name, which)
     print(
         f"instances ready in {time.perf_counter() - t0:.1f} s (the slowest worker's own "
-        f"model load and setup: {controller.load_seconds:.1f} s{kernels})",
+        f"model load and setup: {controller.load_seconds:.1f} s)",
         file=sys.stderr,
         flush=True,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -112,3 +114,16 @@ def test_failed_build_falls_back_to_torch_with_a_warning(monkeypatch) -> None:
         monkeypatch.undo()
         kernels.cpu_kernels.cache_clear()
         kernels.bf16_linear_kernels.cache_clear()
+
+
+def test_build_name_is_keyed_by_sources_and_torch_version(tmp_path, monkeypatch) -> None:
+    # Two installs on one machine share torch's build cache: a build named by content keeps
+    # each its own build, where a fixed name made them rebuild over each other.
+    name = kernels.build_name("2.13.0")
+    assert name == kernels.build_name("2.13.0")
+    assert name != kernels.build_name("2.14.0")
+    shutil.copytree(kernels._SRC, tmp_path, dirs_exist_ok=True)  # noqa: SLF001
+    monkeypatch.setattr(kernels, "_SRC", str(tmp_path))
+    assert kernels.build_name("2.13.0") == name  # same content, other place: same build
+    (tmp_path / "linear.cpp").write_bytes(b"// changed\n" + (tmp_path / "linear.cpp").read_bytes())
+    assert kernels.build_name("2.13.0") != name

@@ -140,3 +140,13 @@ def test_slo_flags_are_required() -> None:
         args = [a for a in REQUIRED[verb] if a not in SLO]
         with pytest.raises(SystemExit):
             parser.parse_args([verb, *args])
+
+
+def test_generate_stop_reads_shell_escapes() -> None:
+    # `distserve generate --stop "\n"` gets a backslash and an n from the shell.
+    from distserve.cli.generate import unescape
+
+    assert unescape(r"\n") == "\n"
+    assert unescape(r"a\tb\\c") == "a\tb\\c"
+    assert unescape(r"\x") == r"\x"  # not an escape we read: kept as typed
+    assert unescape("é") == "é"

@@ -53,3 +53,11 @@ def test_stop_string_spanning_many_tokens_found_across_calls() -> None:
     for ch in "and that was the end of it":
         d.add(list(ch.encode()))
     assert d.stopped and d.text == "and that was "
+
+
+def test_ids_past_the_bytes_are_visible() -> None:
+    # A random-weight model samples ids >= 256 most of the time: its text must not be blank.
+    d = IncrementalDetokenizer(TOK)
+    pieces = [d.add([i]) for i in (104, 300, 105, 511)]
+    assert pieces == ["h", "<300>", "i", "<511>"]
+    assert TOK.decode([0xE2, 0x82, 0xAC, 400]) == "€<400>"
