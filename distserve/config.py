@@ -85,16 +85,21 @@ class PlacementConfig:
         metadata={"help": "disagg: KV cache GiB of each decode instance (None: the engine's)"},
     )
     prefill_tp: int = field(
-        default=1, metadata={"help": "tensor parallel degree of prefill instances"}
+        default=1, metadata={"help": "tensor parallel degree of prefill (and colocated) instances"}
     )
     prefill_pp: int = field(
-        default=1, metadata={"help": "pipeline parallel degree of prefill instances"}
+        default=1,
+        metadata={"help": "pipeline parallel degree of prefill (and colocated) instances"},
     )
     decode_tp: int = field(
         default=1, metadata={"help": "tensor parallel degree of decode instances"}
     )
     decode_pp: int = field(
         default=1, metadata={"help": "pipeline parallel degree of decode instances"}
+    )
+    emulated: bool = field(
+        default=False,
+        metadata={"help": "instances run on emulated devices (serve --emulate): tp, pp may be > 1"},
     )
 
     def __post_init__(self) -> None:
@@ -114,18 +119,69 @@ class PlacementConfig:
         degrees = (self.prefill_tp, self.prefill_pp, self.decode_tp, self.decode_pp)
         if any(d < 1 for d in degrees):
             raise ValueError(f"parallel degrees must be >= 1, got {degrees}")
-        if any(d > 1 for d in degrees):
+        if any(d > 1 for d in degrees) and not self.emulated:
             raise ValueError(
                 "tensor/pipeline parallelism inside an instance is not supported by the runtime "
-                "yet: every tp and pp must be 1"
+                "yet (only on emulated devices): every tp and pp must be 1"
             )
+
+    def shape(self, role: str) -> tuple[int, int]:
+        """(tp, pp) of an instance of `role`; colocated instances take the prefill fields."""
+        if role == "decode":
+            return self.decode_tp, self.decode_pp
+        return self.prefill_tp, self.prefill_pp
 
     @property
     def roles(self) -> list[str]:
-        """The role of each instance, in start order."""
+        """The role of each instance, in start order. An instance of pp pipeline stages
+        counts pp times: it runs as pp virtual instances of its role, as the planner
+        models a pipeline (design note 6); only emulated devices have pp > 1."""
         if self.mode == "colocated":
-            return ["colocated"] * self.num_instances
-        return ["prefill"] * self.num_prefill + ["decode"] * self.num_decode
+            return ["colocated"] * self.num_instances * self.prefill_pp
+        return ["prefill"] * self.num_prefill * self.prefill_pp + [
+            "decode"
+        ] * self.num_decode * self.decode_pp
+
+
+NVLINK_BANDWIDTH = 300e9
+"""Bytes/s one way between two A100-SXM GPUs of a node (NVLink 3: 600 GB/s both ways),
+the paper's testbed."""
+CROSS_NODE_BANDWIDTH = 25e9 / 8
+"""Bytes/s between nodes of the paper's testbed (25 Gbps)."""
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    """Emulated devices (`serve --emulate`): every instance is a worker that does no math
+    but keeps the profile's KV capacity, spends the latency model's time on each step and
+    samples from a fixed token stream; its KV migrates at a link's bandwidth."""
+
+    profile: str = field(
+        default="a100",
+        metadata={"help": "latency profiles: a100, a100-vllm (bundled) or a profile JSON file"},
+    )
+    tokenizer: str = field(
+        default="smollm2-135m",
+        metadata={"help": "model whose tokenizer measures prompts, or 'bytes' (one per byte)"},
+    )
+    num_nodes: int = field(default=1, metadata={"help": "emulated nodes"})
+    devices_per_node: int = field(default=8, metadata={"help": "emulated devices per node"})
+    intra_node_bandwidth: float = field(
+        default=NVLINK_BANDWIDTH, metadata={"help": "KV migration bytes/s within a node"}
+    )
+    inter_node_bandwidth: float = field(
+        default=CROSS_NODE_BANDWIDTH, metadata={"help": "KV migration bytes/s across nodes"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the emulated token stream"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_nodes", "devices_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("intra_node_bandwidth", "inter_node_bandwidth"):
+            v = getattr(self, name)
+            if not 0 < v < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
 
 
 def _jsonable(x: Any) -> Any:

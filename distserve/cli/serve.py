@@ -9,8 +9,10 @@ from distserve.cli.common import (
     add_engine_flags,
     add_placement_flags,
     flag_message,
+    positive_float,
     positive_int,
 )
+from distserve.cli.emulation import add_emulation_flags, emulation_config
 from distserve.config import TRANSPORTS
 
 
@@ -49,7 +51,8 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     srv.add_argument(
         "--host",
         default="127.0.0.1",
-        help="interface to bind (default: 127.0.0.1, this machine only)",
+        help="interface to bind (default: 127.0.0.1, this machine only; on a loopback address "
+        "the embedded Ray cluster listens on loopback only too)",
     )
     srv.add_argument(
         "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)"
@@ -91,6 +94,25 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="largest request body in MiB; larger ones get 413 (default: 8)",
     )
     srv.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a connection may take to send a request's head; then 408 and closed "
+        "(default: 10)",
+    )
+    srv.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a request's body may take after its head; then 408 and closed (default: 30)",
+    )
+    srv.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=1024,
+        help="open HTTP connections; requests beyond them get 503 (default: 1024)",
+    )
+    srv.add_argument(
         "--plan",
         default=None,
         metavar="FILE",
@@ -103,6 +125,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="append one JSON line per instance step (what ran, how long) to FILE",
     )
     add_engine_flags(srv)
+    add_emulation_flags(srv)
     return srv  # type: ignore[no-any-return]
 
 
@@ -117,13 +140,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.plan:
         try:
-            apply_plan(args, plan_placement(args.plan))
+            apply_plan(args, plan_placement(args.plan, emulated=bool(args.emulate)))
         except (OSError, ValueError) as e:
             parser.error(f"--plan {args.plan}: {e}")
-    try:
-        resolve(args.model, args.load_format)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(f"--model {args.model}: {e}")
+    if not args.emulate:  # an emulated model needs no weights
+        try:
+            resolve(args.model, args.load_format)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"--model {args.model}: {e}")
     if args.chunked_prefill and args.mode != "colocated":
         parser.error("--chunked-prefill applies to --mode colocated only")
     if not 0 <= args.port <= 65535:
@@ -150,7 +174,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             cores_per_instance=args.cores_per_instance,
             prefill_kv_cache_gb=args.prefill_kv_cache_gb,
             decode_kv_cache_gb=args.decode_kv_cache_gb,
+            prefill_tp=args.prefill_tp,
+            prefill_pp=args.prefill_pp,
+            decode_tp=args.decode_tp,
+            decode_pp=args.decode_pp,
+            emulated=bool(args.emulate),
         )
+        emulation = emulation_config(args)
+        if emulation is not None:  # the profile has the model and shapes, the nodes hold them
+            from distserve.cluster.emulation import EmulatedCluster
+
+            EmulatedCluster(engine, placement, emulation)
         server = ServerConfig(
             host=args.host,
             port=args.port,
@@ -160,27 +194,32 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             transport=args.transport,
             max_queued=args.max_queued,
             max_body_mb=args.max_body_mb,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            max_connections=args.max_connections,
             trace_steps=args.trace_steps,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))
-    asyncio.run(serve(engine, placement, server))
+    asyncio.run(serve(engine, placement, server, emulation))
     return 0
 
 
-def plan_placement(path: str) -> dict[str, object]:
+def plan_placement(path: str, emulated: bool = False) -> dict[str, object]:
     """The serve flags a plan file stands for; raises ValueError for a plan the runtime
-    cannot deploy yet (tensor or pipeline parallelism inside an instance)."""
+    cannot deploy (tensor or pipeline parallelism inside an instance, unless `emulated`:
+    emulated devices have them, on the plan's nodes)."""
     from distserve.planner.plan import read_plan
 
     plan = read_plan(path)
     placement = plan["placement"]
     shapes = [placement.get(k) for k in ("prefill", "decode", "colocated")]
     for shape in (s for s in shapes if s):
-        if shape["tp"] > 1 or shape["pp"] > 1:
+        if (shape["tp"] > 1 or shape["pp"] > 1) and not emulated:
             raise ValueError(
                 f"the plan needs tp={shape['tp']}, pp={shape['pp']} inside an instance; the "
-                "runtime has no tensor or pipeline parallelism yet (re-plan with tp/pp 1 profiles)"
+                "runtime has no tensor or pipeline parallelism yet (re-plan with tp/pp 1 "
+                "profiles, or serve it on emulated devices with --emulate)"
             )
     cores = {s["cores"] for s in shapes if s}
     if len(cores) > 1:
@@ -190,18 +229,29 @@ def plan_placement(path: str) -> dict[str, object]:
         )
     flags: dict[str, object] = {"cores_per_instance": next(iter(cores)) if cores else None}
     if placement.get("colocated"):
+        shape = placement["colocated"]
         flags |= {
             "mode": "colocated",
-            "instances": placement["colocated"]["instances"],
+            "instances": shape["instances"],
             "chunked_prefill": bool(placement.get("chunked_prefill")),
+            "prefill_tp": shape["tp"],
+            "prefill_pp": shape["pp"],
         }
     else:
+        prefill, decode = placement["prefill"], placement["decode"]
         flags |= {
             "mode": "disagg",
-            "prefill_instances": placement["prefill"]["instances"],
-            "decode_instances": placement["decode"]["instances"],
+            "prefill_instances": prefill["instances"],
+            "decode_instances": decode["instances"],
             "chunked_prefill": False,
+            "prefill_tp": prefill["tp"],
+            "prefill_pp": prefill["pp"],
+            "decode_tp": decode["tp"],
+            "decode_pp": decode["pp"],
         }
+    if emulated and "cluster" in plan:
+        flags["nodes"] = plan["cluster"]["num_nodes"]
+        flags["devices_per_node"] = plan["cluster"]["devices_per_node"]
     flags["model"] = plan.get("model")
     return flags
 
@@ -213,5 +263,7 @@ def apply_plan(args: argparse.Namespace, flags: dict[str, object]) -> None:
     if model in ARCHITECTURES and model != args.model:
         args.model = model
     for k, v in flags.items():
+        if k in ("nodes", "devices_per_node") and getattr(args, k) is not None:
+            continue  # given on the command line: it wins over the plan's cluster
         setattr(args, k, v)
     print(f"deploying plan: {flags}", flush=True)

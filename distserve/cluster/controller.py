@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Protocol
 
+from distserve.cluster.emulation import EmulatedCluster
 from distserve.cluster.migration import Migrations
 from distserve.cluster.placement import (
     assign_cores,
@@ -22,7 +23,7 @@ from distserve.cluster.placement import (
 from distserve.cluster.process_group import KVProcessGroup, join_process_group
 from distserve.cluster.recovery import Recovery
 from distserve.cluster.request_table import RequestState, RequestTable
-from distserve.config import EngineConfig, PlacementConfig
+from distserve.config import EmulationConfig, EngineConfig, PlacementConfig
 from distserve.core import (
     BlockManager,
     ColocatedScheduler,
@@ -75,6 +76,7 @@ class Controller:
         *,
         use_ray: bool = True,
         ray_address: str | None = None,
+        ray_loopback: bool = True,
         observer: Observer | None = None,
         migration_timeout: float = 30.0,
         start_timeout: float = 300.0,
@@ -82,12 +84,17 @@ class Controller:
         max_queued: int = 512,
         restart: bool = True,
         step_trace: str | None = None,
+        emulation: EmulationConfig | None = None,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
+        if emulation is not None and transport != "auto":
+            raise ValueError(f"emulated devices have their own links, not transport {transport!r}")
         self.step_trace = StepTrace(step_trace) if step_trace else None
         """One JSON line per step of every instance, when asked for (serve --trace-steps)."""
         self.engine_config, self.placement = engine, placement
         self.use_ray, self.ray_address = use_ray, ray_address
+        self.ray_loopback = ray_loopback
+        """A local Ray cluster (no ray_address) listens on 127.0.0.1 only."""
         self.observer = observer
         self.migration_timeout, self.start_timeout = migration_timeout, start_timeout
         self.transport = transport
@@ -109,8 +116,14 @@ class Controller:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
-        self.model_config, self.tokenizer = load_tokenizer(
-            resolve(engine.model, engine.load_format)
+        self.emulated = (
+            EmulatedCluster(engine, placement, emulation) if emulation is not None else None
+        )
+        """The emulated devices every instance runs on (serve --emulate), if any."""
+        self.model_config, self.tokenizer = (
+            (self.emulated.model_config, self.emulated.tokenizer)
+            if self.emulated is not None
+            else load_tokenizer(resolve(engine.model, engine.load_format))
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self.max_model_len = min(
@@ -120,7 +133,13 @@ class Controller:
     # ---- life cycle ---------------------------------------------------------------
     async def start(self) -> None:
         executors = await start_workers(
-            self.engine_config, self.placement, self.use_ray, self.ray_address, self.start_timeout
+            self.engine_config,
+            self.placement,
+            self.use_ray,
+            self.ray_address,
+            self.start_timeout,
+            self.emulated,
+            self.ray_loopback,
         )
         infos = list(await asyncio.gather(*(e.info() for e in executors)))
         self.load_seconds = max((i.load_seconds for i in infos), default=0.0)
@@ -130,7 +149,11 @@ class Controller:
         except BaseException:
             await asyncio.gather(*(e.close() for e in executors), return_exceptions=True)
             raise
-        cores = assign_cores(len(executors), self.placement.cores_per_instance, available_cores())
+        cores = (
+            assign_cores(len(executors), self.placement.cores_per_instance, available_cores())
+            if self.emulated is None
+            else [[] for _ in executors]  # emulated devices own no cores
+        )
         counts: dict[str, int] = {}
         for i, (role_name, executor, info) in enumerate(
             zip(self.placement.roles, executors, infos, strict=True)
@@ -164,6 +187,7 @@ class Controller:
             dead.cores,
             self.use_ray,
             self.start_timeout,
+            dead.executor,
         )
         decoders = [i.executor for i in self.instances if i.alive and i.role == Role.DECODE]
         await connect_restarted(
@@ -224,26 +248,50 @@ class Controller:
     ) -> RequestState:
         """Queue a request on the least-loaded prefill instance. Raises ValueError for a
         request that can never run (too long, bad token ids, duplicate id)."""
-        rid = request_id or f"req-{next(self._ids)}"
-        if rid in self.table.requests:
-            raise ValueError(f"request id {rid!r} is already in use")
+        return self.submit_all([(prompt, params)], [request_id])[0]
+
+    def submit_all(
+        self,
+        prompts: list[tuple[str | list[int], SamplingParams]],
+        request_ids: list[str | None] | None = None,
+    ) -> list[RequestState]:
+        """Queue several requests, all or none: each is checked (ValueError, as `submit`),
+        and the prefill queues must have room for all (Overloaded), before any is admitted;
+        a batch with one bad prompt starts nothing."""
+        rids = [r or f"req-{next(self._ids)}" for r in request_ids or [None] * len(prompts)]
+        for i, rid in enumerate(rids):
+            if rid in self.table.requests or rid in rids[:i]:
+                raise ValueError(f"request id {rid!r} is already in use")
+        entry = self.table.entry_instances
+        checked = [
+            self._check(p, params, rid) for (p, params), rid in zip(prompts, rids, strict=True)
+        ]
+        queued = sum(len(i.scheduler.waiting) for i in entry) + len(self.table.orphans)
+        if queued + len(checked) > self.max_queued:
+            raise Overloaded(f"{queued} prompts are already waiting for prefill; retry later")
+        restarting = self.recovery.restart_enabled and bool(entry)
+        if pick_prefill(entry) is None and not restarting:
+            raise RequestFailed("no live instance can take requests")
+        return [self._admit(req, text) for req, text in checked]
+
+    def _check(
+        self, prompt: str | list[int], params: SamplingParams, rid: str
+    ) -> tuple[Request, str | None]:
+        """The request a prompt becomes, if every instance that would hold it can."""
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_token_ids(ids, self.model_config.vocab_size)
         req = Request(rid, ids, params, time.monotonic(), eos_token_id=self.tokenizer.eos_token_id)
-        for dec in self.table.decode_instances[:1]:
-            dec.scheduler.check_request(req)  # the decode side must be able to hold it too
+        for inst in self.table.entry_instances[:1] + self.table.decode_instances[:1]:
+            inst.scheduler.check_request(req)
+        return req, text
+
+    def _admit(self, req: Request, text: str | None) -> RequestState:
         entry = self.table.entry_instances
-        queued = sum(len(i.scheduler.waiting) for i in entry) + len(self.table.orphans)
-        if queued >= self.max_queued:
-            raise Overloaded(f"{queued} prompts are already waiting for prefill; retry later")
-        inst = pick_prefill(entry)
-        restarting = self.recovery.restart_enabled and bool(entry)
-        if inst is None and not restarting:
-            raise RequestFailed("no live instance can take requests")
-        state = RequestState(rid, asyncio.Queue(), inst or entry[0])
-        self.table.requests[rid] = state
-        self.outputs.add(rid, text, params.stop)
+        inst = pick_prefill(entry)  # load changes with each request admitted
+        state = RequestState(req.request_id, asyncio.Queue(), inst or entry[0])
+        self.table.requests[req.request_id] = state
+        self.outputs.add(req.request_id, text, req.sampling_params.stop)
         if inst is None:
             # every entry instance is down and being restarted: the request waits for one,
             # as a rescued request does (bounded by max_queued and the orphan timeout)

@@ -6,11 +6,17 @@ import asyncio
 import dataclasses
 import logging
 import uuid
+from typing import TYPE_CHECKING
 
+from distserve.cluster import local_ray
 from distserve.config import EngineConfig, PlacementConfig
+from distserve.runtime.emulated import EmulatedExecutor
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
 from distserve.runtime.worker.threads import available_cores
 from distserve.runtime.worker.worker import WorkerInfo
+
+if TYPE_CHECKING:
+    from distserve.cluster.emulation import EmulatedCluster
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +50,14 @@ def role_engine_config(engine: EngineConfig, placement: PlacementConfig, role: s
     )
 
 
-def init_ray(address: str | None, num_cpus: int) -> None:
+def init_ray(address: str | None, num_cpus: int, loopback: bool = True) -> None:
     """Join a cluster at `address`, or start a local one (the embedded default) with
     `num_cpus` logical CPUs, enough for every instance even when cores are shared, whose
-    workers run at the caller's priority (Ray's default is nice 15)."""
+    workers run at the caller's priority (Ray's default is nice 15). A local cluster
+    listens on 127.0.0.1 only with `loopback`, and ends when this process ends, however
+    it ends (cluster/local_ray.py)."""
+    if not address:
+        local_ray.prepare(loopback)  # before Ray's first import: it reads them then
     import ray
 
     if ray.is_initialized():
@@ -60,11 +70,12 @@ def init_ray(address: str | None, num_cpus: int) -> None:
         # feed them: on a CPU the frontend then preempts the model it waits for (the step
         # trace showed model steps 1.2-1.6x slower under load). Workers run the critical
         # path, so they get the frontend's priority.
-        ray.init(
-            num_cpus=num_cpus,
-            _system_config={"worker_niceness": 0},
-            **kwargs,  # type: ignore[arg-type]
-        )
+        with local_ray.reaped():
+            ray.init(
+                num_cpus=num_cpus,
+                _system_config={"worker_niceness": 0},
+                **kwargs,  # type: ignore[arg-type]
+            )
 
 
 async def start_workers(
@@ -73,9 +84,15 @@ async def start_workers(
     use_ray: bool,
     ray_address: str | None,
     timeout: float,
+    emulated: EmulatedCluster | None = None,
+    loopback: bool = True,
 ) -> list[Executor]:
     """Start one worker per instance of the placement (in parallel) and wait until every
-    one has loaded its model; raise TimeoutError naming the missing resources."""
+    one has loaded its model; raise TimeoutError naming the missing resources. With
+    `emulated`, the workers are its emulated devices (no Ray, nothing to load). A local
+    Ray cluster started here listens on loopback only with `loopback`."""
+    if emulated is not None:
+        return list(emulated.executors())
     roles = placement.roles
     cpu = engine.device == "cpu"
     cores = (
@@ -85,7 +102,8 @@ async def start_workers(
     )
     configs = [role_engine_config(engine, placement, r) for r in roles]
     if use_ray:
-        init_ray(ray_address, max(len(available_cores()), sum(len(c) for c in cores)))
+        num_cpus = max(len(available_cores()), sum(len(c) for c in cores))
+        init_ray(ray_address, num_cpus, loopback)
         nonce = uuid.uuid4().hex[:8]  # actor names stay unique across controllers
         starts = [
             RayExecutor.start(cfg, c or None, f"distserve-{r}-{i}-{nonce}")
@@ -150,11 +168,15 @@ async def restart_worker(
     cores: list[int],
     use_ray: bool,
     timeout: float,
+    previous: Executor | None = None,
 ) -> tuple[Executor, WorkerInfo]:
-    """Start one worker again (after its predecessor died), with the same role and cores."""
+    """Start one worker again (after its predecessor died), with the same role and cores
+    (an emulated one on the same emulated device as `previous`)."""
     cfg = role_engine_config(engine, placement, role)
-    if use_ray:
-        executor: Executor = await RayExecutor.start(
+    if isinstance(previous, EmulatedExecutor):
+        executor: Executor = previous.restarted()
+    elif use_ray:
+        executor = await RayExecutor.start(
             cfg, cores or None, f"distserve-{role}-restart-{uuid.uuid4().hex[:8]}"
         )
     else:

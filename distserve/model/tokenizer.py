@@ -28,13 +28,34 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         self._template: Any = None
+        self._max_token_chars: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for (its longest vocabulary
+        entry; 1 for the byte stand-in), so a text of n characters has at least
+        n / max_token_chars tokens."""
+        if self._max_token_chars is None:
+            vocab = getattr(self.backend, "get_vocab", None)
+            words = vocab(with_added_tokens=True) if vocab is not None else {}
+            self._max_token_chars = max((len(w) for w in words), default=1)
+        return self._max_token_chars
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        # A batch of one, where the backend has batches: HF tokenizers' `encode` holds the
+        # GIL throughout (1.6 s for a 2 MB prompt), `encode_batch` releases it, so a
+        # caller may tokenize in a thread while its event loop runs on. Same ids.
+        batch = getattr(self.backend, "encode_batch", None)
+        enc = (
+            batch([text], add_special_tokens=add_special_tokens)[0]
+            if batch is not None
+            else self.backend.encode(text, add_special_tokens=add_special_tokens)
+        )
+        ids = list(enc.ids)
         bos = self.bos_token_id
         wants_bos = add_special_tokens and self.add_bos_token and bos is not None
         if wants_bos and (not ids or ids[0] != bos):

@@ -1,6 +1,7 @@
-"""How the controller reaches a worker: in this process, or as a Ray actor.
+"""How the controller reaches a worker: in this process, as a Ray actor, or an emulated
+device in this process's event loop.
 
-Both handles have the same async methods, so instance loops, migrations and tests do not
+Every handle has the same async methods, so instance loops, migrations and tests do not
 care where a worker runs. Calls to one worker are serialized (one step at a time).
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from distserve.config import EngineConfig
 from distserve.core import StepPlan, StepResult
+from distserve.runtime.emulated import EmulatedExecutor
 from distserve.runtime.worker.worker import Worker, WorkerInfo
 
 TAG_LIMIT = 2**31
@@ -149,4 +151,4 @@ class RayExecutor:
         ray.kill(self.actor, no_restart=True)
 
 
-Executor = LocalExecutor | RayExecutor
+Executor = LocalExecutor | RayExecutor | EmulatedExecutor

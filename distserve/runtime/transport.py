@@ -12,6 +12,7 @@ module only reads that from the executors:
 | `gloo`, `nccl` | Ray actors that joined the KV process group             |
 | `object-store` | other Ray actors: the destination pulls a Ray object    |
 | `via-driver`   | a local and a Ray worker: through this process          |
+| `emulated`     | two emulated devices: the KV bytes over their link's bandwidth |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from distserve.config import TRANSPORTS
+from distserve.runtime.emulated import EmulatedExecutor
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,9 @@ async def transfer_blocks(
     elif isinstance(src, LocalExecutor) and isinstance(dst, LocalExecutor):
         n = await _copy_in_process(src, src_blocks, dst, dst_blocks)
         kind = "in-process"
+    elif isinstance(src, EmulatedExecutor) and isinstance(dst, EmulatedExecutor):
+        n = await dst.pull_from(src, src_blocks, dst_blocks)
+        kind = "emulated"
     else:
         n = await dst.write_blocks(dst_blocks, await src.read_blocks(src_blocks))
         kind = "via-driver"

@@ -16,7 +16,9 @@ from distserve.core import SamplingParams
 from distserve.runtime.outputs import RequestOutput
 from distserve.server import responses as R
 from distserve.server.errors import APIError, error_response, install_handlers
+from distserve.server.limits import BodyLimits
 from distserve.server.metrics import Metrics
+from distserve.server.prompts import PromptEncoder
 from distserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 Prompt = str | list[int]
@@ -30,21 +32,19 @@ def build_app(
     metrics: Metrics,
     api_key: str | None = None,
     max_body_bytes: int = 8 << 20,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
-    """Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+    """Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+    A body over `max_body_bytes`, or not whole within `body_timeout` s, is refused."""
     app = FastAPI(title="distserve", version="0.1.0")
     install_handlers(app)
     tokenizer = controller.tokenizer
+    encoder = PromptEncoder(tokenizer, controller.max_model_len)
 
     @app.middleware("http")
     async def _auth(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error_response(
-                413, f"request body over {max_body_bytes} bytes", code="body_too_large"
-            )
         if api_key and request.url.path != "/health":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -55,6 +55,9 @@ def build_app(
                 )
         return await call_next(request)
 
+    # added last, so outermost: bodies are limited before anything reads them
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout=body_timeout)
+
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(
@@ -64,9 +67,10 @@ def build_app(
                 "model_not_found",
             )
 
-    def submit(prompt: Prompt, params: SamplingParams) -> Any:
+    def submit(prompts: list[tuple[Prompt, SamplingParams]]) -> list[Any]:
+        """Admit every prompt or, if one is refused, none."""
         try:
-            return controller.submit(prompt, params, uuid.uuid4().hex[:16])
+            return controller.submit_all(prompts, [uuid.uuid4().hex[:16] for _ in prompts])
         except ValueError as e:
             code = (
                 "context_length_exceeded"
@@ -149,16 +153,22 @@ def build_app(
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "distserve",
+        "max_model_len": controller.max_model_len,
+    }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "distserve",
-            "max_model_len": controller.max_model_len,
-        }
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -168,8 +178,8 @@ def build_app(
             raise APIError(
                 400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt"
             )
-        encoded = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-        states = [submit(ids, params_of(body, len(ids))) for ids in encoded]
+        encoded = [await encoder.encode(p) if isinstance(p, str) else p for p in prompts]
+        states = submit([(ids, params_of(body, len(ids))) for ids in encoded])
         env = R.Envelope("cmpl", states[0].request_id, model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -201,8 +211,8 @@ def build_app(
             prompt = tokenizer.apply_chat_template(body.conversation())
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        ids = tokenizer.encode(prompt)
-        state = submit(ids, params_of(body, len(ids)))
+        ids = await encoder.encode(prompt, "messages")
+        (state,) = submit([(ids, params_of(body, len(ids)))])
         env = R.Envelope("chatcmpl", state.request_id, model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -60,7 +60,7 @@ def install_handlers(app: FastAPI) -> None:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return error_response(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -12,8 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 from distserve.cluster.controller import Controller
-from distserve.config import TRANSPORTS, EngineConfig, PlacementConfig
+from distserve.cluster.local_ray import is_loopback
+from distserve.config import TRANSPORTS, EmulationConfig, EngineConfig, PlacementConfig
 from distserve.server.app import build_app
+from distserve.server.limits import head_deadline_protocol
 from distserve.server.metrics import Metrics
 
 log = logging.getLogger("distserve")
@@ -43,6 +45,15 @@ class ServerConfig:
         default=512, metadata={"help": "prompts waiting for prefill before new ones get 429"}
     )
     max_body_mb: float = field(default=8.0, metadata={"help": "largest request body (MiB)"})
+    header_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a connection may take to send a request head"}
+    )
+    body_timeout: float = field(
+        default=30.0, metadata={"help": "seconds a request body may take after its head"}
+    )
+    max_connections: int = field(
+        default=1024, metadata={"help": "open connections; requests beyond them get 503"}
+    )
     trace_steps: str | None = field(
         default=None, metadata={"help": "write one JSON line per instance step to this file"}
     )
@@ -56,9 +67,19 @@ class ServerConfig:
             raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
         if not self.max_body_mb > 0:
             raise ValueError(f"max_body_mb must be > 0, got {self.max_body_mb}")
+        for name in ("header_timeout", "body_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
 
 
-async def serve(engine: EngineConfig, placement: PlacementConfig, server: ServerConfig) -> None:
+async def serve(
+    engine: EngineConfig,
+    placement: PlacementConfig,
+    server: ServerConfig,
+    emulation: EmulationConfig | None = None,
+) -> None:
     import uvicorn
 
     metrics = Metrics()
@@ -67,14 +88,17 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
         placement,
         use_ray=server.use_ray,
         ray_address=server.ray_address,
+        ray_loopback=is_loopback(server.host),  # the API on loopback: Ray on it too
         observer=metrics,
         transport=server.transport,
         max_queued=server.max_queued,
         step_trace=server.trace_steps,
+        emulation=emulation,
     )
+    where = f" on emulated devices ({emulation.profile})" if emulation else ""
     print(
         f"starting {len(placement.roles)} instances ({placement.mode}: "
-        f"{', '.join(placement.roles)}) of {engine.model} ...",
+        f"{', '.join(placement.roles)}) of {engine.model}{where} ...",
         file=sys.stderr,
         flush=True,
     )
@@ -93,10 +117,21 @@ async def serve(engine: EngineConfig, placement: PlacementConfig, server: Server
     metrics.attach(controller)
     model_name = os.path.basename(engine.model.rstrip("/")).removesuffix(".gguf")
     app = build_app(
-        controller, model_name, metrics, server.api_key, int(server.max_body_mb * 2**20)
+        controller,
+        model_name,
+        metrics,
+        server.api_key,
+        int(server.max_body_mb * 2**20),
+        server.body_timeout,
     )
     config = uvicorn.Config(
-        app, host=server.host, port=server.port, log_level="warning", access_log=False
+        app,
+        host=server.host,
+        port=server.port,
+        log_level="warning",
+        access_log=False,
+        http=head_deadline_protocol(server.header_timeout),
+        limit_concurrency=server.max_connections,
     )
     httpd = uvicorn.Server(config)
     httpd.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from distserve.core import SamplingParams
 
@@ -14,8 +14,60 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+UNSUPPORTED = {
+    "logit_bias": "logit_bias",
+    "best_of": "best_of",
+    "suffix": "suffix",
+    "tools": "tools (function calling)",
+    "tool_choice": "tool_choice (function calling)",
+    "functions": "functions (function calling)",
+    "function_call": "function_call (function calling)",
+    "response_format": "response_format (structured output)",
+}
+"""Parameters of the OpenAI API that this server does not implement: a request that sets
+one gets a 400 naming it, never a 200 that silently ignored it."""
+
+MIN_TEMPERATURE = 1e-5
+"""Below this (and above 0) the logits' scaling overflows in the sampler's dtype and yields
+end-of-text tokens; 0 is greedy."""
+
+
+def _unset(name: str, value: Any) -> bool:
+    """Whether an unsupported parameter is absent in effect (its default or empty)."""
+    if value is None or value == {} or value == [] or value == "":
+        return True
+    if name == "best_of":
+        return value == 1
+    if name == "tool_choice":
+        return value == "none"
+    if name == "response_format":
+        return isinstance(value, dict) and value.get("type") == "text"
+    return False
+
+
+def _check_text(v: Any) -> Any:
+    """Reject strings that cannot be encoded as UTF-8 (a lone surrogate such as '\\ud800'
+    decodes from JSON but breaks the tokenizer)."""
+    for s in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
+        if isinstance(s, str):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text is not valid Unicode (a lone surrogate?)") from None
+    return v
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, what in UNSUPPORTED.items():
+                if name in data and not _unset(name, data[name]):
+                    raise ValueError(f"{what} is not supported by this server")
+        return data
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -39,6 +91,13 @@ class _Common(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
+        return _check_text(v)  # type: ignore[no-any-return]
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         return v
 
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -50,7 +109,8 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    """Text, texts, token ids or lists of token ids (strict: `true` is no token id)."""
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="not supported: must be false")
@@ -62,12 +122,27 @@ class CompletionRequest(_Common):
             raise ValueError("echo is not supported")
         return v
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
+        """One clear message for a prompt of the wrong shape, rather than pydantic's errors
+        for each member of the union."""
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
-        return v
+
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(type(i) is int for i in x)
+
+        if not (
+            isinstance(v, str)
+            or (isinstance(v, list) and (all(isinstance(x, str) for x in v) or ids(v)))
+            or (isinstance(v, list) and all(ids(x) for x in v))
+        ):
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids (integers) "
+                "or a list of such lists"
+            )
+        return _check_text(v)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -92,9 +167,26 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart]
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        """Say what is missing for a part that is not text, rather than pydantic's union
+        errors."""
+        for part in v if isinstance(v, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image_url", "input_image", "input_audio", "file"):
+                what = "image" if "image" in kind else "audio" if "audio" in kind else "file"
+                raise ValueError(f"{what} content is not supported by this model (text only)")
+            if kind != "text":
+                raise ValueError(f"content part type {kind!r} is not supported: use 'text'")
+            _check_text(part.get("text"))
+        return _check_text(v)
+
     def text(self) -> str:
         return (
-            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+            self.content
+            if isinstance(self.content, str)
+            else "".join(p.text for p in self.content if isinstance(p, TextPart))
         )
 
 

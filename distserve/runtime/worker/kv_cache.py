@@ -65,6 +65,8 @@ class KVCache:
         self.shape = cache_shape(cfg, num_blocks, block_size)
         self.shm_path: str | None = None
         if shm_dir is not None and torch.device(device).type == "cpu":
+            # named after the worker's pid: the reaper removes a killed worker's file by it
+            # (cluster/reaper.py)
             self.shm_path = os.path.join(
                 shm_dir, f"distserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             )

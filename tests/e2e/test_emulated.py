@@ -1,0 +1,253 @@
+"""Emulated devices (`serve --emulate`): the real controller, routing and migration
+protocol on emulated A100s give each request the TTFT and TPOT that the simulator gives
+the same request on the same profile, stop rules work, and no KV block is left held."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from distserve.bench.server_process import running_server
+from distserve.cli.serve import plan_placement
+from distserve.cluster.controller import Controller
+from distserve.config import NVLINK_BANDWIDTH, EmulationConfig, EngineConfig, PlacementConfig
+from distserve.core import SamplingParams
+from distserve.metrics.results import RequestResult
+from distserve.model.registry import ARCHITECTURES
+from distserve.sim.profile import bundled_a100, find
+from distserve.sim.run import SimOptions, sim_config
+from distserve.sim.serving_path import ServingPath
+from distserve.sim.simulator import Simulator
+from distserve.workload import Workload
+from distserve.workload.build import WorkloadSpec, build_workload
+
+MODEL = "opt-13b"
+TTFT_TOLERANCE = (0.10, 0.005)
+"""A request's emulated TTFT may differ from the simulator's by 10% or 5 ms, whichever
+is larger; TPOT by the same. At low load a step's only extra is the event loop waking
+up late (~0.1-1 ms a step)."""
+
+
+@dataclass
+class Timing:
+    ttft: float
+    tpot: float
+
+
+async def replay(controller: Controller, workload: Workload) -> list[Timing]:
+    """Submit each request at its arrival time (token ids, as the load client does) and
+    time its first and last token as the stream delivers them."""
+    start = time.perf_counter()
+
+    async def one(wr) -> Timing:  # type: ignore[no-untyped-def]
+        await asyncio.sleep(max(0.0, start + wr.arrival - time.perf_counter()))
+        params = SamplingParams(max_tokens=wr.output_len, ignore_eos=True, temperature=0)
+        t0 = time.perf_counter()
+        state = controller.submit(list(wr.prompt_token_ids), params)
+        stamps = [time.perf_counter() async for _ in controller.stream(state)]
+        n = wr.output_len
+        return Timing(stamps[0] - t0, (stamps[-1] - stamps[0]) / (n - 1) if n > 1 else 0.0)
+
+    return list(await asyncio.gather(*(one(wr) for wr in workload.requests)))
+
+
+def simulate(placement: PlacementConfig, workload: Workload) -> list[RequestResult]:
+    profile = find(bundled_a100(), MODEL, 1)
+    path = ServingPath(transfer_bandwidth=NVLINK_BANDWIDTH)
+    return Simulator(sim_config(placement, profile, None, SimOptions(path))).run(workload)
+
+
+def emulated(placement: PlacementConfig, **kw: object) -> Controller:
+    emulation = EmulationConfig(**kw)  # type: ignore[arg-type]
+    placement = dataclasses.replace(placement, emulated=True)
+    return Controller(EngineConfig(model=MODEL), placement, emulation=emulation)
+
+
+def low_load(controller: Controller, num_requests: int, rate: float) -> Workload:
+    spec = WorkloadSpec(
+        dataset="random",
+        num_requests=num_requests,
+        rate=rate,
+        seed=3,
+        prompt_len=(64, 1024),
+        output_len=(8, 48),
+    )
+    return build_workload(spec, controller.tokenizer)
+
+
+def assert_all_blocks_free(controller: Controller) -> None:
+    for inst in controller.instances:
+        inst.scheduler.blocks.check_integrity()
+        assert inst.scheduler.blocks.num_used_blocks == 0, inst.name
+        assert not inst.scheduler.has_unfinished(), inst.name
+
+
+def close(real: float, sim: float) -> bool:
+    rel, absolute = TTFT_TOLERANCE
+    return abs(real - sim) <= max(rel * sim, absolute)
+
+
+def test_1p1d_matches_the_simulator_per_request() -> None:
+    placement = PlacementConfig(mode="disagg")
+    workload, timings = run_emulated(placement, num_requests=12, rate=4.0)
+    sim = simulate(placement, workload)
+    for wr, real, s in zip(workload.requests, timings, sim, strict=True):
+        assert s.ttft is not None and s.tpot is not None
+        assert close(real.ttft, s.ttft), (wr.index, wr.prompt_len, real.ttft, s.ttft)
+        assert close(real.tpot, s.tpot), (wr.index, wr.output_len, real.tpot, s.tpot)
+
+
+def test_colocated_matches_the_simulator_on_average() -> None:
+    """One colocated instance: a prompt that arrives during a decode step waits for it,
+    so a request's TTFT depends on the phase of the steps when it arrives, which drifts
+    by the controller's fraction of a millisecond a step; the means must agree."""
+    placement = PlacementConfig(mode="colocated", num_instances=1)
+    workload, timings = run_emulated(placement, num_requests=10, rate=4.0)
+    sim = simulate(placement, workload)
+    for attr in ("ttft", "tpot"):
+        real = sum(getattr(t, attr) for t in timings) / len(timings)
+        expected = sum(getattr(r, attr) for r in sim) / len(sim)
+        assert close(real, expected), (attr, real, expected)
+
+
+def run_emulated(
+    placement: PlacementConfig, num_requests: int, rate: float
+) -> tuple[Workload, list[Timing]]:
+    async def run() -> tuple[Workload, list[Timing]]:
+        controller = emulated(placement)
+        workload = low_load(controller, num_requests, rate)
+        await controller.start()
+        try:
+            timings = await replay(controller, workload)
+            assert_all_blocks_free(controller)
+            assert controller.recovery.failures == 0
+            return workload, timings
+        finally:
+            await controller.stop()
+
+    return asyncio.run(run())
+
+
+def test_a_killed_decode_worker_loses_no_token() -> None:
+    """Recovery on emulated devices: the decode worker dies mid-generation; its requests
+    are recomputed and finish with exactly the stream's tokens, and it is restarted."""
+
+    async def run() -> None:
+        controller = emulated(PlacementConfig(mode="disagg"))
+        await controller.start()
+        try:
+            params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0)
+            states = [controller.submit(f"request {i} " * 20, params) for i in range(4)]
+
+            async def collect(state):  # type: ignore[no-untyped-def]
+                return [o async for o in controller.stream(state)][-1]
+
+            tasks = [asyncio.create_task(collect(s)) for s in states]
+            await asyncio.sleep(0.3)  # ~10 decode steps in
+            controller.instances[1].executor.worker.kill()  # type: ignore[union-attr]
+            outs = await asyncio.gather(*tasks)
+            stream = controller.emulated.tokens  # type: ignore[union-attr]
+            for out in outs:
+                assert out.token_ids == [stream[i % len(stream)] for i in range(40)]
+            assert controller.recovery.failures == 1
+            for _ in range(50):  # the restart runs in the background
+                if controller.recovery.restarts:
+                    break
+                await asyncio.sleep(0.05)
+            assert controller.recovery.restarts == 1
+            assert_all_blocks_free(controller)
+        finally:
+            await controller.stop()
+
+    asyncio.run(run())
+
+
+def test_migration_across_nodes_takes_the_links_time() -> None:
+    """Prefill on node 0, decode on node 1 (one device per node): a prompt's KV crosses
+    the inter-node link at its real size (OPT-13B: 800 KiB per token)."""
+
+    async def run() -> dict[str, float]:
+        controller = emulated(
+            PlacementConfig(mode="disagg"),
+            num_nodes=2,
+            devices_per_node=1,
+            inter_node_bandwidth=2e9,
+        )
+        await controller.start()
+        try:
+            params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)
+            outs = [o async for o in controller.stream(controller.submit([100] * 500, params))]
+            assert dict(controller.migration.completed) == {"emulated": 1}
+            return outs[-1].timestamps
+        finally:
+            await controller.stop()
+
+    ts = asyncio.run(run())
+    expected = 32 * 16 * ARCHITECTURES[MODEL].kv_bytes_per_token() / 2e9  # 32 blocks: 0.21 s
+    assert ts["migration_end"] - ts["migration_start"] == pytest.approx(expected, abs=0.005)
+
+
+def test_serving_a_parallel_plan_needs_emulation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = write_parallel_plan(tmp_path)
+    with pytest.raises(ValueError, match="tp=2, pp=1 inside an instance"):
+        plan_placement(str(path))
+    flags = plan_placement(str(path), emulated=True)
+    assert flags["prefill_tp"] == 2 and flags["decode_pp"] == 2
+    assert flags["nodes"] == 1 and flags["devices_per_node"] == 4
+
+
+def write_parallel_plan(directory) -> object:  # type: ignore[no-untyped-def]
+    """A plan as `distserve plan` writes it (the keys serve reads): 1 prefill tp2 and 1
+    decode of 2 pipeline stages on one node of 4 devices."""
+    shape = {"cores": None, "instances": 1}
+    plan = {
+        "model": MODEL,
+        "cluster": {"num_nodes": 1, "devices_per_node": 4, "kind": "gpu"},
+        "placement": {
+            "mode": "disagg",
+            "prefill": shape | {"tp": 2, "pp": 1},
+            "decode": shape | {"tp": 1, "pp": 2},
+        },
+    }
+    path = directory / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.mark.slow
+def test_served_plan_on_emulated_devices(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`serve --plan --emulate`: stop rules and max_tokens through the API, the plan's
+    shapes with their KV capacities, every block free at the end."""
+    plan = write_parallel_plan(tmp_path)
+    with running_server("--emulate", "a100", "--plan", str(plan)) as url:
+        client = httpx.Client(base_url=url, timeout=30)
+        body = {"model": MODEL, "prompt": "Tell me a story", "temperature": 0}
+        r = client.post("/v1/completions", json=body | {"max_tokens": 6}).json()
+        assert r["usage"]["completion_tokens"] == 6
+        assert r["choices"][0]["finish_reason"] == "length"
+        words = r["choices"][0]["text"].split()
+        r = client.post("/v1/completions", json=body | {"max_tokens": 50, "stop": [words[2]]})
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        assert choice["text"].split() == words[:2]
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert (
+            client.post("/v1/chat/completions", json=chat).json()["usage"]["completion_tokens"] == 4
+        )
+        metrics = client.get("/metrics").text
+    blocks = {
+        line.split("{")[1].split(",")[0] + line.split('state="')[1].split('"')[0]: float(
+            line.split()[-1]
+        )
+        for line in metrics.splitlines()
+        if line.startswith("distserve_kv_blocks{")
+    }
+    assert blocks['instance="prefill-0"free'] == 163008 // 16  # tp2
+    assert blocks['instance="decode-0"free'] == blocks['instance="decode-1"free'] == 163008 // 32
+    assert all(v == 0 for k, v in blocks.items() if k.endswith("used"))
