@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Protocol
 
+from distserve.cluster.drain import DrainRate
 from distserve.cluster.emulation import EmulatedCluster
 from distserve.cluster.migration import Migrations
 from distserve.cluster.placement import (
@@ -63,7 +64,12 @@ class RequestFailed(RuntimeError):
 
 
 class Overloaded(RuntimeError):
-    """Too much is queued already: the client should retry later (HTTP 429)."""
+    """Too much is queued already: the client should retry in `retry_after` seconds
+    (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Controller:
@@ -109,6 +115,8 @@ class Controller:
         """Per worker, up to how many rows it takes the packed kernels (WorkerInfo)."""
         self.max_queued = max_queued
         """Prompts that may wait for prefill at once; beyond, submit raises Overloaded."""
+        self.drain = DrainRate()
+        """How fast prompts leave the prefill queues: an overloaded client's Retry-After."""
         on_migration = observer.on_migration if observer else None
         self.migration = Migrations(self.table, self.spawn, migration_timeout, on_migration)
         self.recovery = Recovery(
@@ -267,8 +275,12 @@ class Controller:
             self._check(p, params, rid) for (p, params), rid in zip(prompts, rids, strict=True)
         ]
         queued = sum(len(i.scheduler.waiting) for i in entry) + len(self.table.orphans)
-        if queued + len(checked) > self.max_queued:
-            raise Overloaded(f"{queued} prompts are already waiting for prefill; retry later")
+        excess = queued + len(checked) - self.max_queued
+        if excess > 0:
+            wait = self.drain.retry_after(excess, time.monotonic())
+            raise Overloaded(
+                f"{queued} prompts are already waiting for prefill; retry in {wait} s", wait
+            )
         restarting = self.recovery.restart_enabled and bool(entry)
         if pick_prefill(entry) is None and not restarting:
             raise RequestFailed("no live instance can take requests")
@@ -337,6 +349,7 @@ class Controller:
             ro, stop_hit = self.outputs.process(out)
             if state.first_token_at is None:
                 state.first_token_at = now
+                self.drain.record(now)
                 if self.observer:
                     self.observer.on_first_token(now - req.arrival_time)
             if stop_hit:

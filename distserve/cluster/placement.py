@@ -70,8 +70,12 @@ def init_ray(address: str | None, num_cpus: int, loopback: bool = True) -> None:
         # feed them: on a CPU the frontend then preempts the model it waits for (the step
         # trace showed model steps 1.2-1.6x slower under load). Workers run the critical
         # path, so they get the frontend's priority.
+        # address="local": a cluster of our own even where RAY_ADDRESS is set or `ray start`
+        # left one recorded on this machine (ray.init would join that one and then refuse
+        # num_cpus)
         with local_ray.reaped():
             ray.init(
+                address="local",
                 num_cpus=num_cpus,
                 _system_config={"worker_niceness": 0},
                 **kwargs,  # type: ignore[arg-type]

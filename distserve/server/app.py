@@ -79,7 +79,8 @@ def build_app(
             )
             raise APIError(400, str(e), "prompt", code) from None
         except Overloaded as e:
-            raise APIError(429, str(e), code="overloaded", headers={"Retry-After": "1"}) from None
+            retry = {"Retry-After": str(e.retry_after)}
+            raise APIError(429, str(e), code="overloaded", headers=retry) from None
         except RequestFailed as e:
             raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
 

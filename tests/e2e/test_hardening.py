@@ -125,7 +125,8 @@ def test_overload_gets_429_with_retry_after(url) -> None:
     assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
     for r in responses:
         if r.status_code == 429:
-            assert r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded"
+            assert r.json()["error"]["code"] == "overloaded"
+            assert 1 <= int(r.headers["retry-after"]) <= 600  # from the queue's drain rate
     assert (
         _post(
             url, "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}

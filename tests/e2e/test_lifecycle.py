@@ -119,3 +119,13 @@ def test_loopback_only_and_nothing_left_after_sigkill() -> None:
             timeout=120,
         )
         assert r.status_code == 200, r.text
+
+
+def test_embedded_default_ignores_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without --ray-address, serve starts a cluster of its own even where RAY_ADDRESS
+    # points elsewhere (as after `ray start`): ray.init used to join that address and then
+    # refuse the num_cpus it was given.
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")  # nothing listens there
+    with running_server("--mode", "disagg") as url, httpx.Client(base_url=url) as http:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
