@@ -74,6 +74,19 @@ def _alive(pids: list[int]) -> list[int]:
     return left
 
 
+def _describe(pids: list[int]) -> list[str]:
+    """What a left-over process is, for the failure message."""
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            marked = "DISTSERVE_REAP_TOKEN" in p.environ()
+            out.append(f"{pid} {p.status()} marked={marked}: {' '.join(p.cmdline())[:200]}")
+        except psutil.Error as e:
+            out.append(f"{pid}: {e!r}")
+    return out
+
+
 def _stream_until_dropped(url: str, started: threading.Event, outcome: list[str]) -> None:
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000,
             "ignore_eos": True, "stream": True}  # fmt: skip
@@ -108,7 +121,7 @@ def test_loopback_only_and_nothing_left_after_sigkill() -> None:
         while _alive(pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = _alive(pids)
-        assert left == [], left
+        assert left == [], _describe(left)
         ours = [f for f in os.listdir("/dev/shm") if any(f"-{pid}-" in f for pid in pids)]
         assert ours == []
 
