@@ -17,6 +17,7 @@ from distserve.config import PlacementConfig
 from distserve.core import SchedulerConfig
 from distserve.metrics.results import RequestResult
 from distserve.metrics.slo import attainment, attains
+from distserve.planner.bisection import bisect_rate
 from distserve.sim.latency import LatencyModel, latency_model
 from distserve.sim.profile import Profile
 from distserve.sim.serving_path import ServingPath
@@ -107,35 +108,6 @@ def at_rate(workload: Workload, rate: float) -> Workload:
     return Workload(reqs, workload.meta)
 
 
-def bisect_rate(
-    attain: Callable[[float], float], target: float, guess: float, tol: float = 0.05
-) -> float:
-    """The highest rate with attain(rate) >= target, to a relative tolerance: double or
-    halve from `guess` to bracket the crossing, then bisect. 0 if even a trickle misses."""
-    lo, hi = 0.0, guess
-    while attain(hi) >= target:
-        lo, hi = hi, hi * 2
-        if hi > guess * 1024:
-            return lo
-    if lo == 0.0:
-        probe = hi
-        for _ in range(12):
-            probe /= 2
-            if attain(probe) >= target:
-                lo = probe
-                break
-        else:
-            return 0.0
-        hi = probe * 2
-    while (hi - lo) > tol * hi:
-        mid = (lo + hi) / 2
-        if attain(mid) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def placement_goodput(
     setting: Setting,
     prefill: InstanceConfig | None,
@@ -147,19 +119,21 @@ def placement_goodput(
     chunked: bool = False,
     only: str = "both",
     guess: float | None = None,
+    floor: float = 0.0,
 ) -> float:
     """Goodput (req/s) of a placement; `prefill`/`decode` None means that phase is ideal.
-    `only`: which target counts ('both', 'ttft' or 'tpot')."""
+    `only`: which target counts ('both', 'ttft' or 'tpot'). `floor`: 0 as soon as the
+    goodput is known to be below it (see `bisect_rate`)."""
     attain = placement_attainment(
         setting, prefill, decode, colocated, num_prefill, num_decode, num_colocated, chunked, only
     )
     if attain is None:
         return 0.0
     start = 0.8 * guess if guess else _guess(setting, prefill or colocated, decode or colocated)
-    return bisect_rate(attain, setting.target, start)
+    return bisect_rate(attain, setting.target, start, floor=floor)
 
 
-def placement_attainment(
+def simulation(
     setting: Setting,
     prefill: InstanceConfig | None,
     decode: InstanceConfig | None,
@@ -168,12 +142,10 @@ def placement_attainment(
     num_decode: int = 1,
     num_colocated: int = 1,
     chunked: bool = False,
-    only: str = "both",
-    exact: bool = False,
-) -> Callable[[float], float] | None:
-    """The placement's simulated attainment as a function of rate (None if a shape does
-    not fit). Unless `exact`, a simulation stops once the target is out of reach and
-    returns a value below it, which is all a bisection needs."""
+) -> tuple[SimConfig, Workload] | None:
+    """The simulator's configuration of a placement and the requests it runs, arrivals at
+    the workload's own rate (None if a shape does not fit); `prefill`/`decode` None means
+    that phase is ideal (no cost)."""
     s = setting
     roles: dict[str, tuple[LatencyModel, int]] = {}
     if colocated is not None:
@@ -190,7 +162,7 @@ def placement_attainment(
     else:
         for role, inst in (("prefill", prefill), ("decode", decode)):
             if inst is None:
-                roles[role] = (LatencyModel(IDEAL), IDEAL.kv_capacity_tokens // s.block_size)  # type: ignore[operator]
+                roles[role] = (LatencyModel(IDEAL), 0)  # blocks: sized to the run below
                 continue
             blocks = inst.kv_blocks(s.block_size, s.capacity)
             if blocks is None:
@@ -202,12 +174,6 @@ def placement_attainment(
             num_decode=num_decode * (decode.pp if decode else 1),
         )
     sched = dataclasses.replace(s.scheduler, chunked_prefill=chunked)
-    latency = {role: lat for role, (lat, _) in roles.items()}
-    config = SimConfig(
-        placement, latency, {role: n for role, (_, n) in roles.items()}, sched, s.block_size
-    )
-    ttft = s.ttft_slo if only in ("both", "ttft") else math.inf
-    tpot = s.tpot_slo if only in ("both", "tpot") else math.inf
 
     # A finite workload hides overload when it is smaller than what the placement can
     # hold at once (one burst fits): use several times the placement's concurrency.
@@ -230,22 +196,75 @@ def placement_attainment(
             ),
             workload.meta,
         )
+    num_blocks = {r: n or _ideal_blocks(workload, s.block_size) for r, (_, n) in roles.items()}
+    latency = {role: lat for role, (lat, _) in roles.items()}
+    return SimConfig(placement, latency, num_blocks, sched, s.block_size), workload
 
+
+def _ideal_blocks(workload: Workload, block_size: int) -> int:
+    """KV blocks of an ideal instance: IDEAL's capacity, or fewer where twice the whole
+    run's KV fits (a block manager's free list costs 5 ms at IDEAL's 250,000 blocks). With
+    every request's blocks at most half of them, the ideal side behaves as with IDEAL's:
+    its back-pressure (over half held) never fires and the watermark (1%) never bites."""
+    cap = IDEAL.kv_capacity_tokens // block_size  # type: ignore[operator]
+    need = sum(-(-(r.prompt_len + r.output_len + 1) // block_size) for r in workload.requests)
+    return min(cap, 2 * need + 16)
+
+
+def placement_attainment(
+    setting: Setting,
+    prefill: InstanceConfig | None,
+    decode: InstanceConfig | None,
+    colocated: InstanceConfig | None = None,
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    num_colocated: int = 1,
+    chunked: bool = False,
+    only: str = "both",
+    exact: bool = False,
+) -> Callable[[float], float] | None:
+    """The placement's simulated attainment as a function of rate (None if a shape does
+    not fit). Unless `exact`, a simulation stops as soon as its verdict is certain: once
+    the target is out of reach, returning a value below it, and once enough requests
+    have attained it, returning a value at or above it (the unfinished count as failed),
+    which is all a bisection needs."""
+    setup = simulation(
+        setting, prefill, decode, colocated, num_prefill, num_decode, num_colocated, chunked
+    )
+    if setup is None:
+        return None
+    config, workload = setup
+    ttft = setting.ttft_slo if only in ("both", "ttft") else math.inf
+    tpot = setting.tpot_slo if only in ("both", "tpot") else math.inf
     # floored with a margin: (1 - 0.9) * 240 is 23.999..., and 24 misses of 240 attain 90%
-    allowed_misses = math.inf if exact else math.floor((1 - s.target) * len(workload) + 1e-6)
+    misses_allowed = math.inf if exact else math.floor((1 - setting.target) * len(workload) + 1e-6)
+    hits_enough = math.inf if exact else _enough(setting.target, len(workload))
 
     def attain(rate: float) -> float:
-        misses = 0
+        misses = hits = 0
 
-        def give_up(r: RequestResult) -> bool:  # the target is out of reach: stop early
-            nonlocal misses
-            misses += not all(attains(r, ttft, tpot))
-            return misses > allowed_misses
+        def give_up(r: RequestResult) -> bool:  # the verdict is certain: stop early
+            nonlocal misses, hits
+            if all(attains(r, ttft, tpot)):
+                hits += 1
+            else:
+                misses += 1
+            return misses > misses_allowed or hits >= hits_enough
 
         results = Simulator(config).run(at_rate(workload, rate), give_up)
         return attainment(results, ttft, tpot)["both"]
 
     return attain
+
+
+def _enough(target: float, n: int) -> int:
+    """The fewest attaining requests of n whose share, computed as `attainment` computes
+    it (a float division), is >= target: a run that has them attains, however the rest
+    end."""
+    hits = max(0, math.ceil(target * n) - 1)
+    while hits < n and hits / n < target:
+        hits += 1
+    return hits if hits / n >= target else n + 1  # n + 1: never (target above 100%)
 
 
 def _guess(

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
-from distserve.planner.phases import (
-    InstanceConfig,
-    Setting,
-    placement_attainment,
-    placement_goodput,
-)
+from distserve.planner.jobs import score, worker_pool
+from distserve.planner.low_affinity import algorithm2
+from distserve.planner.phases import InstanceConfig, Setting, placement_attainment
 from distserve.planner.search import (
     Choice,
     Cluster,
-    algorithm1,
-    algorithm2,
+    algorithm1_batch,
+    algorithm1_choice,
+    baseline_batch,
+    baseline_choice,
     candidates,
-    colocated_baseline,
 )
+from distserve.planner.verify import verify
 from distserve.sim.profile import Profile
 
 
@@ -89,39 +88,6 @@ def choice_from_dict(d: dict[str, Any], profiles: Sequence[Profile]) -> Choice:
         num_prefill=d["prefill"]["instances"],
         num_decode=d["decode"]["instances"],
         goodput=d["goodput"],
-    )
-
-
-JOINT_UP_TO = 4
-"""Placements of at most this many instances are simulated whole."""
-
-
-def verify(setting: Setting, c: Choice) -> float:
-    """Goodput of the placement, simulated jointly (both targets). A small placement (up
-    to JOINT_UP_TO instances) is simulated whole: two colocated CPU instances behind one
-    router did 1.4x better than twice one instance at half the rate (one queue pools
-    them), and only a whole simulation sees their contention. A larger placement of k
-    equal copies (k = the gcd of its instance counts) is simulated as one copy and scaled
-    by k, a lower bound that simulates k times faster."""
-    if c.colocated is not None:
-        k = c.num_colocated if c.num_colocated > JOINT_UP_TO else 1
-        return k * placement_goodput(
-            setting,
-            None,
-            None,
-            colocated=c.colocated,
-            num_colocated=c.num_colocated // k,
-            chunked=c.chunked,
-        )
-    k = math.gcd(c.num_prefill, c.num_decode)
-    if c.num_prefill + c.num_decode <= JOINT_UP_TO:
-        k = 1
-    return k * placement_goodput(
-        setting,
-        c.prefill,
-        c.decode,
-        num_prefill=c.num_prefill // k,
-        num_decode=c.num_decode // k,
     )
 
 
@@ -195,31 +161,29 @@ def make_plan(
             "no instance shape fits the cluster (check --devices-per-node and the "
             "profile's tp / cores)"
         )
-    if affinity == "high":
-        disagg, table = algorithm1(setting, shapes, dshapes, cluster, rate, workers, progress)
-    elif affinity == "low":
-        disagg, table = algorithm2(setting, list(profiles), cluster, rate, workers, progress)
-    else:
+    if affinity not in ("high", "low"):
         raise ValueError(f"affinity must be high or low, got {affinity!r}")
-    t_search = time.perf_counter() - t0
-    colo, colo_table = colocated_baseline(
-        bsetting, bshapes, cluster, rate, False, workers, progress
-    )
-    chunk, chunk_table = colocated_baseline(
-        csetting, bshapes, cluster, rate, True, workers, progress
-    )
-    t_baselines = time.perf_counter() - t0 - t_search
-    estimates = {}
-    for name, c in (("disagg", disagg), ("colocated", colo), ("chunked", chunk)):
-        if c is not None:
-            estimates[name] = c.goodput
-            own = {"disagg": setting, "colocated": bsetting, "chunked": csetting}[name]
-            c.goodput = verify(own, c)
-            if progress:
-                progress(
-                    f"verified {name}: {c.goodput:.3f} req/s on {c.devices} devices "
-                    f"({c.per_device:.3f} per device)"
-                )
+    bases = [baseline_batch(bsetting, bshapes, False), baseline_batch(csetting, bshapes, True)]
+    # one pool for the whole plan: the search's and the baselines' jobs take turns on it
+    with worker_pool(workers) as pool:
+        if affinity == "low":
+            dprofiles = decode_profiles or profiles
+            disagg, table = algorithm2(
+                setting, profiles, dprofiles, cluster, rate, workers, progress, max_pp, pool
+            )
+            t_search = time.perf_counter() - t0
+            score(bases, pool, workers, progress)
+        else:
+            search = algorithm1_batch(setting, shapes, dshapes, cluster, rate)
+            score([search, *bases], pool, workers, progress)
+            disagg, table = algorithm1_choice(search, cluster, rate)
+            t_search = search.seconds
+        t_scored = time.perf_counter() - t0
+        colo, colo_table = baseline_choice(bases[0], cluster, rate)
+        chunk, chunk_table = baseline_choice(bases[1], cluster, rate)
+        picks = {"disagg": (setting, disagg), "colocated": (bsetting, colo)}
+        picks["chunked"] = (csetting, chunk)
+        estimates = _verify(picks, pool, progress)
     options = {
         k: v
         for k, v in (("disagg", disagg), ("colocated", colo), ("chunked", chunk))
@@ -260,10 +224,12 @@ def make_plan(
             "before_verification": estimates,
         },
         "search_seconds": time.perf_counter() - t0,
+        # jobs take turns: the algorithm's time is when its last job ended, the
+        # baselines' what scoring took after that
         "seconds_by_phase": {
             "algorithm": t_search,
-            "baselines": t_baselines,
-            "verification": time.perf_counter() - t0 - t_search - t_baselines,
+            "baselines": max(0.0, t_scored - t_search),
+            "verification": time.perf_counter() - t0 - t_scored,
         },
     }
     if best_name != "disagg" and disagg is not None and disagg.per_device > 0:
@@ -283,6 +249,30 @@ def make_plan(
         )
         plan["note"] = f"{plan['note']}; {tie}" if "note" in plan else tie
     return plan
+
+
+def _verify(
+    picks: dict[str, tuple[Setting, Choice | None]],
+    pool: Executor | None,
+    progress: Callable[[str], None] | None,
+) -> dict[str, float]:
+    """Verify each pick on its own setting, in parallel where a pool is given; its goodput
+    becomes the verified one. Returns the goodputs before verification."""
+    live = {name: (s, c) for name, (s, c) in picks.items() if c is not None}
+    if pool is None:
+        got = {name: verify(s, c) for name, (s, c) in live.items()}
+    else:
+        futures = {name: pool.submit(verify, s, c) for name, (s, c) in live.items()}
+        got = {name: f.result() for name, f in futures.items()}
+    estimates = {}
+    for name, (_, c) in live.items():
+        estimates[name], c.goodput = c.goodput, got[name]
+        if progress:
+            progress(
+                f"verified {name}: {c.goodput:.3f} req/s on {c.devices} devices "
+                f"({c.per_device:.3f} per device)"
+            )
+    return estimates
 
 
 TIE = 0.05

@@ -1,11 +1,10 @@
-"""Placement search (the DistServe paper's Algorithms 1 and 2) and the colocated
-baselines, over profiles of one model.
+"""Placement search (the DistServe paper's Algorithm 1) and the colocated baselines, over
+profiles of one model; Algorithm 2 is in low_affinity.py.
 
-Algorithm 1 (high node-affinity): the best prefill-only and the best decode-only
-instance shapes are searched separately, each by its goodput per device; the combination
-(n prefill + m decode instances) that fits the cluster and maximizes the pair's goodput per
-device is kept. Algorithm 2 (low node-affinity): a prefill and a decode segment of the same
-layers share a node; pairs are simulated jointly for each inter-node pipeline degree.
+Algorithm 1 (high node-affinity): prefill-only and decode-only instance shapes are scored
+separately (goodput by bisection, one target each); the combination (n prefill + m decode
+instances) that fits the cluster and maximizes the pair's goodput per device is kept.
+Jobs that cannot be part of it stop early (prune.py).
 """
 
 from __future__ import annotations
@@ -14,13 +13,13 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from distserve.model.registry import ARCHITECTURES
-from distserve.planner.bounds import bound
-from distserve.planner.phases import InstanceConfig, Setting, placement_goodput
+from distserve.planner.jobs import Batch, score, worker_pool
+from distserve.planner.phases import InstanceConfig, Setting
+from distserve.planner.prune import Key, PairFloors, ShapeFloors, pair_best
 from distserve.sim.profile import Profile
 
 
@@ -97,96 +96,66 @@ def candidates(
     return out
 
 
-def _score(job: tuple[Setting, InstanceConfig, str, float]) -> float:
-    setting, inst, role, guess = job
-    if role == "prefill":
-        return placement_goodput(setting, inst, None, only="ttft", guess=guess)
-    if role == "decode":
-        return placement_goodput(setting, None, inst, only="tpot", guess=guess)
-    return placement_goodput(
-        setting, None, None, colocated=inst, chunked=role == "chunked", guess=guess
-    )
-
-
-def score_all(
-    setting: Setting,
-    jobs: list[tuple[InstanceConfig, str]],
-    workers: int,
-    progress: Callable[[str], None] | None,
-    prune: bool = True,
-) -> list[float]:
-    """Goodput of each (shape, role) job, simulated in parallel processes. Jobs go in order
-    of their analytic bound per device; with `prune`, a job whose bound cannot beat the
-    best goodput per device already found for its role is skipped (scored 0)."""
-    bounds = [bound(inst, role, setting) for inst, role in jobs]
-    order = sorted(range(len(jobs)), key=lambda i: -bounds[i] / jobs[i][0].devices)
-    results = [0.0] * len(jobs)
-    best: dict[str, float] = {}
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
-    try:
-        for start in range(0, len(order), max(1, workers)):
-            wave = []
-            for i in order[start : start + max(1, workers)]:
-                inst, role = jobs[i]
-                # bounds use mean lengths, not exact maxima: prune with a margin
-                if bounds[i] <= 0 or (
-                    prune and 1.5 * bounds[i] / inst.devices < best.get(role, 0.0)
-                ):
-                    if progress:
-                        progress(f"{role} {inst.label}: pruned (bound {bounds[i]:.3f} req/s)")
-                    continue
-                wave.append(i)
-            args = [(setting, jobs[i][0], jobs[i][1], bounds[i]) for i in wave]
-            got = list(pool.map(_score, args)) if pool else [_score(a) for a in args]
-            for i, g in zip(wave, got, strict=True):
-                inst, role = jobs[i]
-                results[i] = g
-                best[role] = max(best.get(role, 0.0), g / inst.devices)
-                if progress:
-                    progress(f"{role} {inst.label}: {g:.3f} req/s (bound {bounds[i]:.3f})")
-    finally:
-        if pool:
-            pool.shutdown()
-    return results
-
-
 def best_combination(
     prefill: list[Scored], decode: list[Scored], cluster: Cluster, rate: float | None
 ) -> Choice | None:
     """n prefill + m decode instances within the cluster: with a target `rate`, the fewest
     devices that sustain it; else the highest goodput per device (ties: fewer devices)."""
-    best: Choice | None = None
+    best: tuple[Key, Scored, Scored, int, int] | None = None
     for sp, sd in itertools.product(prefill, decode):
         if sp.goodput <= 0 or sd.goodput <= 0:
             continue
         dp, dd = sp.config.devices, sd.config.devices
-        for n in range(1, cluster.devices // dp + 1):
-            for m in range(1, (cluster.devices - n * dp) // dd + 1):
-                g = min(n * sp.goodput, m * sd.goodput)
-                c = Choice("disagg", sp.config, sd.config, num_prefill=n, num_decode=m, goodput=g)
-                if rate is not None and g < rate:
-                    continue
-                if best is None or _key(c, rate) > _key(best, rate):
-                    best = c
-    return best
+        found = pair_best(sp.goodput, dp, sd.goodput, dd, cluster.devices, rate)
+        if found is not None and (best is None or found[0] > best[0]):
+            best = (found[0], sp, sd, found[1], found[2])
+    if best is None:
+        return None
+    _, sp, sd, n, m = best
+    g = min(n * sp.goodput, m * sd.goodput)
+    return Choice("disagg", sp.config, sd.config, num_prefill=n, num_decode=m, goodput=g)
 
 
-def _key(c: Choice, rate: float | None) -> tuple[float, float]:
-    return (-c.devices, c.per_device) if rate is not None else (c.per_device, -c.devices)
-
-
-def replicate(unit: Choice, cluster: Cluster, rate: float | None) -> Choice:
-    """Copies of a unit placement: enough for `rate`, else as many as the cluster holds."""
-    copies = (
-        max(1, math.ceil(rate / unit.goodput))
-        if rate and unit.goodput > 0
-        else max(1, cluster.devices // unit.devices)
-    )
-    copies = min(copies, max(1, cluster.devices // unit.devices))
+def replicate(
+    unit: Choice, cluster: Cluster, rate: float | None, most: int | None = None
+) -> Choice:
+    """Copies of a unit placement: enough for `rate`, else as many as the cluster holds
+    (`most`, where the unit's layout allows fewer than its devices suggest)."""
+    most = max(1, cluster.devices // unit.devices if most is None else most)
+    copies = max(1, math.ceil(rate / unit.goodput)) if rate and unit.goodput > 0 else most
+    copies = min(copies, most)
     for name in ("num_prefill", "num_decode", "num_colocated"):
         setattr(unit, name, getattr(unit, name) * copies)
     unit.goodput *= copies
     return unit
+
+
+def algorithm1_batch(
+    setting: Setting,
+    prefill_shapes: list[InstanceConfig],
+    decode_shapes: list[InstanceConfig],
+    cluster: Cluster,
+    rate: float | None,
+    prune: bool = True,
+) -> Batch:
+    """Algorithm 1's jobs: each prefill shape on TTFT alone, each decode shape on TPOT
+    alone; `prune`: stop those that cannot be part of the answer early (prune.py)."""
+    jobs = [(s, "prefill") for s in prefill_shapes] + [(s, "decode") for s in decode_shapes]
+    return Batch(setting, jobs, PairFloors(jobs, cluster.devices, rate) if prune else None)
+
+
+def algorithm1_choice(
+    batch: Batch, cluster: Cluster, rate: float | None
+) -> tuple[Choice | None, dict[str, Any]]:
+    """The best combination of the scored shapes, and their goodputs by role and shape."""
+    scored = [Scored(s, g) for (s, _), g in zip(batch.jobs, batch.goodputs, strict=True)]
+    pre = [x for x, (_, role) in zip(scored, batch.jobs, strict=True) if role == "prefill"]
+    dec = [x for x, (_, role) in zip(scored, batch.jobs, strict=True) if role == "decode"]
+    table = {
+        "prefill": {s.config.label: s.goodput for s in pre},
+        "decode": {s.config.label: s.goodput for s in dec},
+    }
+    return best_combination(pre, dec, cluster, rate), table
 
 
 def algorithm1(
@@ -197,59 +166,38 @@ def algorithm1(
     rate: float | None,
     workers: int,
     progress: Callable[[str], None] | None,
+    prune: bool = True,
 ) -> tuple[Choice | None, dict[str, Any]]:
-    jobs = [(s, "prefill") for s in prefill_shapes] + [(s, "decode") for s in decode_shapes]
-    goodputs = score_all(setting, jobs, workers, progress)
-    k = len(prefill_shapes)
-    pre = [Scored(s, g) for (s, _), g in zip(jobs[:k], goodputs[:k], strict=True)]
-    dec = [Scored(s, g) for (s, _), g in zip(jobs[k:], goodputs[k:], strict=True)]
-    table = {
-        "prefill": {s.config.label: s.goodput for s in pre},
-        "decode": {s.config.label: s.goodput for s in dec},
-    }
-    return best_combination(pre, dec, cluster, rate), table
+    """Algorithm 1 on its own (`make_plan` runs it beside the baselines)."""
+    batch = algorithm1_batch(setting, prefill_shapes, decode_shapes, cluster, rate, prune)
+    with worker_pool(workers) as pool:
+        score([batch], pool, workers, progress)
+    return algorithm1_choice(batch, cluster, rate)
 
 
-def algorithm2(
-    setting: Setting,
-    profiles: Sequence[Profile],
-    cluster: Cluster,
-    rate: float | None,
-    workers: int,
-    progress: Callable[[str], None] | None,
-) -> tuple[Choice | None, dict[str, Any]]:
-    """For each inter-node pipeline degree, prefill and decode segments whose devices fit in
-    one node, simulated together as a 1P1D pair."""
-    jobs: list[tuple[InstanceConfig, InstanceConfig]] = []
-    for pp in range(1, cluster.num_nodes + 1):
-        for p, d in itertools.product(profiles, profiles):
-            if p.tp * (p.cores or 1) + d.tp * (d.cores or 1) > cluster.devices_per_node:
-                continue
-            arch = ARCHITECTURES.get(p.model)
-            if pp > 1 and (arch is None or arch.num_layers % pp):
-                continue
-            jobs.append((InstanceConfig(p, pp), InstanceConfig(d, pp)))
-    args = [(setting, p, d) for p, d in jobs]
-    if workers > 1 and len(args) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            goodputs = list(pool.map(_pair_goodput, args))
-    else:
-        goodputs = [_pair_goodput(a) for a in args]
-    best: Choice | None = None
-    table = {}
-    for (pre, dec), g in zip(jobs, goodputs, strict=True):
-        table[f"P {pre.label} + D {dec.label}"] = g
-        if progress:
-            progress(f"pair P {pre.label} + D {dec.label}: {g:.3f} req/s")
-        c = Choice("disagg", pre, dec, num_prefill=1, num_decode=1, goodput=g)
-        if g > 0 and (best is None or c.per_device > best.per_device):
-            best = c
-    return (replicate(best, cluster, rate) if best else None), table
+def baseline_batch(
+    setting: Setting, shapes: list[InstanceConfig], chunked: bool, prune: bool = True
+) -> Batch:
+    """A colocated baseline's jobs: each shape serving both phases, both targets."""
+    role = "chunked" if chunked else "colocated"
+    floors = ShapeFloors([s.devices for s in shapes]) if prune else None
+    return Batch(setting, [(s, role) for s in shapes], floors)
 
 
-def _pair_goodput(job: tuple[Setting, InstanceConfig, InstanceConfig]) -> float:
-    setting, p, d = job
-    return placement_goodput(setting, p, d)
+def baseline_choice(
+    batch: Batch, cluster: Cluster, rate: float | None
+) -> tuple[Choice | None, dict[str, float]]:
+    """Copies of the scored shape of best goodput per device (ties: the first)."""
+    scored = [Scored(s, g) for (s, _), g in zip(batch.jobs, batch.goodputs, strict=True)]
+    table = {s.config.label: s.goodput for s in scored}
+    best = max((s for s in scored if s.goodput > 0), key=lambda s: s.per_device, default=None)
+    if best is None:
+        return None, table
+    chunked = batch.jobs[0][1] == "chunked"
+    unit = Choice(
+        "colocated", colocated=best.config, num_colocated=1, chunked=chunked, goodput=best.goodput
+    )
+    return replicate(unit, cluster, rate), table
 
 
 def colocated_baseline(
@@ -260,18 +208,13 @@ def colocated_baseline(
     chunked: bool,
     workers: int,
     progress: Callable[[str], None] | None,
+    prune: bool = True,
 ) -> tuple[Choice | None, dict[str, float]]:
-    role = "chunked" if chunked else "colocated"
-    goodputs = score_all(setting, [(s, role) for s in shapes], workers, progress)
-    scored = [Scored(s, g) for s, g in zip(shapes, goodputs, strict=True)]
-    table = {s.config.label: s.goodput for s in scored}
-    best = max((s for s in scored if s.goodput > 0), key=lambda s: s.per_device, default=None)
-    if best is None:
-        return None, table
-    unit = Choice(
-        "colocated", colocated=best.config, num_colocated=1, chunked=chunked, goodput=best.goodput
-    )
-    return replicate(unit, cluster, rate), table
+    """One colocated baseline on its own (`make_plan` runs it beside the search)."""
+    batch = baseline_batch(setting, shapes, chunked, prune)
+    with worker_pool(workers) as pool:
+        score([batch], pool, workers, progress)
+    return baseline_choice(batch, cluster, rate)
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:

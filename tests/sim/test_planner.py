@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from distserve.core import SchedulerConfig
-from distserve.planner.phases import InstanceConfig, Setting, bisect_rate, placement_attainment
+from distserve.planner.bisection import bisect_rate
+from distserve.planner.phases import InstanceConfig, Setting, placement_attainment
 from distserve.planner.plan import make_plan, tied_with
 from distserve.planner.search import Cluster, algorithm1, candidates
 from distserve.sim.profile import Profile
