@@ -47,6 +47,13 @@ class EngineConfig:
         if self.cores is not None:
             object.__setattr__(self, "cores", tuple(self.cores))
 
+    @property
+    def prefix_cache_key(self) -> str:
+        """The namespace of this engine's cached prefixes: equal tokens under another
+        model, other weights or another dtype never name the same KV block."""
+        weights = f"random-{self.seed}" if self.load_format == "random" else "auto"
+        return f"{self.model}|{weights}|{self.dtype}"
+
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
 

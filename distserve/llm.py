@@ -35,6 +35,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int | None = None,
         chunked_prefill: bool = False,
+        prefix_caching: bool = True,
         cores: tuple[int, ...] | None = None,
         config: EngineConfig | None = None,
     ) -> None:
@@ -47,7 +48,10 @@ class LLM:
                 cores=cores,
                 seed=seed,
                 cache=CacheConfig(
-                    block_size=block_size, num_blocks=num_blocks, kv_cache_gb=kv_cache_gb
+                    block_size=block_size,
+                    num_blocks=num_blocks,
+                    kv_cache_gb=kv_cache_gb,
+                    prefix_caching=prefix_caching,
                 ),
                 scheduler=SchedulerConfig(
                     max_num_seqs=max_num_seqs,

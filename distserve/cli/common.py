@@ -282,6 +282,16 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prefix_caching_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt whole: no reuse of the KV of prefixes computed before "
+        "(default: full blocks are cached by prefix and reused)",
+    )
+
+
 def add_serving_path_flags(
     p: argparse.ArgumentParser, defaults: Mapping[str, float | None] | None = None
 ) -> None:

@@ -8,7 +8,12 @@ import re
 import sys
 from typing import Any
 
-from distserve.cli.common import add_engine_flags, flag_message, positive_int
+from distserve.cli.common import (
+    add_engine_flags,
+    add_prefix_caching_flag,
+    flag_message,
+    positive_int,
+)
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
@@ -75,6 +80,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help='print {"outputs": [{"prompt", "text", "token_ids"}]} instead of text',
     )
     add_engine_flags(gen)
+    add_prefix_caching_flag(gen)
 
     return gen  # type: ignore[no-any-return]
 
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             device=args.device,
             kv_cache_gb=args.kv_cache_gb,
             max_model_len=args.max_model_len,
+            prefix_caching=args.prefix_caching,
         )
     except (ValueError, FileNotFoundError) as e:
         parser.error(f"--model {args.model}: {e}")

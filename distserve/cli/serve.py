@@ -8,6 +8,7 @@ from typing import Any
 from distserve.cli.common import (
     add_engine_flags,
     add_placement_flags,
+    add_prefix_caching_flag,
     flag_message,
     positive_float,
     positive_int,
@@ -107,6 +108,13 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="seconds a request's body may take after its head; then 408 and closed (default: 30)",
     )
     srv.add_argument(
+        "--orphan-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds a request may wait while every instance of a role it needs is down "
+        "and restarting; then it ends with an error (default: 300)",
+    )
+    srv.add_argument(
         "--max-connections",
         type=positive_int,
         default=1024,
@@ -125,6 +133,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="append one JSON line per instance step (what ran, how long) to FILE",
     )
     add_engine_flags(srv)
+    add_prefix_caching_flag(srv)
     add_emulation_flags(srv)
     return srv  # type: ignore[no-any-return]
 
@@ -158,7 +167,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             load_format=args.load_format,
             dtype=args.dtype,
             device=args.device,
-            cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
+            cache=CacheConfig(kv_cache_gb=args.kv_cache_gb, prefix_caching=args.prefix_caching),
             scheduler=SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=max(2048, args.max_model_len),
@@ -198,6 +207,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             body_timeout=args.body_timeout,
             max_connections=args.max_connections,
             trace_steps=args.trace_steps,
+            orphan_timeout=args.orphan_timeout,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))

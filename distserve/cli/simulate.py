@@ -10,6 +10,7 @@ from typing import Any
 from distserve.cli.common import (
     add_arrival_flags,
     add_placement_flags,
+    add_prefix_caching_flag,
     add_serving_path_flags,
     add_slo_flags,
     add_tokenizer_flag,
@@ -73,6 +74,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         default=None,
         help="KV blocks per instance (default: the profile's capacity)",
     )
+    add_prefix_caching_flag(p)
     add_tokenizer_flag(p, "smollm2-135m")
     add_workload_flags(p, num_requests=1000)
     add_arrival_flags(p)
@@ -121,7 +123,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             max_model_len=2048,
             chunked_prefill=args.chunked_prefill,
         )
-        opts = SimOptions(path, num_blocks=args.num_blocks, scheduler=sched)
+        opts = SimOptions(
+            path, num_blocks=args.num_blocks, scheduler=sched, prefix_caching=args.prefix_caching
+        )
         config = sim_config(placement, prefill, decode, opts)
         if args.step_noise:
             config = dataclasses.replace(config, step_noise=args.step_noise, seed=args.seed)

@@ -17,8 +17,7 @@ from distserve.cluster.migration import Migrations
 from distserve.cluster.placement import (
     assign_cores,
     connect_peers,
-    connect_restarted,
-    restart_worker,
+    replace_worker,
     start_workers,
 )
 from distserve.cluster.process_group import KVProcessGroup, join_process_group
@@ -89,6 +88,7 @@ class Controller:
         transport: str = "auto",
         max_queued: int = 512,
         restart: bool = True,
+        orphan_timeout: float = 300.0,
         step_trace: str | None = None,
         emulation: EmulationConfig | None = None,
     ) -> None:
@@ -120,8 +120,9 @@ class Controller:
         on_migration = observer.on_migration if observer else None
         self.migration = Migrations(self.table, self.spawn, migration_timeout, on_migration)
         self.recovery = Recovery(
-            self.table, self.spawn, self._replacement, self.fail_request, restart=restart
-        )
+            self.table, self.spawn, self._replacement, self.fail_request,
+            orphan_timeout=orphan_timeout, restart=restart,
+        )  # fmt: skip
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
         self.emulated = (
@@ -188,19 +189,11 @@ class Controller:
     async def _replacement(self, dead: Instance) -> Instance:
         """A new worker in place of a dead one (same name, role and cores), connected to
         the live decode workers; its instance is not started yet."""
-        executor, info = await restart_worker(
-            self.engine_config,
-            self.placement,
-            dead.role.value,
-            dead.cores,
-            self.use_ray,
-            self.start_timeout,
-            dead.executor,
-        )
         decoders = [i.executor for i in self.instances if i.alive and i.role == Role.DECODE]
-        await connect_restarted(
-            executor, info, dead.role.value, decoders, self.transport in ("auto", "shm")
-        )
+        executor, info = await replace_worker(
+            self.engine_config, self.placement, dead.role.value, dead.cores, self.use_ray,
+            self.start_timeout, dead.executor, decoders, self.transport in ("auto", "shm"),
+        )  # fmt: skip
         return self.make_instance(dead.name, dead.role, executor, info, dead.cores)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -236,7 +229,14 @@ class Controller:
             chunked_prefill=self.placement.chunked_prefill and role == Role.COLOCATED,
         )
         cc = self.engine_config.cache
-        blocks = BlockManager(info.num_blocks, cc.block_size, cc.watermark)
+        # A fresh cache for every worker: a restarted one holds none of its KV.
+        blocks = BlockManager(
+            info.num_blocks,
+            cc.block_size,
+            cc.watermark,
+            prefix_caching=cc.prefix_caching,
+            cache_key=self.engine_config.prefix_cache_key,
+        )
         swap = BlockManager(cc.num_swap_blocks, cc.block_size) if cc.num_swap_blocks else None
         cls = {
             Role.PREFILL: PrefillScheduler,

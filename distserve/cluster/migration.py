@@ -55,8 +55,11 @@ class Migrations:
         table, src, rid = self.table, state.owner, req.request_id
         assert isinstance(dec.scheduler, DecodeScheduler)
         assert isinstance(src.scheduler, PrefillScheduler)
+        # Only what the decode side lacks moves: its prefix-cache hits head the table.
+        skip = dec.scheduler.num_local_blocks(rid)
         src_blocks = src.scheduler.blocks.block_table(rid)
-        dst_blocks = dec.scheduler.blocks.block_table(rid)[: len(src_blocks)]
+        dst_blocks = dec.scheduler.blocks.block_table(rid)[skip : len(src_blocks)]
+        src_blocks = src_blocks[skip:]
         transfer = transfer_blocks(src.executor, src_blocks, dec.executor, dst_blocks)
         try:
             stats = await asyncio.wait_for(transfer, self.timeout)

@@ -211,3 +211,27 @@ async def connect_restarted(
     finally:
         if isinstance(executor, RayExecutor):
             await executor.unlink_shared()
+
+
+async def replace_worker(
+    engine: EngineConfig,
+    placement: PlacementConfig,
+    role: str,
+    cores: list[int],
+    use_ray: bool,
+    timeout: float,
+    previous: Executor,
+    decoders: list[Executor],
+    shared_memory: bool,
+) -> tuple[Executor, WorkerInfo]:
+    """A started and connected worker in place of `previous` (restart_worker, then
+    connect_restarted); one that fails to connect is closed, so retries leak no actors."""
+    executor, info = await restart_worker(
+        engine, placement, role, cores, use_ray, timeout, previous
+    )
+    try:
+        await connect_restarted(executor, info, role, decoders, shared_memory)
+    except BaseException:
+        await executor.close()
+        raise
+    return executor, info

@@ -97,7 +97,7 @@ class RequestTable:
             req.request_id, list(req.prompt_token_ids), req.sampling_params, req.arrival_time,
             eos_token_id=req.eos_token_id, output_token_ids=list(req.output_token_ids),
             output_logprobs=list(req.output_logprobs), timestamps=dict(req.timestamps),
-            num_preemptions=req.num_preemptions + 1,
+            num_preemptions=req.num_preemptions + 1, num_cached_tokens=req.num_cached_tokens,
         )  # fmt: skip
         state.decode, state.migrating = None, False
         target = pick_prefill(self.entry_instances)

@@ -30,8 +30,17 @@ class CacheConfig:
     watermark: float = field(
         default=0.01, metadata={"help": "share of blocks kept free when admitting new requests"}
     )
+    prefix_caching: bool = field(
+        default=True,
+        metadata={
+            "help": "keep computed full blocks named by their prefix and reuse them for "
+            "requests that share it; freed ones stay cached until their memory is needed"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be a bool, got {self.prefix_caching!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -6,7 +6,9 @@ Token ranges of a request (P = prompt length, O = outputs so far):
     KV computed:    [ 0 .. num_computed_tokens-1 ]
     still to run:   [ num_computed_tokens .. num_tokens-1 ]   (prompt rest, or the last output)
 
-A decode step computes the KV of the last sampled token and samples the next one.
+A decode step computes the KV of the last sampled token and samples the next one. A
+prefill with a prefix-cache hit starts at the cached length: the KV of [0, cached) is
+shared blocks that another request computed.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     timestamps: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV a prefix-cache hit supplied at this request's first prefill
+    (they were not computed for it); what its usage reports as cached."""
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

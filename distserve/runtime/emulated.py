@@ -58,7 +58,7 @@ class EmulatedExecutor:
             await self.clock.sleep_until(t0 + result.elapsed)
             return result
 
-    async def read_blocks(self, block_ids: list[int]) -> list[str | None]:
+    async def read_blocks(self, block_ids: list[int]) -> list[Any]:
         return self.worker.read_blocks(block_ids)
 
     async def write_blocks(self, block_ids: list[int], data: Any) -> int:

@@ -33,7 +33,13 @@ class LLMEngine:
         self.config = dataclasses.replace(config, scheduler=sched)
         cc = config.cache
         swap = BlockManager(cc.num_swap_blocks, cc.block_size) if cc.num_swap_blocks else None
-        blocks = BlockManager(info.num_blocks, cc.block_size, cc.watermark)
+        blocks = BlockManager(
+            info.num_blocks,
+            cc.block_size,
+            cc.watermark,
+            prefix_caching=cc.prefix_caching,
+            cache_key=config.prefix_cache_key,
+        )
         self.scheduler = ColocatedScheduler(sched, blocks, swap)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

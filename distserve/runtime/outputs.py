@@ -26,6 +26,8 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     new_logprobs: list[TokenLogprobs] | None = None
     timestamps: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    """Prompt tokens a prefix-cache hit supplied (`Request.num_cached_tokens`)."""
 
 
 class OutputProcessor:
@@ -88,4 +90,5 @@ class OutputProcessor:
             logprobs=lps if wants_lp else None,
             new_logprobs=lps[len(lps) - len(new_ids) :] if wants_lp else None,
             timestamps=dict(req.timestamps),
+            num_cached_tokens=req.num_cached_tokens,
         )

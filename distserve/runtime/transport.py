@@ -13,6 +13,7 @@ module only reads that from the executors:
 | `object-store` | other Ray actors: the destination pulls a Ray object    |
 | `via-driver`   | a local and a Ray worker: through this process          |
 | `emulated`     | two emulated devices: the KV bytes over their link's bandwidth |
+| `none`         | nothing to move: the destination's prefix cache held every block |
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ async def transfer_blocks(
         raise ValueError(
             f"{len(src_blocks)} source blocks for {len(dst_blocks)} destination blocks"
         )
+    if not src_blocks:  # the destination's prefix cache held every block
+        return TransferStats(0, 0.0, "none")
     t0 = time.perf_counter()
     if isinstance(src, RayExecutor) and isinstance(dst, RayExecutor):
         if src.name in dst.peers:

@@ -141,10 +141,15 @@ def build_app(
     async def health() -> JSONResponse:
         alive = {i.name: i.alive for i in controller.instances}
         ok = bool(alive) and all(alive.values())
-        detail = {
+        detail: dict[str, dict[str, Any]] = {
             i.name: {"alive": i.alive, "pid": i.pid, "role": i.role.value}
             for i in controller.instances
         }
+        recovery = controller.recovery
+        for name, attempt in recovery.restart_attempts.items():  # why a role is still down
+            detail[name]["restart_attempt"] = attempt
+        for name, error in recovery.restart_errors.items():
+            detail[name]["restart_error"] = error
         return JSONResponse(
             {"status": "ok" if ok else "degraded", "instances": detail},
             status_code=200 if ok else 503,
@@ -237,8 +242,12 @@ def build_app(
     return app
 
 
-def _usage(outs: list[RequestOutput]) -> dict[str, int]:
-    return R.usage(sum(len(o.prompt_token_ids) for o in outs), sum(len(o.token_ids) for o in outs))
+def _usage(outs: list[RequestOutput]) -> dict[str, Any]:
+    return R.usage(
+        sum(len(o.prompt_token_ids) for o in outs),
+        sum(len(o.token_ids) for o in outs),
+        sum(o.num_cached_tokens for o in outs),
+    )
 
 
 def _completion_chunk(

@@ -57,6 +57,10 @@ class ServerConfig:
     trace_steps: str | None = field(
         default=None, metadata={"help": "write one JSON line per instance step to this file"}
     )
+    orphan_timeout: float = field(
+        default=300.0,
+        metadata={"help": "seconds a request waits for a role with no live instance, then fails"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -67,7 +71,7 @@ class ServerConfig:
             raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
         if not self.max_body_mb > 0:
             raise ValueError(f"max_body_mb must be > 0, got {self.max_body_mb}")
-        for name in ("header_timeout", "body_timeout"):
+        for name in ("header_timeout", "body_timeout", "orphan_timeout"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.max_connections < 1:
@@ -92,6 +96,7 @@ async def serve(
         observer=metrics,
         transport=server.transport,
         max_queued=server.max_queued,
+        orphan_timeout=server.orphan_timeout,
         step_trace=server.trace_steps,
         emulation=emulation,
     )

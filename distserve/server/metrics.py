@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from distserve.cluster.controller import Controller
 from distserve.core import DecodeScheduler
@@ -89,8 +89,15 @@ class _InstanceCollector:
             "Seconds spent executing steps",
             labels=["instance", "role"],
         )
+        prompt, hits, rate = _prefix_cache_families()
         for inst in self.controller.instances:
             s, labels = inst.scheduler, [inst.name, inst.role.value]
+            up.add_metric(labels, 1.0 if inst.alive else 0.0)
+            if not inst.alive:
+                # a dead instance's scheduler still holds the requests it lost (rescued
+                # elsewhere) and its blocks: only `up` says it exists until its replacement
+                # runs under the same name
+                continue
             queues = {
                 "waiting": len(s.waiting),
                 "running": len(s.running),
@@ -100,8 +107,35 @@ class _InstanceCollector:
                 queues["pending_migration"] = len(s.pending)
             for name, n in queues.items():
                 queue.add_metric([*labels, name], n)
+            cached = s.blocks.num_cached_blocks  # free for allocation, holding a prefix
             blocks.add_metric([*labels, "used"], s.blocks.num_used_blocks)
-            blocks.add_metric([*labels, "free"], s.blocks.num_free_blocks)
-            up.add_metric(labels, 1.0 if inst.alive else 0.0)
+            blocks.add_metric([*labels, "free"], s.blocks.num_free_blocks - cached)
+            blocks.add_metric([*labels, "cached"], cached)
+            prompt.add_metric(labels, s.num_prompt_tokens_admitted)
+            hits.add_metric(labels, s.num_prompt_tokens_cached)
+            if s.num_prompt_tokens_admitted:
+                rate.add_metric(labels, s.num_prompt_tokens_cached / s.num_prompt_tokens_admitted)
             busy.add_metric(labels, inst.stats.busy_seconds)
-        yield from (queue, blocks, up, busy)
+        yield from (queue, blocks, up, busy, prompt, hits, rate)
+
+
+def _prefix_cache_families() -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+    """Prompt tokens of first prefills per instance, those a prefix-cache hit supplied,
+    and their ratio (counters restart with a restarted instance, as its cache does)."""
+    return (
+        CounterMetricFamily(
+            "distserve_prefix_cache_prompt_tokens",
+            "Prompt tokens of requests prefilled here",
+            labels=["instance", "role"],
+        ),
+        CounterMetricFamily(
+            "distserve_prefix_cache_hit_tokens",
+            "Prompt tokens a prefix-cache hit supplied (not computed)",
+            labels=["instance", "role"],
+        ),
+        GaugeMetricFamily(
+            "distserve_prefix_cache_hit_rate",
+            "Cached prompt tokens / prompt tokens since the instance started",
+            labels=["instance", "role"],
+        ),
+    )

@@ -30,6 +30,9 @@ class SimOptions:
     )
     block_size: int = 16
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    prefix_caching: bool = field(
+        default=True, metadata={"help": "instances reuse cached prefixes, as the engine does"}
+    )
 
 
 def sim_config(
@@ -53,6 +56,7 @@ def sim_config(
         num_blocks={role: blocks(p) for role, p in profiles.items()},
         scheduler=opts.scheduler,
         block_size=opts.block_size,
+        prefix_caching=opts.prefix_caching,
     )
 
 
@@ -77,6 +81,9 @@ def simulate(
         "wall_seconds": wall,
         "steps": {i.name: i.steps for i in sim.instances},
         "busy_seconds": {i.name: i.busy_seconds for i in sim.instances},
+        "prefix_cache_hit_tokens": {
+            i.name: i.scheduler.num_prompt_tokens_cached for i in sim.instances
+        },
     }
     if output:
         write_results(

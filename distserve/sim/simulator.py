@@ -70,6 +70,9 @@ class SimConfig:
     watermark: float = 0.01
     num_swap_blocks: int = 0
     """Host blocks for swap preemption, per instance (copies are not timed)."""
+    prefix_caching: bool = True
+    """Each instance's block manager caches prefixes as the engine's does, so a prompt
+    that shares full blocks with an earlier one computes (and migrates) only the rest."""
     fast_forward: bool = True
     record_plans: bool = False
     """Keep every instance's plans (tests compare them with a real instance's)."""
@@ -99,6 +102,7 @@ class SimConfig:
                 for k, v in dataclasses.asdict(self.scheduler).items()
             },
             "block_size": self.block_size,
+            "prefix_caching": self.prefix_caching,
             "step_noise": self.step_noise,
             "seed": self.seed,
         }
@@ -128,7 +132,13 @@ class Simulator:
         sched_cfg = dataclasses.replace(
             cfg.scheduler, chunked_prefill=cfg.placement.chunked_prefill and role == "colocated"
         )
-        blocks = BlockManager(cfg.num_blocks[role], cfg.block_size, cfg.watermark)
+        blocks = BlockManager(
+            cfg.num_blocks[role],
+            cfg.block_size,
+            cfg.watermark,
+            prefix_caching=cfg.prefix_caching,
+            cache_key=cfg.latency[role].profile.model,
+        )
         swap = BlockManager(cfg.num_swap_blocks, cfg.block_size) if cfg.num_swap_blocks else None
         kinds: dict[str, type[PrefillScheduler | DecodeScheduler | ColocatedScheduler]] = {
             "prefill": PrefillScheduler,
@@ -225,8 +235,9 @@ class Simulator:
         if isinstance(sched, DecodeScheduler):
             for req in sched.admit_migrations(t):
                 src = self._owner[req.request_id]
+                local = sched.num_local_blocks(req.request_id) * sched.blocks.block_size
                 self._at(
-                    t + inst.latency.transfer_time(req.num_computed_tokens),
+                    t + inst.latency.transfer_time(req.num_computed_tokens - local),
                     "transfer",
                     functools.partial(self._transferred, req=req, src=src, dst=inst),
                 )
@@ -272,7 +283,7 @@ class Simulator:
         begin_span(inst.scheduler, batch, lo, t)
 
         def done(t2: float, inst: SimInstance = inst, m: int = lo) -> None:
-            end_span(batch, m, _TOKEN)
+            end_span(inst.scheduler, batch, m, _TOKEN)
             inst.busy = False
             self._wake(inst, t2)
 

@@ -27,17 +27,24 @@ PROMPTS = [
     "Once upon a time in a land far away",
     "In computer networks, a packet is",
 ]
+ORPHAN_TIMEOUT = 60
+"""serve --orphan-timeout: how long a request may wait for a role with no live instance."""
 
 
 @pytest.fixture(scope="module")
 def url():
     # float32: recomputing a request's KV in one prefill gives the same greedy tokens as
     # the original token-by-token decode (bf16 may differ by a rounding step).
-    with running_server("--mode", "disagg", "--dtype", "float32", kv_cache_gb=0.2) as u:
+    args = ("--mode", "disagg", "--dtype", "float32", "--orphan-timeout", str(ORPHAN_TIMEOUT))
+    with running_server(*args, kv_cache_gb=0.2) as u:
         yield u
 
 
-def _stream(url: str, prompt: str, started: list[int]) -> tuple[str, int]:
+def _stream(
+    url: str, prompt: str, started: list[int], errors: list[str] | None = None
+) -> tuple[str, int]:
+    """The stream's text and token count; an error chunk fails the test, or with `errors`
+    is appended there and ends the stream."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -54,6 +61,9 @@ def _stream(url: str, prompt: str, started: list[int]) -> tuple[str, int]:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if errors is not None and "error" in chunk:
+                errors.append(chunk["error"]["message"])
+                break
             assert "error" not in chunk, chunk
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -122,4 +132,58 @@ def test_worker_killed_under_load(url, reference, role: str, after_chunks: int) 
     _wait_healthy(url, victim)
     _wait_blocks_free(url)
     # and it still serves
+    assert _stream(url, PROMPTS[0], [])[0] == reference[PROMPTS[0]]
+
+
+def _loading_worker(raylet: int, known: set[int], timeout: float = 60) -> int:
+    """The pid of a worker actor that the raylet is starting (its title is set once the
+    actor's constructor runs, while it loads the model), other than `known` ones."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0]
+            except (OSError, ValueError, IndexError):
+                continue  # not a process, or gone
+            if ppid == raylet and title.startswith(b"ray::Worker") and int(entry) not in known:
+                return int(entry)
+        time.sleep(0.05)
+    raise AssertionError("no replacement worker started")
+
+
+def test_decode_replacement_killed_while_loading(url, reference) -> None:
+    """Issue 27: SIGKILL of the decode worker, then of its replacement as it loads. The
+    restart is retried (after 1 s, then 2 s ...) and the role comes back without a restart
+    of serve; every stream completes or ends with an error within the bounded wait."""
+    health = _instances(url)
+    victim = next(v["pid"] for v in health.values() if v["role"] == "decode")
+    with open(f"/proc/{victim}/stat") as f:
+        raylet = int(f.read().rsplit(")", 1)[1].split()[1])
+    started: list[int] = []
+    errors: list[str] = []
+    prompts = PROMPTS * 2
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(_stream, url, p, started, errors) for p in prompts]
+        deadline = time.monotonic() + 60
+        while len(started) < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        second = _loading_worker(raylet, {v["pid"] for v in health.values()})
+        os.kill(second, signal.SIGKILL)
+        outs = [f.result(timeout=ORPHAN_TIMEOUT + 120) for f in futures]
+        ended = time.monotonic() - killed_at
+    # a retried restart takes seconds, well inside the bound: every stream completes as
+    # if undisturbed; were the role to stay down, each would end with an error instead
+    assert not errors or ended < ORPHAN_TIMEOUT + 30, (errors, ended)
+    completed = [(p, o) for p, o in zip(prompts, outs, strict=True) if o[1] == MAX_TOKENS]
+    assert len(completed) + len(errors) == len(prompts)
+    for prompt, (text, _) in completed:
+        assert text == reference[prompt], prompt
+    _wait_healthy(url, victim)
+    assert second not in {v["pid"] for v in _instances(url).values()}
+    _wait_blocks_free(url)
     assert _stream(url, PROMPTS[0], [])[0] == reference[PROMPTS[0]]

@@ -33,8 +33,12 @@ ROUND = Profile(
 
 
 def _wl(*reqs: tuple[float, int, int]) -> Workload:
+    """Requests (arrival, prompt length, output length) whose prompts share no prefix."""
     return Workload(
-        tuple(WorkloadRequest(i, t, tuple(range(1, p + 1)), o) for i, (t, p, o) in enumerate(reqs))
+        tuple(
+            WorkloadRequest(i, t, tuple((i + j) % 300 + 1 for j in range(p)), o)
+            for i, (t, p, o) in enumerate(reqs)
+        )
     )
 
 
@@ -126,6 +130,21 @@ def test_two_requests_queue_for_prefill() -> None:
     assert b.ttft == pytest.approx(0.06 + 0.010 + 0.050)
 
 
+def test_a_repeated_prompt_prefills_and_migrates_only_what_is_not_cached() -> None:
+    # r1: 100 tokens, cold. r2, the same prompt after r1 finished: 96 tokens (6 full
+    # blocks) cached on the prefill side, so it computes 4 (10 ms + 4 ms); the decode side
+    # holds them too, so 4 tokens move (4 x 1000 B at 1 MB/s = 4 ms) instead of 100.
+    wl = _wl((0.0, 100, 3), (1.0, 100, 3))
+    same = dataclasses.replace(wl.requests[1], prompt_token_ids=wl.requests[0].prompt_token_ids)
+    wl = Workload((wl.requests[0], same))
+    r1, r2 = Simulator(_config()).run(wl)
+    assert r1.ttft == pytest.approx(0.110) and r2.ttft == pytest.approx(0.014)
+    migration = [r.server["migration_end"] - r.server["migration_start"] for r in (r1, r2)]
+    assert migration == pytest.approx([0.1, 0.004])
+    off = dataclasses.replace(_config(), prefix_caching=False)
+    assert [r.ttft for r in Simulator(off).run(wl)] == pytest.approx([0.110, 0.110])
+
+
 def test_contention_slows_a_step_while_the_other_instance_decodes() -> None:
     """Two colocated instances. Two prompts at t=0: each starts while the other is idle or
     computing a prompt (scale 1). A prompt at t=0.2 while the first instance decodes runs
@@ -194,6 +213,55 @@ def test_fast_forward_changes_nothing(mode: str, kw: dict, contended: bool) -> N
         assert f.server == pytest.approx(s.server, rel=1e-9, abs=1e-12)
 
 
+def _shared_prefix_workload(share: bool) -> Workload:
+    """300 random requests; with `share`, each prompt starts with one of three 256-token
+    texts (as chat turns repeat a system prompt or a conversation)."""
+    spec = WorkloadSpec(dataset="random", num_requests=300, rate=6.0, seed=5, prompt_len=(16, 600))
+    wl = build_workload(spec, tokenizer=None)  # type: ignore[arg-type]
+    if not share:
+        return wl
+    texts = [tuple(range(7 + k, 263 + k)) for k in (0, 300, 600)]
+    reqs = [
+        dataclasses.replace(r, prompt_token_ids=texts[r.index % 3] + r.prompt_token_ids)
+        for r in wl.requests
+    ]
+    return Workload(tuple(reqs))
+
+
+@pytest.mark.parametrize("mode", ["disagg", "colocated"])
+def test_prefix_caching_changes_nothing_without_shared_prefixes(mode: str) -> None:
+    profile = find(bundled_a100(), "opt-13b", 1)
+    opts = SimOptions(num_blocks=400)  # few blocks: preemptions too
+    on = sim_config(PlacementConfig(mode=mode), profile, None, opts)
+    off = dataclasses.replace(on, prefix_caching=False)
+    wl = _shared_prefix_workload(share=False)
+    assert Simulator(on).run(wl) == Simulator(off).run(wl)
+    shared = _shared_prefix_workload(share=True)
+    hot, cold = Simulator(on), Simulator(off)
+    hot_results, cold_results = hot.run(shared), cold.run(shared)
+    assert sum(i.scheduler.num_prompt_tokens_cached for i in hot.instances) > 200 * 256
+    assert sum(r.ttft for r in hot_results) < sum(r.ttft for r in cold_results)  # type: ignore[misc]
+
+
+def test_fast_forward_changes_nothing_with_shared_prefixes() -> None:
+    """A span names the blocks it fills, as its steps one by one would."""
+    profile = find(bundled_a100(), "opt-13b", 1)
+    sched = SchedulerConfig(max_num_seqs=32)
+    base = sim_config(
+        PlacementConfig(mode="colocated"),
+        profile,
+        None,
+        SimOptions(num_blocks=400, scheduler=sched),
+    )
+    wl = _shared_prefix_workload(share=True)
+    fast = Simulator(base)
+    slow = Simulator(dataclasses.replace(base, fast_forward=False))
+    for f, s in zip(fast.run(wl), slow.run(wl), strict=True):
+        assert (f.num_tokens, f.ttft, f.e2e) == pytest.approx((s.num_tokens, s.ttft, s.e2e))
+    hits = [i.scheduler.num_prompt_tokens_cached for i in (fast.instances[0], slow.instances[0])]
+    assert hits[0] == hits[1] > 0
+
+
 def test_same_seed_same_result(tmp_path) -> None:
     profile = find(bundled_a100(), "opt-13b", 1)
     spec = WorkloadSpec(dataset="random", num_requests=200, rate=4.0, seed=11)
@@ -228,10 +296,12 @@ def test_step_noise_is_seeded_and_keeps_the_mean() -> None:
     assert abs(e2e["a"] / e2e["off"] - 1) < 0.03 and abs(e2e["b"] / e2e["off"] - 1) < 0.03
 
 
-def test_simulated_and_real_instance_schedule_alike(make_engine, tmp_path) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["distinct", "shared-prefixes"])
+def test_simulated_and_real_instance_schedule_alike(make_engine, tmp_path, shared) -> None:
     """A real colocated instance (real model, real runner) and a simulated one, given the
     same requests at once and the same limits, produce the same sequence of plans: which
-    requests, which token ranges, which preemptions and swaps."""
+    requests, which token ranges, which preemptions and swaps. With prompts that share
+    prefixes, both take the same prefix-cache hits (chunks that start past 0)."""
     from distserve.config import EngineConfig
     from distserve.core import CacheConfig, SamplingParams
     from tests.model.hf_reference import tiny_hf_model
@@ -249,9 +319,18 @@ def test_simulated_and_real_instance_schedule_alike(make_engine, tmp_path) -> No
             scheduler=sched,
         )
     )
-    for p, o in lens:
+    wl = _wl(*[(0.0, p, o) for p, o in lens])
+    if shared:  # prompt i is 1 .. len_i: each shares its first full blocks with the others
+        wl = Workload(
+            tuple(
+                dataclasses.replace(r, prompt_token_ids=tuple(range(1, r.prompt_len + 1)))
+                for r in wl.requests
+            )
+        )
+    for r in wl.requests:
         eng.add_request(
-            list(range(1, p + 1)), SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)
+            list(r.prompt_token_ids),
+            SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True),
         )
     real_plans = []
     schedule = eng.scheduler.schedule
@@ -278,7 +357,7 @@ def test_simulated_and_real_instance_schedule_alike(make_engine, tmp_path) -> No
         record_plans=True,
     )
     sim = Simulator(config)
-    sim.run(_wl(*[(0.0, p, o) for p, o in lens]))
+    sim.run(wl)
 
     def shape(plans, ids):  # type: ignore[no-untyped-def]
         return [
@@ -295,3 +374,6 @@ def test_simulated_and_real_instance_schedule_alike(make_engine, tmp_path) -> No
 
     assert eng.scheduler.num_preemptions > 0  # the case is tight enough to exercise swapping
     assert shape(real_plans, lambda r: int(r.split("-")[1])) == shape(sim.instances[0].plans, int)
+    hits = eng.scheduler.num_prompt_tokens_cached
+    assert hits == sim.instances[0].scheduler.num_prompt_tokens_cached
+    assert (hits > 0) == shared

@@ -150,3 +150,9 @@ def test_generate_stop_reads_shell_escapes() -> None:
     assert unescape(r"a\tb\\c") == "a\tb\\c"
     assert unescape(r"\x") == r"\x"  # not an escape we read: kept as typed
     assert unescape("é") == "é"
+
+
+@pytest.mark.parametrize("verb", ["serve", "generate", "simulate"])
+def test_prefix_caching_is_on_unless_turned_off(verb: str) -> None:
+    assert parse(verb).prefix_caching is True
+    assert parse(verb, "--no-prefix-caching").prefix_caching is False

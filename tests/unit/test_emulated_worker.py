@@ -59,6 +59,16 @@ def test_reading_another_requests_blocks_fails_the_step() -> None:
     other.execute(StepPlan(3, (chunk("a", 20, 1, (5, 6)),)))
 
 
+def test_a_prefix_hit_may_read_another_requests_full_block_at_its_own_index() -> None:
+    worker = EmulatedWorker(device())
+    worker.execute(StepPlan(1, (chunk("a", 0, 40, (0, 1, 2)),)))
+    # b's cached prefix is a's first two full blocks; it computes from position 32.
+    worker.execute(StepPlan(2, (chunk("b", 32, 5, (0, 1, 3)),)))
+    # a block that sat at another index in its writer's sequence is not that prefix
+    with pytest.raises(KVMismatch, match="holds the KV of 'a'"):
+        worker.execute(StepPlan(3, (chunk("c", 16, 3, (1, 4)),)))
+
+
 def test_a_killed_worker_answers_nothing() -> None:
     worker = EmulatedWorker(device())
     worker.kill()

@@ -52,6 +52,11 @@ class Scheduler(ABC):
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
         self.num_preemptions = 0
+        self.num_prompt_tokens_admitted = 0
+        """Prompt tokens of the requests whose first prefill ran here (a counter)."""
+        self.num_prompt_tokens_cached = 0
+        """How many of those a prefix-cache hit supplied (a counter; the hit rate is
+        this over `num_prompt_tokens_admitted`)."""
         self.detailed_plans = True
         """False: chunks carry counts only, no token ids or block tables (for a simulator,
         whose executor reads nothing else; the decisions are the same)."""
@@ -63,7 +68,8 @@ class Scheduler(ABC):
         """Choose this step's work. Never blocks, never sleeps; may return an empty plan."""
 
     def update(self, plan: StepPlan, result: StepResult, now: float) -> list[StepOutput]:
-        """Apply an executed plan: advance computed tokens, append sampled tokens, finish
+        """Apply an executed plan: advance computed tokens (and offer the blocks they
+        filled to the prefix cache: their KV now exists), append sampled tokens, finish
         requests that hit a stop rule (their blocks are freed here). Requests aborted while
         the step ran are skipped."""
         outputs = []
@@ -72,6 +78,7 @@ class Scheduler(ABC):
             if req is None or req.finished:
                 continue
             req.num_computed_tokens = chunk.context_len
+            self.blocks.cache_blocks(req, req.num_computed_tokens)
             if chunk.sampling_params is None:
                 continue
             token = result.sampled[chunk.request_id]
@@ -228,25 +235,41 @@ class Scheduler(ABC):
 
     def _admit_whole(self, now: float, status: RequestStatus) -> list[ScheduledChunk]:
         """Waiting requests, FCFS and without skipping, each computed in one chunk (its
-        prompt, or prompt + outputs after a preemption), while the token budget, seats and
-        blocks above the watermark allow. They run with `status`."""
+        prompt, or prompt + outputs after a preemption, after what the prefix cache
+        holds), while the token budget, seats and blocks above the watermark allow. They
+        run with `status`."""
         chunks: list[ScheduledChunk] = []
         budget = self.config.max_num_batched_tokens
         while self.waiting and self._num_active() < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = req.num_uncomputed_tokens
+            cached = self.blocks.lookup(req)
+            n = req.num_uncomputed_tokens - len(cached) * self.blocks.block_size
             if n > budget or not self.blocks.can_allocate(
-                req.request_id, req.num_tokens, admit=True
+                req.request_id, req.num_tokens, admit=True, cached=cached
             ):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(req.request_id, req.num_tokens)
-            req.status = status
-            req.mark("prefill_start", now)
-            self.running.append(req)
+            self._start(req, req.num_tokens, cached, status, now)
             chunks.append(self._chunk(req, n))
             budget -= n
         return chunks
+
+    def _start(
+        self, req: Request, num_tokens: int, cached: list[int], status: RequestStatus, now: float
+    ) -> None:
+        """Admit the head of the waiting queue (popped by the caller), which holds no
+        blocks: its table starts with the `cached` prefix blocks (from `lookup`, just
+        now) and covers `num_tokens`; its computation starts after the cached prefix."""
+        self.blocks.allocate(req.request_id, num_tokens, cached)
+        hit = len(cached) * self.blocks.block_size
+        req.num_computed_tokens = hit
+        if "prefill_start" not in req.timestamps:  # its first prefill: what usage reports
+            req.num_cached_tokens = min(hit, req.num_prompt_tokens)
+            self.num_prompt_tokens_admitted += req.num_prompt_tokens
+            self.num_prompt_tokens_cached += req.num_cached_tokens
+        req.status = status
+        req.mark("prefill_start", now)
+        self.running.append(req)
 
     def _swap_in(self, swap_in: list[tuple[int, int]]) -> list[Request]:
         """Bring swapped requests back, oldest first, while blocks and seats allow, with

@@ -35,24 +35,23 @@ class ColocatedScheduler(Scheduler):
         return StepPlan(self._next_step_id(), tuple(chunks), tuple(swap_out), tuple(swap_in))
 
     def _admit_prompts(self, now: float, budget: int) -> list[ScheduledChunk]:
-        """New (or recomputing) requests, FCFS, while tokens, seats and blocks allow.
-        Without chunking each runs whole; with it the last one may get a partial chunk."""
+        """New (or recomputing) requests, FCFS, while tokens, seats and blocks allow, each
+        from the end of its cached prefix. Without chunking each runs whole; with it the
+        last one may get a partial chunk."""
         chunks: list[ScheduledChunk] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = req.num_uncomputed_tokens
+            cached = self.blocks.lookup(req)
+            start = len(cached) * self.blocks.block_size  # a waiting request computed nothing
+            n = req.num_tokens - start
             if n > budget:
                 if not self.config.chunked_prefill:
                     break
                 n = budget
-            end = req.num_computed_tokens + n
-            if not self.blocks.can_allocate(req.request_id, end, admit=True):
+            if not self.blocks.can_allocate(req.request_id, start + n, admit=True, cached=cached):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(req.request_id, end)
-            req.status = RequestStatus.PREFILLING
-            req.mark("prefill_start", now)
-            self.running.append(req)
+            self._start(req, start + n, cached, RequestStatus.PREFILLING, now)
             chunks.append(self._chunk(req, n))
             budget -= n
         return chunks

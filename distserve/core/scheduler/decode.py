@@ -30,6 +30,9 @@ class DecodeScheduler(Scheduler):
     ) -> None:
         super().__init__(config, blocks, swap_blocks)
         self.pending: deque[Request] = deque()
+        self._local: dict[str, int] = {}
+        """Migrating request -> blocks at the head of its table that this instance's
+        prefix cache already held: the pull skips them."""
 
     # ---- migration, decode side ---------------------------------------------------
     def can_accept(self) -> bool:
@@ -49,22 +52,37 @@ class DecodeScheduler(Scheduler):
     def admit_migrations(self, now: float) -> list[Request]:
         """Allocate blocks for pending requests, FCFS, while blocks (above the watermark)
         and seats allow. Each returned request is MIGRATING: its block table is where
-        the pulled KV goes."""
+        the pulled KV goes, except its first `num_local_blocks` blocks, prefix-cache hits
+        here (only what this instance lacks moves)."""
         admitted: list[Request] = []
         while self.pending and self._num_active() < self.config.max_num_seqs:
             req = self.pending[0]
-            if not self.blocks.can_allocate(req.request_id, req.num_tokens, admit=True):
+            # The prompt's full blocks this instance holds already need not move.
+            cached = self.blocks.lookup(req)
+            if not self.blocks.can_allocate(
+                req.request_id, req.num_tokens, admit=True, cached=cached
+            ):
                 break
             self.pending.popleft()
-            self.blocks.allocate(req.request_id, req.num_tokens)
+            self.blocks.allocate(req.request_id, req.num_tokens, cached)
+            self._local[req.request_id] = len(cached)
             req.status = RequestStatus.MIGRATING
             req.mark("migration_start", now)
             admitted.append(req)
         return admitted
 
+    def num_local_blocks(self, request_id: str) -> int:
+        """Blocks at the head of a migrating request's table that hold its KV already
+        (prefix-cache hits here): a pull copies source blocks [n:] into table [n:]."""
+        return self._local.get(request_id, 0)
+
     def finish_migration(self, request_id: str, now: float) -> None:
-        """The KV has arrived: the request joins the running batch."""
+        """The KV has arrived: the request joins the running batch, and its full blocks
+        join this instance's prefix cache (a recompute here, or a later migration of the
+        same prefix, finds them)."""
         req = self._migrating(request_id)
+        self._local.pop(request_id, None)
+        self.blocks.cache_blocks(req, req.num_computed_tokens)
         req.status = RequestStatus.DECODING
         req.mark("migration_end", now)
         self.running.append(req)
@@ -73,7 +91,8 @@ class DecodeScheduler(Scheduler):
         """The pull failed: free the blocks and put the request back in front of the queue
         (the prefill side still holds the KV, so it can be tried again)."""
         req = self._migrating(request_id)
-        self.blocks.free(request_id)
+        self._local.pop(request_id, None)
+        self.blocks.free(request_id)  # never named: a failed pull may have left garbage
         req.status = RequestStatus.AWAITING_MIGRATION
         self.pending.appendleft(req)
         return req
@@ -92,6 +111,7 @@ class DecodeScheduler(Scheduler):
 
     def _drop_from_queues(self, req: Request) -> None:
         super()._drop_from_queues(req)
+        self._local.pop(req.request_id, None)
         if req in self.pending:
             self.pending.remove(req)
 

@@ -76,11 +76,13 @@ def begin_span(sched: Scheduler, batch: list[Request], steps: int, now: float) -
         req.mark("decode_start", now)
 
 
-def end_span(batch: list[Request], steps: int, token: int) -> None:
+def end_span(sched: Scheduler, batch: list[Request], steps: int, token: int) -> None:
     """Finish a span begun with `begin_span`: each request gains `steps` tokens (all
-    `token`), leaving the state `steps` schedule/update rounds would. Requests that joined
-    or queued meanwhile wait for its end, as they would have waited for its last step."""
+    `token`) and the blocks they filled join the prefix cache, leaving the state `steps`
+    schedule/update rounds would. Requests that joined or queued meanwhile wait for its
+    end, as they would have waited for its last step."""
     for req in batch:
         req.num_computed_tokens = req.num_tokens + steps - 1
         for _ in range(steps):
             req.append_token(token)
+        sched.blocks.cache_blocks(req, req.num_computed_tokens)

@@ -8,8 +8,13 @@ at every step, that a request reads blocks holding its own KV: a migration that 
 the wrong blocks, or a block freed too early and reused, fails the step as a real
 model would silently compute garbage.
 
-    block:  [ r7 | r7 | r7 | r2 | -- | r7 ... ]   kv[b]: who wrote block b last
+    block:  [ r7:0 | r7:1 | r7:2 | r2:0 | -- | r7:3 ... ]   kv[b]: who wrote block b last,
+                                                            and at which block index
     chunk of r7 at start s: block of position s-1 must say r7; blocks of [s, s+n) get r7
+
+A prefix-cache hit reads full blocks another request wrote: a chunk that starts on a
+block boundary may read a block of another writer if that writer filled it at the same
+index (the worker cannot see the tokens behind it; the scheduler's names vouch for them).
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ class EmulatedDevice:
         return self.block_size * self.latency.kv_bytes_per_token
 
 
+Owner = tuple[str, int]
+"""What an emulated block holds: (request id, block index in that request's sequence)."""
+
+
 class KVMismatch(RuntimeError):
     """A step read blocks that do not hold its request's KV."""
 
@@ -63,9 +72,10 @@ class EmulatedWorker:
 
     def __init__(self, device: EmulatedDevice) -> None:
         self.device = device
-        self.kv: list[str | None] = [None] * device.num_blocks
-        """Per block: the request whose KV it holds (the last writer)."""
-        self.host: dict[int, str | None] = {}
+        self.kv: list[Owner | None] = [None] * device.num_blocks
+        """Per block: the request whose KV it holds (the last writer) and the block's
+        index in that request's sequence."""
+        self.host: dict[int, Owner | None] = {}
         """Swapped-out blocks, by host block."""
         self.killed = False
         """Set by `kill` (fault tests): every later call raises, as a dead actor's does."""
@@ -118,21 +128,24 @@ class EmulatedWorker:
             return
         bs, rid = self.device.block_size, c.request_id
         if c.start > 0:
-            b = c.block_table[(c.start - 1) // bs]
-            if self.kv[b] != rid:
+            i = (c.start - 1) // bs
+            b = c.block_table[i]
+            owner = self.kv[b]
+            shared = c.start % bs == 0 and owner is not None and owner[1] == i
+            if (owner is None or owner[0] != rid) and not shared:
                 raise KVMismatch(
                     f"{rid} at position {c.start} reads block {b}, which holds the KV of "
-                    f"{self.kv[b]!r}"
+                    f"{owner[0] if owner else None!r}"
                 )
         for i in range(c.start // bs, (c.context_len - 1) // bs + 1):
-            self.kv[c.block_table[i]] = rid
+            self.kv[c.block_table[i]] = (rid, i)
 
-    def read_blocks(self, block_ids: list[int]) -> list[str | None]:
+    def read_blocks(self, block_ids: list[int]) -> list[Owner | None]:
         """What the blocks hold (their owners), as a migration carries it."""
         self._check_alive()
         return [self.kv[b] for b in block_ids]
 
-    def write_blocks(self, block_ids: list[int], data: list[str | None]) -> int:
+    def write_blocks(self, block_ids: list[int], data: list[Owner | None]) -> int:
         """Store what another emulated worker's `read_blocks` returned; returns the KV
         bytes those blocks stand for."""
         self._check_alive()
