@@ -14,11 +14,9 @@ from distserve.cli.common import (
     add_slo_flags,
     add_tokenizer_flag,
     add_workload_flags,
-    flag_message,
-    json_safe,
-    positive_int,
     workload_spec,
 )
+from distserve.cli.values import flag_message, json_safe, positive_int
 
 
 def _rates(text: str) -> list[float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from distserve.cli.common import positive_float, positive_int
+from distserve.cli.values import positive_float, positive_int
 from distserve.config import CROSS_NODE_BANDWIDTH, NVLINK_BANDWIDTH, EmulationConfig
 
 

@@ -8,12 +8,8 @@ import re
 import sys
 from typing import Any
 
-from distserve.cli.common import (
-    add_engine_flags,
-    add_prefix_caching_flag,
-    flag_message,
-    positive_int,
-)
+from distserve.cli.common import add_engine_flags, add_prefix_caching_flag
+from distserve.cli.values import flag_message, positive_int
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 

@@ -13,14 +13,11 @@ from distserve.cli.common import (
     add_serving_path_flags,
     add_slo_flags,
     add_workload_flags,
-    flag_message,
-    json_safe,
-    positive_float,
-    positive_int,
     serving_path,
     serving_path_json,
     workload_spec,
 )
+from distserve.cli.values import flag_message, json_safe, positive_float, positive_int
 from distserve.sim.serving_path import ServingPath
 
 

@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Any
 
-from distserve.cli.common import add_engine_flags, flag_message, positive_int
+from distserve.cli.common import add_engine_flags
+from distserve.cli.values import flag_message, positive_int
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:

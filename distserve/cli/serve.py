@@ -5,15 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from distserve.cli.common import (
-    add_engine_flags,
-    add_placement_flags,
-    add_prefix_caching_flag,
-    flag_message,
-    positive_float,
-    positive_int,
-)
+from distserve.cli.common import add_engine_flags, add_placement_flags, add_prefix_caching_flag
 from distserve.cli.emulation import add_emulation_flags, emulation_config
+from distserve.cli.values import flag_message, positive_float, positive_int
 from distserve.config import TRANSPORTS
 
 

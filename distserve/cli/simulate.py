@@ -15,13 +15,10 @@ from distserve.cli.common import (
     add_slo_flags,
     add_tokenizer_flag,
     add_workload_flags,
-    flag_message,
-    json_safe,
-    positive_float,
-    positive_int,
     serving_path,
     workload_spec,
 )
+from distserve.cli.values import flag_message, json_safe, positive_float, positive_int
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
