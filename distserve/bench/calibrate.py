@@ -75,6 +75,15 @@ class Calibration:
         return cls(path, **readings)
 
 
+def uncached(ids: tuple[int, ...], i: int) -> tuple[int, ...]:
+    """The prompt with its first token changed by `i` (to another id the prompt uses, so a
+    valid one), so that a pick sent again (the warm-up is the median, which a rep may pick
+    too) is not a prefix-cache hit: calibration times whole prefills. Same length."""
+    if i == 0 or not ids:
+        return ids
+    return ((ids[0] + i) % (max(ids) + 1), *ids[1:])
+
+
 async def calibrate(
     url: str,
     model: str,
@@ -103,8 +112,14 @@ async def calibrate(
     for i, req in enumerate(picks):
         if i == 1 and trace:
             start = os.path.getsize(trace)
+        ids = uncached(req.prompt_token_ids, i)
         alone = Workload(
-            (dataclasses.replace(req, index=0, arrival=0.0, output_len=output_len),), {}
+            (
+                dataclasses.replace(
+                    req, index=0, arrival=0.0, prompt_token_ids=ids, output_len=output_len
+                ),
+            ),
+            {},
         )
         (res,), _ = await run_workload(url, alone, model, progress=False)
         if not res.ok:
