@@ -90,3 +90,41 @@ def test_is_loopback() -> None:
         assert is_loopback(host), host
     for host in ("0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2", "example.com"):
         assert not is_loopback(host), host
+
+
+_UNMARKED_GRANDCHILD = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    from distserve.cluster import local_ray, reaper
+    clean = {k: v for k, v in os.environ.items() if k != reaper.TOKEN_VAR}
+    with local_ray.reaped():
+        # a marked process whose child cannot be read as marked (as a Ray agent whose
+        # title was written over its environment)
+        code = ("import subprocess, sys, time; "
+                "p = subprocess.Popen(['sleep', '60'], env=eval(sys.argv[1])); "
+                "print(p.pid, flush=True); time.sleep(60)")
+        marked = subprocess.Popen([sys.executable, "-c", code, repr(clean)],
+                                  stdout=subprocess.PIPE, text=True)
+    grandchild = int(marked.stdout.readline())
+    print(marked.pid, grandchild, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_an_unmarked_process_below_a_marked_one_dies_too() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _UNMARKED_GRANDCHILD], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child, grandchild = (int(x) for x in parent.stdout.readline().split())
+    try:
+        assert reaper.TOKEN_VAR not in psutil.Process(grandchild).environ()
+        time.sleep(2 * reaper.SCAN_EVERY + 0.5)  # the reaper has looked at the table
+        parent.kill()
+        parent.wait()
+        assert _wait_gone([child, grandchild]) == []
+    finally:
+        for pid in (child, grandchild):
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
