@@ -105,8 +105,7 @@ class PlacementConfig:
         default=1, metadata={"help": "pipeline parallel degree of decode instances"}
     )
     emulated: bool = field(
-        default=False,
-        metadata={"help": "instances run on emulated devices (serve --emulate): tp, pp may be > 1"},
+        default=False, metadata={"help": "instances run on emulated devices (serve --emulate)"}
     )
 
     def __post_init__(self) -> None:
@@ -126,11 +125,16 @@ class PlacementConfig:
         degrees = (self.prefill_tp, self.prefill_pp, self.decode_tp, self.decode_pp)
         if any(d < 1 for d in degrees):
             raise ValueError(f"parallel degrees must be >= 1, got {degrees}")
-        if any(d > 1 for d in degrees) and not self.emulated:
-            raise ValueError(
-                "tensor/pipeline parallelism inside an instance is not supported by the runtime "
-                "yet (only on emulated devices): every tp and pp must be 1"
-            )
+
+    @property
+    def groups(self) -> list[tuple[str, int, int]]:
+        """(role, tp, pp) of each instance in start order: its pp slots are the next pp
+        entries of `roles`."""
+        if self.mode == "colocated":
+            return [("colocated", self.prefill_tp, self.prefill_pp)] * self.num_instances
+        return [("prefill", self.prefill_tp, self.prefill_pp)] * self.num_prefill + [
+            ("decode", self.decode_tp, self.decode_pp)
+        ] * self.num_decode
 
     def shape(self, role: str) -> tuple[int, int]:
         """(tp, pp) of an instance of `role`; colocated instances take the prefill fields."""
@@ -142,7 +146,7 @@ class PlacementConfig:
     def roles(self) -> list[str]:
         """The role of each instance, in start order. An instance of pp pipeline stages
         counts pp times: it runs as pp virtual instances of its role, as the planner
-        models a pipeline (design note 6); only emulated devices have pp > 1."""
+        models a pipeline (design note 6; runtime/parallel_executor.py)."""
         if self.mode == "colocated":
             return ["colocated"] * self.num_instances * self.prefill_pp
         return ["prefill"] * self.num_prefill * self.prefill_pp + [

@@ -148,9 +148,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--plan {args.plan}: {e}")
     if not args.emulate:  # an emulated model needs no weights
         try:
-            resolve(args.model, args.load_format)
+            source = resolve(args.model, args.load_format)
         except (ValueError, FileNotFoundError) as e:
             parser.error(f"--model {args.model}: {e}")
+        check_shapes(args, parser, source)
     if args.chunked_prefill and args.mode != "colocated":
         parser.error("--chunked-prefill applies to --mode colocated only")
     if not 0 <= args.port <= 65535:
@@ -209,22 +210,31 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def check_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser, source: Any) -> None:
+    """Refuse tensor/pipeline degrees the model cannot be split into, naming the flag."""
+    from distserve.model.metadata import config_of
+    from distserve.model.parallel import check_parallel
+
+    shapes = [("--prefill-tp", "--prefill-pp", args.prefill_tp, args.prefill_pp)]
+    if args.mode == "disagg":
+        shapes.append(("--decode-tp", "--decode-pp", args.decode_tp, args.decode_pp))
+    if all(tp == pp == 1 for _, _, tp, pp in shapes):
+        return
+    cfg = source.config or config_of(source)
+    for tp_flag, pp_flag, tp, pp in shapes:
+        try:
+            check_parallel(cfg, tp, pp)
+        except ValueError as e:
+            parser.error(f"{tp_flag} {tp} / {pp_flag} {pp}: {e}")
+
+
 def plan_placement(path: str, emulated: bool = False) -> dict[str, object]:
-    """The serve flags a plan file stands for; raises ValueError for a plan the runtime
-    cannot deploy (tensor or pipeline parallelism inside an instance, unless `emulated`:
-    emulated devices have them, on the plan's nodes)."""
+    """The serve flags a plan file stands for (with `emulated`, the plan's nodes too)."""
     from distserve.planner.plan import read_plan
 
     plan = read_plan(path)
     placement = plan["placement"]
     shapes = [placement.get(k) for k in ("prefill", "decode", "colocated")]
-    for shape in (s for s in shapes if s):
-        if (shape["tp"] > 1 or shape["pp"] > 1) and not emulated:
-            raise ValueError(
-                f"the plan needs tp={shape['tp']}, pp={shape['pp']} inside an instance; the "
-                "runtime has no tensor or pipeline parallelism yet (re-plan with tp/pp 1 "
-                "profiles, or serve it on emulated devices with --emulate)"
-            )
     cores = {s["cores"] for s in shapes if s}
     if len(cores) > 1:
         raise ValueError(

@@ -15,8 +15,8 @@ from distserve.cluster.drain import DrainRate
 from distserve.cluster.emulation import EmulatedCluster
 from distserve.cluster.migration import Migrations
 from distserve.cluster.placement import (
-    assign_cores,
     connect_peers,
+    instance_cores,
     replace_worker,
     start_workers,
 )
@@ -44,7 +44,6 @@ from distserve.runtime.instance import Instance, Role
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
 from distserve.runtime.step_trace import StepTrace
 from distserve.runtime.transport import TransferStats, check_transport
-from distserve.runtime.worker.threads import available_cores
 from distserve.runtime.worker.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -159,7 +158,7 @@ class Controller:
             await asyncio.gather(*(e.close() for e in executors), return_exceptions=True)
             raise
         cores = (
-            assign_cores(len(executors), self.placement.cores_per_instance, available_cores())
+            instance_cores(self.placement, self.engine_config.device)
             if self.emulated is None
             else [[] for _ in executors]  # emulated devices own no cores
         )

@@ -12,6 +12,7 @@ from distserve.cluster import local_ray
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.runtime.emulated import EmulatedExecutor
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
+from distserve.runtime.parallel_executor import ParallelExecutor
 from distserve.runtime.worker.threads import available_cores
 from distserve.runtime.worker.worker import WorkerInfo
 
@@ -19,22 +20,6 @@ if TYPE_CHECKING:
     from distserve.cluster.emulation import EmulatedCluster
 
 log = logging.getLogger(__name__)
-
-
-def assign_cores(
-    num_instances: int, cores_per_instance: int | None, cores: list[int]
-) -> list[list[int]]:
-    """Consecutive core sets, one per instance; wraps around (oversubscribes) when the
-    machine has fewer cores than asked for, with a warning."""
-    k = cores_per_instance or max(1, len(cores) // num_instances)
-    if num_instances * k > len(cores):
-        log.warning(
-            "%d instances x %d cores oversubscribe the %d usable cores",
-            num_instances,
-            k,
-            len(cores),
-        )
-    return [[cores[(i * k + j) % len(cores)] for j in range(k)] for i in range(num_instances)]
 
 
 def role_engine_config(engine: EngineConfig, placement: PlacementConfig, role: str) -> EngineConfig:
@@ -97,25 +82,20 @@ async def start_workers(
     Ray cluster started here listens on loopback only with `loopback`."""
     if emulated is not None:
         return list(emulated.executors())
-    roles = placement.roles
-    cpu = engine.device == "cpu"
-    cores = (
-        assign_cores(len(roles), placement.cores_per_instance, available_cores())
-        if cpu
-        else [[]] * len(roles)
-    )
-    configs = [role_engine_config(engine, placement, r) for r in roles]
+    roles, groups = placement.roles, placement.groups
+    cores = group_cores(placement, engine.device)
+    configs = [role_engine_config(engine, placement, r) for r, _, _ in groups]
     if use_ray:
-        num_cpus = max(len(available_cores()), sum(len(c) for c in cores))
+        # logical CPUs only gate where actors go (workers pin their own cores): a local
+        # cluster gets room for later, larger placements in this process (Ray starts once)
+        num_cpus = max(4 * len(available_cores()), sum(len(c) for c in cores))
         init_ray(ray_address, num_cpus, loopback)
-        nonce = uuid.uuid4().hex[:8]  # actor names stay unique across controllers
-        starts = [
-            RayExecutor.start(cfg, c or None, f"distserve-{r}-{i}-{nonce}")
-            for i, (r, c, cfg) in enumerate(zip(roles, cores, configs, strict=True))
-        ]
-    else:
-        starts = [LocalExecutor.start(cfg, None) for cfg in configs]
-    executors = list(await asyncio.gather(*starts))
+    nonce = uuid.uuid4().hex[:8]  # actor names stay unique across controllers
+    starts = [
+        start_executor(cfg, c, f"distserve-{r}-{i}-{nonce}", use_ray, tp, pp)
+        for i, ((r, tp, pp), c, cfg) in enumerate(zip(groups, cores, configs, strict=True))
+    ]
+    executors = [e for slots in await asyncio.gather(*starts) for e in slots]
     try:
         await asyncio.wait_for(asyncio.gather(*(e.info() for e in executors)), timeout)
     except asyncio.TimeoutError:
@@ -125,6 +105,48 @@ async def start_workers(
             f"for {len(roles)} instances ({placement.cores_per_instance or 'shared'} cores each)"
         ) from None
     return executors
+
+
+def group_cores(placement: PlacementConfig, device: str) -> list[list[int]]:
+    """The CPU cores of each instance (`placement.groups` order), listed worker by worker:
+    an instance gets `cores_per_instance` cores (or an even share of the machine per
+    worker), split among its tp x pp workers, each at least one core."""
+    groups = placement.groups
+    if device != "cpu":
+        return [[] for _ in groups]
+    cores = available_cores()
+    sizes = [tp * pp for _, tp, pp in groups]
+    cpi = placement.cores_per_instance
+    per_worker = [max(1, cpi // n) if cpi else max(1, len(cores) // sum(sizes)) for n in sizes]
+    needed = sum(k * n for k, n in zip(per_worker, sizes, strict=True))
+    if needed > len(cores):
+        log.warning(
+            "%d workers of %d instances need %d cores; oversubscribing the %d usable cores",
+            sum(sizes), len(groups), needed, len(cores),
+        )  # fmt: skip
+    out, i = [], 0
+    for k, n in zip(per_worker, sizes, strict=True):
+        out.append([cores[(i + j) % len(cores)] for j in range(k * n)])
+        i += k * n
+    return out
+
+
+def instance_cores(placement: PlacementConfig, device: str) -> list[list[int]]:
+    """The cores of each instance in `placement.roles` order (a pipeline's slots share
+    its workers' cores)."""
+    cores = group_cores(placement, device)
+    return [c for (_, _, pp), c in zip(placement.groups, cores, strict=True) for _ in range(pp)]
+
+
+async def start_executor(
+    cfg: EngineConfig, cores: list[int], name: str, use_ray: bool, tp: int = 1, pp: int = 1
+) -> list[Executor]:
+    """Start one instance's worker(s): its executors, one per pipeline slot."""
+    if tp * pp > 1:
+        return list(await ParallelExecutor.start(cfg, cores, name, use_ray, tp, pp))
+    if use_ray:
+        return [await RayExecutor.start(cfg, cores or None, name)]
+    return [await LocalExecutor.start(cfg, None)]
 
 
 async def connect_peers(
@@ -177,8 +199,14 @@ async def restart_worker(
     """Start one worker again (after its predecessor died), with the same role and cores
     (an emulated one on the same emulated device as `previous`)."""
     cfg = role_engine_config(engine, placement, role)
+    tp, pp = placement.shape(role)
     if isinstance(previous, EmulatedExecutor):
         executor: Executor = previous.restarted()
+    elif isinstance(previous, ParallelExecutor):  # the whole instance, once for its slots
+        name = f"distserve-{role}-restart-{uuid.uuid4().hex[:8]}"
+        executor = await previous.group.restarted_slot(
+            previous.slot, lambda: ParallelExecutor.start(cfg, cores, name, use_ray, tp, pp)
+        )
     elif use_ray:
         executor = await RayExecutor.start(
             cfg, cores or None, f"distserve-{role}-restart-{uuid.uuid4().hex[:8]}"

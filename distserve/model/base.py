@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from torch import nn
 from distserve.model.attention import AttentionMetadata
 from distserve.model.config import ModelConfig
 from distserve.model.packed import PackedLinear, RowLimits, can_pack
+
+if TYPE_CHECKING:
+    from distserve.model.parallel import TensorGroup
 
 WeightTarget = tuple[str, int | None]
 """(our parameter name, shard index in a fused parameter or None)."""
@@ -27,12 +31,17 @@ class CausalLM(nn.Module):
     """
 
     config: ModelConfig
+    layers: nn.ModuleList
 
     def __init__(self) -> None:
         super().__init__()
         self.lm_head_packed: PackedLinear | None = None
         self.row_limits = RowLimits()
         """Up to how many rows every packed layer of this model takes its kernel."""
+        self.tp: TensorGroup | None = None
+        """The tensor-parallel group this model is a shard of (model/parallel.py)."""
+        self.first_stage = self.last_stage = True
+        """Pipeline stage: the first embeds tokens, the last normalizes and has the head."""
 
     def forward(
         self,
@@ -40,20 +49,48 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Hidden states [T, h] after this model's layers: from the tokens (first stage)
+        or from the previous stage's `hidden`; normalized on the last stage."""
+        x = self.embed(input_ids, positions) if hidden is None else hidden
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = self.run_layer(layer, x, positions, cache, meta)
+        return self.final(x) if self.last_stage else x
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_layer(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def lm_head_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab]; a tensor-parallel shard gathers its vocabulary slice's with
+        the other ranks'."""
         if (
             self.lm_head_packed is not None
             and hidden.dtype == torch.bfloat16
             and hidden.shape[0] <= self.lm_head_packed.max_rows(self.lm_head_weight())
         ):
-            return self.lm_head_packed(hidden.contiguous())
-        return F.linear(hidden, self.lm_head_weight())
+            logits = self.lm_head_packed(hidden.contiguous())
+        else:
+            logits = F.linear(hidden, self.lm_head_weight())
+        if self.tp is None:
+            return logits
+        return self.tp.all_gather(logits)[:, : self.config.vocab_size]
 
     def pack_weights(self, fast: bool = True) -> None:
         """Pack weights for the compiled kernels where they apply (bf16 on a CPU with

@@ -55,7 +55,10 @@ class GPT2LMHeadModel(CausalLM):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if hidden is not None:
+            raise ValueError("GPT-2 runs unsplit: no pipeline stages")
         x = self.wte(input_ids) + self.wpe(positions)
         for layer, cache in zip(self.h, kv_caches, strict=True):
             x = layer(x, cache, meta)

@@ -87,6 +87,9 @@ class LlamaLayer(nn.Module):
         """Build the compiled decode-only path from the packed weights (after
         `pack_weights`), or drop it. It needs every projection packed and SiLU."""
         attn, mlp = self.self_attn, self.mlp
+        if not fast:
+            self.fused = None
+            return
         packs = (attn.qkv_proj.packed, attn.o_proj.packed, mlp.gate_up_proj.packed)
         kernels = bf16_linear_kernels()
         if (
@@ -142,25 +145,29 @@ class LlamaForCausalLM(CausalLM):
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
 
-    def forward(
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # type: ignore[no-any-return]
+
+    def run_layer(
         self,
-        input_ids: torch.Tensor,
+        layer: nn.Module,
+        x: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, h]
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rope, cache, meta)
-        return self.norm(x)
+        return layer(x, positions, self.rope, cache, meta)  # type: ignore[no-any-return]
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)  # type: ignore[no-any-return]
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def pack_weights(self, fast: bool = True) -> None:
         super().pack_weights(fast)
-        for layer in self.layers:
-            layer.fuse(self.rope, fast)
+        for layer in self.layers:  # a tensor-parallel shard all-reduces between ops
+            layer.fuse(self.rope, fast and self.tp is None)
 
     _STACKED = {
         "q_proj": ("qkv_proj", 0),

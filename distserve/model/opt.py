@@ -50,19 +50,23 @@ class OPTForCausalLM(CausalLM):
         self.final_layer_norm = nn.LayerNorm(h) if cfg.layer_norm_before else None
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(e, cfg.vocab_size, bias=False)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        x = x + self.embed_positions(positions + _POSITION_OFFSET)
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cache, meta)
+        return x + self.embed_positions(positions + _POSITION_OFFSET)  # type: ignore[no-any-return]
+
+    def run_layer(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        return layer(x, cache, meta)  # type: ignore[no-any-return]
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         return x if self.project_out is None else self.project_out(x)

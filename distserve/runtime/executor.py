@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from distserve.config import EngineConfig
-from distserve.core import StepPlan, StepResult
+from distserve.core import StepPlan
 from distserve.runtime.emulated import EmulatedExecutor
+from distserve.runtime.parallel_executor import ParallelExecutor
 from distserve.runtime.worker.worker import Worker, WorkerInfo
+
+if TYPE_CHECKING:
+    from distserve.model.parallel import Shard
 
 TAG_LIMIT = 2**31
 """torch.distributed tags are non-negative 32-bit signed ints."""
@@ -28,17 +34,31 @@ class LocalExecutor:
 
     kind = "local"
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, thread: ThreadPoolExecutor | None = None) -> None:
         self.worker = worker
         self.lock = asyncio.Lock()
+        self._thread = thread or ThreadPoolExecutor(1, thread_name_prefix="distserve-worker")
+        """Its own thread: the tensor ranks of an instance block in collectives until all
+        have arrived, which a shared pool of threads could starve."""
 
     @classmethod
-    async def start(cls, config: EngineConfig, cores: list[int] | None = None) -> LocalExecutor:
-        return cls(await asyncio.to_thread(Worker, config, cores))
+    async def start(
+        cls,
+        config: EngineConfig,
+        cores: list[int] | None = None,
+        shard: Shard | None = None,
+        store: Any = None,
+    ) -> LocalExecutor:
+        thread = ThreadPoolExecutor(1, thread_name_prefix="distserve-worker")
+        loop = asyncio.get_running_loop()
+        worker = await loop.run_in_executor(
+            thread, functools.partial(Worker, config, cores, None, False, shard, store)
+        )
+        return cls(worker, thread)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         async with self.lock:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def info(self) -> WorkerInfo:
         return self.worker.info()
@@ -46,8 +66,10 @@ class LocalExecutor:
     async def ping(self) -> int:
         return self.worker.ping()
 
-    async def execute(self, plan: StepPlan) -> StepResult:
-        return await self._call(self.worker.execute, plan)  # type: ignore[no-any-return]
+    async def execute(self, plan: StepPlan, hidden: Any = None) -> Any:
+        """The step's result (or, from a pipeline stage before the last, its hidden
+        states for the next stage, which takes them as `hidden`)."""
+        return await self._call(self.worker.execute, plan, hidden)
 
     async def read_blocks(self, block_ids: list[int]) -> np.ndarray[Any, Any]:
         return await self._call(self.worker.read_blocks, block_ids)  # type: ignore[no-any-return]
@@ -56,7 +78,7 @@ class LocalExecutor:
         return await self._call(self.worker.write_blocks, block_ids, data)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
-        pass
+        self._thread.shutdown(wait=False)
 
 
 class RayExecutor:
@@ -75,7 +97,16 @@ class RayExecutor:
         self._tags = itertools.count()
 
     @classmethod
-    async def start(cls, config: EngineConfig, cores: list[int] | None, name: str) -> RayExecutor:
+    async def start(
+        cls,
+        config: EngineConfig,
+        cores: list[int] | None,
+        name: str,
+        shard: Shard | None = None,
+        store: str | None = None,
+    ) -> RayExecutor:
+        """`shard`, `store`: a rank of a parallel instance (runtime/parallel_executor.py),
+        whose cache stays private (its KV moves re-sharded, through this process)."""
         import ray
 
         gpu = config.device.startswith("cuda")
@@ -84,7 +115,8 @@ class RayExecutor:
         # Two threads: a KV transfer into this worker need not wait for its current step
         # (the blocks involved are owned by the migrating request, not by the step).
         actor = ray.remote(Worker).options(name=name, max_restarts=0, max_concurrency=2, **options)
-        return cls(actor.remote(config, cores, None, not gpu), name)
+        shared = not gpu and (shard is None or not shard.parallel)
+        return cls(actor.remote(config, cores, None, shared, shard, store), name)
 
     async def info(self) -> WorkerInfo:
         return await self.actor.info.remote()  # type: ignore[no-any-return]
@@ -94,8 +126,10 @@ class RayExecutor:
         actor has a second thread)."""
         return await self.actor.ping.remote()  # type: ignore[no-any-return]
 
-    async def execute(self, plan: StepPlan) -> StepResult:
-        return await self.actor.execute.remote(plan)  # type: ignore[no-any-return]
+    async def execute(self, plan: StepPlan, hidden: Any = None) -> Any:
+        if hidden is None:
+            return await self.actor.execute.remote(plan)
+        return await self.actor.execute.remote(plan, hidden)
 
     async def read_blocks(self, block_ids: list[int]) -> Any:
         return await self.actor.read_blocks.remote(block_ids)
@@ -151,4 +185,4 @@ class RayExecutor:
         ray.kill(self.actor, no_restart=True)
 
 
-Executor = LocalExecutor | RayExecutor | EmulatedExecutor
+Executor = LocalExecutor | RayExecutor | EmulatedExecutor | ParallelExecutor

@@ -13,6 +13,7 @@ module only reads that from the executors:
 | `object-store` | other Ray actors: the destination pulls a Ray object    |
 | `via-driver`   | a local and a Ray worker: through this process          |
 | `emulated`     | two emulated devices: the KV bytes over their link's bandwidth |
+| `reshard`      | a tp/pp > 1 instance on either side: through this process, re-cut |
 | `none`         | nothing to move: the destination's prefix cache held every block |
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from distserve.config import TRANSPORTS
 from distserve.runtime.emulated import EmulatedExecutor
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
+from distserve.runtime.parallel_executor import ParallelExecutor
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,10 @@ async def transfer_blocks(
     if not src_blocks:  # the destination's prefix cache held every block
         return TransferStats(0, 0.0, "none")
     t0 = time.perf_counter()
-    if isinstance(src, RayExecutor) and isinstance(dst, RayExecutor):
+    if isinstance(src, ParallelExecutor) or isinstance(dst, ParallelExecutor):
+        n = await dst.write_blocks(dst_blocks, await src.read_blocks(src_blocks))
+        kind = "reshard"
+    elif isinstance(src, RayExecutor) and isinstance(dst, RayExecutor):
         if src.name in dst.peers:
             n = await dst.pull_from_peer(src, src_blocks, dst_blocks)
             kind = "shm"

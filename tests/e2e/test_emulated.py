@@ -193,10 +193,11 @@ def test_migration_across_nodes_takes_the_links_time() -> None:
     assert ts["migration_end"] - ts["migration_start"] == pytest.approx(expected, abs=0.005)
 
 
-def test_serving_a_parallel_plan_needs_emulation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_parallel_plan_gives_the_serve_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = write_parallel_plan(tmp_path)
-    with pytest.raises(ValueError, match="tp=2, pp=1 inside an instance"):
-        plan_placement(str(path))
+    flags = plan_placement(str(path))
+    assert (flags["prefill_tp"], flags["prefill_pp"], flags["decode_tp"]) == (2, 1, 1)
+    assert "nodes" not in flags  # real workers: the plan's emulated cluster does not apply
     flags = plan_placement(str(path), emulated=True)
     assert flags["prefill_tp"] == 2 and flags["decode_pp"] == 2
     assert flags["nodes"] == 1 and flags["devices_per_node"] == 4

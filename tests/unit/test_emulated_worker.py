@@ -110,10 +110,12 @@ def test_layout_interleaves_roles_and_keeps_instances_on_one_node() -> None:
         layout(placement, EmulationConfig(num_nodes=1, devices_per_node=4))
 
 
-def test_parallel_shapes_need_emulated_devices() -> None:
-    with pytest.raises(ValueError, match="only on emulated devices"):
-        PlacementConfig(prefill_tp=2)
-    assert PlacementConfig(decode_pp=2, emulated=True).roles == ["prefill", "decode", "decode"]
+def test_a_pipeline_counts_as_one_instance_per_stage() -> None:
+    with pytest.raises(ValueError, match="parallel degrees must be >= 1"):
+        PlacementConfig(prefill_tp=0)
+    placement = PlacementConfig(prefill_tp=2, decode_pp=2)
+    assert placement.roles == ["prefill", "decode", "decode"]
+    assert placement.groups == [("prefill", 2, 1), ("decode", 1, 2)]
 
 
 def test_cluster_takes_the_profiles_capacity_per_shape() -> None:

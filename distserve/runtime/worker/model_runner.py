@@ -31,16 +31,35 @@ class ModelRunner:
             cpu_kernels()  # build or load now, not in the middle of the first decode step
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, hidden: torch.Tensor | None = None) -> StepResult:
+        """Run the plan; a pipeline stage after the first starts from the previous
+        stage's `hidden` (see `execute_stage`)."""
+        out = self.execute_stage(plan, hidden)
+        assert isinstance(out, StepResult), "a stage before the last: use execute_stage"
+        return out
+
+    @torch.inference_mode()
+    def execute_stage(
+        self, plan: StepPlan, hidden_in: torch.Tensor | None = None
+    ) -> StepResult | torch.Tensor:
+        """`execute`, or for a pipeline stage before the last the hidden states [T, h]
+        it hands to the next stage."""
         t0 = time.perf_counter()
         self.cache.swap_out(plan.swap_out)
         self.cache.swap_in(plan.swap_in)
         self.cache.copy_blocks(plan.block_copies)
         if not plan.chunks:
+            if not self.model.last_stage:
+                return torch.empty(0, device=self.device)
             return StepResult(elapsed=time.perf_counter() - t0)
         chunks = list(plan.prefill_chunks) + list(plan.decode_chunks)
         input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, self.cache.layers, meta)
+        if hidden_in is None:
+            hidden = self.model(input_ids, positions, self.cache.layers, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.cache.layers, meta, hidden_in)
+        if not self.model.last_stage:
+            return hidden
         rows, sampled_chunks, offset = [], [], 0
         for c in chunks:
             offset += c.num_tokens

@@ -6,6 +6,7 @@ in-process (tests, the offline engine) or as a Ray actor that owns its cores.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,11 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from distserve.config import EngineConfig
 from distserve.core import StepPlan, StepResult
 from distserve.model.config import ModelConfig
 from distserve.model.loader import DTYPES, LoadedModel, load
+from distserve.model.parallel import (
+    Shard,
+    TensorGroup,
+    check_parallel,
+    local_config,
+    split_model,
+)
 from distserve.model.registry import resolve
 from distserve.runtime.worker.kernel_choice import choose_kernel_rows
 from distserve.runtime.worker.kv_cache import KVCache, block_view, map_shared, num_blocks_for
@@ -45,6 +54,7 @@ class WorkerInfo:
     shm_path: str | None = None
     """Its cache file under /dev/shm, for same-node peers to map (until unlinked)."""
     cache_shape: tuple[int, ...] = ()
+    num_swap_blocks: int = 0
     kernel_rows: int | None = None
     """Up to how many rows per step it takes the packed kernels, chosen at start
     (`kernel_choice.py`); None: no packed kernels here."""
@@ -59,22 +69,40 @@ class Worker:
         cores: list[int] | None = None,
         loaded: LoadedModel | None = None,
         shared_cache: bool = False,
+        shard: Shard | None = None,
+        store: str | dist.Store | None = None,
     ) -> None:
+        """`shard`: this worker's part of a tensor/pipeline-parallel instance, whose
+        tensor ranks meet at `store` (a FileStore path, or a store object in-process)."""
         t0 = time.perf_counter()
+        shard = shard or Shard()
         used = pin_to_cores(cores) if config.device == "cpu" else []
         if loaded is None:
             source = resolve(config.model, config.load_format)
             loaded = load(source, config.dtype, config.device, config.seed)
-        self.loaded = loaded
+        self.loaded, self.shard = loaded, shard
         cc, dtype, mcfg = config.cache, DTYPES[config.dtype], loaded.config
-        num_blocks = cc.num_blocks or num_blocks_for(mcfg, cc.kv_cache_gb, cc.block_size, dtype)
+        check_parallel(mcfg, shard.tp_size, shard.pp_size)
+        if shard.tp_size > 1:
+            group = TensorGroup(
+                _store(store, shard), shard.tp_rank, shard.tp_size, torch.device(config.device),
+                GROUP_TIMEOUT,
+            )  # fmt: skip
+            split_model(loaded.model, shard, group)
+        elif shard.pp_size > 1:
+            split_model(loaded.model, shard, None)
+        local = local_config(mcfg, shard)
+        # every stage sizes its blocks like the first (most layers): same block ids everywhere
+        widest = local_config(mcfg, dataclasses.replace(shard, pp_rank=0))
+        num_blocks = cc.num_blocks or num_blocks_for(widest, cc.kv_cache_gb, cc.block_size, dtype)
         shm = "/dev/shm" if shared_cache and os.path.isdir("/dev/shm") else None
-        self.cache = KVCache(
-            mcfg, num_blocks, cc.block_size, dtype, config.device, cc.num_swap_blocks, shm
-        )
+        # a pipeline's stages serve pp slots (runtime/parallel_executor.py): swap for each
+        swap = cc.num_swap_blocks * shard.pp_size
+        self.cache = KVCache(local, num_blocks, cc.block_size, dtype, config.device, swap, shm)
         self.runner = ModelRunner(loaded.model, self.cache, config.seed)
         kernel_rows = None
-        if loaded.model.has_packed_kernels():
+        # the timed choice runs steps on this worker alone: ranks would wait for each other
+        if loaded.model.has_packed_kernels() and not shard.parallel:
             plans = SyntheticPlans(num_blocks, cc.block_size, mcfg.vocab_size, config.seed)
             limits = loaded.model.row_limits
             kernel_rows, _ = choose_kernel_rows(self.runner.execute, plans, limits)
@@ -96,6 +124,7 @@ class Worker:
             node=_node_id(),
             shm_path=self.cache.shm_path,
             cache_shape=self.cache.shape,
+            num_swap_blocks=swap,
             kernel_rows=kernel_rows,
         )
 
@@ -105,8 +134,24 @@ class Worker:
     def ping(self) -> int:
         return os.getpid()
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.runner.execute(plan)
+    def execute(self, plan: StepPlan, hidden: np.ndarray[Any, Any] | None = None) -> Any:
+        """A step's result; a pipeline stage before the last returns the hidden states it
+        hands on (numpy, bf16 viewed as int16: they move through Ray's object store) and
+        a later stage takes them as `hidden`."""
+        h = None if hidden is None else self._tensor(hidden)
+        out = self.runner.execute_stage(plan, h)
+        if isinstance(out, StepResult):
+            return out
+        out = out.cpu()
+        return out.view(torch.int16).numpy() if out.dtype == torch.bfloat16 else out.numpy()
+
+    def _tensor(self, data: np.ndarray[Any, Any]) -> torch.Tensor:
+        with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(data))
+        if self.cache.dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t.to(self.device)
 
     def read_blocks(self, block_ids: list[int]) -> np.ndarray[Any, Any]:
         """The KV of some blocks as a numpy array (bf16 viewed as int16: numpy has no bf16,
@@ -129,11 +174,7 @@ class Worker:
 
     def write_blocks(self, block_ids: list[int], data: np.ndarray[Any, Any]) -> int:
         """Store blocks read by another worker's `read_blocks`; returns bytes written."""
-        with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(np.ascontiguousarray(data))
-        if self.cache.dtype == torch.bfloat16:
-            t = t.view(torch.bfloat16)
+        t = self._tensor(data)
         with self._transfer_lock:
             self.cache.write_blocks(block_ids, t)
         return int(t.numel() * t.element_size())
@@ -189,6 +230,19 @@ class Worker:
         if self.p2p is None:
             raise RuntimeError("this worker has not joined a KV process group")
         return self.p2p
+
+
+GROUP_TIMEOUT = 120.0
+"""Seconds a tensor-parallel rank waits for the others (at start, and in a collective:
+a dead rank fails its peers' step after this long)."""
+
+
+def _store(store: str | dist.Store | None, shard: Shard) -> dist.Store:
+    if store is None:
+        raise ValueError(f"tp={shard.tp_size} needs a store where its ranks meet")
+    if isinstance(store, str):  # one file per stage: each stage is its own group
+        return dist.FileStore(f"{store}-{shard.pp_rank}", shard.tp_size)
+    return dist.PrefixStore(f"stage{shard.pp_rank}", store)
 
 
 def _node_id() -> str:
