@@ -162,3 +162,58 @@ def test_server_with_a_tp3_prefill_instance() -> None:
         assert r.json()["choices"][0]["text"] == expected.text
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         assert "distserve_migrations_total 1.0" in metrics
+
+
+@pytest.mark.slow  # real Ray actors, the real model, a SIGKILL
+def test_a_killed_rank_restarts_its_whole_instance() -> None:
+    """SIGKILL of one tensor rank of the prefill instance while requests run: the instance
+    (all of its ranks) is replaced, no request is lost and outputs equal an unfaulted run."""
+    import os
+    import signal
+
+    engine = EngineConfig(dtype="float32", cache=CacheConfig(num_blocks=128))
+    placement = PlacementConfig(mode="disagg", prefill_tp=3)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = [f"Story number {i}: once upon a time" for i in range(4)]
+
+    async def run() -> None:
+        c = Controller(engine, placement)
+        await c.start()
+        try:
+
+            async def one(prompt: str) -> list[int]:
+                return list([o async for o in c.stream(c.submit(prompt, params))][-1].token_ids)
+
+            reference = await asyncio.gather(*(one(p) for p in prompts))
+            prefill = c.instances[0]
+            infos = await prefill.executor.group.infos()  # type: ignore[union-attr]
+            victim = infos[0][1].pid
+            tasks = [asyncio.create_task(one(p)) for p in prompts]
+            await asyncio.sleep(0.5)
+            os.kill(victim, signal.SIGKILL)
+            assert await asyncio.wait_for(asyncio.gather(*tasks), 300) == reference
+            for _ in range(600):  # the replacement loads
+                if c.recovery.restarts:
+                    break
+                await asyncio.sleep(0.5)
+            assert c.recovery.restarts == 1
+            assert await one(prompts[0]) == reference[0]  # served by the new instance
+            new = c.instances[0]
+            assert new is not prefill and new.alive
+            new_pids = [i.pid for s in await new.executor.group.infos() for i in s]  # type: ignore[union-attr]
+            assert victim not in new_pids and len(new_pids) == 3
+            import ray
+
+            for _ in range(20):  # the dead instance's live ranks are ended too
+                alive = [a for a in ray.util.list_named_actors() if "-prefill-" in a]
+                if len(alive) == 3:
+                    break
+                await asyncio.sleep(0.5)
+            assert len(alive) == 3, alive
+            for inst in c.instances:
+                inst.scheduler.blocks.check_integrity()
+                assert inst.scheduler.blocks.num_used_blocks == 0, inst.name
+        finally:
+            await c.stop()
+
+    asyncio.run(run())
