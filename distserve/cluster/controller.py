@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Protocol
 
+from distserve.cluster.choices import MAX_CHOICES, Held, HeldChoices, sibling
 from distserve.cluster.drain import DrainRate
 from distserve.cluster.emulation import EmulatedCluster
 from distserve.cluster.migration import Migrations
@@ -124,6 +125,8 @@ class Controller:
         )  # fmt: skip
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
+        self.held = HeldChoices()
+        """Choices 1..n-1 of a prompt, waiting for choice 0's prefill (cluster/choices.py)."""
         self.emulated = (
             EmulatedCluster(engine, placement, emulation) if emulation is not None else None
         )
@@ -215,9 +218,11 @@ class Controller:
         if self._group is not None:  # the workers have left (or died): drop the store
             self._group.close()
             self._group = None
-        for state in list(self.table.requests.values()):
+        states = list(self.table.requests.values()) + [h.state for h in self.held.all()]
+        for state in states:
             state.queue.put_nowait(RequestFailed("the server is shutting down"))
         self.table.requests.clear()
+        self.held.clear()
         if self.step_trace is not None:
             self.step_trace.close()
 
@@ -261,19 +266,31 @@ class Controller:
         self,
         prompts: list[tuple[str | list[int], SamplingParams]],
         request_ids: list[str | None] | None = None,
+        n: int = 1,
     ) -> list[RequestState]:
         """Queue several requests, all or none: each is checked (ValueError, as `submit`),
         and the prefill queues must have room for all (Overloaded), before any is admitted;
-        a batch with one bad prompt starts nothing."""
-        rids = [r or f"req-{next(self._ids)}" for r in request_ids or [None] * len(prompts)]
+        a batch with one bad prompt starts nothing. With `n` > 1 each prompt becomes `n`
+        requests (its choices, cluster/choices.py) that share the prompt's KV blocks; the
+        states and `request_ids` (if given) run prompt by prompt, choice by choice."""
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}], got {n}")
+        count = len(prompts) * n
+        rids = [r or f"req-{next(self._ids)}" for r in request_ids or [None] * count]
+        if len(rids) != count:
+            raise ValueError(f"{len(rids)} request ids for {count} choices")
         for i, rid in enumerate(rids):
-            if rid in self.table.requests or rid in rids[:i]:
+            if rid in self.table.requests or rid in self.held or rid in rids[:i]:
                 raise ValueError(f"request id {rid!r} is already in use")
         entry = self.table.entry_instances
-        checked = [
-            self._check(p, params, rid) for (p, params), rid in zip(prompts, rids, strict=True)
-        ]
-        queued = sum(len(i.scheduler.waiting) for i in entry) + len(self.table.orphans)
+        checked = []
+        for j, (p, params) in enumerate(prompts):
+            leader, text = self._check(p, params, rids[j * n])
+            checked.append((leader, text))
+            checked += [(sibling(leader, rids[j * n + k], k), text) for k in range(1, n)]
+        queued = (
+            sum(len(i.scheduler.waiting) for i in entry) + len(self.table.orphans) + len(self.held)
+        )
         excess = queued + len(checked) - self.max_queued
         if excess > 0:
             wait = self.drain.retry_after(excess, time.monotonic())
@@ -283,7 +300,13 @@ class Controller:
         restarting = self.recovery.restart_enabled and bool(entry)
         if pick_prefill(entry) is None and not restarting:
             raise RequestFailed("no live instance can take requests")
-        return [self._admit(req, text) for req, text in checked]
+        states: list[RequestState] = []
+        for i, (req, text) in enumerate(checked):
+            if i % n == 0:
+                states.append(self._admit(req, text))
+            else:
+                states.append(self._hold(states[i - i % n], req, text))
+        return states
 
     def _check(
         self, prompt: str | list[int], params: SamplingParams, rid: str
@@ -312,6 +335,32 @@ class Controller:
             inst.wake()
         return state
 
+    def _hold(self, leader: RequestState, req: Request, text: str | None) -> RequestState:
+        """A later choice of `leader`'s prompt: streamable now, queued once the leader's
+        prompt KV is in the prefix cache (at once if there is no prefix cache)."""
+        if not self.engine_config.cache.prefix_caching:
+            return self._admit(req, text)
+        state = RequestState(req.request_id, asyncio.Queue(), leader.owner)
+        self.outputs.add(req.request_id, text, req.sampling_params.stop)
+        self.held.hold(leader.request_id, Held(state, req))
+        return state
+
+    def _release_choices(self, leader_id: str, inst: Instance | None) -> None:
+        """Queue the choices waiting for `leader_id`: on `inst`, the instance that holds
+        the leader's prompt KV, if it takes prompts and lives; else where routing says."""
+        for held in self.held.release(leader_id):
+            state, req = held.state, held.request
+            self.table.requests[req.request_id] = state
+            target = (
+                inst
+                if inst is not None and inst.alive and inst.role != Role.DECODE
+                else pick_prefill(self.table.entry_instances)
+            )
+            if target is None:
+                self.table.orphans.append((time.monotonic(), state, req))
+            else:
+                self.table.place(state, req, target)
+
     async def stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come; raises RequestFailed if it cannot finish."""
         while True:
@@ -325,10 +374,13 @@ class Controller:
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone) and free its blocks on every instance holding
         them. During a KV transfer the blocks are freed when the transfer returns, so no
-        late write can land in blocks that were handed to someone else."""
-        state = self.table.requests.pop(request_id, None)
+        late write can land in blocks that were handed to someone else. A choice waiting
+        for its leader just ends; the choices waiting for an aborted leader are queued."""
+        held = self.held.drop(request_id)
+        state = held.state if held is not None else self.table.requests.pop(request_id, None)
         if state is None:
             return
+        self._release_choices(request_id, None)
         state.aborted = True
         self.outputs.discard(request_id)
         if not state.migrating:
@@ -348,6 +400,7 @@ class Controller:
             ro, stop_hit = self.outputs.process(out)
             if state.first_token_at is None:
                 state.first_token_at = now
+                self._release_choices(req.request_id, inst)  # its prompt KV is cached now
                 self.drain.record(now)
                 if self.observer:
                     self.observer.on_first_token(now - req.arrival_time)
@@ -380,6 +433,7 @@ class Controller:
         self.table.requests.pop(state.request_id, None)
         self.outputs.discard(state.request_id)
         self.table.release_everywhere(state)
+        self._release_choices(state.request_id, None)
         state.queue.put_nowait(RequestFailed(reason))
         if self.observer:
             self.observer.on_finished("error", None)

@@ -67,10 +67,12 @@ def build_app(
                 "model_not_found",
             )
 
-    def submit(prompts: list[tuple[Prompt, SamplingParams]]) -> list[Any]:
-        """Admit every prompt or, if one is refused, none."""
+    def submit(prompts: list[tuple[Prompt, SamplingParams]], n: int) -> list[Any]:
+        """Admit every prompt, `n` choices each (prompt by prompt, choice by choice), or,
+        if one is refused, none."""
+        ids: list[str | None] = [uuid.uuid4().hex[:16] for _ in range(len(prompts) * n)]
         try:
-            return controller.submit_all(prompts, [uuid.uuid4().hex[:16] for _ in prompts])
+            return controller.submit_all(prompts, ids, n)
         except ValueError as e:
             code = (
                 "context_length_exceeded"
@@ -185,7 +187,7 @@ def build_app(
                 400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt"
             )
         encoded = [await encoder.encode(p) if isinstance(p, str) else p for p in prompts]
-        states = submit([(ids, params_of(body, len(ids))) for ids in encoded])
+        states = submit([(ids, params_of(body, len(ids))) for ids in encoded], body.n)
         env = R.Envelope("cmpl", states[0].request_id, model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -196,6 +198,7 @@ def build_app(
                 env,
                 "text_completion",
                 include_usage,
+                body.n,
             )
         outs = await run_to_end(request, states)
         choices = [
@@ -208,7 +211,8 @@ def build_app(
             }
             for i, o in enumerate(outs)
         ]
-        return env.body("text_completion", choices=choices, usage=_usage(outs))
+        usage = _usage(list(enumerate(outs)), body.n)
+        return env.body("text_completion", choices=choices, usage=usage)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -218,35 +222,45 @@ def build_app(
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         ids = await encoder.encode(prompt, "messages")
-        (state,) = submit([(ids, params_of(body, len(ids)))])
-        env = R.Envelope("chatcmpl", state.request_id, model_name)
+        states = submit([(ids, params_of(body, len(ids)))], body.n)
+        env = R.Envelope("chatcmpl", states[0].request_id, model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream(
                 controller,
-                [state],
-                lambda i, o: _chat_chunk(env, o, tokenizer),
+                states,
+                lambda i, o: _chat_chunk(env, i, o, tokenizer),
                 env,
                 "chat.completion.chunk",
                 include_usage,
+                body.n,
                 chat=True,
             )
-        (out,) = await run_to_end(request, [state])
-        choice = {
-            "index": 0, "message": {"role": "assistant", "content": out.text},
-            "logprobs": R.chat_logprobs(out, tokenizer, False), "finish_reason": out.finish_reason,
-            "metrics": R.timings(out),
-        }  # fmt: skip
-        return env.body("chat.completion", choices=[choice], usage=_usage([out]))
+        outs = await run_to_end(request, states)
+        choices = [
+            {
+                "index": i, "message": {"role": "assistant", "content": out.text},
+                "logprobs": R.chat_logprobs(out, tokenizer, False),
+                "finish_reason": out.finish_reason, "metrics": R.timings(out),
+            }
+            for i, out in enumerate(outs)
+        ]  # fmt: skip
+        usage = _usage(list(enumerate(outs)), body.n)
+        return env.body("chat.completion", choices=choices, usage=usage)
 
     return app
 
 
-def _usage(outs: list[RequestOutput]) -> dict[str, Any]:
+def _usage(outs: list[tuple[int, RequestOutput]], n: int) -> dict[str, Any]:
+    """Usage of finished choices (choice index, output): each prompt counted once (its
+    first choice's count of cached tokens), the completions of every choice summed."""
+    first: dict[int, RequestOutput] = {}
+    for i, o in sorted(outs, key=lambda io: io[0]):
+        first.setdefault(i // n, o)
     return R.usage(
-        sum(len(o.prompt_token_ids) for o in outs),
-        sum(len(o.token_ids) for o in outs),
-        sum(o.num_cached_tokens for o in outs),
+        sum(len(o.prompt_token_ids) for o in first.values()),
+        sum(len(o.token_ids) for _, o in outs),
+        sum(o.num_cached_tokens for o in first.values()),
     )
 
 
@@ -264,9 +278,9 @@ def _completion_chunk(
     return env.body("text_completion", choices=[choice])
 
 
-def _chat_chunk(env: R.Envelope, out: RequestOutput, tokenizer: Any) -> dict[str, Any]:
+def _chat_chunk(env: R.Envelope, index: int, out: RequestOutput, tokenizer: Any) -> dict[str, Any]:
     choice: dict[str, Any] = {
-        "index": 0,
+        "index": index,
         "delta": {"content": out.new_text},
         "logprobs": R.chat_logprobs(out, tokenizer, True),
         "finish_reason": out.finish_reason if out.finished else None,
@@ -283,10 +297,12 @@ def _stream(
     env: R.Envelope,
     obj: str,
     include_usage: bool,
+    n: int = 1,
     chat: bool = False,
 ) -> StreamingResponse:
-    """SSE of every request's deltas (interleaved as they come), then usage and [DONE].
-    A client that disconnects cancels the generator: every request is aborted."""
+    """SSE of every request's deltas (interleaved as they come; request i is choice i,
+    `n` choices a prompt), then usage and [DONE]. A client that disconnects cancels the
+    generator: every request is aborted."""
 
     async def events() -> AsyncIterator[str]:
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -300,22 +316,12 @@ def _stream(
                 queue.put_nowait((i, e))
 
         pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(states)]
-        finals: list[RequestOutput] = []
+        finals: list[tuple[int, RequestOutput]] = []
         try:
-            if chat:
-                yield R.sse(
-                    env.body(
-                        obj,
-                        choices=[
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    )
-                )
+            for i in range(len(states) if chat else 0):
+                role = {"role": "assistant", "content": ""}
+                first = {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                yield R.sse(env.body(obj, choices=[first]))
             open_streams = len(states)
             while open_streams:
                 i, item = await queue.get()
@@ -335,10 +341,10 @@ def _stream(
                     open_streams -= 1
                 else:
                     if item.finished:
-                        finals.append(item)
+                        finals.append((i, item))
                     yield R.sse(chunk(i, item))
             if include_usage:
-                yield R.sse(env.body(obj, choices=[], usage=_usage(finals)))
+                yield R.sse(env.body(obj, choices=[], usage=_usage(finals, n)))
             yield R.sse("[DONE]")
         finally:
             for p in pumps:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from distserve.cluster.choices import MAX_CHOICES
 from distserve.core import SamplingParams
 
 
@@ -64,6 +65,9 @@ class _Common(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            n, best_of = data.get("n", 1), data.get("best_of")
+            if type(n) is int and type(best_of) is int and best_of < n:
+                raise ValueError(f"best_of ({best_of}) must be at least n ({n})")
             for name, what in UNSUPPORTED.items():
                 if name in data and not _unset(name, data[name]):
                     raise ValueError(f"{what} is not supported by this server")
@@ -73,7 +77,7 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="extension: sample among the k most likely tokens")
-    n: int = Field(1, ge=1, le=1, description="only one choice per prompt is supported")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"choices per prompt (1 to {MAX_CHOICES})")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

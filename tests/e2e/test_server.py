@@ -189,7 +189,9 @@ def test_bad_input_gets_openai_errors(server) -> None:
             ({"model": "nope", "prompt": "hi"}, 404, "model_not_found"),
             ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, None),
             ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, None),
-            ({"model": MODEL, "prompt": "hi", "n": 3}, 400, None),
+            ({"model": MODEL, "prompt": "hi", "n": 9}, 400, None),
+            ({"model": MODEL, "prompt": "hi", "n": 0}, 400, None),
+            ({"model": MODEL, "prompt": "hi", "n": 2, "best_of": 1}, 400, None),
             ({"model": MODEL, "prompt": "hello " * 3000}, 400, "context_length_exceeded"),
             ({"model": MODEL}, 400, None),
             ({"model": MODEL, "prompt": "a\ud800b"}, 400, None),  # a lone surrogate
