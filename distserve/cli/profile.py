@@ -29,7 +29,13 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "--tp",
         type=positive_int,
         default=1,
-        help="tensor parallel degree (only 1 is supported so far)",
+        help="tensor parallel degree: the instance's workers split --cores (default: 1)",
+    )
+    p.add_argument(
+        "--pp",
+        type=positive_int,
+        default=1,
+        help="pipeline stages: times one pass through all of them (default: 1)",
     )
     p.add_argument("--output", required=True, help="profile JSON to write")
     p.add_argument(
@@ -46,8 +52,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from distserve.planner.profile import profile_model
     from distserve.sim.profile import save_profiles
 
-    if args.tp != 1:
-        parser.error("--tp: the runtime has no tensor parallelism yet; profile with --tp 1")
     try:
         config = EngineConfig(
             model=args.model,
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 max_num_batched_tokens=max(4096, args.max_model_len),
             ),
         )
-        prof = profile_model(config, args.cores, args.quick, not args.no_progress)
+        check_shape(args, parser)
+        prof = profile_model(config, args.cores, args.quick, not args.no_progress, args.tp, args.pp)
     except ValueError as e:
         parser.error(flag_message(e, parser))
     save_profiles(args.output, [prof])
@@ -69,3 +74,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def check_shape(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse a --tp/--pp the model cannot be split into, naming the flags."""
+    if args.tp == args.pp == 1:
+        return
+    from distserve.model.metadata import config_of
+    from distserve.model.parallel import check_parallel
+    from distserve.model.registry import resolve
+
+    source = resolve(args.model, args.load_format)
+    try:
+        check_parallel(source.config or config_of(source), args.tp, args.pp)
+    except ValueError as e:
+        parser.error(f"--tp {args.tp} / --pp {args.pp}: {e}")

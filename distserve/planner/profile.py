@@ -72,10 +72,41 @@ def _times(
     return times
 
 
+def _parallel_instance(
+    config: EngineConfig, cores: list[int], tp: int, pp: int
+) -> tuple[Callable[[StepPlan], Any], Any, Callable[[], None]]:
+    """(execute, info, close) of a tp x pp instance as `serve` runs it: Ray workers
+    sharing `cores`; steps go to its first pipeline slot, one at a time."""
+    import asyncio
+
+    from distserve.cluster.placement import init_ray, start_executor
+
+    init_ray(None, max(8, tp * pp))
+    loop = asyncio.new_event_loop()
+    slots = loop.run_until_complete(start_executor(config, cores, "profile", True, tp, pp))
+    info = loop.run_until_complete(slots[0].info())
+
+    def execute(plan: StepPlan) -> Any:
+        return loop.run_until_complete(slots[0].execute(plan))
+
+    def close() -> None:
+        for s in slots:
+            loop.run_until_complete(s.close())
+        loop.close()
+
+    return execute, info, close
+
+
 def profile_model(
-    config: EngineConfig, cores: int, quick: bool = False, progress: bool = True
+    config: EngineConfig,
+    cores: int,
+    quick: bool = False,
+    progress: bool = True,
+    tp: int = 1,
+    pp: int = 1,
 ) -> Profile:
-    """Measure and fit. Runs the model in this process, pinned to the first `cores` cores."""
+    """Measure and fit. Runs the model in this process, pinned to the first `cores` cores;
+    a tp x pp instance runs as `serve` runs it, in Ray workers that share those cores."""
     from tqdm import tqdm
 
     from distserve.runtime.worker.synthetic import SyntheticPlans
@@ -85,8 +116,12 @@ def profile_model(
     usable = available_cores()
     if cores > len(usable):
         raise ValueError(f"cores must be <= the {len(usable)} usable cores, got {cores}")
-    worker = Worker(config, usable[:cores])
-    info = worker.info()
+    close: Callable[[], None] = lambda: None  # noqa: E731
+    if tp * pp > 1:
+        execute, info, close = _parallel_instance(config, usable[:cores], tp, pp)
+    else:
+        worker = Worker(config, usable[:cores])
+        execute, info = worker.execute, worker.info()
     mcfg = info.model_config
     plans = SyntheticPlans(info.num_blocks, info.block_size, mcfg.vocab_size)
     pgrid, dgrid = (QUICK_PREFILL, QUICK_DECODE) if quick else (PREFILL_GRID, DECODE_GRID)
@@ -121,15 +156,16 @@ def profile_model(
     )
     for r in range(rounds):
         for i, (n, b) in enumerate(pgrid):
-            p_samples[i] += _times(worker.execute, plans.prefill(n, b), p_reps, r == 0)
+            p_samples[i] += _times(execute, plans.prefill(n, b), p_reps, r == 0)
             plans.release()
             bar.update(1)
         for i, (b, c) in enumerate(dgrid):
             # decode steps are short and noisy (a stray interrupt is a large share): more reps
-            d_samples[i] += _times(worker.execute, plans.decode(b, c), d_reps, r == 0)
+            d_samples[i] += _times(execute, plans.decode(b, c), d_reps, r == 0)
             plans.release()
             bar.update(1)
     bar.close()
+    close()
     p_batches = [[n] * b for n, b in pgrid]
     p_times = [statistics.median(t) for t in p_samples]
     d_batches = [[c] * b for b, c in dgrid]
@@ -145,8 +181,8 @@ def profile_model(
     return Profile(
         model=os.path.basename(config.model.rstrip("/")).removesuffix(".gguf"),
         hardware=f"{cpu_name()} ({cores} core{'s' if cores > 1 else ''})",
-        tp=1,
-        pp=1,
+        tp=tp,
+        pp=pp,
         prefill=prefill,
         decode_small=small,
         decode_large=large,

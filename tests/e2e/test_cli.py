@@ -131,3 +131,19 @@ def test_simulate_charges_the_per_request_decode_time(tmp_path) -> None:
     r = _run("simulate", "--profile", "a100", "--decode-seq-time", "-1", "--ttft-slo", "1",
              "--tpot-slo", "1")  # fmt: skip
     assert r.returncode == 2 and "--decode-seq-time" in r.stderr
+
+
+@pytest.mark.slow  # Ray workers loading the real model
+def test_profile_a_tensor_parallel_instance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`profile --tp 3`: SmolLM2's heads split 3 ways over the cores given, as serve runs
+    it; a tp the heads do not divide is refused naming the flag and the head counts."""
+    r = _run("profile", "--model", "smollm2-135m", "--tp", "2", "--output", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--tp 2" in r.stderr and "9 attention heads" in r.stderr
+    out = tmp_path / "tp3.json"
+    r = _run(
+        "profile", "--tp", "3", "--cores", "2", "--quick", "--no-progress", "--output", str(out)
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = json.loads(out.read_text())["profiles"][0]
+    assert (prof["tp"], prof["pp"], prof["cores"]) == (3, 1, 2)
+    assert prof["prefill"][1] > 0 and prof["decode_small"][0] > 0
