@@ -28,3 +28,17 @@ def make_engine() -> Iterator[Callable[..., object]]:
         blocks.check_integrity()
         assert not eng.scheduler.has_unfinished(), "a test left requests in an engine"
         assert blocks.num_used_blocks == 0, f"{blocks.num_used_blocks} KV blocks leaked"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where a CUDA device is (CI has none; a lent GPU machine does)."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

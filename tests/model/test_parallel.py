@@ -217,3 +217,26 @@ def test_a_killed_rank_restarts_its_whole_instance() -> None:
             await c.stop()
 
     asyncio.run(run())
+
+
+@pytest.mark.gpu
+def test_pipeline_stages_on_one_gpu() -> None:
+    reference = generate(
+        "smollm2-135m", PlacementConfig(mode="colocated", num_instances=1), "auto", "cuda"
+    )
+    shape = PlacementConfig(mode="colocated", num_instances=1, prefill_pp=2)
+    assert generate("smollm2-135m", shape, "auto", "cuda") == reference
+
+
+@pytest.mark.gpu
+def test_tensor_parallel_over_nccl() -> None:
+    """tp=3 across three GPUs (NCCL), a Ray actor per GPU; skipped with fewer."""
+    import torch
+
+    if torch.cuda.device_count() < 3:
+        pytest.skip("needs 3 GPUs")
+    reference = generate(
+        "smollm2-135m", PlacementConfig(mode="colocated", num_instances=1), "auto", "cuda", True
+    )
+    shape = PlacementConfig(mode="disagg", prefill_tp=3, decode_tp=1)
+    assert generate("smollm2-135m", shape, "auto", "cuda", True) == reference
