@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from distserve.cli.common import add_engine_flags
 from distserve.cli.values import flag_message, positive_int
+
+if TYPE_CHECKING:
+    from distserve.config import EngineConfig
+    from distserve.core import StepPlan
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
@@ -65,7 +70,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ),
         )
         check_shape(args, parser)
-        prof = profile_model(config, args.cores, args.quick, not args.no_progress, args.tp, args.pp)
+        prof = profile_model(
+            config, args.cores, args.quick, not args.no_progress, args.tp, args.pp,
+            parallel_instance,
+        )  # fmt: skip
     except ValueError as e:
         parser.error(flag_message(e, parser))
     save_profiles(args.output, [prof])
@@ -89,3 +97,28 @@ def check_shape(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         check_parallel(source.config or config_of(source), args.tp, args.pp)
     except ValueError as e:
         parser.error(f"--tp {args.tp} / --pp {args.pp}: {e}")
+
+
+def parallel_instance(
+    config: EngineConfig, cores: list[int], tp: int, pp: int
+) -> tuple[Callable[[StepPlan], Any], Any, Callable[[], None]]:
+    """(execute, info, close) of a tp x pp instance as `serve` runs it: Ray workers
+    sharing `cores`; steps go to its first pipeline slot, one at a time."""
+    import asyncio
+
+    from distserve.cluster.placement import init_ray, start_executor
+
+    init_ray(None, max(8, tp * pp))
+    loop = asyncio.new_event_loop()
+    slots = loop.run_until_complete(start_executor(config, cores, "profile", True, tp, pp))
+    info = loop.run_until_complete(slots[0].info())
+
+    def execute(plan: StepPlan) -> Any:
+        return loop.run_until_complete(slots[0].execute(plan))
+
+    def close() -> None:
+        for s in slots:
+            loop.run_until_complete(s.close())
+        loop.close()
+
+    return execute, info, close

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distserve.core.shards import stage_layers
 from distserve.model.base import CausalLM
 from distserve.model.config import ModelConfig
 
@@ -80,13 +81,6 @@ def check_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
         raise ValueError(f"{name}: MLP width {cfg.intermediate_size} does not divide by tp={tp}")
     if pp > cfg.num_layers:
         raise ValueError(f"{name} has {cfg.num_layers} layers: too few for pp={pp} stages")
-
-
-def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
-    """The layers of pipeline stage `pp_rank`: contiguous, the first stages one more."""
-    base, extra = divmod(num_layers, pp_size)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (pp_rank < extra))
 
 
 def local_config(cfg: ModelConfig, shard: Shard) -> ModelConfig:

@@ -28,6 +28,10 @@ QUICK_PREFILL = [(n, b) for n in (32, 128, 512) for b in (1, 2)]
 QUICK_DECODE = [(b, c) for b in (1, 4, 16) for c in (64, 512)]
 ROUNDS = 3
 
+StartInstance = Callable[
+    [EngineConfig, list[int], int, int], tuple[Callable[[StepPlan], Any], Any, Callable[[], None]]
+]
+
 
 def cpu_name() -> str:
     try:
@@ -72,31 +76,6 @@ def _times(
     return times
 
 
-def _parallel_instance(
-    config: EngineConfig, cores: list[int], tp: int, pp: int
-) -> tuple[Callable[[StepPlan], Any], Any, Callable[[], None]]:
-    """(execute, info, close) of a tp x pp instance as `serve` runs it: Ray workers
-    sharing `cores`; steps go to its first pipeline slot, one at a time."""
-    import asyncio
-
-    from distserve.cluster.placement import init_ray, start_executor
-
-    init_ray(None, max(8, tp * pp))
-    loop = asyncio.new_event_loop()
-    slots = loop.run_until_complete(start_executor(config, cores, "profile", True, tp, pp))
-    info = loop.run_until_complete(slots[0].info())
-
-    def execute(plan: StepPlan) -> Any:
-        return loop.run_until_complete(slots[0].execute(plan))
-
-    def close() -> None:
-        for s in slots:
-            loop.run_until_complete(s.close())
-        loop.close()
-
-    return execute, info, close
-
-
 def profile_model(
     config: EngineConfig,
     cores: int,
@@ -104,9 +83,11 @@ def profile_model(
     progress: bool = True,
     tp: int = 1,
     pp: int = 1,
+    start_instance: StartInstance | None = None,
 ) -> Profile:
     """Measure and fit. Runs the model in this process, pinned to the first `cores` cores;
-    a tp x pp instance runs as `serve` runs it, in Ray workers that share those cores."""
+    a tp x pp instance runs as `serve` runs it: `start_instance(config, cores, tp, pp)`
+    (cli/profile.py: Ray workers sharing those cores) gives (execute, info, close)."""
     from tqdm import tqdm
 
     from distserve.runtime.worker.synthetic import SyntheticPlans
@@ -118,7 +99,9 @@ def profile_model(
         raise ValueError(f"cores must be <= the {len(usable)} usable cores, got {cores}")
     close: Callable[[], None] = lambda: None  # noqa: E731
     if tp * pp > 1:
-        execute, info, close = _parallel_instance(config, usable[:cores], tp, pp)
+        if start_instance is None:
+            raise ValueError("a tp/pp > 1 instance needs start_instance")
+        execute, info, close = start_instance(config, usable[:cores], tp, pp)
     else:
         worker = Worker(config, usable[:cores])
         execute, info = worker.execute, worker.info()

@@ -30,6 +30,7 @@ import numpy as np
 
 from distserve.config import EngineConfig
 from distserve.core import StepPlan, StepResult
+from distserve.core.shards import KVPart, kv_parts
 from distserve.runtime.worker.worker import WorkerInfo
 
 if TYPE_CHECKING:
@@ -61,6 +62,10 @@ def offset_plan(plan: StepPlan, blocks: int, swap: int) -> StepPlan:
         swap_in=tuple((h + swap, d + blocks) for h, d in plan.swap_in),
         block_copies=tuple((a + blocks, b + blocks) for a, b in plan.block_copies),
     )
+
+
+def _span(r: range) -> slice:
+    return slice(r.start, r.stop)
 
 
 class WorkerGroup:
@@ -100,35 +105,40 @@ class WorkerGroup:
         assert isinstance(hidden, StepResult)
         return hidden
 
+    async def parts(self) -> list[list[KVPart]]:
+        cfg = (await self.infos())[0][0].model_config
+        return kv_parts(cfg.num_layers, cfg.num_kv_heads, self.tp, self.pp)
+
     async def read_blocks(self, block_ids: list[int]) -> np.ndarray[Any, Any]:
-        """The blocks in the whole model's layout (module docstring)."""
-        parts = await asyncio.gather(*(w.read_blocks(block_ids) for w in self.workers))
-        infos = await self.infos()
+        """The blocks in the whole model's layout (module docstring): each worker's
+        [layers*2*heads, n, w] placed at its (layer, head) ranges."""
+        parts, got = (
+            await self.parts(),
+            await asyncio.gather(*(w.read_blocks(block_ids) for w in self.workers)),
+        )
+        cfg = (await self.infos())[0][0].model_config
         n = len(block_ids)
-        stages = []
-        for s in range(self.pp):
-            heads = []
-            for t in range(self.tp):
-                layers, two, kvh, _, bs, d = infos[s][t].cache_shape
-                heads.append(np.asarray(parts[s * self.tp + t]).reshape(layers, two, kvh, n, -1))
-            stages.append(np.concatenate(heads, axis=2))
-        whole = np.concatenate(stages, axis=0)
-        return whole.reshape(-1, n, whole.shape[-1])
+        width = np.asarray(got[0]).shape[-1]
+        whole = np.empty((cfg.num_layers, 2, cfg.num_kv_heads, n, width), np.asarray(got[0]).dtype)
+        for part, data in zip([p for stage in parts for p in stage], got, strict=True):
+            shape = (len(part.layers), 2, len(part.heads), n, width)
+            whole[_span(part.layers), :, _span(part.heads)] = np.asarray(data).reshape(shape)
+        return whole.reshape(-1, n, width)
 
     async def write_blocks(self, block_ids: list[int], data: Any) -> int:
-        """Store blocks given in the whole model's layout into every worker's part."""
-        infos = await self.infos()
+        """Store blocks given in the whole model's layout: each worker gets its ranges."""
+        parts, cfg = await self.parts(), (await self.infos())[0][0].model_config
         n = len(block_ids)
-        cfg = infos[0][0].model_config
         whole = np.asarray(data).reshape(cfg.num_layers, 2, cfg.num_kv_heads, n, -1)
-        writes, first_layer = [], 0
-        for s in range(self.pp):
-            layers, _, kvh = infos[s][0].cache_shape[:3]
-            for t in range(self.tp):
-                part = whole[first_layer : first_layer + layers, :, t * kvh : (t + 1) * kvh]
-                part = np.ascontiguousarray(part).reshape(-1, n, whole.shape[-1])
-                writes.append(self.stages[s][t].write_blocks(block_ids, part))
-            first_layer += layers
+        writes = []
+        for stage, workers in zip(parts, self.stages, strict=True):
+            for part, w in zip(stage, workers, strict=True):
+                cut = whole[_span(part.layers), :, _span(part.heads)]
+                writes.append(
+                    w.write_blocks(
+                        block_ids, np.ascontiguousarray(cut).reshape(-1, n, whole.shape[-1])
+                    )
+                )
         return sum(await asyncio.gather(*writes))
 
     async def ping(self) -> int:

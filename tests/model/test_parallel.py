@@ -13,8 +13,9 @@ import pytest
 from distserve.cluster.controller import Controller
 from distserve.config import EngineConfig, PlacementConfig
 from distserve.core import CacheConfig, SamplingParams, ScheduledChunk, StepPlan
+from distserve.core.shards import kv_parts, stage_layers
 from distserve.model.config import ModelConfig
-from distserve.model.parallel import check_parallel, stage_layers
+from distserve.model.parallel import check_parallel
 from distserve.model.registry import ARCHITECTURES
 from distserve.runtime.parallel_executor import offset_plan, split_cores
 
@@ -126,6 +127,12 @@ def test_stages_cover_the_layers_in_order() -> None:
     stages = [stage_layers(30, s, 4) for s in range(4)]
     assert [len(r) for r in stages] == [8, 8, 7, 7]
     assert [i for r in stages for i in r] == list(range(30))
+    parts = kv_parts(30, 3, 3, 2)  # SmolLM2's 3 KV heads, tp3 pp2
+    assert [(p.layers, p.heads) for p in parts[1]] == [
+        (range(15, 30), range(h, h + 1)) for h in range(3)
+    ]
+    with pytest.raises(ValueError, match="3 KV heads do not divide by tp=2"):
+        kv_parts(30, 3, 2, 1)
 
 
 def test_slot_plans_and_core_shares() -> None:
