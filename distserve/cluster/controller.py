@@ -13,11 +13,14 @@ from typing import Any, Protocol
 
 from distserve.cluster.choices import MAX_CHOICES, Held, HeldChoices, sibling
 from distserve.cluster.drain import DrainRate
+from distserve.cluster.flip import FlipRecord, Flips
 from distserve.cluster.emulation import EmulatedCluster
+from distserve.cluster.local_ray import RayLink
 from distserve.cluster.migration import Migrations
 from distserve.cluster.placement import (
     connect_peers,
     instance_cores,
+    reinit_ray,
     replace_worker,
     start_workers,
 )
@@ -119,9 +122,11 @@ class Controller:
         """How fast prompts leave the prefill queues: an overloaded client's Retry-After."""
         on_migration = observer.on_migration if observer else None
         self.migration = Migrations(self.table, self.spawn, migration_timeout, on_migration)
+        self.flips = Flips(self.table, lambda inst, role: self._scheduler(role, inst.info))
         self.recovery = Recovery(
             self.table, self.spawn, self._replacement, self.fail_request,
             orphan_timeout=orphan_timeout, restart=restart,
+            cluster=RayLink(ray_address, reinit_ray) if use_ray and emulation is None else None,
         )  # fmt: skip
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
@@ -185,7 +190,7 @@ class Controller:
             self.migration.on_admitted, self.recovery.on_failure, cores=cores,
             trace=self.step_trace,
         )  # fmt: skip
-        inst.pid = info.pid
+        inst.pid, inst.info = info.pid, info
         return inst
 
     async def _replacement(self, dead: Instance) -> Instance:
@@ -197,6 +202,19 @@ class Controller:
             self.start_timeout, dead.executor, decoders, self.transport in ("auto", "shm"),
         )  # fmt: skip
         return self.make_instance(dead.name, dead.role, executor, info, dead.cores)
+
+    async def flip(self, name: str, role: str) -> FlipRecord:
+        """Turn instance `name` to `role` (prefill, decode, colocated) without reloading its
+        model (cluster/flip.py); ValueError for a flip that cannot be made."""
+        inst = next((i for i in self.instances if i.name == name), None)
+        if inst is None:
+            names = ", ".join(i.name for i in self.instances)
+            raise ValueError(f"no instance {name!r} (instances: {names})")
+        try:
+            new = Role(role)
+        except ValueError:
+            raise ValueError(f"role must be prefill, decode or colocated, got {role!r}") from None
+        return await self.flips.flip(inst, new)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background task the controller owns (cancelled on stop)."""

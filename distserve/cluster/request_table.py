@@ -85,10 +85,11 @@ class RequestTable:
                 inst.scheduler.abort_request(state.request_id, now)
                 inst.wake()
 
-    def resubmit(self, state: RequestState, req: Request) -> None:
+    def resubmit(self, state: RequestState, req: Request, preempted: bool = True) -> None:
         """Queue a request again on a live prompt-taking instance, from its prompt plus the
         tokens already produced; its next token continues the stream. With none alive it
-        waits among the orphans."""
+        waits among the orphans. `preempted`: count it as a preemption (its work is lost);
+        a queued request moved before it ran is not."""
         now = time.monotonic()
         for inst in (state.owner, state.decode):
             if inst is not None and inst.alive:
@@ -97,7 +98,8 @@ class RequestTable:
             req.request_id, list(req.prompt_token_ids), req.sampling_params, req.arrival_time,
             eos_token_id=req.eos_token_id, output_token_ids=list(req.output_token_ids),
             output_logprobs=list(req.output_logprobs), timestamps=dict(req.timestamps),
-            num_preemptions=req.num_preemptions + 1, num_cached_tokens=req.num_cached_tokens,
+            num_preemptions=req.num_preemptions + preempted,
+            num_cached_tokens=req.num_cached_tokens,
         )  # fmt: skip
         state.decode, state.migrating = None, False
         target = pick_prefill(self.entry_instances)

@@ -22,6 +22,12 @@ class Routable(Protocol):
     def alive(self) -> bool: ...
 
 
+def _open(inst: Routable) -> bool:
+    """Live and taking new work: an instance flipping its role (`draining`, set by the
+    controller's cluster/flip.py; the simulator's instances have no such state) does not."""
+    return inst.alive and not getattr(inst, "draining", False)
+
+
 T = TypeVar("T", bound=Routable)
 
 
@@ -29,7 +35,7 @@ def pick_prefill(instances: Sequence[T]) -> T | None:
     """The live instance with the fewest prompt tokens ahead (queued, or in a prefill
     running now); ties: the fewest running requests (decodes a colocated prefill would
     stall), then the first."""
-    alive = [i for i in instances if i.alive]
+    alive = [i for i in instances if _open(i)]
     if not alive:
         return None
     return min(alive, key=lambda i: (i.scheduler.num_prompt_tokens_ahead, len(i.scheduler.running)))
@@ -47,6 +53,6 @@ def pick_decode(instances: Sequence[T]) -> T | None:
     ready = [
         i
         for i in instances
-        if i.alive and isinstance(i.scheduler, DecodeScheduler) and i.scheduler.can_accept()
+        if _open(i) and isinstance(i.scheduler, DecodeScheduler) and i.scheduler.can_accept()
     ]
     return max(ready, key=lambda i: free_after_queue(i.scheduler)) if ready else None  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from distserve.core import DecodeScheduler, Request, Scheduler, StepOutput
 from distserve.runtime.executor import Executor
 from distserve.runtime.step_trace import StepTrace
+from distserve.runtime.worker.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class Instance:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.alive = True
+        self.draining = False
+        """Flipping its role (cluster/flip.py): finishes its work, takes no new work."""
+        self.info: WorkerInfo | None = None
+        """What its worker reported at start (the block count a new scheduler needs)."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance-{self.name}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ from distserve.server.errors import APIError, error_response, install_handlers
 from distserve.server.limits import BodyLimits
 from distserve.server.metrics import Metrics
 from distserve.server.prompts import PromptEncoder
-from distserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from distserve.server.protocol import ChatCompletionRequest, CompletionRequest, FlipRequest
 
 Prompt = str | list[int]
 MAX_PROMPTS = 64
@@ -144,7 +145,7 @@ def build_app(
         alive = {i.name: i.alive for i in controller.instances}
         ok = bool(alive) and all(alive.values())
         detail: dict[str, dict[str, Any]] = {
-            i.name: {"alive": i.alive, "pid": i.pid, "role": i.role.value}
+            i.name: {"alive": i.alive, "pid": i.pid, "role": i.role.value, "flipping": i.draining}
             for i in controller.instances
         }
         recovery = controller.recovery
@@ -160,6 +161,16 @@ def build_app(
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/admin/flip")
+    async def flip(body: FlipRequest) -> dict[str, Any]:
+        """Turn an instance to another role without reloading it; returns once it admits
+        work again (its running requests finish first)."""
+        try:
+            rec = await controller.flip(body.instance, body.role)
+        except ValueError as e:
+            raise APIError(400, str(e), "instance") from None
+        return dataclasses.asdict(rec)
 
     card = {
         "id": model_name,

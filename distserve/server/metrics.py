@@ -3,6 +3,7 @@ gauges (queues, KV blocks) read from the controller at scrape time."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,7 +117,13 @@ class _InstanceCollector:
             if s.num_prompt_tokens_admitted:
                 rate.add_metric(labels, s.num_prompt_tokens_cached / s.num_prompt_tokens_admitted)
             busy.add_metric(labels, inst.stats.busy_seconds)
-        yield from (queue, blocks, up, busy, prompt, hits, rate)
+        flips = CounterMetricFamily(
+            "distserve_role_flips", "Instances turned from one role", labels=["old", "new"]
+        )
+        counts = collections.Counter((f.old, f.new) for f in self.controller.flips.done)
+        for (old, new), n in sorted(counts.items()):
+            flips.add_metric([old, new], n)
+        yield from (queue, blocks, up, busy, prompt, hits, rate, flips)
 
 
 def _prefix_cache_families() -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:

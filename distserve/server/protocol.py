@@ -210,3 +210,11 @@ class ChatCompletionRequest(_Common):
     def sampling_params(self, default_max: int) -> SamplingParams:
         lp = (self.top_logprobs or 0) if self.logprobs else None
         return self._params(self.max_completion_tokens or self.max_tokens or default_max, lp)
+
+
+class FlipRequest(BaseModel):
+    """POST /admin/flip: turn an instance to another role (cluster/flip.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    instance: str
+    role: Literal["prefill", "decode", "colocated"]

@@ -1,0 +1,116 @@
+"""Role flipping: an instance turns prefill <-> decode <-> colocated without reloading its
+model. It stops admitting, hands its queued work to instances of its old role, lets what
+it is computing finish (prefilled requests leave through the normal migration pull),
+then takes a fresh scheduler of the new role over the same worker and admits again.
+
+Nothing is dropped or computed twice: a queued prompt moves before any of it ran, a
+request waiting for migration into a draining decode instance is handed to another, and
+a running one is never interrupted. A flip that would leave a role with no instance to
+take its requests is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from distserve.cluster.request_table import RequestTable
+from distserve.core import DecodeScheduler, Scheduler
+from distserve.core.routing import pick_prefill
+from distserve.runtime.instance import Instance, Role
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FlipRecord:
+    """One flip, for /metrics and the step trace's readers."""
+
+    instance: str
+    old: str
+    new: str
+    started: float
+    seconds: float = 0.0
+    moved: int = 0
+    """Queued requests handed to other instances."""
+
+
+@dataclass
+class Flips:
+    """The controller's flip driver."""
+
+    table: RequestTable
+    new_scheduler: Callable[[Instance, Role], Scheduler]
+    done: list[FlipRecord] = field(default_factory=list)
+
+    def check(self, inst: Instance, role: Role) -> None:
+        """Raise ValueError for a flip that cannot be made: the instance is not live, is
+        flipping, has the role already, or the flip would leave prompts with no instance
+        to take them, or prefilled requests with no decode instance."""
+        if inst not in self.table.instances or not inst.alive:
+            raise ValueError(f"instance {inst.name} is not a live instance")
+        if inst.draining:
+            raise ValueError(f"instance {inst.name} is already flipping")
+        if inst.role == role:
+            raise ValueError(f"instance {inst.name} is already {role.value}")
+        roles = [i.role for i in self.table.instances if i is not inst and i.alive]
+        roles.append(role)
+        if all(r == Role.DECODE for r in roles):
+            raise ValueError(f"flipping {inst.name} to {role.value} leaves no instance for prompts")
+        if Role.PREFILL in roles and Role.DECODE not in roles:
+            raise ValueError(f"flipping {inst.name} to {role.value} leaves prefill without decode")
+
+    async def flip(self, inst: Instance, role: Role, poll: float = 0.02) -> FlipRecord:
+        """Drain `inst`, then give it a scheduler of `role`; returns when it admits again."""
+        self.check(inst, role)
+        rec = FlipRecord(inst.name, inst.role.value, role.value, time.monotonic())
+        inst.draining = True
+        try:
+            rec.moved = self._hand_over(inst)
+            while inst.alive and inst.scheduler.has_unfinished():
+                await asyncio.sleep(poll)
+                rec.moved += self._hand_over(inst)
+            if not inst.alive:
+                raise RuntimeError(f"{inst.name} died while flipping")
+            inst.scheduler = self.new_scheduler(inst, role)
+            inst.role = role
+        finally:
+            inst.draining = False
+        inst.wake()
+        self.table.adopt_orphans()
+        self.table.dispatch()
+        rec.seconds = time.monotonic() - rec.started
+        self.done.append(rec)
+        log.warning(
+            "flipped %s from %s to %s in %.2f s (%d queued requests moved)",
+            inst.name, rec.old, rec.new, rec.seconds, rec.moved,
+        )  # fmt: skip
+        return rec
+
+    def _hand_over(self, inst: Instance) -> int:
+        """Move work that has not started on `inst` to other instances of its role."""
+        now, moved, table = time.monotonic(), 0, self.table
+        sched = inst.scheduler  # routing skips a draining instance (core/routing.py)
+        if isinstance(sched, DecodeScheduler):
+            for req in list(sched.pending):  # admitted nowhere yet: the prefill side holds its KV
+                state = table.requests.get(req.request_id)
+                if state is None or state.migrating or state.decode is not inst:
+                    continue
+                sched.abort_request(req.request_id, now)
+                state.decode = None
+                table.awaiting.append((state, state.owner.scheduler.requests[req.request_id]))
+                moved += 1
+            table.dispatch()
+            return moved
+        if pick_prefill(table.entry_instances) is None:
+            return 0  # no other instance takes prompts now: the queue drains here
+        for req in list(sched.waiting):
+            state = table.requests.get(req.request_id)
+            if state is None or state.owner is not inst or req.num_computed_tokens:
+                continue  # partly computed (chunked, preempted): it finishes here
+            table.resubmit(state, req, preempted=False)
+            moved += 1
+        return moved
