@@ -52,16 +52,6 @@ def add_emulation_flags(srv: argparse.ArgumentParser) -> None:
         default=CROSS_NODE_BANDWIDTH,
         help=f"KV migration bytes/s across nodes (default: {CROSS_NODE_BANDWIDTH:g}, 25 Gbps)",
     )
-    for role in ("prefill", "decode"):
-        for kind, name in (("tp", "tensor"), ("pp", "pipeline")):
-            emu.add_argument(
-                f"--{role}-{kind}",
-                type=positive_int,
-                default=1,
-                help=f"{name} parallel degree of {role} instances"
-                + (" (and colocated ones)" if role == "prefill" else "")
-                + "; > 1 only when emulating (default: 1)",
-            )
 
 
 def emulation_config(args: argparse.Namespace) -> EmulationConfig | None:

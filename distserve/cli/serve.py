@@ -7,6 +7,7 @@ from typing import Any
 
 from distserve.cli.common import add_engine_flags, add_placement_flags, add_prefix_caching_flag
 from distserve.cli.emulation import add_emulation_flags, emulation_config
+from distserve.cli.live_flags import adaptive_config, add_live_flags, add_parallel_flags
 from distserve.cli.values import flag_message, positive_float, positive_int
 from distserve.config import TRANSPORTS
 
@@ -128,7 +129,9 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     )
     add_engine_flags(srv)
     add_prefix_caching_flag(srv)
+    add_parallel_flags(srv)
     add_emulation_flags(srv)
+    add_live_flags(srv)
     return srv  # type: ignore[no-any-return]
 
 
@@ -203,10 +206,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             max_connections=args.max_connections,
             trace_steps=args.trace_steps,
             orphan_timeout=args.orphan_timeout,
+            ttft_slo=args.ttft_slo,
+            tpot_slo=args.tpot_slo,
+            live_window=args.live_window,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))
-    asyncio.run(serve(engine, placement, server, emulation))
+    adaptive = adaptive_config(args, parser)
+    asyncio.run(serve(engine, placement, server, emulation, adaptive))
     return 0
 
 

@@ -11,10 +11,12 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Protocol
 
+from distserve.cluster.adaptive import Adaptive, AdaptiveConfig
 from distserve.cluster.choices import MAX_CHOICES, Held, HeldChoices, sibling
 from distserve.cluster.drain import DrainRate
-from distserve.cluster.flip import FlipRecord, Flips
 from distserve.cluster.emulation import EmulatedCluster
+from distserve.cluster.flip import FlipRecord, Flips
+from distserve.cluster.live import Finished, LiveWindow
 from distserve.cluster.local_ray import RayLink
 from distserve.cluster.migration import Migrations
 from distserve.cluster.placement import (
@@ -94,6 +96,8 @@ class Controller:
         orphan_timeout: float = 300.0,
         step_trace: str | None = None,
         emulation: EmulationConfig | None = None,
+        live: LiveWindow | None = None,
+        adaptive: AdaptiveConfig | None = None,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
         if emulation is not None and transport != "auto":
@@ -122,6 +126,10 @@ class Controller:
         """How fast prompts leave the prefill queues: an overloaded client's Retry-After."""
         on_migration = observer.on_migration if observer else None
         self.migration = Migrations(self.table, self.spawn, migration_timeout, on_migration)
+        self.live = live or LiveWindow()
+        """What arrives and what it attains, over a sliding window (cluster/live.py)."""
+        self.adaptive = Adaptive(self, adaptive) if adaptive is not None else None
+        """Re-plans the layout on the live window and flips roles (cluster/adaptive.py)."""
         self.flips = Flips(self.table, lambda inst, role: self._scheduler(role, inst.info))
         self.recovery = Recovery(
             self.table, self.spawn, self._replacement, self.fail_request,
@@ -181,6 +189,8 @@ class Controller:
             self.table.instances.append(inst)
             inst.start()
         self.spawn(self.recovery.watch())
+        if self.adaptive is not None:
+            self.spawn(self.adaptive.run())
 
     def make_instance(
         self, name: str, role: Role, executor: Executor, info: WorkerInfo, cores: list[int]
@@ -339,6 +349,7 @@ class Controller:
         return req, text
 
     def _admit(self, req: Request, text: str | None) -> RequestState:
+        self.live.on_arrival(req.arrival_time)
         entry = self.table.entry_instances
         inst = pick_prefill(entry)  # load changes with each request admitted
         state = RequestState(req.request_id, asyncio.Queue(), inst or entry[0])
@@ -425,12 +436,27 @@ class Controller:
             if stop_hit:
                 inst.scheduler.finish_request(req.request_id, FinishReason.STOP, now)
             if req.finished:
+                self._record_live(state, req, now)
                 self._finish(state, self.outputs.finish(req, ro))
                 continue
             state.queue.put_nowait(ro)
             if inst.role == Role.PREFILL:
                 self.table.awaiting.append((state, req))
         self.table.dispatch()
+
+    def _record_live(self, state: RequestState, req: Request, now: float) -> None:
+        n = len(req.output_token_ids)
+        first = state.first_token_at
+        self.live.on_finished(
+            Finished(
+                req.arrival_time,
+                tuple(req.prompt_token_ids),
+                n,
+                None if first is None else first - req.arrival_time,
+                (now - first) / (n - 1) if first is not None and n > 1 else None,
+            ),
+            now,
+        )
 
     def _finish(self, state: RequestState, out: RequestOutput) -> None:
         self.table.requests.pop(state.request_id, None)

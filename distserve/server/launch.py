@@ -11,7 +11,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from distserve.cluster.adaptive import AdaptiveConfig
 from distserve.cluster.controller import Controller
+from distserve.cluster.live import LiveWindow
 from distserve.cluster.local_ray import is_loopback
 from distserve.config import TRANSPORTS, EmulationConfig, EngineConfig, PlacementConfig
 from distserve.server.app import build_app
@@ -61,6 +63,15 @@ class ServerConfig:
         default=300.0,
         metadata={"help": "seconds a request waits for a role with no live instance, then fails"},
     )
+    ttft_slo: float | None = field(
+        default=None, metadata={"help": "TTFT target of the live view's attainment (s)"}
+    )
+    tpot_slo: float | None = field(
+        default=None, metadata={"help": "TPOT target of the live view's attainment (s)"}
+    )
+    live_window: float = field(
+        default=120.0, metadata={"help": "seconds of traffic the live view keeps"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -83,6 +94,7 @@ async def serve(
     placement: PlacementConfig,
     server: ServerConfig,
     emulation: EmulationConfig | None = None,
+    adaptive: AdaptiveConfig | None = None,
 ) -> None:
     import uvicorn
 
@@ -99,6 +111,8 @@ async def serve(
         orphan_timeout=server.orphan_timeout,
         step_trace=server.trace_steps,
         emulation=emulation,
+        live=LiveWindow(server.live_window, server.ttft_slo, server.tpot_slo),
+        adaptive=adaptive,
     )
     where = f" on emulated devices ({emulation.profile})" if emulation else ""
     print(

@@ -4,6 +4,7 @@ gauges (queues, KV blocks) read from the controller at scrape time."""
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,6 +125,35 @@ class _InstanceCollector:
         for (old, new), n in sorted(counts.items()):
             flips.add_metric([old, new], n)
         yield from (queue, blocks, up, busy, prompt, hits, rate, flips)
+        yield from _live_families(self.controller)
+
+
+def _live_families(controller: Controller) -> Iterator[GaugeMetricFamily]:
+    """The live view (cluster/live.py): the window's arrival rate, lengths and SLO
+    attainment (with serve --ttft-slo/--tpot-slo), and the current layout."""
+    live, now = controller.live, time.monotonic()
+    window = f"over the last {live.seconds:.0f} s"
+    rate = GaugeMetricFamily("distserve_live_arrival_rate", f"Requests/s arriving {window}")
+    rate.add_metric([], live.arrival_rate(now))
+    lengths = GaugeMetricFamily(
+        "distserve_live_tokens", f"Prompt and output lengths {window}", labels=["stat"]
+    )
+    for k, v in live.lengths(now).items():
+        lengths.add_metric([k], v)
+    attained = GaugeMetricFamily(
+        "distserve_live_slo_attainment",
+        f"Share of requests finished {window} within the target (ttft, tpot, both)",
+        labels=["target"],
+    )
+    for k, v in live.attainment(now).items():
+        attained.add_metric([k], v)
+    layout = GaugeMetricFamily(
+        "distserve_layout_instances", "Live instances per role", labels=["role"]
+    )
+    roles = collections.Counter(i.role.value for i in controller.instances if i.alive)
+    for role in ("prefill", "decode", "colocated"):
+        layout.add_metric([role], roles.get(role, 0))
+    yield from (rate, lengths, attained, layout)
 
 
 def _prefix_cache_families() -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:

@@ -1,0 +1,102 @@
+"""serve's flags for per-phase parallelism (runtime/parallel_executor.py), the live view
+and adaptive re-planning (cluster/live.py, cluster/adaptive.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from distserve.cli.values import nonnegative_float, positive_float, positive_int
+
+if TYPE_CHECKING:
+    from distserve.cluster.adaptive import AdaptiveConfig
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-phase parallelism")
+    for role in ("prefill", "decode"):
+        for kind, name in (("tp", "tensor parallel degree"), ("pp", "pipeline stages")):
+            g.add_argument(
+                f"--{role}-{kind}",
+                type=positive_int,
+                default=1,
+                help=f"{name} of {role} instances"
+                + (" (and colocated ones)" if role == "prefill" else "")
+                + ": that many workers, each with its own cores or device (default: 1)",
+            )
+
+
+def add_live_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("live view and adaptive layout")
+    g.add_argument(
+        "--ttft-slo",
+        type=positive_float,
+        default=None,
+        help="TTFT target (s): /metrics reports the live window's attainment against it",
+    )
+    g.add_argument(
+        "--tpot-slo",
+        type=positive_float,
+        default=None,
+        help="TPOT target (s): /metrics reports the live window's attainment against it",
+    )
+    g.add_argument(
+        "--live-window",
+        type=positive_float,
+        default=120.0,
+        help="seconds of traffic the live view keeps (default: 120)",
+    )
+    g.add_argument(
+        "--adaptive",
+        default=None,
+        metavar="PROFILE",
+        help="follow the traffic: re-plan the layout of the instances on the live window "
+        "with this latency profile JSON and flip roles to the best one (needs --ttft-slo "
+        "and --tpot-slo)",
+    )
+    g.add_argument(
+        "--replan-interval",
+        type=positive_float,
+        default=20.0,
+        help="--adaptive: seconds between re-plans (default: 20)",
+    )
+    g.add_argument(
+        "--replan-margin",
+        type=nonnegative_float,
+        default=0.05,
+        help="--adaptive: predicted attainment gain a new layout needs (default: 0.05)",
+    )
+    g.add_argument(
+        "--replan-dwell",
+        type=nonnegative_float,
+        default=30.0,
+        help="--adaptive: seconds a better layout must stay best before flipping (default: 30)",
+    )
+
+
+def adaptive_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> AdaptiveConfig | None:
+    """The re-planning settings, or None without --adaptive; errors name the flag."""
+    if args.adaptive is None:
+        return None
+    import os
+
+    from distserve.cluster.adaptive import AdaptiveConfig
+
+    if args.ttft_slo is None or args.tpot_slo is None:
+        parser.error("--adaptive needs --ttft-slo and --tpot-slo (the targets it plans for)")
+    from distserve.sim.profile import BUNDLED
+
+    if args.adaptive not in BUNDLED and not os.path.isfile(args.adaptive):
+        parser.error(f"--adaptive {args.adaptive}: no such profile file (or {', '.join(BUNDLED)})")
+    if args.mode == "colocated" and args.chunked_prefill:
+        parser.error("--adaptive does not flip chunked-prefill instances")
+    try:
+        return AdaptiveConfig(
+            args.adaptive, args.ttft_slo, args.tpot_slo, args.replan_interval,
+            args.replan_margin, args.replan_dwell,
+        )  # fmt: skip
+    except ValueError as e:
+        parser.error(f"--replan-*: {e}")
+    return None

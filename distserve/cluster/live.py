@@ -1,0 +1,104 @@
+"""The live view: a sliding window over what arrives (rate, prompt and output lengths) and
+what it attains (TTFT, TPOT, both) against the server's targets. /metrics reads it, and
+adaptive re-planning (cluster/adaptive.py) replays its requests in the simulator."""
+
+from __future__ import annotations
+
+import collections
+import statistics
+from dataclasses import dataclass
+
+from distserve.workload.spec import Workload, WorkloadRequest
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One request that ended in the window."""
+
+    arrival: float
+    prompt_token_ids: tuple[int, ...]
+    output_len: int
+    ttft: float | None
+    tpot: float | None
+    """None with one output token (no gap between tokens)."""
+
+
+class LiveWindow:
+    """Requests that arrived / finished in the last `seconds` (monotonic clock)."""
+
+    def __init__(
+        self, seconds: float = 120.0, ttft_slo: float | None = None, tpot_slo: float | None = None
+    ) -> None:
+        if not seconds > 0:
+            raise ValueError(f"the live window must be > 0 s, got {seconds}")
+        self.seconds, self.ttft_slo, self.tpot_slo = seconds, ttft_slo, tpot_slo
+        self._arrivals: collections.deque[float] = collections.deque()
+        self._finished: collections.deque[Finished] = collections.deque()
+
+    def _trim(self, now: float) -> None:
+        while self._arrivals and self._arrivals[0] < now - self.seconds:
+            self._arrivals.popleft()
+        while self._finished and self._finished[0].arrival < now - self.seconds:
+            self._finished.popleft()
+
+    def on_arrival(self, now: float) -> None:
+        self._arrivals.append(now)
+        self._trim(now)
+
+    def on_finished(self, done: Finished, now: float) -> None:
+        self._finished.append(done)
+        self._trim(now)
+
+    def arrival_rate(self, now: float) -> float:
+        """Requests per second over the window (or over the time since the first one)."""
+        self._trim(now)
+        if not self._arrivals:
+            return 0.0
+        span = min(self.seconds, max(now - self._arrivals[0], 1.0))
+        return len(self._arrivals) / span
+
+    def finished(self, now: float) -> list[Finished]:
+        self._trim(now)
+        return list(self._finished)
+
+    def attainment(self, now: float) -> dict[str, float]:
+        """Share of the window's finished requests within each target (and both), as
+        the benchmark counts them: a one-token request meets TPOT."""
+        done = self.finished(now)
+        if not done or self.ttft_slo is None or self.tpot_slo is None:
+            return {}
+        ttft = [d.ttft is not None and d.ttft <= self.ttft_slo for d in done]
+        tpot = [d.tpot is None or d.tpot <= self.tpot_slo for d in done]
+        both = [a and b for a, b in zip(ttft, tpot, strict=True)]
+        n = len(done)
+        return {"ttft": sum(ttft) / n, "tpot": sum(tpot) / n, "both": sum(both) / n}
+
+    def lengths(self, now: float) -> dict[str, float]:
+        done = self.finished(now)
+        if not done:
+            return {}
+        prompts = [len(d.prompt_token_ids) for d in done]
+        outputs = [d.output_len for d in done]
+        return {
+            "prompt_mean": statistics.fmean(prompts),
+            "prompt_p90": _p90(prompts),
+            "output_mean": statistics.fmean(outputs),
+            "output_p90": _p90(outputs),
+        }
+
+    def workload(self, now: float) -> Workload:
+        """The window's finished requests as a workload, arrivals from its start."""
+        done = sorted(self.finished(now), key=lambda d: d.arrival)
+        if not done:
+            return Workload(())
+        t0 = done[0].arrival
+        reqs = tuple(
+            WorkloadRequest(i, d.arrival - t0, d.prompt_token_ids, d.output_len)
+            for i, d in enumerate(done)
+        )
+        return Workload(reqs, {"dataset": "live window", "seconds": self.seconds})
+
+
+def _p90(xs: list[int]) -> float:
+    s = sorted(xs)
+    return float(s[min(len(s) - 1, int(0.9 * len(s)))])

@@ -1,0 +1,63 @@
+"""Adaptive re-planning (cluster/adaptive.py) on the real controller with emulated A100s
+(OPT-13B): the live window's requests are replayed in the simulator on every layout of the
+two instances, and roles flip to the best one after the dwell time, in both directions."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from distserve.cluster.adaptive import Adaptive, AdaptiveConfig, layouts
+from distserve.cluster.live import Finished, LiveWindow
+from distserve.config import PlacementConfig
+from distserve.core import SamplingParams
+from distserve.runtime.instance import Role
+from tests.e2e.test_emulated import assert_all_blocks_free, emulated
+
+
+def window(rate: float, plen: tuple[int, int], olen: tuple[int, int], n: int) -> LiveWindow:
+    """A live window as if `n` requests had arrived at `rate` (Poisson) and finished."""
+    rng, live, now = random.Random(0), LiveWindow(600.0), time.monotonic()
+    t = now - n / rate
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        ids = tuple(rng.randrange(100, 30000) for _ in range(rng.randint(*plen)))
+        live.on_finished(Finished(t, ids, rng.randint(*olen), 0.1, 0.01), now)
+    return live
+
+
+def test_layouts_of_n_instances() -> None:
+    assert layouts(3) == [(0, 0, 3), (1, 2, 0), (2, 1, 0)]
+
+
+def test_the_layout_follows_the_traffic() -> None:
+    async def run() -> None:
+        c = emulated(PlacementConfig(mode="colocated", num_instances=2), tokenizer="bytes")
+        await c.start()
+        try:
+            # long prompts, a tight TPOT: one prefill + one decode instance predicts better
+            c.live = window(4.0, (1500, 2000), (50, 150), 200)
+            summ = Adaptive(c, AdaptiveConfig("a100", 1.0, 0.05, dwell=0.0))
+            assert await summ.step(time.monotonic()) == (1, 1, 0)
+            assert summ.last[(1, 1, 0)] > summ.last[(0, 0, 2)] + 0.05
+            assert sorted(i.role.value for i in c.instances) == ["decode", "prefill"]
+            # short prompts at a high rate, a tight TTFT: colocated predicts better; with a
+            # dwell the better layout is watched first, then flipped to
+            c.live = window(60.0, (50, 200), (20, 60), 300)
+            code = Adaptive(c, AdaptiveConfig("a100", 0.1, 0.1, dwell=30.0))
+            now = time.monotonic()
+            assert await code.step(now) is None and code.candidate == (0, 0, 2)
+            assert {i.role for i in c.instances} == {Role.PREFILL, Role.DECODE}
+            assert await code.step(now + 31.0) == (0, 0, 2)
+            assert [i.role for i in c.instances] == [Role.COLOCATED] * 2
+            assert await code.step(now + 62.0) is None  # already there: no flip back
+            assert len(c.flips.done) == 4
+            params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0)
+            out = [o async for o in c.stream(c.submit("served after the flips", params))][-1]
+            assert len(out.token_ids) == 8
+            assert_all_blocks_free(c)
+        finally:
+            await c.stop()
+
+    asyncio.run(run())
