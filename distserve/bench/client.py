@@ -1,5 +1,7 @@
-"""The load client: replays a workload against an OpenAI-compatible server, open loop
-(each request is sent at its arrival time whatever happened before), streaming."""
+"""The load client: replays a workload against an OpenAI-compatible server, streaming.
+Independent requests go open loop (each is sent at its arrival time whatever happened
+before); the turns of a multi-turn session closed loop (a turn is sent when the one
+before it has finished, plus its think time)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ async def run_workload(
     progress: bool = True,
     extra_body: dict[str, Any] | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Send every request at its arrival time; return results in workload order and the
+    """Send every request at its arrival time (a later turn of a session: its think time
+    after the previous turn finished); return results in workload order and the
     wall-clock seconds from the first send to the last completion."""
     from tqdm import tqdm
 
@@ -53,10 +56,35 @@ async def run_workload(
             bar.update(1)
             return result
 
-        results = await asyncio.gather(*(one(r) for r in workload.requests))
+        async def session(turns: list[WorkloadRequest]) -> list[RequestResult]:
+            out, due = [], start + turns[0].arrival
+            for req in turns:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                res = await _send(client, req, model, start, extra_body or {})
+                res.arrival = due - start  # when it became due, not the nominal time
+                out.append(res)
+                bar.update(1)
+                due = time.perf_counter()  # this answer has finished: the next turn waits
+                if req is not turns[-1]:
+                    due += turns[len(out)].think_time
+            return out
+
+        singles = [r for r in workload.requests if r.session is None]
+        sessions: dict[int, list[WorkloadRequest]] = {}
+        for r in workload.requests:
+            if r.session is not None:
+                sessions.setdefault(r.session, []).append(r)
+        done = await asyncio.gather(
+            asyncio.gather(*(one(r) for r in singles)),
+            asyncio.gather(*(session(sorted(t, key=lambda r: r.turn)) for t in sessions.values())),
+        )
         elapsed = time.perf_counter() - start
         bar.close()
-    return list(results), elapsed
+    by_index = {r.index: r for r in done[0]}
+    by_index |= {r.index: r for turns in done[1] for r in turns}
+    return [by_index[r.index] for r in workload.requests], elapsed
 
 
 async def _send(
@@ -72,6 +100,7 @@ async def _send(
         "stream_options": {"include_usage": True},
     } | extra
     res = RequestResult(req.index, req.prompt_len, req.output_len, req.arrival)
+    res.session, res.turn = req.session, req.turn
     t0 = time.perf_counter()
     res.sent = t0 - start
     first = last = None
@@ -94,6 +123,9 @@ async def _send(
                 now = time.perf_counter()
                 if chunk.get("usage"):
                     res.num_tokens = int(chunk["usage"]["completion_tokens"])
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    if details.get("cached_tokens") is not None:
+                        res.cached_tokens = int(details["cached_tokens"])
                 for choice in chunk.get("choices", []):
                     first = first if first is not None else now
                     last = now

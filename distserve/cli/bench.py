@@ -45,8 +45,8 @@ def _add_common(p: argparse.ArgumentParser, sweep: bool) -> None:
         help="bearer key for the server (default: $DISTSERVE_API_KEY)",
     )
     add_tokenizer_flag(p, None)
-    add_workload_flags(p, num_requests=100)
-    add_arrival_flags(p, rate=not sweep)
+    add_workload_flags(p, num_requests=100, sessions=True)
+    add_arrival_flags(p, rate=not sweep, sessions=True)
     add_slo_flags(p, attainment="--target" if sweep else None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -21,21 +21,40 @@ from distserve.cli.values import (
 )
 from distserve.model.registry import DEFAULT_MODEL
 from distserve.sim.serving_path import ServingPath
-from distserve.workload.spec import DATASETS
+from distserve.workload.spec import DATASETS, SESSION_DATASETS
 
 if TYPE_CHECKING:
     from distserve.workload.build import WorkloadSpec
 
 
-def add_workload_flags(p: argparse.ArgumentParser, num_requests: int) -> None:
+def add_workload_flags(
+    p: argparse.ArgumentParser, num_requests: int, sessions: bool = False
+) -> None:
     """Which requests a verb sends or simulates (bench, goodput, simulate, plan): the
-    `WorkloadSpec` fields that pick and cut them. `workload_spec` reads them back."""
+    `WorkloadSpec` fields that pick and cut them. `workload_spec` reads them back.
+    sessions=True (a live client): the flags of the multi-turn datasets too."""
     p.add_argument(
         "--dataset",
         default="chatbot",
         choices=DATASETS,
-        help="workload to draw requests from (default: chatbot = ShareGPT)",
+        help="workload to draw requests from (default: chatbot = ShareGPT; conversations = "
+        "ShareGPT replayed as multi-turn sessions, bench and goodput only)",
     )
+    if sessions:
+        p.add_argument(
+            "--max-turns",
+            type=positive_int,
+            default=8,
+            help="conversations: most turns of one session; a session also ends before a "
+            "turn that would not fit --max-prompt-len or the 2048-token context (default: 8)",
+        )
+        p.add_argument(
+            "--think-time",
+            type=nonnegative_float,
+            default=1.0,
+            help="conversations: mean seconds (exponential, seeded) from a turn's answer to "
+            "the session's next turn (default: 1)",
+        )
     p.add_argument(
         "--trace",
         default=None,
@@ -46,7 +65,8 @@ def add_workload_flags(p: argparse.ArgumentParser, num_requests: int) -> None:
         "--num-requests",
         type=positive_int,
         default=num_requests,
-        help=f"requests per run (default: {num_requests})",
+        help=f"requests per run{'; conversations: sessions' if sessions else ''} "
+        f"(default: {num_requests})",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of request sampling and arrivals (default: 0)"
@@ -65,7 +85,9 @@ def add_workload_flags(p: argparse.ArgumentParser, num_requests: int) -> None:
     )
 
 
-def add_arrival_flags(p: argparse.ArgumentParser, rate: bool = True) -> None:
+def add_arrival_flags(
+    p: argparse.ArgumentParser, rate: bool = True, sessions: bool = False
+) -> None:
     """How the requests of one replayed workload arrive, and the lengths of random/fixed
     ones (bench, goodput, simulate; the planner chooses its own rates). rate=False: the
     verb takes its rates another way (goodput's --rates)."""
@@ -74,7 +96,9 @@ def add_arrival_flags(p: argparse.ArgumentParser, rate: bool = True) -> None:
             "--rate",
             type=positive_float,
             default=1.0,
-            help="mean requests per second; inf sends all at once (default: 1)",
+            help="mean requests per second"
+            + ("; conversations: sessions per second" if sessions else "")
+            + "; inf sends all at once (default: 1)",
         )
     p.add_argument(
         "--burstiness",
@@ -135,8 +159,15 @@ def workload_spec(args: argparse.Namespace, rate: float) -> WorkloadSpec:
     gets the spec's defaults for those. Raises ValueError as the spec does."""
     from distserve.workload.build import WorkloadSpec
 
+    if args.dataset in SESSION_DATASETS and "think_time" not in args:
+        raise ValueError(
+            f"dataset {args.dataset!r} is replayed by a live client only (bench, goodput): "
+            "the simulator does not model sessions yet"
+        )
     arrivals = {
-        k: getattr(args, k) for k in ("burstiness", "prompt_len", "output_len") if k in args
+        k: getattr(args, k)
+        for k in ("burstiness", "prompt_len", "output_len", "max_turns", "think_time")
+        if k in args
     }
     return WorkloadSpec(
         dataset=args.dataset,

@@ -28,6 +28,13 @@ class RequestResult:
     error: str | None = None
     server: dict[str, float] = field(default_factory=dict)
     """The server's milestones for this request (seconds after its arrival there)."""
+    cached_tokens: int | None = None
+    """Prompt tokens the server's prefix cache supplied (its usage's
+    prompt_tokens_details.cached_tokens); None where it did not say."""
+    session: int | None = None
+    """The multi-turn session of a turn (None: an independent request)."""
+    turn: int = 0
+    """Its place in the session: 0 for the first turn."""
 
     @property
     def ok(self) -> bool:

@@ -56,7 +56,38 @@ def summarize(
     breakdown = phase_breakdown(ok)
     if breakdown:
         summary["phases_median"] = {k: percentile(v, 50) for k, v in breakdown.items()}
+    if any(r.cached_tokens is not None for r in ok):
+        summary["prefix_cache"] = prefix_cache_share(ok)
+    if any(r.session is not None for r in ok):
+        summary["turns"] = {
+            "first": turn_group([r for r in ok if r.turn == 0]),
+            "later": turn_group([r for r in ok if r.turn > 0]),
+        }
     return summary
+
+
+def prefix_cache_share(results: Sequence[RequestResult]) -> dict[str, Any]:
+    """Prompt tokens the server's prefix cache supplied, over the requests that said."""
+    told = [r for r in results if r.cached_tokens is not None]
+    cached, prompt = sum(r.cached_tokens or 0 for r in told), sum(r.prompt_len for r in told)
+    return {
+        "cached_tokens": cached,
+        "prompt_tokens": prompt,
+        "hit_share": cached / prompt if prompt else None,
+    }
+
+
+def turn_group(results: Sequence[RequestResult]) -> dict[str, Any]:
+    """A group of session turns (the first turns, or the later ones): how many, their
+    TTFT percentiles and mean prompt, and their prefix-cache hit share."""
+    ttft = [r.ttft for r in results if r.ttft is not None]
+    n = len(results)
+    return {
+        "count": n,
+        "prompt_mean": sum(r.prompt_len for r in results) / n if n else None,
+        "ttft": {f"p{q}": percentile(ttft, q) for q in (50, 90)},
+        "prefix_cache": prefix_cache_share(results),
+    }
 
 
 def phase_breakdown(results: Sequence[RequestResult]) -> dict[str, list[float]]:

@@ -11,6 +11,7 @@ from typing import Any
 from distserve.workload import datasets
 from distserve.workload.arrivals import arrival_times
 from distserve.workload.cache import cached_samples, tokenizer_fingerprint
+from distserve.workload.conversations import build_sessions
 from distserve.workload.spec import DATASETS, Workload, WorkloadRequest
 
 
@@ -40,6 +41,11 @@ class WorkloadSpec:
     trace_path: str | None = field(
         default=None, metadata={"help": "trace: file with timestamp, prompt_len, output_len"}
     )
+    max_turns: int = field(default=8, metadata={"help": "conversations: most turns of one session"})
+    think_time: float = field(
+        default=1.0,
+        metadata={"help": "conversations: mean seconds from an answer to the next turn"},
+    )
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -60,6 +66,10 @@ class WorkloadSpec:
                 raise ValueError(f"{name} must be a range 1 <= lo <= hi, got {(lo, hi)}")
         if self.dataset == "trace" and not self.trace_path:
             raise ValueError("dataset 'trace' needs trace_path")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if not 0 <= self.think_time < math.inf:
+            raise ValueError(f"think_time must be a finite number >= 0, got {self.think_time}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -96,6 +106,8 @@ def load_samples(
 
 
 def build_workload(spec: WorkloadSpec, tokenizer: datasets.TokenizerLike) -> Workload:
+    if spec.dataset == "conversations":  # sessions of turns, not independent samples
+        return build_sessions(spec, tokenizer)  # type: ignore[arg-type]
     samples, trace_times, info = load_samples(spec, tokenizer)
     if not samples:
         raise ValueError(f"dataset {spec.dataset!r} produced no samples")

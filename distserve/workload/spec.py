@@ -6,9 +6,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DATASETS = ("chatbot", "code", "summarization", "random", "fixed", "trace")
+DATASETS = ("chatbot", "code", "summarization", "random", "fixed", "trace", "conversations")
 """The workloads a `WorkloadSpec` names (here, beside the format, so that the CLI can list
 them without loading the builders' numpy)."""
+SESSION_DATASETS = ("conversations",)
+"""Workloads of multi-turn sessions: a later turn is sent when the one before has been
+answered (closed loop), so only a live client replays them as they are."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,13 @@ class WorkloadRequest:
     """Seconds after the start of the run."""
     prompt_token_ids: tuple[int, ...]
     output_len: int
+    session: int | None = None
+    """The multi-turn session this request is a turn of (None: an independent request)."""
+    turn: int = 0
+    """Its place in the session (0: the first turn, sent at `arrival`)."""
+    think_time: float = 0.0
+    """A later turn: seconds from the previous turn's answer to this turn's send. Its
+    `arrival` is then nominal: the time it would arrive if every answer took no time."""
 
     @property
     def prompt_len(self) -> int:
@@ -75,7 +85,15 @@ class Workload:
     def from_json(cls, text: str) -> Workload:
         d = json.loads(text)
         reqs = tuple(
-            WorkloadRequest(r["index"], r["arrival"], tuple(r["prompt_token_ids"]), r["output_len"])
+            WorkloadRequest(
+                r["index"],
+                r["arrival"],
+                tuple(r["prompt_token_ids"]),
+                r["output_len"],
+                r.get("session"),
+                r.get("turn", 0),
+                r.get("think_time", 0.0),
+            )
             for r in d["requests"]
         )
         return cls(reqs, d.get("meta", {}))
