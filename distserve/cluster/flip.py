@@ -46,10 +46,10 @@ class Flips:
     new_scheduler: Callable[[Instance, Role], Scheduler]
     done: list[FlipRecord] = field(default_factory=list)
 
-    def check(self, inst: Instance, role: Role) -> None:
+    def check(self, inst: Instance, role: Role, force: bool = False) -> None:
         """Raise ValueError for a flip that cannot be made: the instance is not live, is
         flipping, has the role already, or the flip would leave prompts with no instance
-        to take them, or prefilled requests with no decode instance."""
+        to take them, or (unless `force`) prefilled requests with no decode instance."""
         if inst not in self.table.instances or not inst.alive:
             raise ValueError(f"instance {inst.name} is not a live instance")
         if inst.draining:
@@ -60,35 +60,64 @@ class Flips:
         roles.append(role)
         if all(r == Role.DECODE for r in roles):
             raise ValueError(f"flipping {inst.name} to {role.value} leaves no instance for prompts")
-        if Role.PREFILL in roles and Role.DECODE not in roles:
+        if Role.PREFILL in roles and Role.DECODE not in roles and not force:
             raise ValueError(f"flipping {inst.name} to {role.value} leaves prefill without decode")
 
-    async def flip(self, inst: Instance, role: Role, poll: float = 0.02) -> FlipRecord:
-        """Drain `inst`, then give it a scheduler of `role`; returns when it admits again."""
-        self.check(inst, role)
+    async def flip(
+        self, inst: Instance, role: Role, force: bool = False, poll: float = 0.02
+    ) -> FlipRecord:
+        """Drain `inst`, then give it a scheduler of `role`; returns when it admits again.
+        With `force` (a degraded mode: cluster/degraded.py) it does not wait for its
+        requests to finish: once its step and its outgoing migrations are over, each
+        request it holds is queued again from its prompt and the tokens streamed so far
+        (on this instance, in its new role, or another), as recovery does for a dead one."""
+        self.check(inst, role, force)
         rec = FlipRecord(inst.name, inst.role.value, role.value, time.monotonic())
         inst.draining = True
+        held = []
         try:
             rec.moved = self._hand_over(inst)
-            while inst.alive and inst.scheduler.has_unfinished():
+            while inst.alive and not self._drained(inst, force):
                 await asyncio.sleep(poll)
                 rec.moved += self._hand_over(inst)
+            inst.paused = True
+            while inst.alive and inst.stepping:  # the plan in flight is the old scheduler's
+                await asyncio.sleep(poll)
             if not inst.alive:
                 raise RuntimeError(f"{inst.name} died while flipping")
+            if force:
+                held = [
+                    (st, inst.scheduler.requests[rid])
+                    for rid, st in list(self.table.requests.items())
+                    if st.owner is inst and rid in inst.scheduler.requests
+                ]
             inst.scheduler = self.new_scheduler(inst, role)
             inst.role = role
         finally:
-            inst.draining = False
+            inst.draining = inst.paused = False
+        for state, req in held:
+            self.table.resubmit(state, req)
+        rec.moved += len(held)
         inst.wake()
         self.table.adopt_orphans()
         self.table.dispatch()
         rec.seconds = time.monotonic() - rec.started
         self.done.append(rec)
         log.warning(
-            "flipped %s from %s to %s in %.2f s (%d queued requests moved)",
+            "flipped %s from %s to %s in %.2f s (%d requests moved)",
             inst.name, rec.old, rec.new, rec.seconds, rec.moved,
         )  # fmt: skip
         return rec
+
+    def _drained(self, inst: Instance, force: bool) -> bool:
+        """Whether `inst` may take its new scheduler now: no request left, or (force) no
+        KV transfer of its requests in flight."""
+        if not force:
+            return not inst.scheduler.has_unfinished()
+        return not any(
+            st.migrating and (st.owner is inst or st.decode is inst)
+            for st in self.table.requests.values()
+        )
 
     def _hand_over(self, inst: Instance) -> int:
         """Move work that has not started on `inst` to other instances of its role."""

@@ -75,6 +75,10 @@ class Instance:
         self.alive = True
         self.draining = False
         """Flipping its role (cluster/flip.py): finishes its work, takes no new work."""
+        self.paused = False
+        """Takes no step until unpaused (a flip swapping its scheduler)."""
+        self.stepping = False
+        """A step is in flight (its plan came from the current scheduler)."""
         self.info: WorkerInfo | None = None
         """What its worker reported at start (the block count a new scheduler needs)."""
 
@@ -96,7 +100,7 @@ class Instance:
     async def _run(self) -> None:
         try:
             while self.alive:
-                if not await self._step():
+                if self.paused or not await self._step():
                     self._wakeup.clear()
                     await self._wakeup.wait()
         except asyncio.CancelledError:
@@ -126,7 +130,11 @@ class Instance:
         if plan.empty:
             return False
         t0 = time.perf_counter()
-        result = await asyncio.wait_for(self.executor.execute(plan), self.step_timeout)
+        self.stepping = True
+        try:
+            result = await asyncio.wait_for(self.executor.execute(plan), self.step_timeout)
+        finally:
+            self.stepping = False
         if self.trace is not None:
             self.trace.record(self.name, self.role.value, t0, plan, result)
         self.stats.busy_seconds += time.perf_counter() - t0

@@ -28,7 +28,8 @@ async def _serve(
     placement: PlacementConfig, flips: list[tuple[str, str]]
 ) -> tuple[list[list[int]], Controller]:
     """Outputs of PROMPTS: the first half sent together, the flips made one after the
-    other from the first token on, then the second half."""
+    other while they run (a prefill step takes two prompts: the rest queue), then the
+    second half."""
     c = Controller(ENGINE, placement, use_ray=False)
     await c.start()
     try:
@@ -38,8 +39,8 @@ async def _serve(
 
         half = len(PROMPTS) // 2
         tasks = [asyncio.create_task(one(p)) for p in PROMPTS[:half]]
-        while not any(s.first_token_at for s in c.table.requests.values()):
-            await asyncio.sleep(0.01)
+        while len(c.table.requests) < half:
+            await asyncio.sleep(0.001)
         for name, role in flips:
             await c.flip(name, role)
         tasks += [asyncio.create_task(one(p)) for p in PROMPTS[half:]]
