@@ -138,11 +138,17 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """One prompt chunk attends causally to its request's KV: q [n, heads, d], k/v
-    [n, kv_heads, d] (its new tokens) -> [n, heads, d]. A whole prompt in bf16 with heads
-    of 64 or 128 takes the compiled kernel; everything else the reference (SDPA)."""
+    [n, kv_heads, d] (its new tokens) -> [n, heads, d]. In bf16 with heads of 64 or 128 the
+    compiled kernel runs, over the chunk's own K/V or, after a prefix-cache hit or an
+    earlier chunk, over its context gathered from the cache; else the reference (SDPA)."""
     fast = bf16_linear_kernels() if q.dtype == torch.bfloat16 and q.device.type == "cpu" else None
-    if span.start == 0 and fast is not None and q.shape[-1] in (64, 128):
-        return fast.causal_prompt_attention(q, k, v, scale)  # type: ignore[no-any-return]
+    if fast is not None and q.shape[-1] in (64, 128):
+        if span.start == 0:
+            return fast.causal_prompt_attention(q, k, v, scale)  # type: ignore[no-any-return]
+        assert span.context_slots is not None
+        ks = cache[0].index_select(1, span.context_slots).transpose(0, 1)  # [start+n, kvh, d]
+        vs = cache[1].index_select(1, span.context_slots).transpose(0, 1)
+        return fast.causal_prompt_attention(q, ks, vs, scale)  # type: ignore[no-any-return]
     return prefill_attention_reference(q, k, v, cache, span, scale)
 
 

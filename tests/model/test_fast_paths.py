@@ -154,6 +154,32 @@ def test_prompt_attention_matches_reference(n: int, heads: int, kv_heads: int, d
     _close(fast, ref, 2e-2)
 
 
+@pytest.mark.parametrize("start,n", [(16, 1), (16, 37), (48, 200), (160, 16), (5, 40)])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 1, 128)])
+def test_chunk_after_cached_context_matches_reference(
+    start: int, n: int, heads: int, kv_heads: int, d: int
+) -> None:
+    """A chunk at positions start.. (after a prefix-cache hit or an earlier chunk) attends
+    to its context in a paged cache: the compiled kernel equals the masked SDPA reference."""
+    from distserve.model.attention import (
+        PrefillSpan,
+        prefill_attention,
+        prefill_attention_reference,
+    )
+
+    bs, total = 16, start + n
+    table = torch.randperm(40, generator=torch.Generator().manual_seed(start))[: -(-total // bs)]
+    pos = torch.arange(total)
+    slots = table[pos // bs] * bs + pos % bs
+    cache = _randn(2 * kv_heads * 40 * bs, d, seed=total).view(2, kv_heads, 40 * bs, d)
+    q = _randn(n, heads * d, seed=n + 1).view(n, heads, d)
+    new = cache[:, :, slots[start:]].transpose(1, 2)  # [2, n, kvh, d]: already stored
+    span = PrefillSpan(0, n, start, slots)
+    ref = prefill_attention_reference(q, new[0], new[1], cache, span, d**-0.5)
+    fast = prefill_attention(q, new[0], new[1], cache, span, d**-0.5)
+    _close(fast, ref, 2e-2)
+
+
 @pytest.mark.slow  # a whole forward pass through the compiled kernels
 def test_llama_forward_fast_equals_reference() -> None:
     """A whole bf16 Llama step (prefill, then decode over the paged cache): logits of the

@@ -31,7 +31,7 @@ void rope_store_kv_bf16(at::Tensor qkv, at::Tensor positions, at::Tensor cos,
                         at::Tensor sin, at::Tensor cache, at::Tensor slots,
                         int64_t num_heads, int64_t num_kv_heads);
 
-// Causal attention of one whole prompt: q [n, H, D], k/v [n, KVH, D] -> [n, H, D] (bf16).
+// Causal attention of a prompt chunk: q [n, H, D], k/v [off + n, KVH, D] -> [n, H, D] (bf16).
 bool prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, double scale, at::Tensor& out);
 at::Tensor causal_prompt_attention(at::Tensor q, at::Tensor k, at::Tensor v,

@@ -11,7 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store_kv_bf16", &rope_store_kv_bf16,
         "rotary embedding of q and k in place, then k and v into their cache slots");
   m.def("causal_prompt_attention", &causal_prompt_attention,
-        "causal attention of a whole prompt (bf16, AVX512-BF16)");
+        "causal attention of a prompt chunk after off cached keys (bf16, AVX512-BF16)");
   py::class_<LlamaDecodeLayer>(m, "LlamaDecodeLayer")
       .def(py::init([](at::Tensor norm1, at::Tensor qkv, int64_t qkv_n,
                        std::optional<at::Tensor> qkv_bias, at::Tensor o, int64_t o_n,

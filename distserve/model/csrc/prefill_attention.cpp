@@ -1,8 +1,13 @@
-// Causal self-attention of one whole prompt (no earlier context), bf16, AVX512-BF16: the
-// flash-attention scheme in tiles of 16 queries x 16 keys, scores and softmax in float32.
+// Causal attention of a prompt chunk, bf16, AVX512-BF16: the flash-attention scheme in
+// tiles of 16 queries x 16 keys, scores and softmax in float32.
 //
-//   q [n, H, D], k and v [n, KVH, D]   bf16, rows may be strided (views of the fused QKV)
+//   q [n, H, D]                        bf16, rows may be strided (views of the fused QKV)
+//   k and v [off + n, KVH, D]          bf16, rows and heads may be strided: the chunk's
+//                                      own keys, after `off` keys of earlier context (a
+//                                      prefix-cache hit or an earlier chunk), gathered
 //   out [n, H, D]                      bf16
+//
+// Query i sits at position off + i and sees keys 0 .. off + i.
 //
 // Q and V are first copied into the layouts vdpbf16ps wants, so that no reduction across
 // lanes is ever needed:
@@ -35,7 +40,9 @@ constexpr int kT = 16;
 struct Prompt {
   const uint16_t *q, *k, *v;
   int64_t ldq, ldk, ldv;  // row strides (elements)
+  int64_t hk, hv;         // head strides of k and v (elements)
   int64_t n, H, KVH;
+  int64_t off;            // keys before the chunk's own: the query i is at position off + i
   float scale;
   uint16_t* out;  // [n, H, D] contiguous
 };
@@ -44,10 +51,10 @@ struct Prompt {
 // (lanes = 16 queries). Padding rows are zero.
 template <int D>
 void relayout_v(const Prompt& P, int64_t kh, uint16_t* vp) {
-  const int64_t tiles = (P.n + kT - 1) / kT;
+  const int64_t tiles = (P.off + P.n + kT - 1) / kT;
   std::memset(vp, 0, tiles * kT * D * 2);
-  for (int64_t pos = 0; pos < P.n; ++pos) {
-    const uint16_t* vr = P.v + pos * P.ldv + kh * D;
+  for (int64_t pos = 0; pos < P.off + P.n; ++pos) {
+    const uint16_t* vr = P.v + pos * P.ldv + kh * P.hv;
     uint16_t* vd = vp + (pos / 2) * D * 2 + (pos % 2);
     for (int d = 0; d < D; ++d) vd[d * 2] = vr[d];
   }
@@ -64,7 +71,7 @@ void relayout_q(const Prompt& P, int64_t h, uint16_t* qt) {
   }
 }
 
-// Queries [i0, i0 + 16) of head h (KV head kh) against keys [0, i0 + 16). Registers hold
+// Queries [i0, i0 + 16) of head h (KV head kh) against keys [0, off + i0 + 16). Registers hold
 // one vector per key with the 16 queries in its lanes, so the softmax's max and sum over
 // keys are elementwise, and no reduction across lanes is needed anywhere.
 template <int D>
@@ -78,10 +85,12 @@ void tile(const Prompt& P, int64_t h, int64_t kh, int64_t i0, const uint16_t* qt
   const __m512i interleave = _mm512_set_epi16(
       31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // fmt: (p0[q], p1[q]) pairs
-  for (int64_t j0 = 0; j0 < i0 + nq; j0 += kT) {
-    const int64_t nk = std::min<int64_t>(kT, P.n - j0);
+  const int64_t q0 = P.off + i0;  // position of the tile's first query
+  for (int64_t j0 = 0; j0 < q0 + nq; j0 += kT) {
+    const int64_t nk = std::min<int64_t>(kT, P.off + P.n - j0);
     const uint16_t* krow[kT];
-    for (int j = 0; j < kT; ++j) krow[j] = P.k + (j0 + std::min<int64_t>(j, nk - 1)) * P.ldk + kh * D;
+    for (int j = 0; j < kT; ++j)
+      krow[j] = P.k + (j0 + std::min<int64_t>(j, nk - 1)) * P.ldk + kh * P.hk;
     __m512 s[kT];
     for (int j = 0; j < kT; ++j) s[j] = _mm512_setzero_ps();
     for (int p = 0; p < D / 2; ++p) {
@@ -92,10 +101,10 @@ void tile(const Prompt& P, int64_t h, int64_t kh, int64_t i0, const uint16_t* qt
         s[j] = _mm512_dpbf16_ps(s[j], qv, (__m512bh)_mm512_set1_epi32(pair));
       }
     }
-    // Key j0 + j is visible to query i0 + q when j0 + j <= i0 + q (and j < nk).
+    // Key j0 + j is visible to query lane q when j0 + j <= q0 + q (and j < nk).
     __m512 mx = m;
     for (int j = 0; j < kT; ++j) {
-      const int64_t first = j0 + j - i0;  // first query lane that sees this key
+      const int64_t first = j0 + j - q0;  // first query lane that sees this key
       const __mmask16 vis = j >= nk || first >= kT ? (__mmask16)0
                             : first <= 0           ? (__mmask16)0xFFFF
                                                    : (__mmask16)(0xFFFFu << first);
@@ -140,11 +149,12 @@ void tile(const Prompt& P, int64_t h, int64_t kh, int64_t i0, const uint16_t* qt
 template <int D>
 void run(const Prompt& P) {
   const int64_t tiles = (P.n + kT - 1) / kT, G = P.H / P.KVH, span = tiles * kT * D;
-  std::vector<uint16_t> qt(P.H * span), vp(P.KVH * span);
+  const int64_t vspan = ((P.off + P.n + kT - 1) / kT) * kT * D;
+  std::vector<uint16_t> qt(P.H * span), vp(P.KVH * vspan);
   at::parallel_for(0, P.H + P.KVH, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       if (i < P.H) relayout_q<D>(P, i, qt.data() + i * span);
-      else relayout_v<D>(P, i - P.H, vp.data() + (i - P.H) * span);
+      else relayout_v<D>(P, i - P.H, vp.data() + (i - P.H) * vspan);
     }
   });
   at::parallel_for(0, P.KVH * tiles, 1, [&](int64_t b, int64_t e) {
@@ -153,7 +163,7 @@ void run(const Prompt& P) {
       const int64_t t = k % 2 ? tiles - 1 - k / 2 : k / 2;  // short, long, short, ...
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = kh * G + g;
-        tile<D>(P, h, kh, t * kT, qt.data() + h * span, vp.data() + kh * span);
+        tile<D>(P, h, kh, t * kT, qt.data() + h * span, vp.data() + kh * vspan);
       }
     }
   });
@@ -165,12 +175,13 @@ bool prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, double scale, at::Tensor& out) {
   const int64_t D = q.size(2);
   if ((D != 64 && D != 128) || q.stride(2) != 1 || k.stride(2) != 1 || v.stride(2) != 1 ||
-      q.stride(1) != D || k.stride(1) != D || v.stride(1) != D)
+      q.stride(1) != D)
     return false;
   Prompt P{reinterpret_cast<const uint16_t*>(q.data_ptr()),
            reinterpret_cast<const uint16_t*>(k.data_ptr()),
            reinterpret_cast<const uint16_t*>(v.data_ptr()),
-           q.stride(0), k.stride(0), v.stride(0), q.size(0), q.size(1), k.size(1),
+           q.stride(0), k.stride(0), v.stride(0), k.stride(1), v.stride(1),
+           q.size(0), q.size(1), k.size(1), k.size(0) - q.size(0),
            static_cast<float>(scale), reinterpret_cast<uint16_t*>(out.data_ptr())};
   if (D == 64) run<64>(P);
   else run<128>(P);
@@ -188,9 +199,9 @@ bool prefill_attention_bf16(const at::Tensor&, const at::Tensor&, const at::Tens
 
 at::Tensor causal_prompt_attention(at::Tensor q, at::Tensor k, at::Tensor v,
                                       double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == k.size(0) &&
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) <= k.size(0) &&
                   k.sizes() == v.sizes() && q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0,
-              "q [n, H, D], k and v [n, KVH, D]");
+              "q [n, H, D], k and v [off + n, KVH, D] (off earlier keys)");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16,
               "bf16 only");
