@@ -110,6 +110,18 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "and restarting; then it ends with an error (default: 300)",
     )
     srv.add_argument(
+        "--degrade-after",
+        type=positive_float,
+        default=10.0,
+        help="disagg: seconds a role may have no live instance before the other role's "
+        "instances serve requests end to end, until it is back (default: 10)",
+    )
+    srv.add_argument(
+        "--no-degraded-mode",
+        action="store_true",
+        help="never cover for a missing role: its requests wait (up to --orphan-timeout)",
+    )
+    srv.add_argument(
         "--max-connections",
         type=positive_int,
         default=1024,
@@ -209,6 +221,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ttft_slo=args.ttft_slo,
             tpot_slo=args.tpot_slo,
             live_window=args.live_window,
+            degrade_after=None if args.no_degraded_mode else args.degrade_after,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from distserve.cluster.adaptive import Adaptive, AdaptiveConfig
 from distserve.cluster.choices import MAX_CHOICES, Held, HeldChoices, sibling
+from distserve.cluster.degraded import Degraded
 from distserve.cluster.drain import DrainRate
 from distserve.cluster.emulation import EmulatedCluster
 from distserve.cluster.flip import FlipRecord, Flips
@@ -98,6 +99,7 @@ class Controller:
         emulation: EmulationConfig | None = None,
         live: LiveWindow | None = None,
         adaptive: AdaptiveConfig | None = None,
+        degrade_after: float | None = 10.0,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
         if emulation is not None and transport != "auto":
@@ -131,6 +133,10 @@ class Controller:
         self.adaptive = Adaptive(self, adaptive) if adaptive is not None else None
         """Re-plans the layout on the live window and flips roles (cluster/adaptive.py)."""
         self.flips = Flips(self.table, lambda inst, role: self._scheduler(role, inst.info))
+        self.degraded = (
+            Degraded(self.table, self.flips, degrade_after) if degrade_after is not None else None
+        )
+        """Covers for a role that stays down (cluster/degraded.py); None: requests wait."""
         self.recovery = Recovery(
             self.table, self.spawn, self._replacement, self.fail_request,
             orphan_timeout=orphan_timeout, restart=restart,
@@ -191,6 +197,8 @@ class Controller:
         self.spawn(self.recovery.watch())
         if self.adaptive is not None:
             self.spawn(self.adaptive.run())
+        if self.degraded is not None and self.placement.mode == "disagg":
+            self.spawn(self.degraded.watch())
 
     def make_instance(
         self, name: str, role: Role, executor: Executor, info: WorkerInfo, cores: list[int]

@@ -153,10 +153,11 @@ def build_app(
             detail[name]["restart_attempt"] = attempt
         for name, error in recovery.restart_errors.items():
             detail[name]["restart_error"] = error
-        return JSONResponse(
-            {"status": "ok" if ok else "degraded", "instances": detail},
-            status_code=200 if ok else 503,
-        )
+        body: dict[str, Any] = {"status": "ok" if ok else "degraded", "instances": detail}
+        covering = controller.degraded.reason if controller.degraded is not None else None
+        if covering:
+            body["degraded_mode"] = covering
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

@@ -72,6 +72,10 @@ class ServerConfig:
     live_window: float = field(
         default=120.0, metadata={"help": "seconds of traffic the live view keeps"}
     )
+    degrade_after: float | None = field(
+        default=10.0,
+        metadata={"help": "seconds a role may be down before the other serves end to end"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -113,6 +117,7 @@ async def serve(
         emulation=emulation,
         live=LiveWindow(server.live_window, server.ttft_slo, server.tpot_slo),
         adaptive=adaptive,
+        degrade_after=server.degrade_after,
     )
     where = f" on emulated devices ({emulation.profile})" if emulation else ""
     print(
