@@ -44,16 +44,28 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
 
 
 def score(
-    batches: Sequence[Batch], pool: Executor | None, workers: int, progress: Progress
+    batches: Sequence[Batch],
+    pool: Executor | None,
+    workers: int,
+    progress: Progress,
+    finished: Callable[[int], None] | None = None,
 ) -> None:
     """Score every job of every batch, at most `workers` at a time. Each batch goes in
     order of its jobs' analytic bound per device (likely winners first, so that its
-    floors cut the rest short); batches take turns."""
+    floors cut the rest short); batches take turns. `finished(k)` is called as soon as
+    batch k's last job is done (its caller may then give the pool more work)."""
     t0 = time.perf_counter()
     guesses = [[bound(inst, role, b.setting) for inst, role in b.jobs] for b in batches]
     queue = deque(_turns(batches, guesses))
+    left = [len(b.jobs) for b in batches]
     for b in batches:
         b.goodputs = [0.0] * len(b.jobs)
+
+    def one_less(k: int) -> None:
+        left[k] -= 1
+        if left[k] == 0 and finished is not None:
+            finished(k)
+
     running: dict[Future[tuple[float, float]], tuple[int, int, float]] = {}
     while queue or running:
         while queue and len(running) < max(1, workers):
@@ -62,17 +74,20 @@ def score(
             floor = b.floors.floor(i) if b.floors else 0.0
             if floor == math.inf:
                 _say(progress, b, i, "skipped (no layout with it can win)")
+                one_less(k)
                 continue
             args = (b.setting, *b.jobs[i], guesses[k][i], floor)
             if pool is None:
                 _done(batches[k], i, floor, _score(args), guesses[k][i], t0, progress)
+                one_less(k)
             else:
                 running[pool.submit(_score, args)] = (k, i, floor)
         if running:
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in sorted(finished, key=lambda f: running[f][:2]):
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in sorted(done, key=lambda f: running[f][:2]):
                 k, i, floor = running.pop(f)
                 _done(batches[k], i, floor, f.result(), guesses[k][i], t0, progress)
+                one_less(k)
 
 
 def _turns(batches: Sequence[Batch], guesses: list[list[float]]) -> Iterator[tuple[int, int]]:

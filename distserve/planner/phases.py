@@ -227,7 +227,9 @@ def placement_attainment(
     not fit). Unless `exact`, a simulation stops as soon as its verdict is certain: once
     the target is out of reach, returning a value below it, and once enough requests
     have attained it, returning a value at or above it (the unfinished count as failed),
-    which is all a bisection needs."""
+    which is all a bisection needs. A request counts as missed from the moment it is
+    certain to miss (its first token overdue, or its TPOT past saving), not only once it
+    finishes: an overloaded run ends as soon as its queue has made enough of them late."""
     setup = simulation(
         setting, prefill, decode, colocated, num_prefill, num_decode, num_colocated, chunked
     )
@@ -242,16 +244,29 @@ def placement_attainment(
 
     def attain(rate: float) -> float:
         misses = hits = 0
+        lost_ones: set[int] = set()
 
         def give_up(r: RequestResult) -> bool:  # the verdict is certain: stop early
             nonlocal misses, hits
+            if r.index in lost_ones:
+                return False  # counted when it was lost
             if all(attains(r, ttft, tpot)):
                 hits += 1
             else:
                 misses += 1
             return misses > misses_allowed or hits >= hits_enough
 
-        results = Simulator(config).run(at_rate(workload, rate), give_up)
+        def lost(r: RequestResult) -> bool:  # unfinished, but certain to miss
+            nonlocal misses
+            lost_ones.add(r.index)
+            misses += 1
+            return misses > misses_allowed
+
+        sim = Simulator(config)
+        if exact:
+            results = sim.run(at_rate(workload, rate))
+        else:
+            results = sim.run(at_rate(workload, rate), give_up, lost, (ttft, tpot))
         return attainment(results, ttft, tpot)["both"]
 
     return attain

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from distserve.planner.jobs import score, worker_pool
@@ -164,26 +164,42 @@ def make_plan(
     if affinity not in ("high", "low"):
         raise ValueError(f"affinity must be high or low, got {affinity!r}")
     bases = [baseline_batch(bsetting, bshapes, False), baseline_batch(csetting, bshapes, True)]
+    names = ("colocated", "chunked")
+    chosen: dict[str, tuple[Choice | None, dict[str, float]]] = {}
+    verifying: dict[str, Future[float]] = {}
     # one pool for the whole plan: the search's and the baselines' jobs take turns on it
     with worker_pool(workers) as pool:
+
+        def baseline_scored(k: int) -> None:
+            """A baseline's pick, verified on the pool at once, beside the search's tail."""
+            chosen[names[k]] = baseline_choice(bases[k], cluster, rate)
+            c = chosen[names[k]][0]
+            if pool is not None and c is not None:
+                verifying[names[k]] = pool.submit(verify, bases[k].setting, c)
+
         if affinity == "low":
             dprofiles = decode_profiles or profiles
             disagg, table = algorithm2(
                 setting, profiles, dprofiles, cluster, rate, workers, progress, max_pp, pool
             )
             t_search = time.perf_counter() - t0
-            score(bases, pool, workers, progress)
+            score(bases, pool, workers, progress, baseline_scored)
         else:
             search = algorithm1_batch(setting, shapes, dshapes, cluster, rate)
-            score([search, *bases], pool, workers, progress)
+            score(
+                [search, *bases],
+                pool,
+                workers,
+                progress,
+                lambda k: baseline_scored(k - 1) if k else None,
+            )
             disagg, table = algorithm1_choice(search, cluster, rate)
             t_search = search.seconds
         t_scored = time.perf_counter() - t0
-        colo, colo_table = baseline_choice(bases[0], cluster, rate)
-        chunk, chunk_table = baseline_choice(bases[1], cluster, rate)
+        (colo, colo_table), (chunk, chunk_table) = chosen["colocated"], chosen["chunked"]
         picks = {"disagg": (setting, disagg), "colocated": (bsetting, colo)}
         picks["chunked"] = (csetting, chunk)
-        estimates = _verify(picks, pool, progress)
+        estimates = _verify(picks, pool, progress, verifying)
     options = {
         k: v
         for k, v in (("disagg", disagg), ("colocated", colo), ("chunked", chunk))
@@ -255,15 +271,20 @@ def _verify(
     picks: dict[str, tuple[Setting, Choice | None]],
     pool: Executor | None,
     progress: Callable[[str], None] | None,
+    started: dict[str, Future[float]] | None = None,
 ) -> dict[str, float]:
     """Verify each pick on its own setting, in parallel where a pool is given; its goodput
-    becomes the verified one. Returns the goodputs before verification."""
+    becomes the verified one. `started`: verifications already under way on the pool.
+    Returns the goodputs before verification."""
     live = {name: (s, c) for name, (s, c) in picks.items() if c is not None}
     if pool is None:
         got = {name: verify(s, c) for name, (s, c) in live.items()}
     else:
-        futures = {name: pool.submit(verify, s, c) for name, (s, c) in live.items()}
-        got = {name: f.result() for name, f in futures.items()}
+        futures = dict(started or {})
+        for name, (s, c) in live.items():
+            if name not in futures:
+                futures[name] = pool.submit(verify, s, c)
+        got = {name: futures[name].result() for name in live}
     estimates = {}
     for name, (_, c) in live.items():
         estimates[name], c.goodput = c.goodput, got[name]

@@ -3,6 +3,7 @@ instead of running a model."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,24 @@ class LatencyModel:
         model = steps * (a + c * batch) + b * (steps * base + batch * steps * (steps - 1) // 2)
         extra = steps * self.path.decode_seq_time * (batch - 1)
         return model * self.path.factors(busy_share)[1] + extra + steps * self.path.step_overhead
+
+    def min_decode_step_time(self, batch: int, busy_share: float = 0.0) -> float:
+        """A lower bound of `decode_steps_time(contexts, 1, busy_share)` over every
+        `contexts` of `batch` requests (each context at least 0), without looking at them:
+        -inf where the formula is not monotone in the context (a negative coefficient)."""
+        if batch <= 0:
+            return 0.0
+        a, b, c = (
+            self.profile.decode_large
+            if batch >= self.profile.decode_threshold
+            else self.profile.decode_small
+        )
+        scale = self.path.factors(busy_share)[1]
+        if b < 0 or scale < 0:
+            return -math.inf
+        model = a + c * batch + b * batch  # each context n contributes n + 1 >= 1
+        low = model * scale + self.path.decode_seq_time * (batch - 1) + self.path.step_overhead
+        return low - 1e-9 * abs(low)  # below the exact sum's rounding too
 
     def transfer_time(self, num_tokens: int) -> float:
         return (

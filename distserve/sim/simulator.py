@@ -123,6 +123,11 @@ class Simulator:
         self.now = 0.0
         self._give_up: Callable[[RequestResult], bool] | None = None
         self._stopped = False
+        self._lost: Callable[[RequestResult], bool] | None = None
+        self._slo = (math.inf, math.inf)
+        self._ttft_seen = 0  # arrivals whose TTFT deadline has been looked at
+        self._tpot_due: list[tuple[float, str]] = []  # (when TPOT can no longer be met, id)
+        self._reported: set[int] = set()  # indices reported to `lost`
         self._arrivals: list[Any] = []
         self._next_arrival = 0
         self._rng = random.Random(config.seed)
@@ -154,13 +159,22 @@ class Simulator:
         heapq.heappush(self._events, (t, next(self._seq), kind, fn))
 
     def run(
-        self, workload: Workload, give_up: Callable[[RequestResult], bool] | None = None
+        self,
+        workload: Workload,
+        give_up: Callable[[RequestResult], bool] | None = None,
+        lost: Callable[[RequestResult], bool] | None = None,
+        slo: tuple[float, float] = (math.inf, math.inf),
     ) -> list[RequestResult]:
         """Simulate until every request is done, or until `give_up` (called with each
         finished request) says the rest does not matter; unfinished requests then have
-        no latencies (they count as failed)."""
+        no latencies (they count as failed). `lost`, with `slo` (TTFT, TPOT targets): called
+        once with each unfinished request as soon as it is certain to miss a target (its
+        first token came, or is still to come, after the TTFT target; or even finishing
+        now would give it a TPOT above the target); True from it stops the run too."""
         self._give_up = give_up
         self._stopped = False
+        self._lost, self._slo = lost, slo
+        self._ttft_seen, self._tpot_due, self._reported = 0, [], set()
         # Arrivals stay in their own sorted list: the heap holds only the few events in
         # flight, so a horizon over selected kinds is cheap to find.
         arrivals = list(workload.requests)
@@ -178,11 +192,50 @@ class Simulator:
                 self._next_arrival += 1
                 self.now = wr.arrival
                 self._arrive(wr.arrival, wr)
-                continue
-            t, _, _, fn = heapq.heappop(self._events)
-            self.now = t
-            fn(t)
+            else:
+                t, _, _, fn = heapq.heappop(self._events)
+                self.now = t
+                fn(t)
+            if self._lost is not None and not self._stopped:
+                self._look_for_lost()
         return [self._results[str(w.index)] for w in workload.requests]
+
+    def _look_for_lost(self) -> None:
+        """Report the requests that became certain misses by now. Each test is the one the
+        result will be judged by, on a time no later than the real one (float rounding is
+        monotone), so it never reports a request that could still attain."""
+        assert self._lost is not None
+        ttft, tpot = self._slo
+        now = self.now
+        while self._ttft_seen < self._next_arrival:
+            wr = self._arrivals[self._ttft_seen]
+            if not now - wr.arrival > ttft:
+                break  # arrivals are in order: the later ones are not due either
+            self._ttft_seen += 1
+            rid = str(wr.index)
+            first = self._first.get(rid)
+            res = self._results[rid]
+            if res.e2e is None and (first is None or first - wr.arrival > ttft):
+                self._report_lost(res)
+        while self._tpot_due and self._tpot_due[0][0] < now:
+            _, rid = heapq.heappop(self._tpot_due)
+            res = self._results[rid]
+            if res.e2e is None and (now - self._first[rid]) / (res.output_len - 1) > tpot:
+                self._report_lost(res)
+
+    def _watch_tpot(self, rid: str, first: float) -> None:
+        """From its first token on, a request's TPOT target has a due time."""
+        n = self._results[rid].output_len
+        if n > 1 and self._slo[1] < math.inf:
+            heapq.heappush(self._tpot_due, (first + self._slo[1] * (n - 1), rid))
+
+    def _report_lost(self, res: RequestResult) -> None:
+        if res.index in self._reported:
+            return
+        self._reported.add(res.index)
+        assert self._lost is not None
+        if self._lost(res):
+            self._stopped = True
 
     def _horizon(self, inst: SimInstance) -> float:
         """The earliest future event that could change `inst`'s next decision. Prompt-taking
@@ -196,7 +249,7 @@ class Simulator:
         )
         if inst.role != "decode" and not inst.latency.contended:
             return arrival
-        t = min((e[0] for e in self._events), default=float("inf"))
+        t = self._events[0][0] if self._events else float("inf")  # a heap: its first is least
         if inst.role != "decode":  # contended: another instance's step changes this one's
             return min(t, arrival)
         if any(not i.busy for i in self.instances if i.role == "prefill"):
@@ -259,13 +312,18 @@ class Simulator:
     def _fast_forward(self, inst: SimInstance, t: float) -> bool:
         """Run a steady span of decode steps as one event, stopping before the next
         event anywhere (any of them might change this instance's next decision)."""
-        k = steady_decode_steps(inst.scheduler)
-        if k < 2 or self.config.step_noise > 0:  # noise: one draw per step
+        if self.config.step_noise > 0:  # noise: one draw per step
             return False
         horizon = self._horizon(inst)
-        contexts = [r.num_tokens - 1 for r in inst.scheduler.running]
         lat = inst.latency
         share = self._busy_share(inst)
+        # a span is 2 steps or more: not if the second would start at the horizon or later
+        if t + lat.min_decode_step_time(len(inst.scheduler.running), share) >= horizon:
+            return False
+        k = steady_decode_steps(inst.scheduler)
+        if k < 2:
+            return False
+        contexts = [r.num_tokens - 1 for r in inst.scheduler.running]
         lo, hi = 0, k  # the largest m whose first m steps all start before the horizon
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -296,7 +354,10 @@ class Simulator:
         inst.busy = False
         for out in outputs:
             rid = out.request.request_id
-            self._first.setdefault(rid, t)
+            if rid not in self._first:
+                self._first[rid] = t
+                if self._lost is not None and not out.request.finished:
+                    self._watch_tpot(rid, t)
             if out.request.finished:
                 self._record(out.request, t)
             elif inst.role == "prefill":
