@@ -48,6 +48,9 @@ class AdaptiveConfig:
     min_requests: int = field(
         default=20, metadata={"help": "finished requests the window needs before a re-plan"}
     )
+    max_requests: int = field(
+        default=400, metadata={"help": "the latest finished requests a re-plan replays, at most"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("ttft_slo", "tpot_slo", "interval"):
@@ -122,7 +125,7 @@ class Adaptive:
     async def step(self, now: float) -> Layout | None:
         """One re-plan; returns the layout flipped to, if any."""
         cfg, current = self.config, self.current()
-        workload = self.controller.live.workload(now)
+        workload = self.controller.live.workload(now, cfg.max_requests)
         if current is None or len(workload) < cfg.min_requests:
             return None
         info = self.controller.instances[0].info

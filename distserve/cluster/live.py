@@ -86,9 +86,12 @@ class LiveWindow:
             "output_p90": _p90(outputs),
         }
 
-    def workload(self, now: float) -> Workload:
-        """The window's finished requests as a workload, arrivals from its start."""
+    def workload(self, now: float, limit: int | None = None) -> Workload:
+        """The window's finished requests as a workload, arrivals from its start; with
+        `limit`, only the latest that many (a cheaper re-plan at a high rate)."""
         done = sorted(self.finished(now), key=lambda d: d.arrival)
+        if limit is not None:
+            done = done[-limit:]
         if not done:
             return Workload(())
         t0 = done[0].arrival

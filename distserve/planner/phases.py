@@ -40,7 +40,10 @@ class InstanceConfig:
 
     @property
     def devices(self) -> int:
-        return self.profile.tp * self.pp * (self.profile.cores or 1)
+        """GPUs (tp x pp), or CPU cores: a CPU profile's cores are the whole instance's
+        (measured at its shape: its tensor ranks and stages share them)."""
+        p = self.profile
+        return p.cores if p.cores else p.tp * self.pp
 
     @property
     def label(self) -> str:
@@ -53,7 +56,7 @@ class InstanceConfig:
     ) -> int | None:
         """KV blocks of one virtual instance, or None if the shape does not fit."""
         p = self.profile
-        if self.pp == 1:
+        if self.pp == p.pp:  # measured at this shape (pp 1, or profile --pp)
             cap = p.kv_capacity_tokens
         else:
             cap = (capacity or {}).get((p.model, p.tp, self.pp))
@@ -63,8 +66,9 @@ class InstanceConfig:
 
 
 def staged(profile: Profile, pp: int) -> Profile:
-    """The profile of one full pass through pp stages (per-stage overhead added)."""
-    if pp == 1:
+    """The profile of one full pass through pp stages (per-stage overhead added); a
+    profile measured at pp (`distserve profile --pp`) has its stages' costs in it."""
+    if pp == 1 or profile.pp == pp:
         return profile
 
     def add(t: tuple[float, float, float]) -> tuple[float, float, float]:

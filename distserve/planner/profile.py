@@ -170,7 +170,7 @@ def profile_model(
         decode_small=small,
         decode_large=large,
         decode_threshold=threshold,
-        kv_capacity_tokens=info.num_blocks * info.block_size,
+        kv_capacity_tokens=info.num_blocks * info.block_size * pp,  # all pp slots
         dtype=config.dtype,
         cores=cores,
         source=f"measured by `distserve profile` on {time.strftime('%Y-%m-%d')}",

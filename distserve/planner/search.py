@@ -80,17 +80,21 @@ def candidates(
     out = []
     for p in profiles:
         arch = ARCHITECTURES.get(p.model)
-        per_instance = p.tp * (p.cores or 1)
+        per_instance = p.cores or p.tp
         if per_instance > cluster.devices_per_node:
             continue
         if arch is not None and arch.num_heads % p.tp:
             continue
         layers = arch.num_layers if arch is not None else 1
         for pp in range(1, (max_pp or cluster.num_nodes * cluster.devices_per_node) + 1):
-            if layers % pp or per_instance * pp > cluster.devices:
+            whole = per_instance if p.cores else per_instance * pp  # CPU: all stages' cores
+            if layers % pp or whole > cluster.devices:
                 continue
-            # CPU-core profiles: the runtime has no pipeline parallelism to deploy (yet)
-            if pp > 1 and (arch is None or p.cores):
+            # a profile measured at pp > 1 (CPU: profile --pp) stands for that pp only; a
+            # CPU profile is not extrapolated to stages (their cost is measured, not known)
+            if p.pp > 1 and pp != p.pp:
+                continue
+            if pp > 1 and p.pp == 1 and (arch is None or p.cores):
                 continue
             out.append(InstanceConfig(p, pp))
     return out

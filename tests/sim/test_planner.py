@@ -189,3 +189,23 @@ def test_a_rate_at_exactly_the_target_attains_with_or_without_early_stop() -> No
         attain = placement_attainment(s, InstanceConfig(TP1), None, exact=exact)
         assert attain is not None
         assert attain(0.5) == 0.9
+
+
+def test_measured_cpu_parallel_profiles_are_candidates_at_their_shape() -> None:
+    """`profile --tp 3 --cores 2` counts 2 cores (its ranks share them); `profile --pp 2`
+    stands for pp2 only, with its measured stage costs (no per-stage overhead added)."""
+    from distserve.planner.phases import staged
+
+    base = Profile("smollm2-135m", "cpu", cores=1, prefill=(0.01, 1e-3, 0.0))
+    tp3 = dataclasses.replace(base, tp=3, cores=2, kv_capacity_tokens=3000)
+    pp2 = dataclasses.replace(base, pp=2, cores=2, kv_capacity_tokens=4000)
+    found = candidates([base, tp3, pp2], Cluster(1, 2))
+    assert {(c.profile.tp, c.profile.pp, c.pp, c.devices) for c in found} == {
+        (1, 1, 1, 1),
+        (3, 1, 1, 2),
+        (1, 2, 2, 2),
+    }
+    pp_shape = next(c for c in candidates([pp2], Cluster(1, 4)))
+    assert pp_shape.pp == 2 and staged(pp2, 2) is pp2
+    assert pp_shape.kv_blocks(16, None) == 4000 // 2 // 16  # per pipeline slot
+    assert staged(base, 2).prefill[0] > base.prefill[0]
