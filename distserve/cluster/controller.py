@@ -359,7 +359,7 @@ class Controller:
     def _admit(self, req: Request, text: str | None) -> RequestState:
         self.live.on_arrival(req.arrival_time)
         entry = self.table.entry_instances
-        inst = pick_prefill(entry)  # load changes with each request admitted
+        inst = pick_prefill(entry, req)  # load changes with each request admitted
         state = RequestState(req.request_id, asyncio.Queue(), inst or entry[0])
         self.table.requests[req.request_id] = state
         self.outputs.add(req.request_id, text, req.sampling_params.stop)

@@ -102,7 +102,7 @@ class RequestTable:
             num_cached_tokens=req.num_cached_tokens,
         )  # fmt: skip
         state.decode, state.migrating = None, False
-        target = pick_prefill(self.entry_instances)
+        target = pick_prefill(self.entry_instances, again)
         if target is None:
             self.orphans.append((now, state, again))
             return
@@ -120,7 +120,7 @@ class RequestTable:
         for since, state, req in waiting:
             if state.aborted:
                 continue
-            target = pick_prefill(self.entry_instances)
+            target = pick_prefill(self.entry_instances, req)
             if target is None:
                 self.orphans.append((since, state, req))
             else:

@@ -1,6 +1,8 @@
 """Routing rules, shared by the real cluster and the simulator: prompts go to the
-prefill (or colocated) instance with the fewest prompt tokens ahead of them (queued or
-being computed), then the fewest running requests; prefilled requests
+prefill (or colocated) instance where they would be computed soonest, counted in prompt
+tokens: those ahead of them (queued or being computed) plus their own that the instance's
+prefix cache does not hold (cache-aware: a hit is a saving, a longer queue can outweigh
+it); ties go to the fewest running requests. Prefilled requests
 go to the decode instance with room in its admission queue and the most free blocks net
 of what that queue already claims."""
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
+from distserve.core.prefix_cache import TokenSequence
 from distserve.core.scheduler import DecodeScheduler, Scheduler
 
 
@@ -31,14 +34,21 @@ def _open(inst: Routable) -> bool:
 T = TypeVar("T", bound=Routable)
 
 
-def pick_prefill(instances: Sequence[T]) -> T | None:
+def pick_prefill(instances: Sequence[T], seq: TokenSequence | None = None) -> T | None:
     """The live instance with the fewest prompt tokens ahead (queued, or in a prefill
-    running now); ties: the fewest running requests (decodes a colocated prefill would
-    stall), then the first."""
+    running now) plus, given the request `seq`, its own tokens that instance would have to
+    compute (those its prefix cache lacks); ties: the fewest running requests (decodes a
+    colocated prefill would stall), then the first."""
     alive = [i for i in instances if _open(i)]
     if not alive:
         return None
-    return min(alive, key=lambda i: (i.scheduler.num_prompt_tokens_ahead, len(i.scheduler.running)))
+
+    def work(i: T) -> tuple[int, int]:
+        s = i.scheduler
+        own = 0 if seq is None else seq.num_tokens - len(s.blocks.lookup(seq)) * s.blocks.block_size
+        return s.num_prompt_tokens_ahead + own, len(s.running)
+
+    return min(alive, key=work)
 
 
 def free_after_queue(sched: DecodeScheduler) -> int:

@@ -259,7 +259,7 @@ class Simulator:
     def _arrive(self, t: float, wr: Any) -> None:
         params = SamplingParams(max_tokens=wr.output_len, ignore_eos=True, temperature=0.0)
         req = Request(str(wr.index), list(wr.prompt_token_ids), params, t)
-        inst = pick_prefill([i for i in self.instances if i.role != "decode"])
+        inst = pick_prefill([i for i in self.instances if i.role != "decode"], req)
         assert inst is not None
         try:
             inst.scheduler.add_request(req)

@@ -45,3 +45,25 @@ def test_ties_go_to_the_instance_with_fewer_running_requests() -> None:
     assert pick_prefill([a, b]) is a
     a.alive = False
     assert pick_prefill([a, b]) is b
+
+
+def cached_inst(name: str) -> Inst:
+    blocks = BlockManager(64, 4, prefix_caching=True)
+    return Inst(name, ColocatedScheduler(Cfg(max_model_len=64), blocks))
+
+
+def test_a_prompt_goes_where_its_prefix_is_cached_unless_the_queue_outweighs_it() -> None:
+    a, b = cached_inst("a"), cached_inst("b")
+    first = req("x", 24)
+    b.scheduler.add_request(first)
+    plan = b.scheduler.schedule(0.0)
+    b.scheduler.update(plan, StepResult(sampled={"x": 5}), 0.1)  # x's 6 full blocks cached on b
+    again = req("y", 24)  # the same 24 tokens: 20 of them (5 blocks) cached on b
+    assert len(b.scheduler.blocks.lookup(again)) == 5 and not a.scheduler.blocks.lookup(again)
+    assert pick_prefill([a, b]) is a  # by load alone (b runs x)
+    assert pick_prefill([a, b], again) is b  # 4 tokens to compute on b against 24 on a
+    b.scheduler.add_request(req("w", 30))
+    a.scheduler.add_request(req("z", 12))
+    assert pick_prefill([a, b], again) is b  # b: 30 ahead + 4 own = 34; a: 12 + 24 = 36
+    b.scheduler.add_request(req("v", 8))  # b: 38 + 4 = 42: the queue outweighs the hit
+    assert pick_prefill([a, b], again) is a
