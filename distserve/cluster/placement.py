@@ -35,6 +35,18 @@ def role_engine_config(engine: EngineConfig, placement: PlacementConfig, role: s
     )
 
 
+_last_init: tuple[str | None, int, bool] | None = None
+"""The arguments init_ray last started or joined a cluster with (reinit_ray repeats them)."""
+
+
+def reinit_ray() -> None:
+    """After the cluster was left (its raylet lost: local_ray.RayLink), start a fresh local
+    one or join again, as init_ray last did; raises if it cannot."""
+    if _last_init is None:
+        raise RuntimeError("no Ray cluster was started or joined in this process")
+    init_ray(*_last_init)
+
+
 def init_ray(address: str | None, num_cpus: int, loopback: bool = True) -> None:
     """Join a cluster at `address`, or start a local one (the embedded default) with
     `num_cpus` logical CPUs, enough for every instance even when cores are shared, whose
@@ -47,6 +59,8 @@ def init_ray(address: str | None, num_cpus: int, loopback: bool = True) -> None:
 
     if ray.is_initialized():
         return
+    global _last_init
+    _last_init = (address, num_cpus, loopback)
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)  # type: ignore[arg-type]

@@ -16,6 +16,9 @@ dashboard agent whose token could no longer be read and that outlived the server
 the parent lives the reaper looks at the process table once a second and remembers every
 process below a marked one, by pid and start time (a pid reused after its process ended
 is not the same process).
+
+SIGUSR1 ends the cluster at once, while the parent lives: the server sends it when the
+cluster is lost (its raylet killed) and it starts a fresh one (cluster/local_ray.py).
 """
 
 from __future__ import annotations
@@ -138,11 +141,22 @@ def remove_caches(pids: set[int]) -> None:
                 os.unlink(os.path.join(SHM_DIR, name))
 
 
+class ReapNow(Exception):
+    """SIGUSR1: the parent asks for its cluster's end now (it has lost it)."""
+
+
+def _reap_now(signum: int, frame: object) -> None:
+    raise ReapNow
+
+
 def main(argv: list[str]) -> int:
     parent, token = int(argv[0]), argv[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it ends when its parent has ended
     seen: dict[int, int] = {}
-    wait_for_exit(parent, token, seen)
+    signal.signal(signal.SIGUSR1, _reap_now)
+    with contextlib.suppress(ReapNow):
+        wait_for_exit(parent, token, seen)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
     remove_caches(reap(token, seen))
     return 0
 

@@ -5,6 +5,13 @@ its prompt and the tokens already streamed (the client sees neither a repeat nor
 The instance is then restarted with the same role and cores, again and again (with a
 capped backoff) until it runs: a second fault during recovery must not end a role. While
 a role has no live instance, its requests wait for it, but only `orphan_timeout` seconds.
+
+The cluster itself may go (the server's raylet killed): with a `cluster` link, the watch
+sees that within a second and fails every instance at once (Ray would run their actors on
+for some 15 s and then declare them all dead), each restart first gets a new cluster
+(a fresh local one, or the same joined again: cluster/local_ray.py RayLink), and a try
+that is under way when the cluster goes is abandoned at once rather than waiting out the
+start timeout for a worker that can never start.
 """
 
 from __future__ import annotations
@@ -13,13 +20,35 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from distserve.cluster.request_table import RequestState, RequestTable
 from distserve.core import Request
 from distserve.runtime.instance import Instance
 
 log = logging.getLogger(__name__)
+
+
+class ClusterLink(Protocol):
+    """What recovery needs of the cluster its workers run on (local_ray.RayLink)."""
+
+    @property
+    def closes_lost_workers(self) -> bool:
+        """Whether a worker of a lost cluster may still be closed (else it is left)."""
+        ...
+
+    async def gone(self, now: bool = False) -> str | None:
+        """Why the cluster is gone (every worker with it), or None while it runs; `now`:
+        look again at once (a worker has failed)."""
+        ...
+
+    async def reconnect(self) -> None:
+        """A working cluster again if it was gone (nothing if not); raises if it cannot."""
+        ...
+
+
+class ClusterLost(RuntimeError):
+    """The cluster went away while an instance was being restarted on it."""
 
 
 class Recovery:
@@ -36,6 +65,7 @@ class Recovery:
         orphan_timeout: float = 300.0,
         restart: bool = True,
         max_backoff: float = 30.0,
+        cluster: ClusterLink | None = None,
     ) -> None:
         self.table = table
         self.spawn = spawn
@@ -57,9 +87,13 @@ class Recovery:
         """Instance name -> why its last restart failed, while it is still being retried."""
         self.restart_attempts: dict[str, int] = {}
         """Instance name -> the try under way, while it is being restarted (a try may wait
-        up to the start timeout: a lost raylet leaves a new worker pending, not failed)."""
+        up to the start timeout, unless the cluster is seen gone: then it ends at once)."""
         self._stalled: dict[str, float] = {}
         """Request id -> since when it has been live while no decode instance was."""
+        self.cluster = cluster
+        """The Ray cluster the workers run on, if any: watched, and renewed once gone."""
+        self._stopping = 0
+        """Dead instances whose workers are being stopped (closed) right now."""
 
     # ---- detection -------------------------------------------------------------------
     async def watch(self) -> None:
@@ -67,6 +101,10 @@ class Recovery:
         while its instance is idle (a busy one fails on its next call)."""
         while True:
             await asyncio.sleep(self.ping_interval)
+            lost = await self.cluster.gone() if self.cluster is not None else None
+            if lost is not None:  # every worker went with it
+                for inst in [i for i in self.table.instances if i.alive]:
+                    inst.fail(ClusterLost(lost))
             for inst in [i for i in self.table.instances if i.alive]:
                 try:
                     await asyncio.wait_for(inst.executor.ping(), self.ping_timeout)
@@ -143,13 +181,28 @@ class Recovery:
         """Replace `dead` with a fresh instance, retrying with a capped exponential backoff
         for as long as the controller runs (it cancels this task on stop): a fault during a
         restart (the new worker killed as it loads, the node out of memory) only delays it."""
-        await dead.stop()
+        self._stopping += 1
+        try:
+            cluster = self.cluster
+            lost = await cluster.gone(now=True) if cluster is not None else None
+            if lost is None or (cluster is not None and cluster.closes_lost_workers):
+                await dead.stop()
+        except Exception as e:  # its cluster may be gone with it: nothing left to stop
+            log.debug("stopping %s: %s: %s", dead.name, type(e).__name__, e)
+        finally:
+            self._stopping -= 1
         delay, attempt = 1.0, 0
         while True:
             attempt += 1
             self.restart_attempts[dead.name] = attempt
             try:
-                fresh = await self.replace(dead)
+                if self.cluster is not None:
+                    for _ in range(100):  # a new cluster only once the old handles are closed
+                        if not self._stopping:
+                            break
+                        await asyncio.sleep(0.05)
+                    await self.cluster.reconnect()
+                fresh = await self._try_replace(dead)
                 break
             except Exception as e:  # anything but cancellation: try again
                 self.restart_errors[dead.name] = f"{type(e).__name__}: {e}"
@@ -169,3 +222,19 @@ class Recovery:
         log.warning("instance %s restarted (pid %s)", fresh.name, fresh.pid)
         self.table.adopt_orphans()
         self.table.dispatch()
+
+    async def _try_replace(self, dead: Instance) -> Instance:
+        """`replace(dead)`, abandoned (ClusterLost) as soon as the cluster is seen gone."""
+        attempt = asyncio.ensure_future(self.replace(dead))
+        try:
+            while True:
+                done, _ = await asyncio.wait({attempt}, timeout=self.ping_interval)
+                if done:
+                    return attempt.result()
+                lost = await self.cluster.gone() if self.cluster is not None else None
+                if lost:
+                    raise ClusterLost(lost)
+        finally:
+            if not attempt.done():  # it closes what it started (placement.replace_worker)
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)

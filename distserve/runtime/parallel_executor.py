@@ -150,9 +150,16 @@ class WorkerGroup:
     ) -> ParallelExecutor:
         """Slot `slot` of the group that replaces this (dead) one: the first slot to ask
         starts it, the others get their slot of the same one."""
-        if self._successor is None or (
-            self._successor.done() and self._successor.exception() is not None
-        ):
+        if self._successor is not None and self._successor.done():
+            failed = self._successor.exception() is not None
+            if not failed:
+                try:  # started, but its workers may have died since (a lost cluster)
+                    await self._successor.result()[0].group.ping()
+                except Exception:
+                    failed = True
+            if failed:
+                self._successor = None
+        if self._successor is None:
             self._successor = asyncio.ensure_future(start())
         return (await asyncio.shield(self._successor))[slot]
 
