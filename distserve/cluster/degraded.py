@@ -34,7 +34,7 @@ class Degraded:
         missing = {Role.PREFILL: Role.DECODE, Role.DECODE: Role.PREFILL}
         gone = sorted({missing[r].value for r in self.covering.values()})
         names = ", ".join(sorted(self.covering))
-        return f"no live {' or '.join(gone)} instance: {names} serve requests end to end"
+        return f"no live {' or '.join(gone)} instance: {names} serving requests end to end"
 
     async def watch(self, interval: float = 1.0) -> None:
         while True:
