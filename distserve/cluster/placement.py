@@ -47,6 +47,42 @@ def reinit_ray() -> None:
     init_ray(*_last_init)
 
 
+class ClusterJoinError(RuntimeError):
+    """`--ray-address` names a cluster this process could not join."""
+
+
+def join_error_message(address: str, error: BaseException) -> str:
+    """What went wrong joining `address`, and what to do (token authentication, which a
+    `ray start --head` cluster may require, is the usual surprise)."""
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    msg = (
+        f"--ray-address {address}: could not join the Ray cluster ({type(error).__name__}: {first})"
+    )
+    text = str(error).lower()
+    if any(w in text for w in ("auth", "token", "unauthenticated", "permission")):
+        msg += (
+            ". The cluster requires authentication: export RAY_AUTH_MODE=token (and the "
+            "cluster's token, as `ray start` printed it) before `distserve serve`"
+        )
+    else:
+        msg += ". Is `ray start --head` running there, and is the address its GCS (host:6379)?"
+    return msg + " (docs/multi-node.md)"
+
+
+def probe(address: str, timeout: float = 5.0) -> None:
+    """Raise ConnectionError unless something accepts a TCP connection at host:port
+    (`auto` and `ray://` addresses are left to Ray)."""
+    import socket
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"nothing accepts connections at {address}: {e}") from None
+
+
 def init_ray(address: str | None, num_cpus: int, loopback: bool = True) -> None:
     """Join a cluster at `address`, or start a local one (the embedded default) with
     `num_cpus` logical CPUs, enough for every instance even when cores are shared, whose
@@ -63,7 +99,11 @@ def init_ray(address: str | None, num_cpus: int, loopback: bool = True) -> None:
     _last_init = (address, num_cpus, loopback)
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
     if address:
-        ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+        try:
+            probe(address)  # Ray itself retries a dead address for minutes
+            ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 (Ray raises many kinds; all mean "not joined")
+            raise ClusterJoinError(join_error_message(address, e)) from e
     else:
         # Ray starts workers at nice 15, below the API server and the controller that
         # feed them: on a CPU the frontend then preempts the model it waits for (the step

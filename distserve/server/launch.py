@@ -15,6 +15,7 @@ from distserve.cluster.adaptive import AdaptiveConfig
 from distserve.cluster.controller import Controller
 from distserve.cluster.live import LiveWindow
 from distserve.cluster.local_ray import is_loopback
+from distserve.cluster.placement import ClusterJoinError
 from distserve.config import TRANSPORTS, EmulationConfig, EngineConfig, PlacementConfig
 from distserve.server.app import build_app
 from distserve.server.limits import head_deadline_protocol
@@ -127,7 +128,12 @@ async def serve(
         flush=True,
     )
     t0 = time.perf_counter()
-    await controller.start()
+    try:
+        await controller.start()
+    except (ClusterJoinError, ValueError, TimeoutError) as e:  # nothing to serve with
+        print(f"distserve serve: error: {e}", file=sys.stderr, flush=True)
+        await controller.stop()
+        raise SystemExit(2) from None
     for name, r in zip(placement.roles, controller.kernel_rows, strict=False):
         if r is not None:  # what the worker chose at start; a detail for debugging speed
             which = "every step" if r == sys.maxsize else f"steps of up to {r} tokens"
