@@ -39,6 +39,7 @@ def summarize(
     ttft = [r.ttft for r in ok if r.ttft is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
     e2e = [r.e2e for r in ok if r.e2e is not None]
+    per_token = [r.e2e / r.num_tokens for r in ok if r.e2e is not None and r.num_tokens]
     summary: dict[str, Any] = {
         "num_requests": len(results),
         "completed": len(ok),
@@ -49,7 +50,15 @@ def summarize(
         "throughput_rps": len(ok) / duration if duration > 0 else None,
         "output_tokens_per_s": sum(r.num_tokens for r in ok) / duration if duration > 0 else None,
     }
-    for name, vals in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+    # TPOT is the paper's (the mean gap between tokens after the first); load testers such
+    # as guidellm report e2e / tokens, the first token's wait included: both, named
+    summary["tpot_definitions"] = {
+        "tpot": "mean gap between output tokens after the first (DistServe's; the SLO's)",
+        "time_per_output_token": "e2e / output tokens, the first token's wait included "
+        "(guidellm's)",
+    }
+    per = (("ttft", ttft), ("tpot", tpot), ("time_per_output_token", per_token), ("e2e", e2e))
+    for name, vals in per:
         summary[name] = {f"p{q}": percentile(vals, q) for q in (50, 90, 99)} | {
             "mean": sum(vals) / len(vals) if vals else None
         }

@@ -104,6 +104,11 @@ def test_percentiles_and_summary() -> None:
     assert s["completed"] == 4 and s["errors"] == 1
     assert s["throughput_rps"] == 0.4 and s["output_tokens_per_s"] == 4.0
     assert s["ttft"]["p50"] == pytest.approx(0.2)
+    # both TPOTs: the paper's (gaps after the first token) and e2e / tokens (guidellm's)
+    assert s["tpot"]["mean"] == pytest.approx((0.01 + 0.01 + 0.05 + 0.08) / 4)
+    per_token = [(0.1 + 0.09) / 10, (0.3 + 0.09) / 10, (0.1 + 0.45) / 10, (0.5 + 0.72) / 10]
+    assert s["time_per_output_token"]["mean"] == pytest.approx(sum(per_token) / 4)
+    assert "guidellm" in s["tpot_definitions"]["time_per_output_token"]
 
 
 def test_phase_breakdown_from_server_milestones() -> None:
