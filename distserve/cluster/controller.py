@@ -59,8 +59,10 @@ log = logging.getLogger(__name__)
 class Observer(Protocol):
     """Hooks for metrics; the server's Prometheus exporter implements them."""
 
-    def on_first_token(self, ttft: float) -> None: ...
-    def on_finished(self, outcome: str, tpot: float | None) -> None: ...
+    def on_first_token(self, ttft: float, role: str = "") -> None: ...
+    def on_finished(
+        self, outcome: str, tpot: float | None, done: RequestOutput | None = None, role: str = ""
+    ) -> None: ...
     def on_migration(self, stats: TransferStats) -> None: ...
 
 
@@ -440,12 +442,12 @@ class Controller:
                 self._release_choices(req.request_id, inst)  # its prompt KV is cached now
                 self.drain.record(now)
                 if self.observer:
-                    self.observer.on_first_token(now - req.arrival_time)
+                    self.observer.on_first_token(now - req.arrival_time, inst.role.value)
             if stop_hit:
                 inst.scheduler.finish_request(req.request_id, FinishReason.STOP, now)
             if req.finished:
                 self._record_live(state, req, now)
-                self._finish(state, self.outputs.finish(req, ro))
+                self._finish(state, self.outputs.finish(req, ro), inst.role.value)
                 continue
             state.queue.put_nowait(ro)
             if inst.role == Role.PREFILL:
@@ -466,7 +468,7 @@ class Controller:
             now,
         )
 
-    def _finish(self, state: RequestState, out: RequestOutput) -> None:
+    def _finish(self, state: RequestState, out: RequestOutput, role: str = "") -> None:
         self.table.requests.pop(state.request_id, None)
         state.queue.put_nowait(out)
         state.queue.put_nowait(None)
@@ -478,7 +480,7 @@ class Controller:
                 if n > 1 and state.first_token_at
                 else None
             )
-            self.observer.on_finished(out.finish_reason or "stop", tpot)
+            self.observer.on_finished(out.finish_reason or "stop", tpot, out, role)
 
     def fail_request(self, state: RequestState, reason: str) -> None:
         """End a request with an error its client sees (the stream raises RequestFailed)."""

@@ -103,7 +103,8 @@ async def serve(
 ) -> None:
     import uvicorn
 
-    metrics = Metrics()
+    model_name = os.path.basename(engine.model.rstrip("/")).removesuffix(".gguf")
+    metrics = Metrics(model_name)
     controller = Controller(
         engine,
         placement,
@@ -145,7 +146,6 @@ async def serve(
         flush=True,
     )
     metrics.attach(controller)
-    model_name = os.path.basename(engine.model.rstrip("/")).removesuffix(".gguf")
     app = build_app(
         controller,
         model_name,

@@ -8,71 +8,122 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from distserve.cluster.controller import Controller
 from distserve.core import DecodeScheduler
+from distserve.runtime.outputs import RequestOutput
 from distserve.runtime.transport import TransferStats
+
+disable_created_metrics()  # no *_created series: dashboards do not use them
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class Metrics:
-    """One registry per server (no module-level state), fed by the controller's hooks."""
+PHASES = {
+    "queue": ("arrived", "prefill_start"),
+    "prefill": ("prefill_start", "prefill_end"),
+    "migration": ("migration_start", "migration_end"),
+    "decode": ("decode_start", "decode_end"),
+    "e2e": ("arrived", "finished"),
+}
+"""A request's phases, from the milestones the schedulers stamp (Request.timestamps)."""
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """One registry per server (no module-level state), fed by the controller's hooks.
+    Every series carries `model_name`, as vLLM's do, so dashboards built for it apply."""
+
+    def __init__(self, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self.model_name = model_name
+        r, m = self.registry, ["model_name"]
         self.ttft = Histogram(
-            "distserve_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
-        )
+            "distserve_ttft_seconds",
+            "Time to first token, by the role of the instance that made it",
+            m + ["role"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.tpot = Histogram(
             "distserve_tpot_seconds",
-            "Time per output token after the first",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+            "Time per output token after the first, by the role that finished the request",
+            m + ["role"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.phase = Histogram(
+            "distserve_request_phase_seconds",
+            "Seconds a request spent in each phase (queue, prefill, migration, decode, e2e)",
+            m + ["phase"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.requests = Counter(
-            "distserve_requests", "Finished requests by outcome", ["outcome"], registry=r
+            "distserve_requests", "Finished requests by outcome", m + ["outcome"], registry=r
         )
-        self.migrations = Counter("distserve_migrations", "KV migrations completed", registry=r)
-        self.migration_bytes = Counter("distserve_migration_bytes", "KV bytes migrated", registry=r)
+        self.prompt_tokens = Counter(
+            "distserve_prompt_tokens", "Prompt tokens of finished requests", m, registry=r
+        )
+        self.generation_tokens = Counter(
+            "distserve_generation_tokens", "Output tokens of finished requests", m, registry=r
+        )
+        self.migrations = Counter("distserve_migrations", "KV migrations completed", m, registry=r)
+        self.migration_bytes = Counter(
+            "distserve_migration_bytes", "KV bytes migrated", m, registry=r
+        )
         self.migration_seconds = Histogram(
-            "distserve_migration_seconds",
-            "Seconds per KV migration",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+            "distserve_migration_seconds", "Seconds per KV migration", m,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.controller: Controller | None = None
 
     def attach(self, controller: Controller) -> None:
         self.controller = controller
-        self.registry.register(_InstanceCollector(controller))
+        self.registry.register(_InstanceCollector(controller, self.model_name))
 
     # Observer hooks
-    def on_first_token(self, ttft: float) -> None:
-        self.ttft.observe(ttft)
+    def on_first_token(self, ttft: float, role: str = "") -> None:
+        self.ttft.labels(self.model_name, role).observe(ttft)
 
-    def on_finished(self, outcome: str, tpot: float | None) -> None:
-        self.requests.labels(outcome=outcome).inc()
+    def on_finished(
+        self, outcome: str, tpot: float | None, done: RequestOutput | None = None, role: str = ""
+    ) -> None:
+        self.requests.labels(self.model_name, outcome).inc()
         if tpot is not None:
-            self.tpot.observe(tpot)
+            self.tpot.labels(self.model_name, role).observe(tpot)
+        if done is None:
+            return
+        self.prompt_tokens.labels(self.model_name).inc(len(done.prompt_token_ids))
+        self.generation_tokens.labels(self.model_name).inc(len(done.token_ids))
+        ts = done.timestamps
+        for phase, (start, end) in PHASES.items():
+            if start in ts and end in ts:
+                self.phase.labels(self.model_name, phase).observe(ts[end] - ts[start])
 
     def on_migration(self, stats: TransferStats) -> None:
-        self.migrations.inc()
-        self.migration_bytes.inc(stats.num_bytes)
-        self.migration_seconds.observe(stats.seconds)
+        self.migrations.labels(self.model_name).inc()
+        self.migration_bytes.labels(self.model_name).inc(stats.num_bytes)
+        self.migration_seconds.labels(self.model_name).observe(stats.seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _InstanceCollector:
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
+    def __init__(self, controller: Controller, model_name: str) -> None:
+        self.controller, self.model_name = controller, model_name
 
     def collect(self) -> Iterator[Any]:
+        for family in self._families():  # every series gets the model_name label
+            family.samples = [
+                x._replace(labels={**x.labels, "model_name": self.model_name})
+                for x in family.samples
+            ]
+            yield family
+
+    def _families(self) -> Iterator[Any]:
         queue = GaugeMetricFamily(
             "distserve_queue_length",
             "Requests per queue per instance",
@@ -86,9 +137,14 @@ class _InstanceCollector:
             "1 while the instance's worker is alive",
             labels=["instance", "role"],
         )
-        busy = GaugeMetricFamily(
+        busy = CounterMetricFamily(
             "distserve_instance_busy_seconds",
             "Seconds spent executing steps",
+            labels=["instance", "role"],
+        )
+        usage = GaugeMetricFamily(
+            "distserve_kv_cache_usage",
+            "Share of the instance's KV blocks held by requests (0-1)",
             labels=["instance", "role"],
         )
         prompt, hits, rate = _prefix_cache_families()
@@ -113,6 +169,8 @@ class _InstanceCollector:
             blocks.add_metric([*labels, "used"], s.blocks.num_used_blocks)
             blocks.add_metric([*labels, "free"], s.blocks.num_free_blocks - cached)
             blocks.add_metric([*labels, "cached"], cached)
+            total = s.blocks.num_used_blocks + s.blocks.num_free_blocks
+            usage.add_metric(labels, s.blocks.num_used_blocks / total if total else 0.0)
             prompt.add_metric(labels, s.num_prompt_tokens_admitted)
             hits.add_metric(labels, s.num_prompt_tokens_cached)
             if s.num_prompt_tokens_admitted:
@@ -124,7 +182,7 @@ class _InstanceCollector:
         counts = collections.Counter((f.old, f.new) for f in self.controller.flips.done)
         for (old, new), n in sorted(counts.items()):
             flips.add_metric([old, new], n)
-        yield from (queue, blocks, up, busy, prompt, hits, rate, flips)
+        yield from (queue, blocks, usage, up, busy, prompt, hits, rate, flips)
         yield from _live_families(self.controller)
 
 

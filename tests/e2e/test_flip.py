@@ -127,4 +127,5 @@ def test_flip_through_the_api() -> None:
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         metrics = client.get("/metrics").text
-        assert 'distserve_role_flips_total{new="decode",old="prefill"} 1.0' in metrics
+        flips = 'distserve_role_flips_total{model_name="smollm2-135m",new="decode",old="prefill"}'
+        assert f"{flips} 1.0" in metrics

@@ -69,7 +69,7 @@ def test_a_failed_restart_is_retried_until_the_role_is_back() -> None:
             assert recovery.restart_attempts["decode-0"] >= 1
             # down: only `up` is left of it, at 0
             assert metric_lines(controller, "decode-0") == [
-                'distserve_instance_up{instance="decode-0",role="decode"} 0.0'
+                'distserve_instance_up{instance="decode-0",model_name="",role="decode"} 0.0'
             ]
             outs = await asyncio.wait_for(asyncio.gather(*tasks), 30)
             stream = controller.emulated.tokens  # type: ignore[union-attr]

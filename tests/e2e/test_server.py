@@ -4,12 +4,15 @@ official `openai` client and by raw HTTP."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from distserve import LLM, SamplingParams
 from distserve.bench.server_process import running_server
@@ -247,8 +250,20 @@ def test_models_health_metrics(server) -> None:
         missing = http.get("/v1/models/nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
         assert http.get("/health").json()["status"] == "ok"
+        done = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
+        assert done.status_code == 200  # every family has a sample now
         text = http.get("/metrics").text
     assert "distserve_ttft_seconds_count" in text and "distserve_kv_blocks" in text
+    assert "_created" not in text  # no series a dashboard does not use
+    charted = dashboard_series()
+    families = {f.name for f in text_string_to_metric_families(text)}  # it parses
+    present = {m.name for f in text_string_to_metric_families(text) for m in f.samples}
+    missing = charted - present - {"distserve_role_flips_total"}  # no flips in this run
+    if placement not in ("1P1D", "2P1D", "1P2D"):  # no migrations either
+        missing -= {f"distserve_migration_{x}" for x in ("bytes_total", "seconds_bucket")}
+    missing -= {"distserve_live_slo_attainment"}  # only with serve --ttft-slo/--tpot-slo
+    assert not missing, f"the dashboard charts series /metrics lacks: {missing}"
+    assert {"distserve_prompt_tokens", "distserve_request_phase_seconds"} <= families
     if placement in ("1P1D", "2P1D", "1P2D"):
         assert _metric(text, "distserve_migrations_total") > 0
         assert _metric(text, "distserve_migration_bytes_total") > 0
@@ -330,10 +345,28 @@ def _samples(text: str, name: str, **labels: str) -> list[float]:
     return [v for lab, v in _all_samples(text, name) if all(w in lab for w in want)]
 
 
+def dashboard_series() -> set[str]:
+    """The series deploy/grafana/distserve.json charts (it must parse as JSON)."""
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "..", "deploy", "grafana", "distserve.json"
+    )
+    with open(path, encoding="utf-8") as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    return {m for e in exprs for m in re.findall(r"distserve_[a-z_]+", e)}
+
+
+def _plain(line: str) -> str:
+    """A sample line without its `model_name` label (every series has one)."""
+    line = re.sub(r'model_name="[^"]*",?', "", line)
+    return line.replace(",}", "}").replace("{}", "")
+
+
 def _metric(text: str, sample: str) -> float:
-    """The value of one sample, named as Prometheus prints it (`name` or `name{labels}`)."""
+    """The value of one sample, named as Prometheus prints it (`name` or `name{labels}`),
+    its `model_name` label left out."""
     for line in text.splitlines():
-        key, _, value = line.rpartition(" ")
+        key, _, value = _plain(line).rpartition(" ")
         if key == sample:
             return float(value)
     return 0.0

@@ -168,7 +168,7 @@ def test_server_with_a_tp3_prefill_instance() -> None:
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected.text
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
-        assert "distserve_migrations_total 1.0" in metrics
+        assert 'distserve_migrations_total{model_name="smollm2-135m"} 1.0' in metrics
 
 
 @pytest.mark.slow  # real Ray actors, the real model, a SIGKILL
