@@ -139,6 +139,14 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         metavar="FILE",
         help="append one JSON line per instance step (what ran, how long) to FILE",
     )
+    srv.add_argument(
+        "--kv-store-gb",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="host memory for the KV store, which every step writes its new KV to, so that "
+        "a dead decode instance's requests resume from it without a new prefill (0: none)",
+    )
     add_engine_flags(srv)
     add_prefix_caching_flag(srv)
     add_parallel_flags(srv)
@@ -222,6 +230,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             tpot_slo=args.tpot_slo,
             live_window=args.live_window,
             degrade_after=None if args.no_degraded_mode else args.degrade_after,
+            kv_store_gb=args.kv_store_gb,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))

@@ -30,6 +30,7 @@ from distserve.cluster.placement import (
 from distserve.cluster.process_group import KVProcessGroup, join_process_group
 from distserve.cluster.recovery import Recovery
 from distserve.cluster.request_table import RequestState, RequestTable
+from distserve.cluster.store_link import StoreLink
 from distserve.config import EmulationConfig, EngineConfig, PlacementConfig
 from distserve.core import (
     BlockManager,
@@ -102,8 +103,14 @@ class Controller:
         live: LiveWindow | None = None,
         adaptive: AdaptiveConfig | None = None,
         degrade_after: float | None = 10.0,
+        kv_store_gb: float = 0.0,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
+        if kv_store_gb and emulation is not None:
+            raise ValueError("--kv-store-gb: emulated devices hold no KV bytes to store")
+        self.kv_store_gb = kv_store_gb
+        self.store: StoreLink | None = None
+        """The KV store (cluster/store_link.py), once started, when kv_store_gb > 0."""
         if emulation is not None and transport != "auto":
             raise ValueError(f"emulated devices have their own links, not transport {transport!r}")
         self.step_trace = StepTrace(step_trace) if step_trace else None
@@ -186,6 +193,8 @@ class Controller:
             if self.emulated is None
             else [[] for _ in executors]  # emulated devices own no cores
         )
+        if self.kv_store_gb > 0:
+            self._open_store()
         counts: dict[str, int] = {}
         for i, (role_name, executor, info) in enumerate(
             zip(self.placement.roles, executors, infos, strict=True)
@@ -194,6 +203,8 @@ class Controller:
             inst = self.make_instance(
                 f"{role_name}-{index}", Role(role_name), executor, info, cores[i]
             )
+            if self.store is not None:
+                await self.store.attach(inst)
             self.table.instances.append(inst)
             inst.start()
         self.spawn(self.recovery.watch())
@@ -201,6 +212,13 @@ class Controller:
             self.spawn(self.adaptive.run())
         if self.degraded is not None and self.placement.mode == "disagg":
             self.spawn(self.degraded.watch())
+
+    def _open_store(self) -> None:
+        store = self.store = StoreLink(
+            self.engine_config, self.model_config, self.kv_store_gb, self.use_ray
+        )
+        self.migration.store = store.directory
+        self.recovery.resume = lambda dead, state, req: store.resume(dead, state, req, self.table)
 
     def make_instance(
         self, name: str, role: Role, executor: Executor, info: WorkerInfo, cores: list[int]
@@ -221,7 +239,10 @@ class Controller:
             self.engine_config, self.placement, dead.role.value, dead.cores, self.use_ray,
             self.start_timeout, dead.executor, decoders, self.transport in ("auto", "shm"),
         )  # fmt: skip
-        return self.make_instance(dead.name, dead.role, executor, info, dead.cores)
+        inst = self.make_instance(dead.name, dead.role, executor, info, dead.cores)
+        if self.store is not None:
+            await self.store.attach(inst)
+        return inst
 
     async def flip(self, name: str, role: str) -> FlipRecord:
         """Turn instance `name` to `role` (prefill, decode, colocated) without reloading its
@@ -263,6 +284,8 @@ class Controller:
         self.held.clear()
         if self.step_trace is not None:
             self.step_trace.close()
+        if self.store is not None:
+            self.store.close()
 
     def _scheduler(self, role: Role, info: WorkerInfo) -> Scheduler:
         sched_cfg = dataclasses.replace(
@@ -424,6 +447,8 @@ class Controller:
         self.outputs.discard(request_id)
         if not state.migrating:
             self.table.release_everywhere(state)
+        if self.store is not None and not (state.migrating and state.from_store):
+            self.store.release(request_id)  # a pull from the store releases it when it ends
         state.queue.put_nowait(None)
         if self.observer:
             self.observer.on_finished("abort", None)
@@ -470,6 +495,8 @@ class Controller:
 
     def _finish(self, state: RequestState, out: RequestOutput, role: str = "") -> None:
         self.table.requests.pop(state.request_id, None)
+        if self.store is not None:
+            self.store.release(state.request_id)
         state.queue.put_nowait(out)
         state.queue.put_nowait(None)
         if self.observer:
@@ -487,6 +514,8 @@ class Controller:
         self.table.requests.pop(state.request_id, None)
         self.outputs.discard(state.request_id)
         self.table.release_everywhere(state)
+        if self.store is not None and not (state.migrating and state.from_store):
+            self.store.release(state.request_id)
         self._release_choices(state.request_id, None)
         state.queue.put_nowait(RequestFailed(reason))
         if self.observer:

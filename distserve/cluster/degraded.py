@@ -70,6 +70,14 @@ class Degraded:
         # queues them again rather than wait for them; a decode instance finishes its own
         await self.flips.flip(inst, Role.COLOCATED, force=role == Role.PREFILL)
         self.covering[inst.name] = role
+        if role == Role.PREFILL:  # resumes waiting for a decode instance: computed again
+            awaiting = self.table.awaiting
+            resumes = [(s, r) for s, r in awaiting if s.from_store]
+            self.table.awaiting = type(awaiting)(x for x in awaiting if not x[0].from_store)
+            for state, req in resumes:
+                state.from_store = False
+                if not state.aborted:
+                    self.table.resubmit(state, req)
 
     async def _restore(self) -> None:
         """Covering instances go back once their missing role has a live instance again."""

@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from distserve.cluster.kv_store import KVStore
 from distserve.cluster.request_table import RequestState, RequestTable
 from distserve.core import DecodeScheduler, PrefillScheduler, Request
+from distserve.core.request import resume_copy
 from distserve.runtime.instance import Instance
-from distserve.runtime.transport import TransferStats, transfer_blocks
+from distserve.runtime.transport import TransferStats, load_from_store, transfer_blocks
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ class Migrations:
         timeout: float,
         on_migration: Callable[[TransferStats], None] | None = None,
     ) -> None:
+        self.store: KVStore | None = None
+        """The KV store (set by the controller when it has one): requests of a dead decode
+        instance are pulled from it (`state.from_store`)."""
         self.table = table
         self.spawn = spawn
         """Runs a background task that the controller owns (cancelled on stop)."""
@@ -52,6 +57,9 @@ class Migrations:
 
     async def migrate(self, state: RequestState, dec: Instance, req: Request) -> None:
         """Pull the KV of `req` from its prefill instance into `dec`."""
+        if state.from_store:
+            await self.resume(state, dec, req)
+            return
         table, src, rid = self.table, state.owner, req.request_id
         assert isinstance(dec.scheduler, DecodeScheduler)
         assert isinstance(src.scheduler, PrefillScheduler)
@@ -95,5 +103,51 @@ class Migrations:
             if dec.alive:
                 dec.scheduler.abort_request(rid, now)
                 dec.wake()
+            table.resubmit(state, req)
+        table.dispatch()
+
+    async def resume(self, state: RequestState, dec: Instance, req: Request) -> None:
+        """Pull the KV of a request whose decode instance died from the KV store into
+        `dec`; if the store no longer has it, or the pull fails with `dec` gone, the
+        request is computed again from its prompt and outputs (recovery's fallback)."""
+        table, store, rid = self.table, self.store, req.request_id
+        assert isinstance(dec.scheduler, DecodeScheduler) and store is not None
+        skip = dec.scheduler.num_local_blocks(rid)
+        slots = store.resume_slots(rid, req.num_tokens)
+        ok = False
+        if slots is not None:
+            dst_blocks = dec.scheduler.blocks.block_table(rid)[skip : len(slots)]
+            try:
+                load = load_from_store(slots[skip:], dec.executor, dst_blocks)
+                stats = await asyncio.wait_for(load, self.timeout)
+                ok = True
+            except Exception:
+                log.warning("resuming %s from the KV store into %s failed", rid, dec.name,
+                            exc_info=True)  # fmt: skip
+        state.migrating = False
+        now = time.monotonic()
+        if state.aborted:
+            table.release_everywhere(state)
+            store.release(rid)
+            return
+        if ok and dec.alive:
+            dec.scheduler.finish_migration(rid, now)
+            state.owner, state.decode, state.from_store = dec, None, False
+            store.note_resume(req.num_tokens - 1)
+            self.completed[stats.transport] += 1
+            if self.on_migration:
+                self.on_migration(stats)
+            dec.wake()
+        elif slots is not None and dec.alive:  # the store still holds it: try again
+            dec.scheduler.fail_migration(rid, now)
+            dec.wake()
+        elif slots is not None:  # dec died too: another decode instance pulls it
+            state.decode = None
+            table.awaiting.append((state, resume_copy(req)))
+        else:
+            if dec.alive:
+                dec.scheduler.abort_request(rid, now)
+                dec.wake()
+            state.from_store = False
             table.resubmit(state, req)
         table.dispatch()

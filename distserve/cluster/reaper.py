@@ -6,8 +6,8 @@ the server's process group reaches it). The processes of the cluster (GCS, rayle
 workers) inherit `DISTSERVE_REAP_TOKEN=TOKEN` in their environment; when PARENT_PID exits,
 SIGKILL included, the reaper SIGKILLs every process that carries the token and every
 process it saw started below one of them, and removes the /dev/shm KV cache files named
-after them. Ray ties its GCS and raylet to their parent already, but its agents outlive it
-by about a minute, and a restarted `serve` meets them.
+after them and the server's KV store file. Ray ties its GCS and raylet to their parent
+already, but its agents outlive it by about a minute, and a restarted `serve` meets them.
 
 Why the process tree as well as the token: a process's environment as /proc shows it is
 the memory its environment started in, and a process that rewrites its title in place
@@ -33,7 +33,8 @@ import time
 TOKEN_VAR = "DISTSERVE_REAP_TOKEN"
 SHM_DIR = "/dev/shm"
 KV_PREFIX = "distserve-kv-"
-"""A worker's cache file is SHM_DIR/distserve-kv-<pid>-<nonce> (runtime/worker/kv_cache.py)."""
+"""A worker's cache file is SHM_DIR/distserve-kv-<pid>-<nonce> (runtime/worker/kv_cache.py),
+the server's KV store distserve-kv-<pid>-store-<nonce> (runtime/kv_store.py)."""
 
 
 SCAN_EVERY = 1.0
@@ -154,10 +155,15 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it ends when its parent has ended
     seen: dict[int, int] = {}
     signal.signal(signal.SIGUSR1, _reap_now)
-    with contextlib.suppress(ReapNow):
+    parent_gone = True
+    try:
         wait_for_exit(parent, token, seen)
+    except ReapNow:
+        parent_gone = False
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
-    remove_caches(reap(token, seen))
+    # the server's own KV store file (runtime/kv_store.py) goes with the server only: it
+    # outlives a lost cluster
+    remove_caches(reap(token, seen) | ({parent} if parent_gone else set()))
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from distserve.cluster.request_table import RequestState, RequestTable
 from distserve.core import Request
+from distserve.core.request import resume_copy
 from distserve.runtime.instance import Instance
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class Recovery:
         """The Ray cluster the workers run on, if any: watched, and renewed once gone."""
         self._stopping = 0
         """Dead instances whose workers are being stopped (closed) right now."""
+        self.resume: Callable[[Instance, RequestState, Request], bool] | None = None
+        """Queues a dead decode instance's request to be pulled from the KV store
+        (cluster/store_link.py); False: the store lacks it, recompute it."""
 
     # ---- detection -------------------------------------------------------------------
     async def watch(self) -> None:
@@ -122,7 +126,12 @@ class Recovery:
             if state.migrating:
                 continue  # the transfer's own ending decides (cluster/migration.py)
             if state.owner is dead:
-                table.resubmit(state, self._latest(state))
+                req = self._latest(state)
+                if self.resume is None or not self.resume(dead, state, req):
+                    table.resubmit(state, req)
+            elif state.decode is dead and state.from_store:  # its KV is in the store still
+                state.decode = None
+                table.awaiting.append((state, resume_copy(self._latest(state))))
             elif state.decode is dead:  # queued for a dead decode: the prefill still has the KV
                 state.decode = None
                 table.awaiting.append((state, state.owner.scheduler.requests[state.request_id]))

@@ -30,6 +30,9 @@ class RequestState:
     migrating: bool = False
     aborted: bool = False
     first_token_at: float | None = None
+    from_store: bool = False
+    """Awaiting a decode instance with its KV in the KV store (cluster/kv_store.py), not on
+    `owner` (a decode instance that died)."""
 
 
 class RequestTable:
@@ -64,7 +67,9 @@ class RequestTable:
         (each gets its own copy: the prefill side keeps its blocks until the KV moved)."""
         while self.awaiting:
             state, req = self.awaiting[0]
-            held = state.owner.alive and state.owner.scheduler.requests.get(req.request_id) is req
+            held = state.from_store or (
+                state.owner.alive and state.owner.scheduler.requests.get(req.request_id) is req
+            )
             if state.aborted or req.finished or not held:
                 self.awaiting.popleft()  # gone, or rescued elsewhere
                 continue

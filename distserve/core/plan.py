@@ -62,6 +62,10 @@ class StepPlan:
     """(host block, device block) copies to make before the forward pass."""
     block_copies: tuple[tuple[int, int], ...] = ()
     """(source, destination) device block copies (copy-on-write)."""
+    store_writes: tuple[tuple[int, int, int, int], ...] = ()
+    """(device block, store slot, first, end): after the forward pass, copy the KV of token
+    offsets [first, end) of the block into the same offsets of a slot of the KV store
+    (cluster/kv_store.py adds these to the scheduler's plan; the scheduler never does)."""
 
     @property
     def empty(self) -> bool:

@@ -175,3 +175,13 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
         raise ValueError("the prompt is empty")
     if any(not 0 <= t < vocab_size for t in ids):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+
+
+def resume_copy(req: Request) -> Request:
+    """A copy of a request whose decode instance died, to hand to another decode instance
+    that pulls its KV from the KV store: as a prefilled request (`handoff_copy`) whose KV
+    covers every token but the last."""
+    again = handoff_copy(req)
+    again.status = RequestStatus.AWAITING_MIGRATION
+    again.num_computed_tokens = again.num_tokens - 1
+    return again

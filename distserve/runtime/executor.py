@@ -20,10 +20,11 @@ from distserve.config import EngineConfig
 from distserve.core import StepPlan
 from distserve.runtime.emulated import EmulatedExecutor
 from distserve.runtime.parallel_executor import ParallelExecutor
-from distserve.runtime.worker.worker import Worker, WorkerInfo
+from distserve.runtime.worker.worker import STORE_PEER, Worker, WorkerInfo
 
 if TYPE_CHECKING:
     from distserve.model.parallel import Shard
+    from distserve.runtime.kv_store import StorePool
 
 TAG_LIMIT = 2**31
 """torch.distributed tags are non-negative 32-bit signed ints."""
@@ -76,6 +77,15 @@ class LocalExecutor:
 
     async def write_blocks(self, block_ids: list[int], data: Any) -> int:
         return await self._call(self.worker.write_blocks, block_ids, data)  # type: ignore[no-any-return]
+
+    async def attach_store(self, pool: StorePool) -> None:
+        self.worker.use_store(pool.blocks)
+
+    async def pull_from_store(self, slots: list[int], dst: list[int]) -> int:
+        """Copy KV store slots into blocks of this worker (between its steps)."""
+        store = self.worker.runner.store
+        assert store is not None, "pull_from_store before attach_store"
+        return await self._call(self.worker.cache.copy_from, store, slots, dst)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         self._thread.shutdown(wait=False)
@@ -148,6 +158,15 @@ class RayExecutor:
 
     async def unlink_shared(self) -> None:
         await self.actor.unlink_shared.remote()
+
+    async def attach_store(self, pool: StorePool) -> None:
+        assert pool.path is not None, "a Ray worker maps the KV store's /dev/shm file"
+        await self.actor.attach_store.remote(pool.path, pool.shape)
+
+    async def pull_from_store(self, slots: list[int], dst: list[int]) -> int:
+        """Copy KV store slots into blocks of this worker (beside a step: the blocks
+        belong to the migrating request, not to the step)."""
+        return await self.actor.pull_from_peer.remote(STORE_PEER, slots, dst)  # type: ignore[no-any-return]
 
     async def pull_from_peer(self, peer: RayExecutor, src: list[int], dst: list[int]) -> int:
         return await self.actor.pull_from_peer.remote(peer.name, src, dst)  # type: ignore[no-any-return]

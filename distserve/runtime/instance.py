@@ -8,13 +8,26 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from distserve.core import DecodeScheduler, Request, Scheduler, StepOutput
+from distserve.core import DecodeScheduler, Request, Scheduler, StepOutput, StepPlan
 from distserve.runtime.executor import Executor
 from distserve.runtime.step_trace import StepTrace
 from distserve.runtime.worker.worker import WorkerInfo
+
+
+class StoreWriter(Protocol):
+    """What a step loop needs of the KV store's directory (cluster/kv_store.py KVStore):
+    the copies that write a plan's new KV through to the store, and their commit."""
+
+    def plan(
+        self, plan: StepPlan, requests: Mapping[str, Request]
+    ) -> tuple[StepPlan, list[Any]]: ...
+
+    def commit(self, pending: list[Any]) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +94,8 @@ class Instance:
         """A step is in flight (its plan came from the current scheduler)."""
         self.info: WorkerInfo | None = None
         """What its worker reported at start (the block count a new scheduler needs)."""
+        self.store: StoreWriter | None = None
+        """The KV store its steps write through to (cluster/kv_store.py), if any."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance-{self.name}")
@@ -129,12 +144,17 @@ class Instance:
         plan = self.scheduler.schedule(time.monotonic())
         if plan.empty:
             return False
+        pending = None
+        if self.store is not None and plan.chunks:
+            plan, pending = self.store.plan(plan, self.scheduler.requests)
         t0 = time.perf_counter()
         self.stepping = True
         try:
             result = await asyncio.wait_for(self.executor.execute(plan), self.step_timeout)
         finally:
             self.stepping = False
+        if pending and self.store is not None:
+            self.store.commit(pending)
         if self.trace is not None:
             self.trace.record(self.name, self.role.value, t0, plan, result)
         self.stats.busy_seconds += time.perf_counter() - t0

@@ -35,6 +35,7 @@ class StepTrace:
             "exec": round(result.elapsed, 6),
             "prefill": [c.num_tokens for c in plan.prefill_chunks],
             "prefill_start": [c.start for c in plan.prefill_chunks],
+            "prefill_ids": [c.request_id for c in plan.prefill_chunks],
             "decode": [c.context_len for c in plan.decode_chunks],
         }
         self._file.write(json.dumps(line) + "\n")

@@ -15,6 +15,7 @@ module only reads that from the executors:
 | `emulated`     | two emulated devices: the KV bytes over their link's bandwidth |
 | `reshard`      | a tp/pp > 1 instance on either side: through this process, re-cut |
 | `none`         | nothing to move: the destination's prefix cache held every block |
+| `store`        | from the KV store's slots (runtime/kv_store.py), which the worker maps |
 """
 
 from __future__ import annotations
@@ -97,6 +98,19 @@ async def transfer_blocks(
         n = await dst.write_blocks(dst_blocks, await src.read_blocks(src_blocks))
         kind = "via-driver"
     return TransferStats(n, time.perf_counter() - t0, kind)
+
+
+async def load_from_store(slots: list[int], dst: Executor, dst_blocks: list[int]) -> TransferStats:
+    """Copy KV store slots into blocks of `dst` (a worker that mapped the store)."""
+    if len(slots) != len(dst_blocks):
+        raise ValueError(f"{len(slots)} store slots for {len(dst_blocks)} destination blocks")
+    if not slots:
+        return TransferStats(0, 0.0, "none")
+    if not isinstance(dst, LocalExecutor | RayExecutor):
+        raise TypeError(f"a {type(dst).__name__} does not map the KV store")
+    t0 = time.perf_counter()
+    n = await dst.pull_from_store(slots, dst_blocks)
+    return TransferStats(n, time.perf_counter() - t0, "store")
 
 
 async def _point_to_point(

@@ -77,12 +77,18 @@ class ServerConfig:
         default=10.0,
         metadata={"help": "seconds a role may be down before the other serves end to end"},
     )
+    kv_store_gb: float = field(
+        default=0.0,
+        metadata={"help": "GiB of host memory for the KV store (0: none; cluster/kv_store.py)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if not 0 <= self.kv_store_gb < float("inf"):
+            raise ValueError(f"kv_store_gb must be >= 0, got {self.kv_store_gb}")
         if self.max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
         if not self.max_body_mb > 0:
@@ -120,6 +126,7 @@ async def serve(
         live=LiveWindow(server.live_window, server.ttft_slo, server.tpot_slo),
         adaptive=adaptive,
         degrade_after=server.degrade_after,
+        kv_store_gb=server.kv_store_gb,
     )
     where = f" on emulated devices ({emulation.profile})" if emulation else ""
     print(

@@ -18,6 +18,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from distserve.cluster.controller import Controller
+from distserve.cluster.kv_store import KVStore
 from distserve.core import DecodeScheduler
 from distserve.runtime.outputs import RequestOutput
 from distserve.runtime.transport import TransferStats
@@ -184,6 +185,8 @@ class _InstanceCollector:
             flips.add_metric([old, new], n)
         yield from (queue, blocks, usage, up, busy, prompt, hits, rate, flips)
         yield from _live_families(self.controller)
+        if self.controller.store is not None:
+            yield from _store_families(self.controller.store.directory)
 
 
 def _live_families(controller: Controller) -> Iterator[GaugeMetricFamily]:
@@ -212,6 +215,34 @@ def _live_families(controller: Controller) -> Iterator[GaugeMetricFamily]:
     for role in ("prefill", "decode", "colocated"):
         layout.add_metric([role], roles.get(role, 0))
     yield from (rate, lengths, attained, layout)
+
+
+def _store_families(store: KVStore) -> Iterator[Any]:
+    """The KV store (serve --kv-store-gb): its slots by state, what was written to it,
+    and the requests resumed from it after their decode instance died."""
+    slots = GaugeMetricFamily("distserve_kv_store_slots", "KV store slots", labels=["state"])
+    cached = store.num_cached_slots
+    slots.add_metric(["held"], store.num_slots - store.num_free_slots)
+    slots.add_metric(["cached"], cached)
+    slots.add_metric(["free"], store.num_free_slots - cached)
+    st = store.stats
+    counters = [
+        ("distserve_kv_store_written_bytes", "KV bytes written to the store", st.bytes_written),
+        ("distserve_kv_store_shared_blocks", "Full blocks found in the store already",
+         st.blocks_shared),
+        ("distserve_kv_store_evictions", "Cached slots evicted for new KV", st.evictions),
+        ("distserve_kv_store_resumes", "Requests resumed from the store after a fault",
+         st.resumes),
+        ("distserve_kv_store_resumed_tokens", "Tokens whose KV a resume read from the store",
+         st.tokens_resumed),
+        ("distserve_kv_store_unwritten_requests", "Requests the full store stopped writing",
+         st.broken),
+    ]  # fmt: skip
+    yield slots
+    for name, doc, value in counters:
+        family = CounterMetricFamily(name, doc)
+        family.add_metric([], value)
+        yield family
 
 
 def _prefix_cache_families() -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:

@@ -11,6 +11,7 @@ from distserve.core import ScheduledChunk, StepPlan, StepResult
 from distserve.model.attention import AttentionMetadata, PrefillSpan
 from distserve.model.base import CausalLM
 from distserve.model.kernels import cpu_kernels
+from distserve.runtime.kv_store import write_to_store
 from distserve.runtime.worker.kv_cache import KVCache
 from distserve.runtime.worker.sampler import Sampler
 
@@ -25,6 +26,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, cache: KVCache, seed: int = 0) -> None:
         self.model = model
         self.cache = cache
+        self.store: torch.Tensor | None = None
+        """The KV store's slots (runtime/kv_store.py), once mapped: plans' store_writes."""
         self.device = cache.data.device
         self.sampler = Sampler(self.device, seed)
         if self.device.type == "cpu":
@@ -58,6 +61,10 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.cache.layers, meta)
         else:
             hidden = self.model(input_ids, positions, self.cache.layers, meta, hidden_in)
+        if plan.store_writes:
+            if self.store is None:
+                raise RuntimeError("a plan writes to a KV store this worker has not mapped")
+            write_to_store(self.cache.blocks, self.store, plan.store_writes, self.cache.block_size)
         if not self.model.last_stage:
             return hidden
         rows, sampled_chunks, offset = [], [], 0

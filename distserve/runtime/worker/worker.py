@@ -167,6 +167,17 @@ class Worker:
     def unlink_shared(self) -> None:
         self.cache.unlink_shared()
 
+    def attach_store(self, path: str, shape: tuple[int, ...]) -> None:
+        """Map the KV store's slots (runtime/kv_store.py): plans write into it, and
+        `pull_from_peer(STORE_PEER, ...)` reads from it."""
+        self.peers[STORE_PEER] = block_view(map_shared(path, shape, self.cache.dtype))
+        self.runner.store = self.peers[STORE_PEER]
+
+    def use_store(self, slots: torch.Tensor) -> None:
+        """The KV store's slots of this process (an in-process worker)."""
+        self.peers[STORE_PEER] = slots
+        self.runner.store = slots
+
     def pull_from_peer(self, name: str, src_blocks: list[int], dst_blocks: list[int]) -> int:
         """Copy blocks of a mapped peer cache straight into ours."""
         with self._transfer_lock:
@@ -231,6 +242,9 @@ class Worker:
             raise RuntimeError("this worker has not joined a KV process group")
         return self.p2p
 
+
+STORE_PEER = "kv-store"
+"""The name the KV store's slots go by among a worker's mapped peers."""
 
 GROUP_TIMEOUT = 120.0
 """Seconds a tensor-parallel rank waits for the others (at start, and in a collective:

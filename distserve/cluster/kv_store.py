@@ -1,0 +1,252 @@
+"""The KV store's directory: which slot of the pool (runtime/kv_store.py) holds which block
+of which request, by name, so that a request's KV outlives the instance that computed it.
+
+Every step of an instance writes its new KV through to the store (`plan` adds the copies
+to the step's plan; the worker makes them after the forward pass; `commit` records them
+once the step has returned): a prompt's blocks after its prefill, one token a request
+after each decode step. So at any time the store holds, for each live request, the KV of
+every token but its last (`StoreEntry.valid`), and a decode instance that dies is replaced
+by one that reads the request's KV back from the store (cluster/recovery.py) instead of
+computing the prompt and the generated tokens again.
+
+Slots are named like the block manager's cached blocks (core/prefix_cache.py: a hash
+chained over the tokens of the block and all before it, seeded by the model), so two
+requests sharing a prefix share its full slots, and a full slot outlives its requests as
+cache (LRU among the unreferenced ones) until its memory is needed. A request's partial
+last block has a private slot. Every slot is in one state:
+
+    free     ref 0, unnamed, in the free list
+    parked   ref 0, named, evictable (least recently released first)
+    held     ref >= 1: held by that many requests' entries (named or private)
+
+When no slot is free or parked, the request that asked stops being written (`broken`): it
+runs on, and a fault falls back to recomputing it. Nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from distserve.core import Request, StepPlan
+from distserve.core.prefix_cache import BlockHash, chain_hash, root_hash
+
+
+@dataclass
+class StoreEntry:
+    """What the store holds of one live request."""
+
+    slots: list[int] = field(default_factory=list)
+    """Per block index of the request, the slot holding it (-1: none yet)."""
+    names: list[BlockHash] = field(default_factory=list)
+    """The chain names of its full blocks, as far as computed."""
+    valid: int = 0
+    """Tokens 0 .. valid-1 have their KV in the store."""
+    broken: bool = False
+    """The store ran out of slots for it: no longer written, never resumed from."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What one step wrote, recorded by `commit` once the step has returned."""
+
+    request_id: str
+    context_len: int
+    full: tuple[tuple[int, BlockHash], ...]
+    """(block index, name) of the blocks the step filled."""
+
+
+@dataclass
+class StoreStats:
+    bytes_written: int = 0
+    blocks_shared: int = 0
+    """Full blocks a request found in the store already (not written again)."""
+    evictions: int = 0
+    resumes: int = 0
+    """Requests whose KV was read back from the store after their instance died."""
+    tokens_resumed: int = 0
+    broken: int = 0
+
+
+class KVStore:
+    """The directory of one pool of `num_slots` slots of `block_size` tokens."""
+
+    def __init__(
+        self, num_slots: int, block_size: int, cache_key: str, bytes_per_slot: int = 0
+    ) -> None:
+        self.num_slots, self.block_size = num_slots, block_size
+        self.bytes_per_slot = bytes_per_slot
+        self.root = root_hash(cache_key)
+        self._free: deque[int] = deque(range(num_slots))
+        self._ref = [0] * num_slots
+        self._slot_of: dict[BlockHash, int] = {}
+        self._name_of: dict[int, BlockHash] = {}
+        self._parked: OrderedDict[int, None] = OrderedDict()
+        self.entries: dict[str, StoreEntry] = {}
+        self.stats = StoreStats()
+
+    # ---- queries -------------------------------------------------------------------
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free) + len(self._parked)
+
+    @property
+    def num_cached_slots(self) -> int:
+        """Named slots no live request holds: cache only."""
+        return len(self._parked)
+
+    def resume_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """The slots holding the KV of a request's first num_tokens - 1 tokens (all but
+        the last, whose KV its next decode step computes), or None if the store lacks it."""
+        e = self.entries.get(request_id)
+        need = num_tokens - 1
+        if e is None or e.broken or e.valid < need:
+            return None
+        n = -(-need // self.block_size)
+        slots = e.slots[:n]
+        if len(slots) < n or min(slots, default=0) < 0:
+            return None
+        return slots
+
+    # ---- writing ---------------------------------------------------------------------
+    def plan(
+        self, plan: StepPlan, requests: Mapping[str, Request]
+    ) -> tuple[StepPlan, list[Pending]]:
+        """`plan` with the copies that write its new KV through to the store, and what to
+        `commit` once the step has returned."""
+        writes: list[tuple[int, int, int, int]] = []
+        pending: list[Pending] = []
+        bs = self.block_size
+        for chunk in plan.chunks:
+            req = requests.get(chunk.request_id)
+            ctx = chunk.context_len
+            if req is None or not chunk.block_table:
+                continue
+            e = self.entries.setdefault(chunk.request_id, StoreEntry())
+            if e.broken or ctx <= e.valid:
+                continue
+            full: list[tuple[int, BlockHash]] = []
+            for i in range(e.valid // bs, (ctx - 1) // bs + 1):
+                while len(e.slots) <= i:
+                    e.slots.append(-1)
+                first, end = max(e.valid, i * bs) - i * bs, min(ctx, (i + 1) * bs) - i * bs
+                if end == bs:  # full after this step: maybe in the store already
+                    name = self._name(e, req, i)
+                    hit = self._slot_of.get(name)
+                    if hit is not None:
+                        if e.slots[i] != hit:
+                            self._share(e, i, hit)
+                        continue
+                    full.append((i, name))
+                if e.slots[i] < 0:
+                    slot = self._take()
+                    if slot is None:
+                        e.broken = True
+                        self.stats.broken += 1
+                        break
+                    self._ref[slot] = 1
+                    e.slots[i] = slot
+                writes.append((chunk.block_table[i], e.slots[i], first, end))
+            if not e.broken:
+                pending.append(Pending(chunk.request_id, ctx, tuple(full)))
+        if writes:
+            tokens = sum(end - first for _, _, first, end in writes)
+            self.stats.bytes_written += tokens * self.bytes_per_slot // bs
+            plan = dataclasses.replace(plan, store_writes=plan.store_writes + tuple(writes))
+        return plan, pending
+
+    def commit(self, pending: list[Pending]) -> None:
+        """A step's writes have landed: advance each request's valid tokens and name the
+        slots its full blocks filled."""
+        for p in pending:
+            e = self.entries.get(p.request_id)
+            if e is None or e.broken:
+                continue
+            e.valid = max(e.valid, p.context_len)
+            for i, name in p.full:
+                slot = e.slots[i]
+                if name not in self._slot_of and slot not in self._name_of:
+                    self._slot_of[name] = slot
+                    self._name_of[slot] = name
+
+    def release(self, request_id: str) -> None:
+        """The request has ended: its named slots stay as cache, its private ones free."""
+        e = self.entries.pop(request_id, None)
+        if e is None:
+            return
+        for slot in e.slots:
+            if slot >= 0:
+                self._unref(slot)
+
+    def note_resume(self, num_tokens: int) -> None:
+        self.stats.resumes += 1
+        self.stats.tokens_resumed += num_tokens
+
+    # ---- slots -------------------------------------------------------------------------
+    def _name(self, e: StoreEntry, req: Request, i: int) -> BlockHash:
+        bs = self.block_size
+        while len(e.names) <= i:
+            j = len(e.names)
+            parent = e.names[-1] if e.names else self.root
+            e.names.append(chain_hash(parent, req.token_ids(j * bs, (j + 1) * bs)))
+        return e.names[i]
+
+    def _share(self, e: StoreEntry, i: int, slot: int) -> None:
+        """Block i of the entry is the named `slot`: hold it (dropping a private one)."""
+        if e.slots[i] >= 0:
+            self._unref(e.slots[i])
+        if self._ref[slot] == 0:
+            del self._parked[slot]
+        self._ref[slot] += 1
+        e.slots[i] = slot
+        self.stats.blocks_shared += 1
+
+    def _take(self) -> int | None:
+        if self._free:
+            return self._free.popleft()
+        if self._parked:
+            slot, _ = self._parked.popitem(last=False)
+            del self._slot_of[self._name_of.pop(slot)]
+            self.stats.evictions += 1
+            return slot
+        return None
+
+    def _unref(self, slot: int) -> None:
+        self._ref[slot] -= 1
+        if self._ref[slot] > 0:
+            return
+        if slot in self._name_of:
+            self._parked[slot] = None
+        else:
+            self._free.append(slot)
+
+    # ---- integrity -----------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise AssertionError unless every slot is in exactly one state and each held
+        slot's ref equals the entries holding it."""
+        holders = [0] * self.num_slots
+        for e in self.entries.values():
+            for slot in e.slots:
+                if slot >= 0:
+                    holders[slot] += 1
+        if holders != self._ref:
+            bad = [s for s in range(self.num_slots) if holders[s] != self._ref[s]]
+            raise AssertionError(f"slots {bad[:5]}: ref counts differ from their holders")
+        free, parked = set(self._free), set(self._parked)
+        if len(free) != len(self._free) or free & parked:
+            raise AssertionError("a slot is free twice, or free and parked")
+        for slot in range(self.num_slots):
+            states = (slot in free) + (slot in parked) + (self._ref[slot] > 0)
+            if states != 1:
+                raise AssertionError(f"slot {slot} is in {states} states")
+            if (slot in free) and slot in self._name_of:
+                raise AssertionError(f"free slot {slot} has a name")
+        if parked - set(self._name_of):
+            raise AssertionError("a parked slot has no name")
+        for name, slot in self._slot_of.items():
+            if self._name_of.get(slot) != name:
+                raise AssertionError(f"slot {slot}: its name does not map back to it")
+        if len(self._name_of) != len(self._slot_of):
+            raise AssertionError("two slots have one name")

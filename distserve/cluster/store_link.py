@@ -1,0 +1,84 @@
+"""The controller's KV store (serve --kv-store-gb): the pool of host memory
+(runtime/kv_store.py), its directory (cluster/kv_store.py), the workers that write
+through to it, and the resumption of a dead decode instance's requests from it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from distserve.cluster.kv_store import KVStore
+from distserve.cluster.request_table import RequestState, RequestTable
+from distserve.config import EngineConfig
+from distserve.core import Request
+from distserve.core.request import resume_copy
+from distserve.model.config import ModelConfig
+from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
+from distserve.runtime.instance import Instance, Role
+from distserve.runtime.kv_store import StorePool
+
+log = logging.getLogger(__name__)
+
+
+class StoreLink:
+    """One pool and its directory, for the workers of one controller."""
+
+    def __init__(self, engine: EngineConfig, model: ModelConfig, gib: float, use_ray: bool) -> None:
+        from distserve.model.loader import DTYPES
+
+        if gib <= 0:
+            raise ValueError(f"--kv-store-gb must be > 0, got {gib}")
+        if engine.device != "cpu":
+            raise ValueError("--kv-store-gb: the KV store is host memory mapped by CPU workers")
+        t0 = time.perf_counter()
+        block_size = engine.cache.block_size
+        self.pool = StorePool(model, gib, block_size, DTYPES[engine.dtype], shared=use_ray)
+        self.directory = KVStore(
+            self.pool.num_slots, block_size, engine.prefix_cache_key, self.pool.bytes_per_slot
+        )
+        log.info(
+            "KV store: %d slots of %d tokens (%.2f GiB) in %.1f s",
+            self.pool.num_slots, block_size, self.pool.num_bytes / 2**30, time.perf_counter() - t0,
+        )  # fmt: skip
+
+    async def attach(self, inst: Instance) -> None:
+        """Let the instance's worker map the store and its steps write through to it (a
+        worker of a kind that cannot map it, emulated or tensor/pipeline-parallel, runs
+        without: its requests are recomputed after a fault, as without a store)."""
+        if not can_map(inst.executor) or not _same_node(inst):
+            return
+        await inst.executor.attach_store(self.pool)  # type: ignore[union-attr]
+        inst.store = self.directory
+
+    def resume(
+        self, dead: Instance, state: RequestState, req: Request, table: RequestTable
+    ) -> bool:
+        """Queue a request of the dead decode instance `dead` for another decode instance
+        that pulls its KV from the store (cluster/migration.py Migrations.resume); False
+        if the store lacks it (it is recomputed instead)."""
+        slots = self.directory.resume_slots(req.request_id, req.num_tokens)
+        if dead.role != Role.DECODE or slots is None:
+            return False
+        state.from_store, state.decode = True, None
+        table.awaiting.append((state, resume_copy(req)))
+        return True
+
+    def release(self, request_id: str) -> None:
+        self.directory.release(request_id)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def can_map(executor: Executor) -> bool:
+    """Whether a worker can map the store (a CPU worker in this process or a Ray actor)."""
+    return isinstance(executor, LocalExecutor | RayExecutor)
+
+
+def _same_node(inst: Instance) -> bool:
+    """A Ray worker on another node cannot map this node's /dev/shm."""
+    if not isinstance(inst.executor, RayExecutor) or inst.info is None:
+        return True
+    import ray
+
+    return inst.info.node == ray.get_runtime_context().get_node_id()

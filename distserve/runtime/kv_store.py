@@ -1,0 +1,92 @@
+"""The KV store's bytes: a pool of host-memory slots, each the size of one KV block, that
+outlives the workers.
+
+The pool belongs to the controller's process (cluster/kv_store.py keeps its directory:
+which slot holds which block of which request, by name). Workers map it: on CPU it is a
+file under /dev/shm, named after the controller's pid so that the reaper removes it when
+the server dies (cluster/reaper.py), and kept named while the server lives so that a
+restarted worker maps it again. In-process workers use the tensor itself.
+
+Layout: the block view of a KV cache (runtime/worker/kv_cache.py) with `num_slots` blocks,
+[layers*2*kv_heads, num_slots, block_size*head_dim], so a slot and a cache block copy into
+each other with one index_select / index_copy pair, whatever the model.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import torch
+
+from distserve.model.config import ModelConfig
+from distserve.runtime.worker.kv_cache import block_view, cache_shape, map_shared, num_blocks_for
+
+SHM_DIR = "/dev/shm"
+
+
+class StorePool:
+    """`num_slots` block-sized slots of host memory, allocated and touched once."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        gib: float,
+        block_size: int,
+        dtype: torch.dtype,
+        shared: bool,
+    ) -> None:
+        """`shared`: back it by a /dev/shm file other processes can map (Ray workers);
+        else plain memory of this process (in-process workers)."""
+        self.num_slots = num_blocks_for(cfg, gib, block_size, dtype)
+        self.shape = cache_shape(cfg, self.num_slots, block_size)
+        self.dtype = dtype
+        self.path: str | None = None
+        if shared and os.path.isdir(SHM_DIR):
+            # the reaper removes distserve-kv-<pid>-* files of a dead server (reaper.py)
+            name = f"distserve-kv-{os.getpid()}-store-{uuid.uuid4().hex[:12]}"
+            self.path = os.path.join(SHM_DIR, name)
+            data = map_shared(self.path, self.shape, dtype)
+        else:
+            data = torch.empty(self.shape, dtype=dtype)
+        data.zero_()  # first-touch faults now, not in the middle of a request
+        self.blocks = block_view(data)
+        self.bytes_per_slot = self.blocks[:, 0].numel() * data.element_size()
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_slots * self.bytes_per_slot
+
+    def close(self) -> None:
+        """Remove the file's name (workers that mapped it keep their mapping)."""
+        if self.path is not None and os.path.exists(self.path):
+            os.unlink(self.path)
+        self.path = None
+
+
+def write_to_store(
+    cache_blocks: torch.Tensor, store: torch.Tensor, writes: tuple[tuple[int, int, int, int], ...],
+    block_size: int,
+) -> int:  # fmt: skip
+    """Copy token offsets [first, end) of cache blocks into the same offsets of store
+    slots (both block views; `writes` as StepPlan.store_writes). Whole blocks go in one
+    gather/scatter; partial ones (a decode step's one token) one strided copy each.
+    Returns bytes written."""
+    if not writes:
+        return 0
+    width = cache_blocks.shape[2]
+    bs, head_dim = block_size, width // block_size
+    whole = [(b, s) for b, s, first, end in writes if first == 0 and end == bs]
+    n = 0
+    if whole:
+        src = torch.tensor([b for b, _ in whole], dtype=torch.long, device=cache_blocks.device)
+        dst = torch.tensor([s for _, s in whole], dtype=torch.long)
+        store.index_copy_(1, dst, cache_blocks.index_select(1, src).to(store.device))
+        n += len(whole) * width
+    for b, s, first, end in writes:
+        if first == 0 and end == bs:
+            continue
+        lo, hi = first * head_dim, end * head_dim
+        store[:, s, lo:hi].copy_(cache_blocks[:, b, lo:hi])
+        n += hi - lo
+    return n * cache_blocks.shape[0] * cache_blocks.element_size()

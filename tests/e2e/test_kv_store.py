@@ -1,0 +1,79 @@
+"""The KV store on the real server (serve --kv-store-gb; cluster/kv_store.py): every step
+writes its new KV through to host memory, so a decode worker SIGKILLed in the middle of a
+request is replaced and the request resumes from the store: the step trace shows no second
+prefill for it, its output equals an undisturbed run, and afterwards no block or store
+slot is held."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from distserve.bench.server_process import running_server
+from tests.e2e.test_faults import _wait_blocks_free
+
+pytestmark = pytest.mark.slow  # starts a real server (Ray actors, the real model)
+
+PROMPT = "The history of the printing press begins with " * 6
+
+
+def _stream(url: str, kill_after: int | None = None) -> tuple[str, str]:
+    """(text, request id) of one greedy stream; SIGKILL the decode worker after
+    `kill_after` tokens."""
+    body = {
+        "model": "smollm2-135m",
+        "prompt": PROMPT,
+        "max_tokens": 48,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    text, rid = [], ""
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            rid = chunk["id"].removeprefix("cmpl-")
+            text += [c["text"] for c in chunk["choices"]]
+            if kill_after is not None and len(text) == kill_after:
+                instances = httpx.get(url + "/health", timeout=10).json()["instances"]
+                os.kill(instances["decode-0"]["pid"], signal.SIGKILL)
+    return "".join(text), rid
+
+
+def _metric(url: str, name: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        ln.split(" ")[0]: float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith(name)
+    }
+
+
+def test_decode_killed_mid_request_resumes_from_the_store(tmp_path) -> None:
+    trace = tmp_path / "steps.jsonl"
+    args = ("--mode", "disagg", "--dtype", "float32", "--kv-store-gb", "0.05",
+            "--trace-steps", str(trace), "--degrade-after", "120",
+            "--no-prefix-caching")  # fmt: skip  # each run prefills the whole prompt
+    with running_server(*args, kv_cache_gb=0.2) as url:
+        reference, _ = _stream(url)
+        text, rid = _stream(url, kill_after=20)
+        assert text == reference
+        assert _metric(url, "distserve_kv_store_resumes_total") == {
+            'distserve_kv_store_resumes_total{model_name="smollm2-135m"}': 1.0
+        }
+        _wait_blocks_free(url)
+        held = _metric(url, "distserve_kv_store_slots")
+        assert held['distserve_kv_store_slots{model_name="smollm2-135m",state="held"}'] == 0
+        assert held['distserve_kv_store_slots{model_name="smollm2-135m",state="cached"}'] > 0
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    prefills = [s for s in steps if rid in s["prefill_ids"]]
+    assert len(prefills) == 1, prefills  # its prompt, once: the resume computed nothing again
+    assert any(s["role"] == "decode" and s["decode"] for s in steps)
