@@ -63,6 +63,9 @@ class StoreStats:
     bytes_written: int = 0
     blocks_shared: int = 0
     """Full blocks a request found in the store already (not written again)."""
+    blocks_loaded: int = 0
+    """Full blocks of prompts read from the store instead of computed (prefix hits
+    another instance made)."""
     evictions: int = 0
     resumes: int = 0
     """Requests whose KV was read back from the store after their instance died."""
@@ -110,6 +113,21 @@ class KVStore:
             return None
         return slots
 
+    def prefix_blocks(self, req: Request, first: int, limit: int) -> int:
+        """How many of a request's full blocks first, first+1 .. (below `limit`) the
+        store holds, in order up to the first it lacks: a scheduler's `remote_prefix`
+        (blocks 0 .. first-1 are its instance's own prefix-cache hits). Counted in
+        `stats.blocks_loaded` only once the plan reads them."""
+        if first >= limit:
+            return 0
+        e = self.entries.setdefault(req.request_id, StoreEntry())
+        n = 0
+        for i in range(first, limit):
+            if self._name(e, req, i) not in self._slot_of:
+                break
+            n += 1
+        return n
+
     # ---- writing ---------------------------------------------------------------------
     def plan(
         self, plan: StepPlan, requests: Mapping[str, Request]
@@ -117,8 +135,22 @@ class KVStore:
         """`plan` with the copies that write its new KV through to the store, and what to
         `commit` once the step has returned."""
         writes: list[tuple[int, int, int, int]] = []
+        reads: list[tuple[int, int]] = []
         pending: list[Pending] = []
         bs = self.block_size
+        tables = {c.request_id: c.block_table for c in plan.chunks}
+        for rid, first, count in plan.loads:  # before any write below can evict them
+            req, e = requests[rid], self.entries.setdefault(rid, StoreEntry())
+            for i in range(first, first + count):
+                slot = self._slot_of.get(self._name(e, req, i))
+                if slot is None:
+                    raise RuntimeError(f"request {rid}: block {i} left the store before its load")
+                while len(e.slots) <= i:
+                    e.slots.append(-1)
+                if e.slots[i] != slot:
+                    self._share(e, i, slot)
+                reads.append((slot, tables[rid][i]))
+            self.stats.blocks_loaded += count
         for chunk in plan.chunks:
             req = requests.get(chunk.request_id)
             ctx = chunk.context_len
@@ -155,6 +187,8 @@ class KVStore:
             tokens = sum(end - first for _, _, first, end in writes)
             self.stats.bytes_written += tokens * self.bytes_per_slot // bs
             plan = dataclasses.replace(plan, store_writes=plan.store_writes + tuple(writes))
+        if reads:
+            plan = dataclasses.replace(plan, store_reads=plan.store_reads + tuple(reads))
         return plan, pending
 
     def commit(self, pending: list[Pending]) -> None:

@@ -28,6 +28,8 @@ class StoreWriter(Protocol):
 
     def commit(self, pending: list[Any]) -> None: ...
 
+    def prefix_blocks(self, req: Request, first: int, limit: int) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +143,13 @@ class Instance:
             admitted = self.scheduler.admit_migrations(time.monotonic())
             if admitted and self._on_admitted is not None:
                 self._on_admitted(self, admitted)
+        if self.store is not None:  # (again: a flip may have brought a new scheduler)
+            self.scheduler.remote_prefix = self.store.prefix_blocks
         plan = self.scheduler.schedule(time.monotonic())
         if plan.empty:
             return False
         pending = None
-        if self.store is not None and plan.chunks:
+        if self.store is not None and (plan.chunks or plan.loads):
             plan, pending = self.store.plan(plan, self.scheduler.requests)
         t0 = time.perf_counter()
         self.stepping = True

@@ -77,3 +77,44 @@ def test_decode_killed_mid_request_resumes_from_the_store(tmp_path) -> None:
     prefills = [s for s in steps if rid in s["prefill_ids"]]
     assert len(prefills) == 1, prefills  # its prompt, once: the resume computed nothing again
     assert any(s["role"] == "decode" and s["decode"] for s in steps)
+
+
+def test_a_prompt_prefilled_on_one_instance_is_loaded_from_the_store_by_another() -> None:
+    """Two colocated instances in this process; the one that computed a prompt drains
+    (as for a flip), so the same prompt goes to the other, which reads the prompt's full
+    blocks from the store instead of computing them, and answers the same."""
+    import asyncio
+
+    from distserve.cluster.controller import Controller
+    from distserve.config import CacheConfig, EngineConfig, PlacementConfig
+    from distserve.core import SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = EngineConfig(
+        model="smollm2-135m", dtype="float32", cache=CacheConfig(kv_cache_gb=0.05)
+    )
+
+    async def run(store_gb: float) -> tuple[list[list[int]], list[int], int]:
+        placement = PlacementConfig(mode="colocated", num_instances=2)
+        c = Controller(engine, placement, use_ray=False, kv_store_gb=store_gb)
+        await c.start()
+        try:
+            outs, cached = [], []
+            for _ in range(2):
+                state = c.submit(PROMPT, params)
+                out = [o async for o in c.stream(state)][-1]
+                outs.append(out.token_ids)
+                cached.append(out.num_cached_tokens)
+                state.owner.draining = True  # the next one goes to the other instance
+            loaded = c.store.directory.stats.blocks_loaded if c.store else 0
+            if c.store:
+                c.store.directory.check()
+            return outs, cached, loaded
+        finally:
+            await c.stop()
+
+    outs, cached, loaded = asyncio.run(run(0.02))
+    assert outs[0] == outs[1]
+    assert cached[0] == 0 and cached[1] == loaded * 16 > 0
+    outs_without, cached_without, _ = asyncio.run(run(0.0))
+    assert outs_without[1] == outs[1] and cached_without == [0, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from distserve.core.block_manager import BlockManager
@@ -57,6 +58,12 @@ class Scheduler(ABC):
         self.num_prompt_tokens_cached = 0
         """How many of those a prefix-cache hit supplied (a counter; the hit rate is
         this over `num_prompt_tokens_admitted`)."""
+        self.remote_prefix: Callable[[Request, int, int], int] | None = None
+        """How many more full blocks of a request, after the first `first` (its local
+        prefix-cache hits) and up to `limit`, an outside store holds (cluster/kv_store.py);
+        None: none. Blocks found there are counted computed and listed in the plan's
+        `loads`."""
+        self._loads: list[tuple[str, int, int]] = []
         self.detailed_plans = True
         """False: chunks carry counts only, no token ids or block tables (for a simulator,
         whose executor reads nothing else; the decisions are the same)."""
@@ -243,25 +250,44 @@ class Scheduler(ABC):
         while self.waiting and self._num_active() < self.config.max_num_seqs:
             req = self.waiting[0]
             cached = self.blocks.lookup(req)
-            n = req.num_uncomputed_tokens - len(cached) * self.blocks.block_size
+            remote = self._remote_blocks(req, len(cached))
+            n = req.num_uncomputed_tokens - (len(cached) + remote) * self.blocks.block_size
             if n > budget or not self.blocks.can_allocate(
                 req.request_id, req.num_tokens, admit=True, cached=cached
             ):
                 break
             self.waiting.popleft()
-            self._start(req, req.num_tokens, cached, status, now)
+            self._start(req, req.num_tokens, cached, status, now, remote)
             chunks.append(self._chunk(req, n))
             budget -= n
         return chunks
 
+    def _remote_blocks(self, req: Request, first: int) -> int:
+        if self.remote_prefix is None or req.num_computed_tokens:
+            return 0
+        return self.remote_prefix(req, first, (req.num_tokens - 1) // self.blocks.block_size)
+
+    def _take_loads(self) -> tuple[tuple[str, int, int], ...]:
+        loads, self._loads = tuple(self._loads), []
+        return loads
+
     def _start(
-        self, req: Request, num_tokens: int, cached: list[int], status: RequestStatus, now: float
+        self,
+        req: Request,
+        num_tokens: int,
+        cached: list[int],
+        status: RequestStatus,
+        now: float,
+        remote: int = 0,
     ) -> None:
         """Admit the head of the waiting queue (popped by the caller), which holds no
         blocks: its table starts with the `cached` prefix blocks (from `lookup`, just
-        now) and covers `num_tokens`; its computation starts after the cached prefix."""
+        now), then `remote` blocks an outside store fills (`remote_prefix`), and covers
+        `num_tokens`; its computation starts after both."""
         self.blocks.allocate(req.request_id, num_tokens, cached)
-        hit = len(cached) * self.blocks.block_size
+        if remote:
+            self._loads.append((req.request_id, len(cached), remote))
+        hit = (len(cached) + remote) * self.blocks.block_size
         req.num_computed_tokens = hit
         if "prefill_start" not in req.timestamps:  # its first prefill: what usage reports
             req.num_cached_tokens = min(hit, req.num_prompt_tokens)

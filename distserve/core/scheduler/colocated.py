@@ -32,7 +32,10 @@ class ColocatedScheduler(Scheduler):
                 chunks = self._schedule_decodes(now, swap_out)
                 if not swap_out:
                     chunks += [self._chunk(r, 1) for r in self._swap_in(swap_in)]
-        return StepPlan(self._next_step_id(), tuple(chunks), tuple(swap_out), tuple(swap_in))
+        return StepPlan(
+            self._next_step_id(), tuple(chunks), tuple(swap_out), tuple(swap_in),
+            loads=self._take_loads(),
+        )  # fmt: skip
 
     def _admit_prompts(self, now: float, budget: int) -> list[ScheduledChunk]:
         """New (or recomputing) requests, FCFS, while tokens, seats and blocks allow, each
@@ -42,7 +45,9 @@ class ColocatedScheduler(Scheduler):
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             cached = self.blocks.lookup(req)
-            start = len(cached) * self.blocks.block_size  # a waiting request computed nothing
+            remote = self._remote_blocks(req, len(cached))
+            # a waiting request computed nothing
+            start = (len(cached) + remote) * self.blocks.block_size
             n = req.num_tokens - start
             if n > budget:
                 if not self.config.chunked_prefill:
@@ -51,7 +56,7 @@ class ColocatedScheduler(Scheduler):
             if not self.blocks.can_allocate(req.request_id, start + n, admit=True, cached=cached):
                 break
             self.waiting.popleft()
-            self._start(req, start + n, cached, RequestStatus.PREFILLING, now)
+            self._start(req, start + n, cached, RequestStatus.PREFILLING, now, remote)
             chunks.append(self._chunk(req, n))
             budget -= n
         return chunks

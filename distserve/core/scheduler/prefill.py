@@ -20,7 +20,7 @@ class PrefillScheduler(Scheduler):
         if self.migration_hold_exceeded():
             return StepPlan(self._next_step_id())
         chunks = self._admit_whole(now, RequestStatus.PREFILLING)
-        return StepPlan(self._next_step_id(), tuple(chunks))
+        return StepPlan(self._next_step_id(), tuple(chunks), loads=self._take_loads())
 
     def _on_sampled(self, req: Request, now: float) -> None:
         req.mark("prefill_end", now)

@@ -51,6 +51,11 @@ class ModelRunner:
         self.cache.swap_out(plan.swap_out)
         self.cache.swap_in(plan.swap_in)
         self.cache.copy_blocks(plan.block_copies)
+        if plan.store_reads:  # prefix blocks another instance computed
+            if self.store is None:
+                raise RuntimeError("a plan reads from a KV store this worker has not mapped")
+            slots, blocks = zip(*plan.store_reads, strict=True)
+            self.cache.copy_from(self.store, list(slots), list(blocks))
         if not plan.chunks:
             if not self.model.last_stage:
                 return torch.empty(0, device=self.device)
