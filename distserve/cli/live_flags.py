@@ -1,5 +1,6 @@
-"""serve's flags for per-phase parallelism (runtime/parallel_executor.py), the live view
-and adaptive re-planning (cluster/live.py, cluster/adaptive.py)."""
+"""serve's flags for per-phase parallelism (runtime/parallel_executor.py), the live view,
+adaptive re-planning and the per-request rule (cluster/live.py, cluster/adaptive.py,
+cluster/decode_prefill.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from distserve.cli.values import nonnegative_float, positive_float, positive_int
 
 if TYPE_CHECKING:
     from distserve.cluster.adaptive import AdaptiveConfig
+    from distserve.cluster.decode_prefill import DecodePrefillConfig
 
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -72,6 +74,50 @@ def add_live_flags(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="--adaptive: seconds a better layout must stay best before flipping (default: 30)",
     )
+
+
+def add_decode_prefill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-request prefill on decode")
+    g.add_argument(
+        "--prefill-on-decode",
+        action="store_true",
+        help="disagg: a decode instance prefills a new prompt itself (no KV migration) when "
+        "the latency model says it would be decoding sooner than behind the prefill queue "
+        "plus the migration, and the step stays within --tpot-slo (so long prompts always "
+        "go to prefill; needs --tpot-slo; default: off)",
+    )
+    g.add_argument(
+        "--prefill-on-decode-profile",
+        default=None,
+        metavar="PROFILE",
+        help="--prefill-on-decode: latency profile JSON of the instances (default: the "
+        "emulated devices' with --emulate, else --adaptive's)",
+    )
+
+
+def decode_prefill_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> DecodePrefillConfig | None:
+    """The per-request rule's settings, or None without --prefill-on-decode."""
+    if not args.prefill_on_decode:
+        return None
+    import os
+
+    from distserve.cluster.decode_prefill import DecodePrefillConfig
+    from distserve.sim.profile import BUNDLED
+
+    if args.mode != "disagg":
+        parser.error("--prefill-on-decode applies to --mode disagg only")
+    if args.tpot_slo is None:
+        parser.error("--prefill-on-decode needs --tpot-slo (the longest step a decode "
+                     "instance may take to prefill a prompt)")  # fmt: skip
+    profile = args.prefill_on_decode_profile or (None if args.emulate else args.adaptive)
+    if profile is None and not args.emulate:
+        parser.error("--prefill-on-decode needs --prefill-on-decode-profile PROFILE "
+                     "(or --emulate, or --adaptive PROFILE)")  # fmt: skip
+    if profile is not None and profile not in BUNDLED and not os.path.isfile(profile):
+        parser.error(f"--prefill-on-decode-profile {profile}: no such profile file")
+    return DecodePrefillConfig(args.tpot_slo, profile)
 
 
 def adaptive_config(

@@ -7,7 +7,13 @@ from typing import Any
 
 from distserve.cli.common import add_engine_flags, add_placement_flags, add_prefix_caching_flag
 from distserve.cli.emulation import add_emulation_flags, emulation_config
-from distserve.cli.live_flags import adaptive_config, add_live_flags, add_parallel_flags
+from distserve.cli.live_flags import (
+    adaptive_config,
+    add_decode_prefill_flags,
+    add_live_flags,
+    add_parallel_flags,
+    decode_prefill_config,
+)
 from distserve.cli.values import flag_message, positive_float, positive_int
 from distserve.config import TRANSPORTS
 
@@ -152,6 +158,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     add_parallel_flags(srv)
     add_emulation_flags(srv)
     add_live_flags(srv)
+    add_decode_prefill_flags(srv)
     return srv  # type: ignore[no-any-return]
 
 
@@ -231,6 +238,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             live_window=args.live_window,
             degrade_after=None if args.no_degraded_mode else args.degrade_after,
             kv_store_gb=args.kv_store_gb,
+            prefill_on_decode=decode_prefill_config(args, parser),
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))

@@ -72,6 +72,14 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="KV blocks per instance (default: the profile's capacity)",
     )
     add_prefix_caching_flag(p)
+    p.add_argument(
+        "--prefill-on-decode",
+        action="store_true",
+        help="disagg: a decode instance prefills a new prompt itself (no KV migration) when "
+        "the latency model says it would be decoding sooner than behind the prefill queue "
+        "plus the migration, and the step stays within --tpot-slo (so long prompts always "
+        "go to prefill), as serve --prefill-on-decode does (default: off)",
+    )
     add_tokenizer_flag(p, "smollm2-135m")
     add_workload_flags(p, num_requests=1000)
     add_arrival_flags(p)
@@ -126,6 +134,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = sim_config(placement, prefill, decode, opts)
         if args.step_noise:
             config = dataclasses.replace(config, step_noise=args.step_noise, seed=args.seed)
+        if args.prefill_on_decode:
+            if args.mode != "disagg":
+                raise ValueError("prefill_on_decode applies to --mode disagg only")
+            config = dataclasses.replace(config, prefill_on_decode=args.tpot_slo)
         workload = build_workload(workload_spec(args, args.rate), tokenizer_for(args.model))
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(flag_message(ValueError(str(e).strip("'\"")), parser))

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from distserve.cluster.adaptive import Adaptive, AdaptiveConfig
 from distserve.cluster.choices import MAX_CHOICES, Held, HeldChoices, sibling
+from distserve.cluster.decode_prefill import DecodePrefillConfig, decode_prefill_rule
 from distserve.cluster.degraded import Degraded
 from distserve.cluster.drain import DrainRate
 from distserve.cluster.emulation import EmulatedCluster
@@ -104,6 +105,7 @@ class Controller:
         adaptive: AdaptiveConfig | None = None,
         degrade_after: float | None = 10.0,
         kv_store_gb: float = 0.0,
+        prefill_on_decode: DecodePrefillConfig | None = None,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
         if kv_store_gb and emulation is not None:
@@ -168,6 +170,10 @@ class Controller:
         self.max_model_len = min(
             engine.scheduler.max_model_len, self.model_config.max_position_embeddings
         )
+        if prefill_on_decode is not None and placement.mode == "disagg":
+            self.table.prefill_on_decode = decode_prefill_rule(
+                prefill_on_decode, engine.model, placement, self.emulated
+            )  # short prompts may be prefilled by their decode instance (core/routing.py)
 
     # ---- life cycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -384,7 +390,7 @@ class Controller:
     def _admit(self, req: Request, text: str | None) -> RequestState:
         self.live.on_arrival(req.arrival_time)
         entry = self.table.entry_instances
-        inst = pick_prefill(entry, req)  # load changes with each request admitted
+        inst = self.table.route(req)  # load changes with each request admitted
         state = RequestState(req.request_id, asyncio.Queue(), inst or entry[0])
         self.table.requests[req.request_id] = state
         self.outputs.add(req.request_id, text, req.sampling_params.stop)

@@ -12,7 +12,7 @@ from collections import deque
 
 from distserve.core import DecodeScheduler, Request
 from distserve.core.request import handoff_copy
-from distserve.core.routing import pick_decode, pick_prefill
+from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.runtime.instance import Instance, Role
 from distserve.runtime.outputs import RequestOutput
 
@@ -52,6 +52,19 @@ class RequestTable:
         """(since, state, request): requests no live instance could take yet (all prompt-
         taking instances down and restarting); placed when one comes back."""
         self.instances: list[Instance] = []
+        self.prefill_on_decode: PrefillOnDecode | None = None
+        """The per-request rule (serve --prefill-on-decode), or None: prompts go to the
+        prefill instances only."""
+
+    def route(self, seq: Request) -> Instance | None:
+        """The instance that prefills a new prompt: the prefill (or colocated) instance
+        routing picks, or, under the per-request rule, a decode instance that then
+        decodes it too (no migration)."""
+        inst = pick_prefill(self.entry_instances, seq)
+        rule = self.prefill_on_decode
+        if rule is None:
+            return inst
+        return rule.pick(inst, self.decode_instances, seq) or inst
 
     @property
     def entry_instances(self) -> list[Instance]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from distserve.cluster.adaptive import AdaptiveConfig
 from distserve.cluster.controller import Controller
+from distserve.cluster.decode_prefill import DecodePrefillConfig
 from distserve.cluster.live import LiveWindow
 from distserve.cluster.local_ray import is_loopback
 from distserve.cluster.placement import ClusterJoinError
@@ -81,6 +82,10 @@ class ServerConfig:
         default=0.0,
         metadata={"help": "GiB of host memory for the KV store (0: none; cluster/kv_store.py)"},
     )
+    prefill_on_decode: DecodePrefillConfig | None = field(
+        default=None,
+        metadata={"help": "decode instances may prefill short prompts (core/routing.py)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -127,6 +132,7 @@ async def serve(
         adaptive=adaptive,
         degrade_after=server.degrade_after,
         kv_store_gb=server.kv_store_gb,
+        prefill_on_decode=server.prefill_on_decode,
     )
     where = f" on emulated devices ({emulation.profile})" if emulation else ""
     print(

@@ -43,6 +43,14 @@ class LatencyModel:
     def step_time(self, plan: StepPlan, busy_share: float = 0.0) -> float:
         prefill = [(ch.start, ch.num_tokens) for ch in plan.prefill_chunks]
         decode = [ch.start for ch in plan.decode_chunks]
+        return self.phase_time(prefill, decode, busy_share)
+
+    def phase_time(
+        self, prefill: Sequence[tuple[int, int]], decode: Sequence[int], busy_share: float = 0.0
+    ) -> float:
+        """The time of one step of these prompt chunks ((start, tokens) each) and decode
+        contexts (what `step_time` charges a plan; core/routing.py's per-request rule asks
+        it of steps not planned yet)."""
         if not (prefill or decode):
             return 0.0
         p, d = step_parts(self.profile, prefill, decode)

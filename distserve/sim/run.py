@@ -84,6 +84,7 @@ def simulate(
         "prefix_cache_hit_tokens": {
             i.name: i.scheduler.num_prompt_tokens_cached for i in sim.instances
         },
+        "prefilled_on_decode": sim.prefilled_on_decode,
     }
     if output:
         write_results(

@@ -30,7 +30,7 @@ from distserve.core import (
     StepResult,
 )
 from distserve.core.request import handoff_copy
-from distserve.core.routing import pick_decode, pick_prefill
+from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
 from distserve.metrics.results import RequestResult
 from distserve.sim.latency import LatencyModel
@@ -82,6 +82,9 @@ class SimConfig:
     prompt's prefill by +-25% on this VM), which near saturation moves attainment."""
     seed: int = 0
     """Of the step-noise draws: same seed, same result."""
+    prefill_on_decode: float | None = None
+    """The per-request rule (core/routing.py's PrefillOnDecode) with this TPOT target as
+    the longest step a decode instance may take to prefill a prompt; None: off."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class SimConfig:
             "prefix_caching": self.prefix_caching,
             "step_noise": self.step_noise,
             "seed": self.seed,
+            "prefill_on_decode": self.prefill_on_decode,
         }
 
 
@@ -131,6 +135,15 @@ class Simulator:
         self._arrivals: list[Any] = []
         self._next_arrival = 0
         self._rng = random.Random(config.seed)
+        tpot = config.prefill_on_decode
+        self._rule = (
+            PrefillOnDecode(config.latency["prefill"], config.latency["decode"], tpot)
+            if tpot is not None and config.placement.mode == "disagg"
+            else None
+        )
+        """The per-request rule, if on: a decode instance may prefill a short prompt."""
+        self.prefilled_on_decode = 0
+        """Requests the rule sent to a decode instance (a counter)."""
 
     def _instance(self, role: str, index: int) -> SimInstance:
         cfg = self.config
@@ -252,7 +265,9 @@ class Simulator:
         t = self._events[0][0] if self._events else float("inf")  # a heap: its first is least
         if inst.role != "decode":  # contended: another instance's step changes this one's
             return min(t, arrival)
-        if any(not i.busy for i in self.instances if i.role == "prefill"):
+        if self._rule is not None or any(
+            not i.busy for i in self.instances if i.role == "prefill"
+        ):  # an arrival may be prefilled here (the rule), or end a prefill within the span
             t = min(t, arrival)
         return t
 
@@ -262,10 +277,21 @@ class Simulator:
         inst = pick_prefill([i for i in self.instances if i.role != "decode"], req)
         assert inst is not None
         try:
-            inst.scheduler.add_request(req)
+            inst.scheduler.check_request(req)
         except ValueError as e:  # as the server would answer 400
             self._results[req.request_id].error = str(e)
             return
+        if self._rule is not None:
+            decoders = [i for i in self.instances if i.role == "decode"]
+            dec = self._rule.pick(inst, decoders, req)
+            try:
+                if dec is not None:
+                    dec.scheduler.check_request(req)
+                    inst = dec
+                    self.prefilled_on_decode += 1
+            except ValueError:
+                pass  # too big for the decode instance's cache: the prefill instance takes it
+        inst.scheduler.add_request(req)
         self._owner[req.request_id] = inst
         # Wake after every arrival of this instant is queued (arrivals go first at a tie).
         self._at(t, "wake", functools.partial(self._wake, inst))

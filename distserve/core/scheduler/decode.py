@@ -19,7 +19,9 @@ class DecodeScheduler(Scheduler):
     blocks for its KV; then the runtime pulls the KV into those blocks and calls
     `finish_migration` (or `fail_migration`, which frees them). From then on every step
     gives it one token. When blocks run out, the newest request is preempted: swapped to
-    host memory, or dropped and later recomputed here from its prompt and outputs.
+    host memory, or dropped and later recomputed here from its prompt and outputs. A new
+    prompt given to `add_request` (core/routing.py's PrefillOnDecode) is prefilled here the
+    same way, in one chunk beside the decodes, and then decodes here: no migration.
     """
 
     def __init__(
@@ -114,6 +116,9 @@ class DecodeScheduler(Scheduler):
         self._local.pop(req.request_id, None)
         if req in self.pending:
             self.pending.remove(req)
+
+    def _on_sampled(self, req: Request, now: float) -> None:
+        req.mark("prefill_end", now)  # once: a prompt prefilled here got its first token
 
     # ---- steps --------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
