@@ -32,13 +32,13 @@ def add_workload_flags(
 ) -> None:
     """Which requests a verb sends or simulates (bench, goodput, simulate, plan): the
     `WorkloadSpec` fields that pick and cut them. `workload_spec` reads them back.
-    sessions=True (a live client): the flags of the multi-turn datasets too."""
+    sessions=True (a client or the simulator): the flags of the multi-turn datasets too."""
     p.add_argument(
         "--dataset",
         default="chatbot",
         choices=DATASETS,
         help="workload to draw requests from (default: chatbot = ShareGPT; conversations = "
-        "ShareGPT replayed as multi-turn sessions, bench and goodput only)",
+        "ShareGPT replayed as multi-turn sessions: bench, goodput and simulate)",
     )
     if sessions:
         p.add_argument(
@@ -161,8 +161,8 @@ def workload_spec(args: argparse.Namespace, rate: float) -> WorkloadSpec:
 
     if args.dataset in SESSION_DATASETS and "think_time" not in args:
         raise ValueError(
-            f"dataset {args.dataset!r} is replayed by a live client only (bench, goodput): "
-            "the simulator does not model sessions yet"
+            f"dataset {args.dataset!r} is replayed as sessions by bench, goodput and simulate "
+            "only: the planner's search does not model sessions yet"
         )
     arrivals = {
         k: getattr(args, k)

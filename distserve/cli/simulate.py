@@ -81,8 +81,8 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "go to prefill), as serve --prefill-on-decode does (default: off)",
     )
     add_tokenizer_flag(p, "smollm2-135m")
-    add_workload_flags(p, num_requests=1000)
-    add_arrival_flags(p)
+    add_workload_flags(p, num_requests=1000, sessions=True)
+    add_arrival_flags(p, sessions=True)
     add_slo_flags(p)
     p.add_argument("--output", default=None, help="write {config, summary, requests} JSON here")
     return p  # type: ignore[no-any-return]

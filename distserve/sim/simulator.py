@@ -134,6 +134,11 @@ class Simulator:
         self._reported: set[int] = set()  # indices reported to `lost`
         self._arrivals: list[Any] = []
         self._next_arrival = 0
+        self._turns_due: list[tuple[float, int, Any]] = []
+        """(time, index, request): later turns of sessions, due once the previous turn's
+        answer has finished plus its think time (a heap)."""
+        self._next_turn: dict[str, Any] = {}
+        """Request id -> the next turn of its session (multi-turn workloads)."""
         self._rng = random.Random(config.seed)
         tpot = config.prefill_on_decode
         self._rule = (
@@ -189,22 +194,28 @@ class Simulator:
         self._lost, self._slo = lost, slo
         self._ttft_seen, self._tpot_due, self._reported = 0, [], set()
         # Arrivals stay in their own sorted list: the heap holds only the few events in
-        # flight, so a horizon over selected kinds is cheap to find.
-        arrivals = list(workload.requests)
-        for wr in arrivals:
+        # flight, so a horizon over selected kinds is cheap to find. A session's later
+        # turns arrive when the turn before has finished (closed loop, as bench sends
+        # them): they wait in their own heap.
+        arrivals = [w for w in workload.requests if w.session is None or w.turn == 0]
+        self._next_turn, self._turns_due = _chain_turns(workload), []
+        if self._next_turn:
+            self._lost = None  # the early-stop tests assume arrivals known in advance
+        for wr in workload.requests:
             self._results[str(wr.index)] = RequestResult(
-                wr.index, wr.prompt_len, wr.output_len, wr.arrival, sent=wr.arrival
-            )
+                wr.index, wr.prompt_len, wr.output_len, wr.arrival, sent=wr.arrival,
+                session=wr.session, turn=wr.turn,
+            )  # fmt: skip
         self._next_arrival = 0
         self._arrivals = arrivals
-        while (self._events or self._next_arrival < len(arrivals)) and not self._stopped:
-            if self._next_arrival < len(arrivals) and (
-                not self._events or arrivals[self._next_arrival].arrival <= self._events[0][0]
-            ):
-                wr = arrivals[self._next_arrival]
-                self._next_arrival += 1
-                self.now = wr.arrival
-                self._arrive(wr.arrival, wr)
+        while (
+            self._events or self._next_arrival < len(arrivals) or self._turns_due
+        ) and not self._stopped:
+            due = self._arrival_time()
+            if due < math.inf and (not self._events or due <= self._events[0][0]):
+                wr = self._pop_arrival()
+                self.now = due
+                self._arrive(due, wr)
             else:
                 t, _, _, fn = heapq.heappop(self._events)
                 self.now = t
@@ -212,6 +223,36 @@ class Simulator:
             if self._lost is not None and not self._stopped:
                 self._look_for_lost()
         return [self._results[str(w.index)] for w in workload.requests]
+
+    def _arrival_time(self) -> float:
+        """When the next request arrives (inf: none is known yet)."""
+        t = (
+            self._arrivals[self._next_arrival].arrival
+            if self._next_arrival < len(self._arrivals)
+            else math.inf
+        )
+        return min(t, self._turns_due[0][0]) if self._turns_due else t
+
+    def _pop_arrival(self) -> Any:
+        """The next arriving request (`_arrival_time`'s); a later turn's result gets the
+        time it was sent, as bench records it."""
+        listed = self._next_arrival < len(self._arrivals)
+        if self._turns_due and (
+            not listed or self._turns_due[0][0] < self._arrivals[self._next_arrival].arrival
+        ):
+            t, _, wr = heapq.heappop(self._turns_due)
+            res = self._results[str(wr.index)]
+            res.arrival = res.sent = t
+            return dataclasses.replace(wr, arrival=t)
+        self._next_arrival += 1
+        return self._arrivals[self._next_arrival - 1]
+
+    def _next_turn_due(self, rid: str, t: float) -> None:
+        """A session's turn has ended (answered, or refused) at `t`: its next turn is due
+        after its think time."""
+        nxt = self._next_turn.pop(rid, None)
+        if nxt is not None:
+            heapq.heappush(self._turns_due, (t + nxt.think_time, nxt.index, nxt))
 
     def _look_for_lost(self) -> None:
         """Report the requests that became certain misses by now. Each test is the one the
@@ -255,11 +296,7 @@ class Simulator:
         instances: the next arrival. Decode instances: anything in flight (a prefill ending
         hands over requests, a transfer adds one), and the next arrival too while a prefill
         instance is idle (it would start a prefill that could end within the span)."""
-        arrival = (
-            self._arrivals[self._next_arrival].arrival
-            if self._next_arrival < len(self._arrivals)
-            else float("inf")
-        )
+        arrival = self._arrival_time()
         if inst.role != "decode" and not inst.latency.contended:
             return arrival
         t = self._events[0][0] if self._events else float("inf")  # a heap: its first is least
@@ -280,6 +317,7 @@ class Simulator:
             inst.scheduler.check_request(req)
         except ValueError as e:  # as the server would answer 400
             self._results[req.request_id].error = str(e)
+            self._next_turn_due(req.request_id, t)
             return
         if self._rule is not None:
             decoders = [i for i in self.instances if i.role == "decode"]
@@ -424,6 +462,22 @@ class Simulator:
         res.ttft, res.e2e, res.num_tokens = first - req.arrival_time, t - req.arrival_time, n
         res.tpot = (t - first) / (n - 1) if n > 1 else 0.0
         res.server = {k: v - req.arrival_time for k, v in req.timestamps.items()}
+        res.cached_tokens = req.num_cached_tokens  # as the server's usage reports it
         self._owner.pop(req.request_id, None)
+        self._next_turn_due(req.request_id, t)
         if self._give_up is not None and self._give_up(res):
             self._stopped = True
+
+
+def _chain_turns(workload: Workload) -> dict[str, Any]:
+    """Request id of each turn of a session -> the session's next turn."""
+    sessions: dict[int, list[Any]] = {}
+    for wr in workload.requests:
+        if wr.session is not None:
+            sessions.setdefault(wr.session, []).append(wr)
+    chain = {}
+    for turns in sessions.values():
+        turns.sort(key=lambda w: w.turn)
+        for a, b in zip(turns, turns[1:], strict=False):
+            chain[str(a.index)] = b
+    return chain

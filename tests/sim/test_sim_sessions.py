@@ -1,0 +1,44 @@
+"""Multi-turn sessions in the simulator (`simulate --dataset conversations`): a session's
+later turn arrives when the turn before has finished plus its think time, as bench sends
+it (closed loop), and prefix caching makes it compute only what the earlier turn did not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from distserve.sim.simulator import Simulator
+from distserve.workload import Workload, WorkloadRequest
+from tests.sim.test_simulator import _config
+
+
+def _sessions() -> Workload:
+    """Two sessions of three turns; turn k+1's prompt extends turn k's (its answer as the
+    dataset has it, then a new message), as workload/conversations.py builds them."""
+    reqs = []
+    for s, start in enumerate((0.0, 0.3)):
+        prompt: list[int] = []
+        for turn in range(3):
+            prompt = prompt + [(7 * s + 3 * turn + j) % 200 + 1 for j in range(40)]
+            nominal = start + 2.0 * turn
+            reqs.append(WorkloadRequest(0, nominal, tuple(prompt), 6, s, turn, 0.5 * turn))
+    reqs.sort(key=lambda r: r.arrival)
+    return Workload(tuple(dataclasses.replace(r, index=i) for i, r in enumerate(reqs)))
+
+
+@pytest.mark.parametrize("mode", ["disagg", "colocated"])
+def test_a_later_turn_arrives_after_the_answer_and_its_think_time(mode: str) -> None:
+    wl = _sessions()
+    results = Simulator(_config(mode)).run(wl)
+    by = {(w.session, w.turn): (w, r) for w, r in zip(wl.requests, results, strict=True)}
+    for s in (0, 1):
+        for turn in (1, 2):
+            w, r = by[(s, turn)]
+            prev_w, prev = by[(s, turn - 1)]
+            assert prev.e2e is not None and r.e2e is not None
+            assert r.arrival == pytest.approx(prev.arrival + prev.e2e + w.think_time)
+            assert r.arrival != pytest.approx(w.arrival)  # not the nominal time
+            # the earlier turn's full 16-token blocks are cached (its last token is not)
+            assert r.cached_tokens == (prev_w.prompt_len // 16) * 16
+    assert by[(1, 0)][1].arrival == 0.3  # a first turn arrives at its own time
