@@ -39,7 +39,7 @@ from distserve.runtime.worker.worker import Worker
 
 
 def with_writes(plan: StepPlan, block_size: int) -> StepPlan:
-    """The plan's store writes, as cluster/kv_store.py adds them (fresh slots)."""
+    """The plan's store writes, as core/kv_store.py adds them (fresh slots)."""
     writes, slot = [], 0
     for c in plan.chunks:
         for i in range(c.start // block_size, (c.context_len - 1) // block_size + 1):

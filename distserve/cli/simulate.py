@@ -18,7 +18,13 @@ from distserve.cli.common import (
     serving_path,
     workload_spec,
 )
-from distserve.cli.values import flag_message, json_safe, positive_float, positive_int
+from distserve.cli.values import (
+    flag_message,
+    json_safe,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
@@ -72,6 +78,14 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="KV blocks per instance (default: the profile's capacity)",
     )
     add_prefix_caching_flag(p)
+    p.add_argument(
+        "--kv-store-gb",
+        type=nonnegative_float,
+        default=0.0,
+        metavar="GIB",
+        help="a KV store of this size, as serve's: prompts load the prefix blocks another "
+        "instance computed from it (default: 0, none)",
+    )
     p.add_argument(
         "--prefill-on-decode",
         action="store_true",
@@ -129,8 +143,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             chunked_prefill=args.chunked_prefill,
         )
         opts = SimOptions(
-            path, num_blocks=args.num_blocks, scheduler=sched, prefix_caching=args.prefix_caching
-        )
+            path, num_blocks=args.num_blocks, scheduler=sched, prefix_caching=args.prefix_caching,
+            kv_store_gb=args.kv_store_gb,
+        )  # fmt: skip
         config = sim_config(placement, prefill, decode, opts)
         if args.step_noise:
             config = dataclasses.replace(config, step_noise=args.step_noise, seed=args.seed)

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from distserve.cluster.kv_store import KVStore
 from distserve.cluster.request_table import RequestState, RequestTable
 from distserve.core import DecodeScheduler, PrefillScheduler, Request
+from distserve.core.kv_store import KVStore
 from distserve.core.request import resume_copy
 from distserve.runtime.instance import Instance
 from distserve.runtime.transport import TransferStats, load_from_store, transfer_blocks

@@ -31,7 +31,7 @@ class RequestState:
     aborted: bool = False
     first_token_at: float | None = None
     from_store: bool = False
-    """Awaiting a decode instance with its KV in the KV store (cluster/kv_store.py), not on
+    """Awaiting a decode instance with its KV in the KV store (core/kv_store.py), not on
     `owner` (a decode instance that died)."""
 
 

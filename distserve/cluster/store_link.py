@@ -1,5 +1,5 @@
 """The controller's KV store (serve --kv-store-gb): the pool of host memory
-(runtime/kv_store.py), its directory (cluster/kv_store.py), the workers that write
+(runtime/kv_store.py), its directory (core/kv_store.py), the workers that write
 through to it, and the resumption of a dead decode instance's requests from it."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import time
 
-from distserve.cluster.kv_store import KVStore
 from distserve.cluster.request_table import RequestState, RequestTable
 from distserve.config import EngineConfig
 from distserve.core import Request
+from distserve.core.kv_store import KVStore
 from distserve.core.request import resume_copy
 from distserve.model.config import ModelConfig
 from distserve.runtime.executor import Executor, LocalExecutor, RayExecutor
@@ -49,6 +49,7 @@ class StoreLink:
             return
         await inst.executor.attach_store(self.pool)  # type: ignore[union-attr]
         inst.store = self.directory
+        inst.scheduler.remote_prefix = self.directory.prefix_blocks  # (each step sets it too)
 
     def resume(
         self, dead: Instance, state: RequestState, req: Request, table: RequestTable

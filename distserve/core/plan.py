@@ -65,14 +65,14 @@ class StepPlan:
     loads: tuple[tuple[str, int, int], ...] = ()
     """(request id, first block, count): full blocks of a request's table whose KV an
     outside store supplies (the scheduler's `remote_prefix` found them there and counted
-    them computed); they are filled before the forward pass (cluster/kv_store.py turns
+    them computed); they are filled before the forward pass (core/kv_store.py turns
     them into `store_reads`)."""
     store_reads: tuple[tuple[int, int], ...] = ()
     """(store slot, device block) copies to make before the forward pass."""
     store_writes: tuple[tuple[int, int, int, int], ...] = ()
     """(device block, store slot, first, end): after the forward pass, copy the KV of token
     offsets [first, end) of the block into the same offsets of a slot of the KV store
-    (cluster/kv_store.py adds these to the scheduler's plan; the scheduler never does)."""
+    (core/kv_store.py adds these to the scheduler's plan; the scheduler never does)."""
 
     @property
     def empty(self) -> bool:

@@ -46,7 +46,7 @@ T = TypeVar("T", bound=Routable)
 def pick_prefill(instances: Sequence[T], seq: TokenSequence | None = None) -> T | None:
     """The live instance with the fewest prompt tokens ahead (queued, or in a prefill
     running now) plus, given the request `seq`, its own tokens that instance would have to
-    compute (those its prefix cache lacks); ties: the fewest running requests (decodes a
+    compute (those neither its prefix cache nor a KV store can supply); ties: the fewest running requests (decodes a
     colocated prefill would stall), then the first."""
     alive = [i for i in instances if _open(i)]
     if not alive:
@@ -54,7 +54,12 @@ def pick_prefill(instances: Sequence[T], seq: TokenSequence | None = None) -> T 
 
     def work(i: T) -> tuple[int, int]:
         s = i.scheduler
-        own = 0 if seq is None else seq.num_tokens - len(s.blocks.lookup(seq)) * s.blocks.block_size
+        if seq is None:
+            return s.num_prompt_tokens_ahead, len(s.running)
+        hits = len(s.blocks.lookup(seq))
+        if s.remote_prefix is not None:  # what a KV store would supply it (core/kv_store.py)
+            hits += s.remote_prefix(seq, hits, (seq.num_tokens - 1) // s.blocks.block_size)
+        own = seq.num_tokens - hits * s.blocks.block_size
         return s.num_prompt_tokens_ahead + own, len(s.running)
 
     return min(alive, key=work)

@@ -19,7 +19,7 @@ from distserve.runtime.worker.worker import WorkerInfo
 
 
 class StoreWriter(Protocol):
-    """What a step loop needs of the KV store's directory (cluster/kv_store.py KVStore):
+    """What a step loop needs of the KV store's directory (core/kv_store.py KVStore):
     the copies that write a plan's new KV through to the store, and their commit."""
 
     def plan(
@@ -97,7 +97,7 @@ class Instance:
         self.info: WorkerInfo | None = None
         """What its worker reported at start (the block count a new scheduler needs)."""
         self.store: StoreWriter | None = None
-        """The KV store its steps write through to (cluster/kv_store.py), if any."""
+        """The KV store its steps write through to (core/kv_store.py), if any."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance-{self.name}")

@@ -1,7 +1,7 @@
 """The KV store's bytes: a pool of host-memory slots, each the size of one KV block, that
 outlives the workers.
 
-The pool belongs to the controller's process (cluster/kv_store.py keeps its directory:
+The pool belongs to the controller's process (core/kv_store.py keeps its directory:
 which slot holds which block of which request, by name). Workers map it: on CPU it is a
 file under /dev/shm, named after the controller's pid so that the reaper removes it when
 the server dies (cluster/reaper.py), and kept named while the server lives so that a

@@ -80,7 +80,7 @@ class ServerConfig:
     )
     kv_store_gb: float = field(
         default=0.0,
-        metadata={"help": "GiB of host memory for the KV store (0: none; cluster/kv_store.py)"},
+        metadata={"help": "GiB of host memory for the KV store (0: none; core/kv_store.py)"},
     )
     prefill_on_decode: DecodePrefillConfig | None = field(
         default=None,

@@ -18,8 +18,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from distserve.cluster.controller import Controller
-from distserve.cluster.kv_store import KVStore
 from distserve.core import DecodeScheduler
+from distserve.core.kv_store import KVStore
 from distserve.runtime.outputs import RequestOutput
 from distserve.runtime.transport import TransferStats
 

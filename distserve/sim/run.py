@@ -33,6 +33,9 @@ class SimOptions:
     prefix_caching: bool = field(
         default=True, metadata={"help": "instances reuse cached prefixes, as the engine does"}
     )
+    kv_store_gb: float = field(
+        default=0.0, metadata={"help": "GiB of the KV store (serve --kv-store-gb); 0: none"}
+    )
 
 
 def sim_config(
@@ -50,13 +53,23 @@ def sim_config(
             raise ValueError(f"profile of {p.model} has no KV capacity: pass num_blocks")
         return p.kv_capacity_tokens // opts.block_size
 
+    latency = {role: latency_model(p, opts.path) for role, p in profiles.items()}
+    slots = 0
+    if opts.kv_store_gb > 0:
+        per_block = latency["prefill"].kv_bytes_per_token * opts.block_size
+        if not per_block:
+            raise ValueError(
+                f"profile of {prefill.model} gives no KV bytes per token: no store size"
+            )
+        slots = max(1, int(opts.kv_store_gb * 2**30 // per_block))
     return SimConfig(
         placement=placement,
-        latency={role: latency_model(p, opts.path) for role, p in profiles.items()},
+        latency=latency,
         num_blocks={role: blocks(p) for role, p in profiles.items()},
         scheduler=opts.scheduler,
         block_size=opts.block_size,
         prefix_caching=opts.prefix_caching,
+        kv_store_slots=slots,
     )
 
 

@@ -29,6 +29,7 @@ from distserve.core import (
     StepPlan,
     StepResult,
 )
+from distserve.core.kv_store import KVStore
 from distserve.core.request import handoff_copy
 from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
@@ -82,6 +83,12 @@ class SimConfig:
     prompt's prefill by +-25% on this VM), which near saturation moves attainment."""
     seed: int = 0
     """Of the step-noise draws: same seed, same result."""
+    kv_store_slots: int = 0
+    """Blocks the KV store holds (serve --kv-store-gb; core/kv_store.py); 0: no store. With
+    one, every prefill writes its prompt's blocks to it and a prompt finds there the prefix
+    blocks another instance computed (loaded, not computed; the copy is not timed: from
+    host memory it costs ~1% of computing them on a CPU, benchmarks/kv_store.py). Decode
+    spans do not write: generated tokens' blocks are never a later prompt's prefix here."""
     prefill_on_decode: float | None = None
     """The per-request rule (core/routing.py's PrefillOnDecode) with this TPOT target as
     the longest step a decode instance may take to prefill a prompt; None: off."""
@@ -109,6 +116,7 @@ class SimConfig:
             "step_noise": self.step_noise,
             "seed": self.seed,
             "prefill_on_decode": self.prefill_on_decode,
+            "kv_store_slots": self.kv_store_slots,
         }
 
 
@@ -118,6 +126,19 @@ class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.instances = [self._instance(role, i) for i, role in enumerate(config.placement.roles)]
+        self.store = (
+            KVStore(
+                config.kv_store_slots,
+                config.block_size,
+                config.latency[config.placement.roles[0]].profile.model,
+            )
+            if config.kv_store_slots
+            else None
+        )
+        """The KV store's directory, if the deployment has one."""
+        for inst in self.instances:
+            if self.store is not None and inst.role != "decode":
+                inst.scheduler.remote_prefix = self.store.prefix_blocks
         self._events: list[tuple[float, int, str, Callable[[float], None]]] = []
         self._seq = itertools.count()
         self._awaiting: deque[tuple[SimInstance, Request]] = deque()
@@ -363,6 +384,9 @@ class Simulator:
         plan = sched.schedule(t)
         if plan.empty:
             return
+        pending = None
+        if self.store is not None and (plan.chunks or plan.loads):
+            plan, pending = self.store.plan(plan, sched.requests)
         if self.config.record_plans:
             inst.plans.append(plan)
         dt = inst.latency.step_time(plan, self._busy_share(inst))
@@ -371,7 +395,9 @@ class Simulator:
             s = self.config.step_noise
             dt *= math.exp(self._rng.gauss(-s * s / 2, s))
         inst.busy, inst.steps, inst.busy_seconds = True, inst.steps + 1, inst.busy_seconds + dt
-        self._at(t + dt, "step", functools.partial(self._step_done, inst=inst, plan=plan))
+        self._at(
+            t + dt, "step", functools.partial(self._step_done, inst=inst, plan=plan, stored=pending)
+        )
 
     def _fast_forward(self, inst: SimInstance, t: float) -> bool:
         """Run a steady span of decode steps as one event, stopping before the next
@@ -412,7 +438,9 @@ class Simulator:
         self._at(t + dt, "span", done)
         return True
 
-    def _step_done(self, t: float, inst: SimInstance, plan: StepPlan) -> None:
+    def _step_done(self, t: float, inst: SimInstance, plan: StepPlan, stored: Any = None) -> None:
+        if stored and self.store is not None:
+            self.store.commit(stored)
         sampled = {c.request_id: _TOKEN for c in plan.chunks if c.sampling_params is not None}
         outputs = inst.scheduler.update(plan, StepResult(sampled), t)
         inst.busy = False
@@ -464,6 +492,8 @@ class Simulator:
         res.server = {k: v - req.arrival_time for k, v in req.timestamps.items()}
         res.cached_tokens = req.num_cached_tokens  # as the server's usage reports it
         self._owner.pop(req.request_id, None)
+        if self.store is not None:
+            self.store.release(req.request_id)
         self._next_turn_due(req.request_id, t)
         if self._give_up is not None and self._give_up(res):
             self._stopped = True

@@ -1,4 +1,4 @@
-"""The KV store on the real server (serve --kv-store-gb; cluster/kv_store.py): every step
+"""The KV store on the real server (serve --kv-store-gb; core/kv_store.py): every step
 writes its new KV through to host memory, so a decode worker SIGKILLed in the middle of a
 request is replaced and the request resumes from the store: the step trace shows no second
 prefill for it, its output equals an undisturbed run, and afterwards no block or store

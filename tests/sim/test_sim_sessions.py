@@ -42,3 +42,27 @@ def test_a_later_turn_arrives_after_the_answer_and_its_think_time(mode: str) -> 
             # the earlier turn's full 16-token blocks are cached (its last token is not)
             assert r.cached_tokens == (prev_w.prompt_len // 16) * 16
     assert by[(1, 0)][1].arrival == 0.3  # a first turn arrives at its own time
+
+
+def test_a_prompt_routed_away_from_its_prefix_loads_it_from_the_kv_store() -> None:
+    """Colocated x2: A's prompt P is computed on instance 0; B keeps instance 0 busy, so C
+    (P plus more) goes to instance 1, which finds P's blocks in the store (loaded, not
+    computed) with a store, and computes all of C without one."""
+    p = tuple(range(1, 161))  # 10 full blocks
+    wl = Workload(
+        (
+            WorkloadRequest(0, 0.0, p, 2),
+            WorkloadRequest(1, 0.5, tuple(range(200, 600)), 2),
+            WorkloadRequest(2, 0.51, p + tuple(range(700, 732)), 2),
+        )
+    )
+    runs = {}
+    for slots in (0, 64):
+        sim = Simulator(dataclasses.replace(_config("colocated"), kv_store_slots=slots))
+        runs[slots] = sim.run(wl)
+        if sim.store is not None:
+            assert sim.store.stats.blocks_loaded == 10
+            sim.store.check()
+            assert sim.store.num_free_slots == 64  # every request released its slots
+    assert runs[0][2].cached_tokens == 0 and runs[64][2].cached_tokens == 160
+    assert runs[64][2].ttft == pytest.approx(runs[0][2].ttft - 0.160)  # 1 ms a token less

@@ -1,4 +1,4 @@
-"""The KV store's directory (cluster/kv_store.py): a hypothesis state machine runs
+"""The KV store's directory (core/kv_store.py): a hypothesis state machine runs
 requests that share prefixes through prefill chunks and decode steps, some of whose steps
 die after writing and before their commit, with a store too small for all of them, and
 checks after every operation that slots are in exactly one state, and that every slot a
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from distserve.cluster.kv_store import KVStore
 from distserve.core import Request, SamplingParams, StepPlan
+from distserve.core.kv_store import KVStore
 from distserve.core.plan import ScheduledChunk
 from distserve.runtime.kv_store import write_to_store
 

@@ -60,7 +60,7 @@ class Scheduler(ABC):
         this over `num_prompt_tokens_admitted`)."""
         self.remote_prefix: Callable[[Request, int, int], int] | None = None
         """How many more full blocks of a request, after the first `first` (its local
-        prefix-cache hits) and up to `limit`, an outside store holds (cluster/kv_store.py);
+        prefix-cache hits) and up to `limit`, an outside store holds (core/kv_store.py);
         None: none. Blocks found there are counted computed and listed in the plan's
         `loads`."""
         self._loads: list[tuple[str, int, int]] = []

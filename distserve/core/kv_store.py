@@ -20,7 +20,10 @@ last block has a private slot. Every slot is in one state:
     held     ref >= 1: held by that many requests' entries (named or private)
 
 When no slot is free or parked, the request that asked stops being written (`broken`): it
-runs on, and a fault falls back to recomputing it. Nothing here touches tensors.
+runs on, and a fault falls back to recomputing it. Nothing here touches tensors: the
+directory is bookkeeping, like the block manager's, so the simulator keeps one too and
+gets the same hits (sim/simulator.py); the controller's copy drives real copies
+(cluster/store_link.py).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from distserve.core import Request, StepPlan
+from distserve.core.plan import StepPlan
 from distserve.core.prefix_cache import BlockHash, chain_hash, root_hash
+from distserve.core.request import Request
 
 
 @dataclass
@@ -120,7 +124,7 @@ class KVStore:
         `stats.blocks_loaded` only once the plan reads them."""
         if first >= limit:
             return 0
-        e = self.entries.setdefault(req.request_id, StoreEntry())
+        e = self.entries.get(req.request_id) or StoreEntry()  # a look only: keeps nothing new
         n = 0
         for i in range(first, limit):
             if self._name(e, req, i) not in self._slot_of:
@@ -138,6 +142,7 @@ class KVStore:
         reads: list[tuple[int, int]] = []
         pending: list[Pending] = []
         bs = self.block_size
+        # a simulator's plans carry no block tables: its copies are never made (block -1)
         tables = {c.request_id: c.block_table for c in plan.chunks}
         for rid, first, count in plan.loads:  # before any write below can evict them
             req, e = requests[rid], self.entries.setdefault(rid, StoreEntry())
@@ -149,13 +154,15 @@ class KVStore:
                     e.slots.append(-1)
                 if e.slots[i] != slot:
                     self._share(e, i, slot)
-                reads.append((slot, tables[rid][i]))
+                table = tables.get(rid, ())
+                reads.append((slot, table[i] if i < len(table) else -1))
             self.stats.blocks_loaded += count
         for chunk in plan.chunks:
             req = requests.get(chunk.request_id)
             ctx = chunk.context_len
-            if req is None or not chunk.block_table:
+            if req is None:
                 continue
+            table = chunk.block_table
             e = self.entries.setdefault(chunk.request_id, StoreEntry())
             if e.broken or ctx <= e.valid:
                 continue
@@ -180,7 +187,7 @@ class KVStore:
                         break
                     self._ref[slot] = 1
                     e.slots[i] = slot
-                writes.append((chunk.block_table[i], e.slots[i], first, end))
+                writes.append((table[i] if i < len(table) else -1, e.slots[i], first, end))
             if not e.broken:
                 pending.append(Pending(chunk.request_id, ctx, tuple(full)))
         if writes:
