@@ -14,7 +14,7 @@ from distserve.cli.live_flags import (
     add_parallel_flags,
     decode_prefill_config,
 )
-from distserve.cli.values import flag_message, positive_float, positive_int
+from distserve.cli.values import flag_message, nonnegative_float, positive_float, positive_int
 from distserve.config import TRANSPORTS
 
 
@@ -147,7 +147,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--kv-store-gb",
-        type=float,
+        type=nonnegative_float,
         default=0.0,
         metavar="GIB",
         help="host memory for the KV store, which every step writes its new KV to, so that "
