@@ -99,6 +99,14 @@ class Migrations:
             else:
                 state.decode = None
                 table.awaiting.append((state, src.scheduler.requests[rid]))
+        elif self.store is not None and self.store.resume_slots(rid, req.num_tokens):
+            state.from_store = True  # gone with the prefill worker, but in the KV store
+            if dec.alive:
+                dec.scheduler.fail_migration(rid, now)
+                dec.wake()
+            else:
+                state.decode = None
+                table.awaiting.append((state, resume_copy(req)))
         else:  # the KV is gone with the prefill worker: compute it again
             if dec.alive:
                 dec.scheduler.abort_request(rid, now)

@@ -54,13 +54,21 @@ class StoreLink:
     def resume(
         self, dead: Instance, state: RequestState, req: Request, table: RequestTable
     ) -> bool:
-        """Queue a request of the dead decode instance `dead` for another decode instance
-        that pulls its KV from the store (cluster/migration.py Migrations.resume); False
-        if the store lacks it (it is recomputed instead)."""
-        slots = self.directory.resume_slots(req.request_id, req.num_tokens)
-        if dead.role != Role.DECODE or slots is None:
+        """A request of the dead instance `dead` goes to a decode instance that pulls its KV
+        from the store (cluster/migration.py Migrations.resume): one that was decoding there,
+        or one that was prefilled there and waited for a decode instance (a copy already
+        queued on a live decode instance stays: its admission pulls from the store). False
+        if the store lacks it or no decode instance exists: it is recomputed instead."""
+        rid = req.request_id
+        if dead.role == Role.COLOCATED or not table.decode_instances:
             return False
-        state.from_store, state.decode = True, None
+        if self.directory.resume_slots(rid, req.num_tokens) is None:
+            return False  # still being prefilled, or the store was full
+        state.from_store = True
+        queued = state.decode
+        if queued is not None and queued.alive and rid in queued.scheduler.requests:
+            return True
+        state.decode = None
         table.awaiting.append((state, resume_copy(req)))
         return True
 

@@ -118,3 +118,54 @@ def test_a_prompt_prefilled_on_one_instance_is_loaded_from_the_store_by_another(
     assert cached[0] == 0 and cached[1] == loaded * 16 > 0
     outs_without, cached_without, _ = asyncio.run(run(0.0))
     assert outs_without[1] == outs[1] and cached_without == [0, 0]
+
+
+def test_a_prefilled_request_outlives_its_prefill_instance_through_the_store() -> None:
+    """1P1D in this process: a request's prompt is prefilled, then its prefill instance
+    fails (an in-process worker cannot be SIGKILLed: its instance is failed as the health
+    watch fails a dead one) before the decode instance, held paused, has pulled the KV.
+    The decode instance pulls it from the store instead: the restarted prefill instance
+    computes nothing, and the output equals an undisturbed run."""
+    import asyncio
+
+    from distserve.cluster.controller import Controller
+    from distserve.config import CacheConfig, EngineConfig, PlacementConfig
+    from distserve.core import SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = EngineConfig(
+        model="smollm2-135m", dtype="float32", cache=CacheConfig(kv_cache_gb=0.05)
+    )
+
+    async def run() -> None:
+        c = Controller(engine, PlacementConfig(mode="disagg"), use_ray=False, kv_store_gb=0.02)
+        await c.start()
+        try:
+            reference = [o async for o in c.stream(c.submit(PROMPT, params))][-1].token_ids
+            prefill, decode = c.instances
+            decode.paused = True
+            state = c.submit(PROMPT + " again", params)
+            stream = c.stream(state)
+            first = await anext(stream)  # prefilled; waiting for the paused decode instance
+            prefill.fail(RuntimeError("the prefill worker died"))
+            decode.paused = False
+            decode.wake()
+            rest = [o async for o in stream]
+            tokens = rest[-1].token_ids
+            assert tokens[: len(first.token_ids)] == first.token_ids
+            again = [o async for o in c.stream(c.submit(PROMPT + " again", params))][-1]
+            assert tokens == again.token_ids  # the same as computed undisturbed
+            assert c.store is not None and c.store.directory.stats.resumes == 1
+            for _ in range(100):  # the replacement prefill instance
+                if c.instances[0] is not prefill:
+                    break
+                await asyncio.sleep(0.1)
+            assert c.recovery.restarts == 1
+            # the replacement prefilled the third request only
+            replacement = c.instances[0].scheduler
+            assert replacement.num_prompt_tokens_admitted == len(again.prompt_token_ids)
+            assert reference  # the first run warmed both instances
+        finally:
+            await c.stop()
+
+    asyncio.run(run())
