@@ -52,6 +52,7 @@ from distserve.runtime.executor import Executor
 from distserve.runtime.instance import Instance, Role
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
 from distserve.runtime.step_trace import StepTrace
+from distserve.runtime.structured import Constraints
 from distserve.runtime.transport import TransferStats, check_transport
 from distserve.runtime.worker.worker import WorkerInfo
 
@@ -235,6 +236,7 @@ class Controller:
             trace=self.step_trace,
         )  # fmt: skip
         inst.pid, inst.info = info.pid, info
+        inst.constraints = Constraints(self.tokenizer)  # JSON schemas (runtime/structured.py)
         return inst
 
     async def _replacement(self, dead: Instance) -> Instance:

@@ -34,6 +34,10 @@ class ScheduledChunk:
     num_tokens: int = -1
     """Tokens in the chunk: len(token_ids) unless given. Plans for a simulator carry no
     token ids or block tables (nothing there reads them), only this count."""
+    allowed_tokens: bytes | None = None
+    """The tokens the sampler may pick, as a bitmask (bit i % 8 of byte i // 8: token i;
+    tokens past its end are not allowed); None: any. Set by the step loop for a request
+    with a JSON schema (runtime/structured.py), never by a scheduler."""
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0:

@@ -36,6 +36,10 @@ class SamplingParams:
     """Keep generating past the EOS token (benchmarks use it to force output lengths)."""
     logprobs: int | None = None
     """Return the sampled token's log-probability and this many top alternatives (0..20)."""
+    json_schema: str | None = None
+    """Constrain the output to JSON text valid against this JSON schema (the schema as
+    JSON text; '{"type": "object"}' is JSON mode). The controller's step loop turns it
+    into the tokens allowed at each step (runtime/structured.py)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Free-form annotations carried with the request (never read by the engine)."""
 
@@ -79,6 +83,19 @@ class SamplingParams:
             self.stop_token_ids,
         )
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean", self.ignore_eos)
+        _check(
+            self.json_schema is None
+            or (isinstance(self.json_schema, str) and self.json_schema != ""),
+            "json_schema",
+            "a JSON schema as text, or None",
+            self.json_schema,
+        )
+        _check(
+            not (self.ignore_eos and self.json_schema),
+            "ignore_eos",
+            "false with a json_schema (the output ends where the JSON does)",
+            self.ignore_eos,
+        )
         _check(
             self.logprobs is None
             or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),

@@ -45,6 +45,33 @@ class Tokenizer:
             self._max_token_chars = max((len(w) for w in words), default=1)
         return self._max_token_chars
 
+    def token_bytes(self) -> tuple[list[bytes], list[int]]:
+        """The bytes each token id stands for, and the ids of the special tokens (whose
+        entry is their text): what a grammar library needs to tell which tokens may come
+        next. Byte-level BPE entries are mapped back through GPT-2's byte alphabet,
+        SentencePiece ones through '\u2581' (space) and '<0xNN>' (one byte)."""
+        backend = self.backend
+        if isinstance(backend, _ByteBackend):
+            n = backend.vocab_size
+            return [bytes([i]) if i < 256 else f"<{i}>".encode() for i in range(n)], list(
+                range(256, n)
+            )
+        added = backend.get_added_tokens_decoder()
+        special = sorted(i for i, t in added.items() if t.special)
+        byte_level = _is_byte_level(backend)
+        out = []
+        for i in range(self.vocab_size):
+            text = backend.id_to_token(i) or ""
+            if i in added:
+                out.append(text.encode("utf-8"))
+            elif byte_level:
+                out.append(bytes(_UNICODE_TO_BYTE.get(ch, 0) for ch in text))
+            elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                out.append(bytes([int(text[3:5], 16)]))
+            else:
+                out.append(text.replace("\u2581", " ").encode("utf-8"))
+        return out, special
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # A batch of one, where the backend has batches: HF tokenizers' `encode` holds the
         # GIL throughout (1.6 s for a 2 MB prompt), `encode_batch` releases it, so a
@@ -176,6 +203,29 @@ _PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character that stands for
+    each byte in a byte-level BPE vocabulary -> that byte."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()
+
+
+def _is_byte_level(backend: Any) -> bool:
+    """Whether a HF tokenizers backend decodes through the byte-level alphabet."""
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and "ByteLevel" in repr(decoder)
 
 
 class _ByteBackend:

@@ -12,6 +12,7 @@ from distserve.core import BlockManager, ColocatedScheduler, FinishReason, Reque
 from distserve.core.request import check_token_ids
 from distserve.model.loader import LoadedModel
 from distserve.runtime.outputs import OutputProcessor, RequestOutput
+from distserve.runtime.structured import Constraints
 from distserve.runtime.worker.worker import Worker
 
 __all__ = ["LLMEngine", "RequestOutput"]
@@ -42,6 +43,7 @@ class LLMEngine:
         )
         self.scheduler = ColocatedScheduler(sched, blocks, swap)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.constraints = Constraints(self.tokenizer)
         self._ids = itertools.count()
 
     @property
@@ -82,6 +84,7 @@ class LLMEngine:
         plan = self.scheduler.schedule(time.monotonic())
         if plan.empty:
             return []
+        plan = self.constraints.apply(plan, self.scheduler.requests)
         result = self.worker.execute(plan)
         results = []
         for out in self.scheduler.update(plan, result, time.monotonic()):

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from distserve.core import DecodeScheduler, Request, Scheduler, StepOutput, StepPlan
+from distserve.core.prefix_cache import TokenSequence
 from distserve.runtime.executor import Executor
 from distserve.runtime.step_trace import StepTrace
+from distserve.runtime.structured import Constraints
 from distserve.runtime.worker.worker import WorkerInfo
 
 
@@ -28,7 +30,7 @@ class StoreWriter(Protocol):
 
     def commit(self, pending: list[Any]) -> None: ...
 
-    def prefix_blocks(self, req: Request, first: int, limit: int) -> int: ...
+    def prefix_blocks(self, req: TokenSequence, first: int, limit: int) -> int: ...
 
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ class Instance:
         """A step is in flight (its plan came from the current scheduler)."""
         self.info: WorkerInfo | None = None
         """What its worker reported at start (the block count a new scheduler needs)."""
+        self.constraints: Constraints | None = None
+        """Grammar matchers of its requests with a JSON schema (runtime/structured.py);
+        None: such requests are sampled unconstrained."""
         self.store: StoreWriter | None = None
         """The KV store its steps write through to (core/kv_store.py), if any."""
 
@@ -148,6 +153,8 @@ class Instance:
         plan = self.scheduler.schedule(time.monotonic())
         if plan.empty:
             return False
+        if self.constraints is not None:
+            plan = self.constraints.apply(plan, self.scheduler.requests)
         pending = None
         if self.store is not None and (plan.chunks or plan.loads):
             plan, pending = self.store.plan(plan, self.scheduler.requests)

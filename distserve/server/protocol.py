@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from distserve.cluster.choices import MAX_CHOICES
 from distserve.core import SamplingParams
+from distserve.runtime.structured import JSON_OBJECT, check_schema
 
 
 class StreamOptions(BaseModel):
@@ -23,7 +24,6 @@ UNSUPPORTED = {
     "tool_choice": "tool_choice (function calling)",
     "functions": "functions (function calling)",
     "function_call": "function_call (function calling)",
-    "response_format": "response_format (structured output)",
 }
 """Parameters of the OpenAI API that this server does not implement: a request that sets
 one gets a 400 naming it, never a 200 that silently ignored it."""
@@ -41,8 +41,6 @@ def _unset(name: str, value: Any) -> bool:
         return value == 1
     if name == "tool_choice":
         return value == "none"
-    if name == "response_format":
-        return isinstance(value, dict) and value.get("type") == "text"
     return False
 
 
@@ -88,6 +86,26 @@ class _Common(BaseModel):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     user: str | None = None
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="structured output: {'type': 'text' | 'json_object' | 'json_schema'}",
+    )
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Checked here, schema included, so that a bad one is a 400 before any work."""
+        if v is None:
+            return None
+        kind = v.get("type")
+        if kind in ("text", "json_object"):
+            return v
+        if kind != "json_schema":
+            raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ValueError("json_schema must be an object with the schema under 'schema'")
+        return {"type": kind, "schema": check_schema(spec.get("schema", {}))}
 
     @field_validator("stop")
     @classmethod
@@ -109,7 +127,14 @@ class _Common(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            json_schema=self._json_schema(),
         )  # fmt: skip
+
+    def _json_schema(self) -> str | None:
+        kind = (self.response_format or {}).get("type")
+        if kind == "json_object":
+            return JSON_OBJECT
+        return (self.response_format or {}).get("schema") if kind == "json_schema" else None
 
 
 class CompletionRequest(_Common):

@@ -215,10 +215,11 @@ def test_bad_input_gets_openai_errors(server) -> None:
             ),
             (
                 {"role": "user", "content": "hi"},
-                {"response_format": {"type": "json_object"}},
+                {"response_format": {"type": "xml"}},  # json_object: tests/e2e/test_structured
                 "response_format",
             ),
             ({"role": "user", "content": "hi"}, {"tools": [{"type": "function"}]}, "tools"),
+            *[({"role": "user", "content": "hi"}, extra, says) for extra, says in BAD_FORMATS],
         ]
         for message, extra, says in chat:
             body = {"model": MODEL, "messages": [message], **extra}
@@ -240,6 +241,73 @@ def test_bad_input_gets_openai_errors(server) -> None:
         )
         assert r.status_code == 400 and "error" in r.json()
         assert http.get("/health").status_code == 200  # still serving
+
+
+ASK_JSON = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "country": {"type": "string", "maxLength": 40},
+        "population": {"type": "integer", "minimum": 0, "maximum": 10**9},
+    },
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+BAD_FORMATS: list[tuple[dict, str]] = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}},
+     "objekt"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "string", "pattern": "(["}}}}, "invalid JSON schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+     "must be a JSON object"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema must be an object"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+]  # fmt: skip
+
+
+def _valid(value: object, schema: dict) -> bool:
+    """SCHEMA's subset of JSON Schema, checked by hand."""
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return (
+            isinstance(value, dict)
+            and all(k in value for k in schema.get("required", []))
+            and (schema.get("additionalProperties", True) or set(value) <= set(props))
+            and all(_valid(v, props[k]) for k, v in value.items() if k in props)
+        )
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+    if kind == "integer":
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and schema.get("minimum", value) <= value <= schema.get("maximum", value)
+        )
+    return True
+
+
+def test_structured_output_parses_and_validates(server) -> None:
+    """JSON mode and a JSON schema (response_format). Disaggregated, the prefill instance
+    samples the first token and the decode instance the rest, each with its own matcher
+    (runtime/structured.py): without the decode side's, the output breaks the schema."""
+    client = _client(server)
+    kw: dict = {"model": MODEL, "messages": ASK_JSON, "max_tokens": 60, "temperature": 0}
+    mode = client.chat.completions.create(**kw, response_format={"type": "json_object"})
+    assert isinstance(json.loads(mode.choices[0].message.content or ""), dict), mode
+    assert mode.choices[0].finish_reason == "stop" and mode.usage.completion_tokens > 2
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
+    out = client.chat.completions.create(**kw, response_format=fmt)
+    value = json.loads(out.choices[0].message.content or "")
+    assert _valid(value, SCHEMA), (server[0], value)
+    assert not _valid({"city": "Paris"}, SCHEMA)  # the hand-written check can fail
+    # /v1/completions takes it too (streamed here: the pieces join into the JSON)
+    pieces = client.completions.create(
+        model=MODEL, prompt="The capital of France as JSON:", max_tokens=40, temperature=0,
+        stream=True, extra_body={"response_format": fmt},
+    )  # fmt: skip
+    assert _valid(json.loads("".join(c.choices[0].text for c in pieces if c.choices)), SCHEMA)
 
 
 def test_models_health_metrics(server) -> None:

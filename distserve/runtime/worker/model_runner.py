@@ -83,8 +83,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows]).float()
             params = [c.sampling_params for c in sampled_chunks]
             tokens, logprobs = self.sampler(
-                logits, params, [c.output_index for c in sampled_chunks]
-            )  # type: ignore[arg-type]
+                logits, params, [c.output_index for c in sampled_chunks],
+                [c.allowed_tokens for c in sampled_chunks],
+            )  # type: ignore[arg-type]  # fmt: skip
             ids = [c.request_id for c in sampled_chunks]
             result = StepResult(
                 sampled=dict(zip(ids, tokens, strict=True)),

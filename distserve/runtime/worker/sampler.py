@@ -3,6 +3,7 @@ and log-probabilities of the raw distribution."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from distserve.core import SamplingParams, TokenLogprobs
@@ -16,6 +17,24 @@ def seed_for(seed: int, output_index: int) -> int:
     return (seed * _GOLDEN + output_index) % (2**63)
 
 
+def apply_allowed(logits: torch.Tensor, allowed: list[bytes | None]) -> torch.Tensor:
+    """A copy of `logits` [N, vocab] with -inf for every token a row's bitmask leaves out
+    (bit i % 8 of byte i // 8: token i; rows with None keep every token)."""
+    rows = [i for i, a in enumerate(allowed) if a is not None]
+    vocab = logits.shape[1]
+    packed = np.zeros((len(rows), -(-vocab // 8)), dtype=np.uint8)
+    for j, i in enumerate(rows):
+        mask = np.frombuffer(allowed[i] or b"", dtype=np.uint8)[: packed.shape[1]]
+        packed[j, : len(mask)] = mask
+    bits = np.unpackbits(packed, axis=1, count=vocab, bitorder="little")
+    keep = torch.from_numpy(bits).view(torch.bool).to(logits.device)
+    if len(rows) == len(allowed):
+        return logits.masked_fill(keep.logical_not(), float("-inf"))
+    out = logits.clone()
+    out[rows] = logits[rows].masked_fill(keep.logical_not(), float("-inf"))
+    return out
+
+
 class Sampler:
     """Samples one token per row. Unseeded rows draw from one engine-wide generator."""
 
@@ -24,9 +43,18 @@ class Sampler:
         self.generator = torch.Generator(self.device).manual_seed(seed)
 
     def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        output_indices: list[int],
+        allowed: list[bytes | None] | None = None,
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """logits [N, vocab] float32 -> N tokens and N optional log-probabilities."""
+        """logits [N, vocab] float32 -> N tokens and N optional log-probabilities (of the
+        raw distribution). `allowed`: per row, a bitmask of the tokens it may pick
+        (`ScheduledChunk.allowed_tokens`), or None for any."""
+        raw = logits
+        if allowed is not None and any(a is not None for a in allowed):
+            logits = apply_allowed(logits, allowed)
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
@@ -43,7 +71,7 @@ class Sampler:
             # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race).
             tokens[rows] = (probs / noise).argmax(dim=-1)
         token_list = tokens.tolist()
-        return token_list, self._logprobs(logits, params, token_list)
+        return token_list, self._logprobs(raw, params, token_list)
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
