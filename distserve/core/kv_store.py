@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from distserve.core.plan import StepPlan
-from distserve.core.prefix_cache import BlockHash, chain_hash, root_hash
+from distserve.core.prefix_cache import BlockHash, TokenSequence, chain_hash, root_hash
 from distserve.core.request import Request
 
 
@@ -117,7 +117,7 @@ class KVStore:
             return None
         return slots
 
-    def prefix_blocks(self, req: Request, first: int, limit: int) -> int:
+    def prefix_blocks(self, req: TokenSequence, first: int, limit: int) -> int:
         """How many of a request's full blocks first, first+1 .. (below `limit`) the
         store holds, in order up to the first it lacks: a scheduler's `remote_prefix`
         (blocks 0 .. first-1 are its instance's own prefix-cache hits). Counted in
@@ -145,9 +145,9 @@ class KVStore:
         # a simulator's plans carry no block tables: its copies are never made (block -1)
         tables = {c.request_id: c.block_table for c in plan.chunks}
         for rid, first, count in plan.loads:  # before any write below can evict them
-            req, e = requests[rid], self.entries.setdefault(rid, StoreEntry())
+            loading, e = requests[rid], self.entries.setdefault(rid, StoreEntry())
             for i in range(first, first + count):
-                slot = self._slot_of.get(self._name(e, req, i))
+                slot = self._slot_of.get(self._name(e, loading, i))
                 if slot is None:
                     raise RuntimeError(f"request {rid}: block {i} left the store before its load")
                 while len(e.slots) <= i:
@@ -226,7 +226,7 @@ class KVStore:
         self.stats.tokens_resumed += num_tokens
 
     # ---- slots -------------------------------------------------------------------------
-    def _name(self, e: StoreEntry, req: Request, i: int) -> BlockHash:
+    def _name(self, e: StoreEntry, req: TokenSequence, i: int) -> BlockHash:
         bs = self.block_size
         while len(e.names) <= i:
             j = len(e.names)

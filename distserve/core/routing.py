@@ -46,8 +46,8 @@ T = TypeVar("T", bound=Routable)
 def pick_prefill(instances: Sequence[T], seq: TokenSequence | None = None) -> T | None:
     """The live instance with the fewest prompt tokens ahead (queued, or in a prefill
     running now) plus, given the request `seq`, its own tokens that instance would have to
-    compute (those neither its prefix cache nor a KV store can supply); ties: the fewest running requests (decodes a
-    colocated prefill would stall), then the first."""
+    compute (those neither its prefix cache nor a KV store can supply); ties: the fewest
+    running requests (decodes a colocated prefill would stall), then the first."""
     alive = [i for i in instances if _open(i)]
     if not alive:
         return None

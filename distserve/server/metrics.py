@@ -230,6 +230,8 @@ def _store_families(store: KVStore) -> Iterator[Any]:
         ("distserve_kv_store_written_bytes", "KV bytes written to the store", st.bytes_written),
         ("distserve_kv_store_shared_blocks", "Full blocks found in the store already",
          st.blocks_shared),
+        ("distserve_kv_store_loaded_blocks",
+         "Full prompt blocks read from the store instead of computed", st.blocks_loaded),
         ("distserve_kv_store_evictions", "Cached slots evicted for new KV", st.evictions),
         ("distserve_kv_store_resumes", "Requests resumed from the store after a fault",
          st.resumes),

@@ -88,6 +88,7 @@ def test_a_prompt_prefilled_on_one_instance_is_loaded_from_the_store_by_another(
     from distserve.cluster.controller import Controller
     from distserve.config import CacheConfig, EngineConfig, PlacementConfig
     from distserve.core import SamplingParams
+    from distserve.server.metrics import _store_families
 
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     engine = EngineConfig(
@@ -109,6 +110,9 @@ def test_a_prompt_prefilled_on_one_instance_is_loaded_from_the_store_by_another(
             loaded = c.store.directory.stats.blocks_loaded if c.store else 0
             if c.store:
                 c.store.directory.check()
+                # /metrics exports the count (distserve_kv_store_loaded_blocks_total)
+                families = {f.name: f for f in _store_families(c.store.directory)}
+                assert families["distserve_kv_store_loaded_blocks"].samples[0].value == loaded
             return outs, cached, loaded
         finally:
             await c.stop()

@@ -201,16 +201,20 @@ def _parse(*args: str):
     return parser.parse_args(args)
 
 
-def test_bench_flags_make_a_sessions_spec_and_the_simulator_refuses_it() -> None:
+def test_bench_and_simulate_flags_make_a_sessions_spec_and_the_planner_refuses_it() -> None:
     slo = ["--ttft-slo", "1", "--tpot-slo", "1"]
     args = _parse("bench", *slo, "--dataset", "conversations", "--max-turns", "3")
     spec = workload_spec(args, args.rate)
     assert (spec.dataset, spec.max_turns, spec.think_time) == ("conversations", 3, 1.0)
     args = _parse("goodput", *slo, "--rates", "1", "--dataset", "conversations")
     assert workload_spec(args, 1.0).dataset == "conversations"
-    sim = _parse("simulate", "--profile", "a100", *slo, "--dataset", "conversations")
-    with pytest.raises(ValueError, match="live client only"):
-        workload_spec(sim, 1.0)
+    sim = _parse("simulate", "--profile", "a100", *slo, "--dataset", "conversations",
+                 "--think-time", "2")  # fmt: skip
+    assert workload_spec(sim, 1.0).think_time == 2.0
+    plan = _parse("plan", "--profile", "a100", "--devices-per-node", "2", *slo, "--dataset",
+                  "conversations")  # fmt: skip
+    with pytest.raises(ValueError, match="planner's search does not model sessions"):
+        workload_spec(plan, 1.0)
     with pytest.raises(SystemExit):
         _parse("bench", *slo, "--think-time", "-1")
 

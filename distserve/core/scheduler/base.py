@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from distserve.core.block_manager import BlockManager
 from distserve.core.config import PreemptionMode, SchedulerConfig
 from distserve.core.plan import ScheduledChunk, StepPlan, StepResult
+from distserve.core.prefix_cache import TokenSequence
 from distserve.core.request import FinishReason, Request, RequestStatus
 
 _FINISHED_STATUS = {
@@ -58,7 +59,7 @@ class Scheduler(ABC):
         self.num_prompt_tokens_cached = 0
         """How many of those a prefix-cache hit supplied (a counter; the hit rate is
         this over `num_prompt_tokens_admitted`)."""
-        self.remote_prefix: Callable[[Request, int, int], int] | None = None
+        self.remote_prefix: Callable[[TokenSequence, int, int], int] | None = None
         """How many more full blocks of a request, after the first `first` (its local
         prefix-cache hits) and up to `limit`, an outside store holds (core/kv_store.py);
         None: none. Blocks found there are counted computed and listed in the plan's
