@@ -73,7 +73,8 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take: empty ones and parked (evictable) ones."""
-        return len(self._free) + self.num_cached_blocks
+        cache = self.cache  # inlined: the simulator asks this every step of every request
+        return len(self._free) + (len(cache._parked) if cache is not None else 0)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -103,7 +104,9 @@ class BlockManager:
 
     def blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """Further blocks the request needs for its table to cover `num_tokens` tokens."""
-        return max(0, self.blocks_for(num_tokens) - self.num_blocks_of(request_id))
+        table = self._tables.get(request_id)
+        need = -(-num_tokens // self.block_size) - (len(table) if table is not None else 0)
+        return need if need > 0 else 0
 
     # ---- prefix caching ------------------------------------------------------------
     def lookup(self, seq: TokenSequence) -> list[int]:
@@ -119,10 +122,14 @@ class BlockManager:
         """Register the full blocks of `seq`'s table whose KV is computed (positions
         [0, num_computed)), so later requests can take them. Call after the step that
         computed them has run, never before: a name promises the KV is there."""
-        table = self._tables.get(seq.request_id)
-        if self.cache is None or table is None:
+        cache = self.cache
+        if cache is None:
             return
-        self.cache.register(seq, table, min(num_computed // self.block_size, len(table)))
+        table = self._tables.get(seq.request_id)
+        if table is None:
+            return
+        full = num_computed // self.block_size
+        cache.register(seq, table, full if full < len(table) else len(table))
 
     # ---- paired verbs --------------------------------------------------------------
     def can_allocate(

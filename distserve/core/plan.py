@@ -43,6 +43,30 @@ class ScheduledChunk:
         if self.num_tokens < 0:
             object.__setattr__(self, "num_tokens", len(self.token_ids))
 
+    @classmethod
+    def counted(
+        cls,
+        request_id: str,
+        start: int,
+        num_tokens: int,
+        sampling_params: SamplingParams | None,
+        output_index: int,
+    ) -> ScheduledChunk:
+        """A chunk of counts only (no token ids, no block table), as a simulator's plans
+        carry: equal to the constructor's, built ~3x faster (one per request per step)."""
+        chunk = object.__new__(cls)
+        chunk.__dict__.update(
+            request_id=request_id,
+            token_ids=(),
+            start=start,
+            block_table=(),
+            sampling_params=sampling_params,
+            output_index=output_index,
+            num_tokens=num_tokens,
+            allowed_tokens=None,
+        )
+        return chunk
+
     @property
     def context_len(self) -> int:
         """Tokens whose KV exists after this chunk."""

@@ -20,6 +20,7 @@ Only counts and names live here, never tensors; the `BlockManager` is the only c
 from __future__ import annotations
 
 import hashlib
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -49,6 +50,27 @@ def root_hash(key: str) -> BlockHash:
 def chain_hash(parent: BlockHash, tokens: Sequence[int]) -> BlockHash:
     """The name of a full block holding `tokens` after the prefix named `parent`."""
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+_SHARED: weakref.WeakKeyDictionary[object, dict[tuple[BlockHash, int], list[BlockHash]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Sequence object -> its block names per (root, block size), shared by every cache that
+names it: the instances a router weighs (pp virtual instances, replicas) hash a prompt
+once, not once each. The same object's tokens only grow at the end, so a list of names
+computed by one cache stays right for all."""
+
+
+def _shared_names(seq: TokenSequence, root: BlockHash, block_size: int) -> list[BlockHash]:
+    """The shared names list of `seq` under `root` (a fresh private list where `seq`
+    cannot be weakly referenced)."""
+    try:
+        per_seq = _SHARED.get(seq)
+        if per_seq is None:
+            per_seq = _SHARED[seq] = {}
+    except TypeError:
+        return []
+    return per_seq.setdefault((root, block_size), [])
 
 
 class PrefixCache:
@@ -85,8 +107,11 @@ class PrefixCache:
         cache's own: read it."""
         kept = self._names.get(seq.request_id)
         if kept is None or kept[0] is not seq:  # another object: maybe other tokens
-            kept = self._names[seq.request_id] = (seq, [])
+            shared = _shared_names(seq, self.root, self.block_size)
+            kept = self._names[seq.request_id] = (seq, shared)
         names = kept[1]
+        if len(names) >= num_blocks:
+            return names
         bs = self.block_size
         while len(names) < num_blocks:
             i = len(names)
@@ -98,8 +123,10 @@ class PrefixCache:
         """Registered blocks holding the longest prefix of `seq`'s first `num_blocks`
         full blocks: looked up in order, up to the first name nobody holds."""
         hits: list[int] = []
-        for name in self.names(seq, num_blocks)[:num_blocks]:
-            block = self._block_of.get(name)
+        names = self.names(seq, num_blocks)
+        block_of = self._block_of
+        for i in range(num_blocks):
+            block = block_of.get(names[i])
             if block is None:
                 break
             hits.append(block)

@@ -41,8 +41,13 @@ class LatencyModel:
         return float(self.profile.fit.get("transfer_bandwidth", 1e10))
 
     def step_time(self, plan: StepPlan, busy_share: float = 0.0) -> float:
-        prefill = [(ch.start, ch.num_tokens) for ch in plan.prefill_chunks]
-        decode = [ch.start for ch in plan.decode_chunks]
+        prefill: list[tuple[int, int]] = []
+        decode: list[int] = []
+        for ch in plan.chunks:  # one pass, as plan.prefill_chunks / decode_chunks split them
+            if ch.start == 0 or ch.num_tokens > 1:
+                prefill.append((ch.start, ch.num_tokens))
+            else:
+                decode.append(ch.start)
         return self.phase_time(prefill, decode, busy_share)
 
     def phase_time(

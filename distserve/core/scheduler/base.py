@@ -81,12 +81,13 @@ class Scheduler(ABC):
         requests that hit a stop rule (their blocks are freed here). Requests aborted while
         the step ran are skipped."""
         outputs = []
+        requests, blocks = self.requests, self.blocks
         for chunk in plan.chunks:
-            req = self.requests.get(chunk.request_id)
+            req = requests.get(chunk.request_id)
             if req is None or req.finished:
                 continue
-            req.num_computed_tokens = chunk.context_len
-            self.blocks.cache_blocks(req, req.num_computed_tokens)
+            req.num_computed_tokens = chunk.start + chunk.num_tokens  # its context_len
+            blocks.cache_blocks(req, req.num_computed_tokens)
             if chunk.sampling_params is None:
                 continue
             token = result.sampled[chunk.request_id]
@@ -187,6 +188,14 @@ class Scheduler(ABC):
         end = start + num_tokens
         samples = end == req.num_tokens
         detailed = self.detailed_plans
+        if not detailed:
+            return ScheduledChunk.counted(
+                req.request_id,
+                start,
+                num_tokens,
+                req.sampling_params if samples else None,
+                len(req.output_token_ids),
+            )
         return ScheduledChunk(
             request_id=req.request_id,
             token_ids=tuple(req.token_ids(start, end)) if detailed else (),
@@ -202,6 +211,8 @@ class Scheduler(ABC):
     ) -> bool:
         """Make `req`'s blocks cover `num_tokens`, preempting the newest running requests
         when blocks run out. Returns False if `req` itself had to be preempted."""
+        if not self.blocks.blocks_needed(req.request_id, num_tokens):
+            return True  # covered already (most decode steps): nothing to allocate
         while not self.blocks.can_allocate(req.request_id, num_tokens):
             victim = self.running[-1]
             self._preempt(victim, swap_out)
@@ -325,13 +336,17 @@ class Scheduler(ABC):
         """One token for every decoding request (continuous batching), preempting the
         newest when blocks run out."""
         chunks: list[Request] = []
+        preemptions = self.num_preemptions
         # Victims are taken from the back, so a request already chosen is never preempted.
         for req in list(self.running):
-            if req.status != RequestStatus.DECODING or req not in self.running:
+            if req.status != RequestStatus.DECODING:
                 continue
+            if self.num_preemptions != preemptions and req not in self.running:
+                continue  # preempted in this loop (only then can it have left `running`)
             if not self._grow_or_preempt(req, req.num_tokens, swap_out):
                 continue
             chunks.append(req)
         for req in chunks:
-            req.mark("decode_start", now)
+            if "decode_start" not in req.timestamps:
+                req.mark("decode_start", now)
         return [self._chunk(r, r.num_uncomputed_tokens) for r in chunks]

@@ -118,7 +118,8 @@ class DecodeScheduler(Scheduler):
             self.pending.remove(req)
 
     def _on_sampled(self, req: Request, now: float) -> None:
-        req.mark("prefill_end", now)  # once: a prompt prefilled here got its first token
+        if "prefill_end" not in req.timestamps:  # once: a prompt prefilled here got its first token
+            req.mark("prefill_end", now)
 
     # ---- steps --------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
