@@ -15,6 +15,10 @@ Targets: TTFT 0.3 s, TPOT 0.06 s (both, per request). Systems, the same requests
   1P1D       1 prefill + 1 decode instance, fixed
 Reported: SLO attainment (both targets) per phase and overall, the flips made (when, to
 what), and requests lost (must be 0).
+
+With --sim-only, the simulator's prediction of the same systems on the same requests
+instead (`simulate --adaptive`: the same re-plan policy, sim/replan.py, on the virtual
+clock; seconds, not minutes), written to benchmarks/results/adaptive_shift_sim.json.
 """
 
 from __future__ import annotations
@@ -54,6 +58,67 @@ def trace(phase_seconds: float, cycles: int, seed: int = 0) -> list[tuple[float,
                 out.append((t, name, rng.randint(*plen), rng.randint(*olen)))
             t0 += phase_seconds
     return out
+
+
+def report(system: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Attainment overall and per phase, requests lost, TTFT p90."""
+    ok = [r for r in results if "error" not in r]
+    by_phase: dict[str, list[bool]] = {}
+    for r in ok:
+        by_phase.setdefault(r["phase"], []).append(r["ok"])
+    return {
+        "system": system,
+        "requests": len(results),
+        "lost": len(results) - len(ok),
+        "attainment": sum(r["ok"] for r in ok) / len(results),
+        "attainment_by_phase": {k: sum(v) / len(v) for k, v in by_phase.items()},
+        "ttft_p90": statistics.quantiles([r["ttft"] for r in ok], n=10)[-1],
+    }
+
+
+def simulated(system: str, requests: list[tuple[float, str, int, int]]) -> dict[str, Any]:
+    """The simulator's prediction of `run(system, requests)`: the emulated devices' latency
+    model and KV capacity, the same requests (prompt ids drawn as `run` draws them)."""
+    import dataclasses
+
+    from distserve.cluster.emulation import model_profiles, role_latency
+    from distserve.sim.simulator import SimConfig, Simulator
+    from distserve.workload import Workload, WorkloadRequest
+
+    lat, blocks = role_latency(model_profiles("a100", "opt-13b"), 1, 1, 16)
+    roles = ("prefill", "decode", "colocated")
+    config = SimConfig(
+        PlacementConfig(mode="disagg")
+        if system == "1P1D"
+        else PlacementConfig(mode="colocated", num_instances=2),
+        {r: lat for r in roles},
+        {r: blocks for r in roles},
+    )
+    if system == "adaptive":
+        replan = AdaptiveConfig("a100", TTFT, TPOT, interval=5.0, margin=0.05, dwell=10.0)
+        config = dataclasses.replace(config, adaptive=replan, live_window=WINDOW)
+    rng = random.Random(1)
+    wl = Workload(
+        tuple(
+            WorkloadRequest(i, t, tuple(rng.randrange(100, 250) for _ in range(plen)), olen)
+            for i, (t, _, plen, olen) in enumerate(requests)
+        )
+    )
+    sim = Simulator(config)
+    out = [
+        {"phase": phase, "ttft": r.ttft, "tpot": r.tpot,
+         "ok": r.ttft <= TTFT and r.tpot <= TPOT}  # type: ignore[operator]
+        if r.e2e is not None
+        else {"phase": phase, "error": "unfinished"}
+        for r, (_, phase, _, _) in zip(sim.run(wl), requests, strict=True)
+    ]  # fmt: skip
+    flips = [{k: round(v, 2) if isinstance(v, float) else v for k, v in f.items()}
+             for f in sim.flips]  # fmt: skip
+    return report(f"{system} (simulated)", out) | {
+        "flips": flips,
+        "flip_times_s": [f["at"] for f in flips],
+        "replans": len(sim.adaptive.replans) if sim.adaptive else 0,
+    }
 
 
 async def run(system: str, requests: list[tuple[float, str, int, int]]) -> dict[str, Any]:
@@ -101,36 +166,63 @@ async def run(system: str, requests: list[tuple[float, str, int, int]]) -> dict[
         flip_times = [f.started - start for f in c.flips.done]
     finally:
         await c.stop()
-    ok = [r for r in results if "error" not in r]
-    by_phase: dict[str, list[bool]] = {}
-    for r in ok:
-        by_phase.setdefault(r["phase"], []).append(r["ok"])
-    return {
-        "system": system,
-        "requests": len(results),
-        "lost": len(results) - len(ok),
-        "attainment": sum(r["ok"] for r in ok) / len(results),
-        "attainment_by_phase": {k: sum(v) / len(v) for k, v in by_phase.items()},
-        "ttft_p90": statistics.quantiles([r["ttft"] for r in ok], n=10)[-1],
+    return report(system, list(results)) | {
         "flips": flips,
         "flip_times_s": [round(t, 1) for t in flip_times],
     }
 
 
 def main() -> None:
+    global WINDOW
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--phase-seconds", type=float, default=60.0, help="length of each phase")
     ap.add_argument("--cycles", type=int, default=2, help="long+short cycles")
     ap.add_argument(
         "--systems", default="adaptive,colocated,1P1D", help="comma-separated systems to run"
     )
-    ap.add_argument("--output", default="benchmarks/results/adaptive_shift.json", help="JSON")
+    ap.add_argument(
+        "--live-window",
+        default=f"{WINDOW:g}",
+        help="seconds of traffic the adaptive system's re-plans look at (serve --live-window); "
+        "a comma-separated list runs the adaptive system once with each",
+    )
+    ap.add_argument(
+        "--sim-only",
+        action="store_true",
+        help="only the simulator's prediction of each system (simulate --adaptive)",
+    )
+    ap.add_argument(
+        "--write-trace",
+        default=None,
+        metavar="CSV",
+        help="only write the requests as a trace (timestamp, prompt_len, output_len) for "
+        "`distserve simulate --dataset trace`, and exit",
+    )
+    ap.add_argument("--output", default=None, help="JSON (default: benchmarks/results/"
+                    "adaptive_shift.json, adaptive_shift_sim.json with --sim-only)")  # fmt: skip
     args = ap.parse_args()
+    windows = [float(w) for w in args.live_window.split(",")]
+    if args.output is None:
+        name = "adaptive_shift_sim.json" if args.sim_only else "adaptive_shift.json"
+        args.output = f"benchmarks/results/{name}"
     requests = trace(args.phase_seconds, args.cycles)
+    if args.write_trace:
+        with open(args.write_trace, "w", encoding="utf-8") as f:
+            f.write("timestamp,prompt_len,output_len\n")
+            f.writelines(f"{t:.6f},{p},{o}\n" for t, _, p, o in requests)
+        print(f"wrote {args.write_trace}")
+        return
     print(f"{len(requests)} requests over {args.phase_seconds * 2 * args.cycles:.0f} s", flush=True)
     out = []
-    for system in args.systems.split(","):
-        r = asyncio.run(run(system, requests))
+    runs = [
+        (system, w)
+        for system in args.systems.split(",")
+        for w in (windows if system == "adaptive" else [windows[0]])
+    ]
+    for system, WINDOW in runs:
+        r = simulated(system, requests) if args.sim_only else asyncio.run(run(system, requests))
+        if system == "adaptive":
+            r["system"] += f", live window {WINDOW:g} s"
         out.append(r)
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["attainment_by_phase"].items())
         print(
@@ -141,7 +233,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump({"command": "python benchmarks/adaptive_shift.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"
+            f"--{k.replace('_', '-')} {v}" if v is not True else f"--{k.replace('_', '-')}"
+            for k, v in vars(args).items() if k != "output" and v is not False
         ), "ttft_slo": TTFT, "tpot_slo": TPOT, "date": time.strftime("%Y-%m-%d %H:%M"),
             "results": out}, f, indent=1)  # fmt: skip
     print(f"wrote {args.output}")

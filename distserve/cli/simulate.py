@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from typing import Any
 
 from distserve.cli.common import (
@@ -94,6 +95,41 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "plus the migration, and the step stays within --tpot-slo (so long prompts always "
         "go to prefill), as serve --prefill-on-decode does (default: off)",
     )
+    g = p.add_argument_group("adaptive layout (as serve --adaptive)")
+    g.add_argument(
+        "--adaptive",
+        default=None,
+        metavar="PROFILE",
+        help="follow the traffic as serve --adaptive does: every --replan-interval s replay "
+        "the requests finished in the last --live-window s on every layout of the instances "
+        "with this latency profile JSON (or a bundled name; usually --profile's) and flip "
+        "roles (drain, then a new scheduler) to the best one; the summary lists the flips "
+        "and re-plans (default: off)",
+    )
+    g.add_argument(
+        "--live-window",
+        type=positive_float,
+        default=120.0,
+        help="--adaptive: seconds of finished traffic a re-plan looks at (default: 120)",
+    )
+    g.add_argument(
+        "--replan-interval",
+        type=positive_float,
+        default=20.0,
+        help="--adaptive: seconds between re-plans (default: 20)",
+    )
+    g.add_argument(
+        "--replan-margin",
+        type=nonnegative_float,
+        default=0.05,
+        help="--adaptive: predicted attainment gain a new layout needs (default: 0.05)",
+    )
+    g.add_argument(
+        "--replan-dwell",
+        type=nonnegative_float,
+        default=30.0,
+        help="--adaptive: seconds a better layout must stay best before flipping (default: 30)",
+    )
     add_tokenizer_flag(p, "smollm2-135m")
     add_workload_flags(p, num_requests=1000, sessions=True)
     add_arrival_flags(p, sessions=True)
@@ -153,6 +189,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if args.mode != "disagg":
                 raise ValueError("prefill_on_decode applies to --mode disagg only")
             config = dataclasses.replace(config, prefill_on_decode=args.tpot_slo)
+        if args.adaptive is not None:
+            from distserve.sim.profile import BUNDLED
+            from distserve.sim.replan import AdaptiveConfig
+
+            if args.mode == "colocated" and args.chunked_prefill:
+                raise ValueError("adaptive does not flip chunked-prefill instances")
+            if args.adaptive not in BUNDLED and not os.path.isfile(args.adaptive):
+                raise ValueError(f"adaptive {args.adaptive}: no such profile file")
+            replan = AdaptiveConfig(
+                args.adaptive, args.ttft_slo, args.tpot_slo, args.replan_interval,
+                args.replan_margin, args.replan_dwell,
+            )  # fmt: skip
+            config = dataclasses.replace(config, adaptive=replan, live_window=args.live_window)
         workload = build_workload(workload_spec(args, args.rate), tokenizer_for(args.model))
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(flag_message(ValueError(str(e).strip("'\"")), parser))

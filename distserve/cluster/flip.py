@@ -21,6 +21,7 @@ from distserve.cluster.request_table import RequestTable
 from distserve.core import DecodeScheduler, Scheduler
 from distserve.core.routing import pick_prefill
 from distserve.runtime.instance import Instance, Role
+from distserve.sim.replan import flip_refusal
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,10 @@ class Flips:
             raise ValueError(f"instance {inst.name} is already flipping")
         if inst.role == role:
             raise ValueError(f"instance {inst.name} is already {role.value}")
-        roles = [i.role for i in self.table.instances if i is not inst and i.alive]
-        roles.append(role)
-        if all(r == Role.DECODE for r in roles):
-            raise ValueError(f"flipping {inst.name} to {role.value} leaves no instance for prompts")
-        if Role.PREFILL in roles and Role.DECODE not in roles and not force:
-            raise ValueError(f"flipping {inst.name} to {role.value} leaves prefill without decode")
+        others = [i.role for i in self.table.instances if i is not inst and i.alive]
+        why = flip_refusal(others, role, force)  # the simulator's rule too (sim/replan.py)
+        if why is not None:
+            raise ValueError(f"flipping {inst.name} to {role.value} {why}")
 
     async def flip(
         self, inst: Instance, role: Role, force: bool = False, poll: float = 0.02

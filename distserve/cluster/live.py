@@ -8,7 +8,8 @@ import collections
 import statistics
 from dataclasses import dataclass
 
-from distserve.workload.spec import Workload, WorkloadRequest
+from distserve.sim.replan import window_workload
+from distserve.workload.spec import Workload
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,9 @@ class LiveWindow:
     def workload(self, now: float, limit: int | None = None) -> Workload:
         """The window's finished requests as a workload, arrivals from its start; with
         `limit`, only the latest that many (a cheaper re-plan at a high rate)."""
-        done = sorted(self.finished(now), key=lambda d: d.arrival)
-        if limit is not None:
-            done = done[-limit:]
-        if not done:
-            return Workload(())
-        t0 = done[0].arrival
-        reqs = tuple(
-            WorkloadRequest(i, d.arrival - t0, d.prompt_token_ids, d.output_len)
-            for i, d in enumerate(done)
-        )
-        return Workload(reqs, {"dataset": "live window", "seconds": self.seconds})
+        rows = [(d.arrival, d.prompt_token_ids, d.output_len) for d in self.finished(now)]
+        label = {"dataset": "live window", "seconds": self.seconds}
+        return window_workload(rows, label, limit)  # the simulator's re-plans' too
 
 
 def _p90(xs: list[int]) -> float:

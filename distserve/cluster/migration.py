@@ -99,7 +99,11 @@ class Migrations:
             else:
                 state.decode = None
                 table.awaiting.append((state, src.scheduler.requests[rid]))
-        elif self.store is not None and self.store.resume_slots(rid, req.num_tokens):
+        elif (
+            self.store is not None
+            and self.store.resume_slots(rid, req.num_tokens)
+            and (dec.store is not None or not dec.alive)
+        ):
             state.from_store = True  # gone with the prefill worker, but in the KV store
             if dec.alive:
                 dec.scheduler.fail_migration(rid, now)
@@ -121,7 +125,7 @@ class Migrations:
         table, store, rid = self.table, self.store, req.request_id
         assert isinstance(dec.scheduler, DecodeScheduler) and store is not None
         skip = dec.scheduler.num_local_blocks(rid)
-        slots = store.resume_slots(rid, req.num_tokens)
+        slots = store.resume_slots(rid, req.num_tokens) if dec.store is not None else None
         ok = False
         if slots is not None:
             dst_blocks = dec.scheduler.blocks.block_table(rid)[skip : len(slots)]

@@ -86,7 +86,10 @@ class RequestTable:
             if state.aborted or req.finished or not held:
                 self.awaiting.popleft()  # gone, or rescued elsewhere
                 continue
-            dec = pick_decode(self.decode_instances)
+            decoders = self.decode_instances
+            if state.from_store:  # only a worker that maps the store can pull from it
+                decoders = [i for i in decoders if i.store is not None]
+            dec = pick_decode(decoders)
             if dec is None:
                 return
             self.awaiting.popleft()

@@ -34,8 +34,9 @@ class StoreLink:
         block_size = engine.cache.block_size
         self.pool = StorePool(model, gib, block_size, DTYPES[engine.dtype], shared=use_ray)
         self.directory = KVStore(
-            self.pool.num_slots, block_size, engine.prefix_cache_key, self.pool.bytes_per_slot
-        )
+            self.pool.num_slots, block_size, engine.prefix_cache_key, self.pool.bytes_per_slot,
+            serves_prefixes=engine.cache.prefix_caching,
+        )  # fmt: skip
         log.info(
             "KV store: %d slots of %d tokens (%.2f GiB) in %.1f s",
             self.pool.num_slots, block_size, self.pool.num_bytes / 2**30, time.perf_counter() - t0,
@@ -60,8 +61,8 @@ class StoreLink:
         queued on a live decode instance stays: its admission pulls from the store). False
         if the store lacks it or no decode instance exists: it is recomputed instead."""
         rid = req.request_id
-        if dead.role == Role.COLOCATED or not table.decode_instances:
-            return False
+        if dead.role == Role.COLOCATED or not any(i.store for i in table.decode_instances):
+            return False  # no decode instance could pull it (none, or none maps the store)
         if self.directory.resume_slots(rid, req.num_tokens) is None:
             return False  # still being prefilled, or the store was full
         state.from_store = True

@@ -81,9 +81,17 @@ class KVStore:
     """The directory of one pool of `num_slots` slots of `block_size` tokens."""
 
     def __init__(
-        self, num_slots: int, block_size: int, cache_key: str, bytes_per_slot: int = 0
+        self,
+        num_slots: int,
+        block_size: int,
+        cache_key: str,
+        bytes_per_slot: int = 0,
+        serves_prefixes: bool = True,
     ) -> None:
+        """`serves_prefixes`: a prompt may load prefix blocks from the store (False with
+        prefix caching off: every prompt is computed the same way; resumes still work)."""
         self.num_slots, self.block_size = num_slots, block_size
+        self.serves_prefixes = serves_prefixes
         self.bytes_per_slot = bytes_per_slot
         self.root = root_hash(cache_key)
         self._free: deque[int] = deque(range(num_slots))
@@ -122,7 +130,7 @@ class KVStore:
         store holds, in order up to the first it lacks: a scheduler's `remote_prefix`
         (blocks 0 .. first-1 are its instance's own prefix-cache hits). Counted in
         `stats.blocks_loaded` only once the plan reads them."""
-        if first >= limit:
+        if first >= limit or not self.serves_prefixes:
             return 0
         e = self.entries.get(req.request_id) or StoreEntry()  # a look only: keeps nothing new
         n = 0

@@ -99,6 +99,9 @@ def simulate(
         },
         "prefilled_on_decode": sim.prefilled_on_decode,
     }
+    if sim.adaptive is not None:  # simulate --adaptive: the flips and what each re-plan saw
+        summary["simulator"]["flips"] = sim.flips
+        summary["simulator"]["replans"] = sim.adaptive.replans
     if output:
         write_results(
             output,

@@ -35,6 +35,7 @@ from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
 from distserve.metrics.results import RequestResult
 from distserve.sim.latency import LatencyModel
+from distserve.sim.replan import AdaptiveConfig, flip_refusal
 from distserve.workload import Workload
 
 _TOKEN = 0  # what the simulated model "samples": any id; requests end by max_tokens
@@ -55,6 +56,12 @@ class SimInstance:
     steps: int = 0
     busy_seconds: float = 0.0
     plans: list[StepPlan] = field(default_factory=list)
+    draining: bool = False
+    """Flipping its role: routing skips it (core/routing.py) until its requests are done."""
+    flipping_to: str = ""
+    flip_started: float = 0.0
+    flip_moved: int = 0
+    """Queued requests the flip in progress handed to other instances."""
 
 
 @dataclass
@@ -92,6 +99,10 @@ class SimConfig:
     prefill_on_decode: float | None = None
     """The per-request rule (core/routing.py's PrefillOnDecode) with this TPOT target as
     the longest step a decode instance may take to prefill a prompt; None: off."""
+    adaptive: AdaptiveConfig | None = None
+    """Re-plan the layout every `adaptive.interval` s on the requests finished in the last
+    `live_window` s and flip roles as serve --adaptive does (sim/adaptive.py); None: off."""
+    live_window: float = 120.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +128,8 @@ class SimConfig:
             "seed": self.seed,
             "prefill_on_decode": self.prefill_on_decode,
             "kv_store_slots": self.kv_store_slots,
+            "adaptive": dataclasses.asdict(self.adaptive) if self.adaptive else None,
+            "live_window": self.live_window,
         }
 
 
@@ -131,6 +144,7 @@ class Simulator:
                 config.kv_store_slots,
                 config.block_size,
                 config.latency[config.placement.roles[0]].profile.model,
+                serves_prefixes=config.prefix_caching,
             )
             if config.kv_store_slots
             else None
@@ -170,8 +184,23 @@ class Simulator:
         """The per-request rule, if on: a decode instance may prefill a short prompt."""
         self.prefilled_on_decode = 0
         """Requests the rule sent to a decode instance (a counter)."""
+        self._held: deque[Any] = deque()
+        """Arrivals while no prompt-taking instance is open (all flipping): placed when
+        one opens, as the controller's orphans are."""
+        self.flips: list[dict[str, Any]] = []
+        """Role flips done: when, which instance, old and new role, seconds draining."""
+        self.adaptive = None
+        if config.adaptive is not None:
+            from distserve.sim.adaptive import SimAdaptive
+
+            self.adaptive = SimAdaptive(self, config.adaptive, config.live_window)
 
     def _instance(self, role: str, index: int) -> SimInstance:
+        latency = self.config.latency[role]
+        return SimInstance(f"{role}-{index}", role, self._scheduler(role), latency)
+
+    def _scheduler(self, role: str) -> Scheduler:
+        """A fresh scheduler of `role`, with its own cache (a new instance's, or a flip's)."""
         cfg = self.config
         sched_cfg = dataclasses.replace(
             cfg.scheduler, chunked_prefill=cfg.placement.chunked_prefill and role == "colocated"
@@ -191,7 +220,7 @@ class Simulator:
         }
         scheduler = kinds[role](sched_cfg, blocks, swap)
         scheduler.detailed_plans = False
-        return SimInstance(f"{role}-{index}", role, scheduler, cfg.latency[role])
+        return scheduler
 
     # ---- events -------------------------------------------------------------------
     def _at(self, t: float, kind: str, fn: Callable[[float], None]) -> None:
@@ -229,6 +258,8 @@ class Simulator:
             )  # fmt: skip
         self._next_arrival = 0
         self._arrivals = arrivals
+        if self.adaptive is not None:
+            self.adaptive.start()
         while (
             self._events or self._next_arrival < len(arrivals) or self._turns_due
         ) and not self._stopped:
@@ -331,9 +362,11 @@ class Simulator:
 
     def _arrive(self, t: float, wr: Any) -> None:
         params = SamplingParams(max_tokens=wr.output_len, ignore_eos=True, temperature=0.0)
-        req = Request(str(wr.index), list(wr.prompt_token_ids), params, t)
+        req = Request(str(wr.index), list(wr.prompt_token_ids), params, wr.arrival)
         inst = pick_prefill([i for i in self.instances if i.role != "decode"], req)
-        assert inst is not None
+        if inst is None:  # every prompt-taking instance is flipping: wait for one
+            self._held.append(wr)
+            return
         try:
             inst.scheduler.check_request(req)
         except ValueError as e:  # as the server would answer 400
@@ -355,6 +388,72 @@ class Simulator:
         # Wake after every arrival of this instant is queued (arrivals go first at a tie).
         self._at(t, "wake", functools.partial(self._wake, inst))
 
+    # ---- role flips: cluster/flip.py's, on the virtual clock -------------------------
+    def flip(self, inst: SimInstance, role: str, t: float) -> None:
+        """Start turning `inst` into a `role` instance as the controller does: it stops
+        admitting, its queued work that has not started moves to instances of its old
+        role, what it computes finishes (prefilled requests leave through the normal
+        migration), then it takes a fresh scheduler of `role` and admits again."""
+        others = [i.role for i in self.instances if i is not inst and i.alive]
+        why = flip_refusal(others, role) or (
+            "is flipping" if inst.draining else "has that role" if inst.role == role else None
+        )
+        if why is not None:
+            raise ValueError(f"cannot flip {inst.name} to {role}: it {why}")
+        inst.draining, inst.flipping_to, inst.flip_started = True, role, t
+        inst.flip_moved = self._hand_over(inst, t)
+        self._wake(inst, t)
+
+    def _hand_over(self, inst: SimInstance, t: float) -> int:
+        """Move what has not started on a flipping instance to others of its role; returns
+        how many requests moved."""
+        sched, moved = inst.scheduler, 0
+        if isinstance(sched, DecodeScheduler):  # prefilled, not admitted: migrate elsewhere
+            for req in list(sched.pending):
+                sched.abort_request(req.request_id, t)
+                src = self._owner[req.request_id]
+                self._awaiting.append((src, src.scheduler.requests[req.request_id]))
+                moved += 1
+            self._dispatch(t)
+            return moved
+        entry = [i for i in self.instances if i.role != "decode" and i is not inst]
+        if pick_prefill(entry) is None:
+            return 0  # no other instance takes prompts now: the queue drains here
+        for req in list(sched.waiting):
+            if req.num_computed_tokens:
+                continue  # partly computed (chunked, preempted): it finishes here
+            sched.abort_request(req.request_id, t)
+            again = Request(
+                req.request_id, list(req.prompt_token_ids), req.sampling_params,
+                req.arrival_time, output_token_ids=list(req.output_token_ids),
+                timestamps=dict(req.timestamps), num_preemptions=req.num_preemptions,
+            )  # fmt: skip
+            dst = pick_prefill(entry, again)
+            assert dst is not None
+            dst.scheduler.add_request(again)
+            self._owner[req.request_id] = dst
+            self._at(t, "wake", functools.partial(self._wake, dst))
+            moved += 1
+        return moved
+
+    def _end_flip(self, inst: SimInstance, t: float) -> None:
+        """A drained instance takes its new role; arrivals held meanwhile are placed."""
+        old, role = inst.role, inst.flipping_to
+        inst.scheduler = self._scheduler(role)
+        if self.store is not None and role != "decode":
+            inst.scheduler.remote_prefix = self.store.prefix_blocks
+        inst.role, inst.latency, inst.draining = role, self.config.latency[role], False
+        self.flips.append(
+            {"at": inst.flip_started, "instance": inst.name, "old": old, "new": role,
+             "seconds": t - inst.flip_started, "moved": inst.flip_moved}
+        )  # fmt: skip
+        held, self._held = self._held, deque()
+        for wr in held:
+            self._arrive(t, wr)
+        self._dispatch(t)
+        if self.adaptive is not None:
+            self.adaptive.flipped(t)
+
     # ---- instance steps -----------------------------------------------------------
     def _busy_share(self, inst: SimInstance) -> float:
         """Share of the other instances in a step with decode tokens (only where
@@ -369,6 +468,8 @@ class Simulator:
     def _wake(self, inst: SimInstance, t: float) -> None:
         if inst.busy:
             return
+        if inst.draining and not inst.scheduler.has_unfinished():
+            self._end_flip(inst, t)
         sched = inst.scheduler
         if isinstance(sched, DecodeScheduler):
             for req in sched.admit_migrations(t):
@@ -494,6 +595,8 @@ class Simulator:
         self._owner.pop(req.request_id, None)
         if self.store is not None:
             self.store.release(req.request_id)
+        if self.adaptive is not None:
+            self.adaptive.finished(req, t)
         self._next_turn_due(req.request_id, t)
         if self._give_up is not None and self._give_up(res):
             self._stopped = True

@@ -43,13 +43,13 @@ def _stream(url: str, kill_after: int | None = None) -> tuple[str, str]:
             rid = chunk["id"].removeprefix("cmpl-")
             text += [c["text"] for c in chunk["choices"]]
             if kill_after is not None and len(text) == kill_after:
-                instances = httpx.get(url + "/health", timeout=10).json()["instances"]
+                instances = httpx.get(url + "/health", timeout=30).json()["instances"]
                 os.kill(instances["decode-0"]["pid"], signal.SIGKILL)
     return "".join(text), rid
 
 
 def _metric(url: str, name: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = httpx.get(url + "/metrics", timeout=30).text
     return {
         ln.split(" ")[0]: float(ln.rsplit(" ", 1)[1])
         for ln in text.splitlines()

@@ -118,6 +118,8 @@ def test_workload_flags_make_the_spec() -> None:
         ("simulate", ["--num-requests", "0"], "--num-requests"),
         ("simulate", ["--instances", "0"], "--instances"),
         ("simulate", ["--mode", "split"], "--mode"),
+        ("simulate", ["--replan-interval", "0"], "--replan-interval"),
+        ("simulate", ["--replan-dwell", "-1"], "--replan-dwell"),
         ("serve", ["--prefill-instances", "0"], "--prefill-instances"),
         ("plan", ["--attainment", "0"], "--attainment"),
         ("plan", ["--max-prompt-len", "0"], "--max-prompt-len"),

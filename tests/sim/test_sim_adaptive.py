@@ -1,0 +1,154 @@
+"""Adaptive re-planning in the simulator (SimConfig.adaptive, simulate --adaptive): the
+controller's policy (sim/replan.py) on the virtual clock, with drain-then-swap role flips.
+A mix shifting from short prompts at a high rate to long ones flips 1P1D to colocated
+once, after the shift, and never back; no request is lost or cut short."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from distserve.config import PlacementConfig
+from distserve.metrics.results import RequestResult
+from distserve.sim.profile import bundled_a100, find
+from distserve.sim.replan import AdaptiveConfig, Hysteresis, flip_refusal, next_flip
+from distserve.sim.run import SimOptions, sim_config
+from distserve.sim.simulator import SimConfig, Simulator
+from distserve.workload import Workload, WorkloadRequest
+
+TTFT, TPOT = 0.3, 0.06
+SHIFT = 8.0
+"""When the mix shifts from short prompts to long ones (s)."""
+
+
+def shifting() -> Workload:
+    """8 s of short prompts at 40 req/s (code-like), then 24 s of long ones at 4 req/s
+    (summarization-like): adaptive_shift.py's phases, shorter, and the long prompts
+    short enough that no output is cut by the model length (2,048)."""
+    rng, reqs = random.Random(0), []
+    for start, end, rate, plen, olen in (
+        (0.0, SHIFT, 40.0, (50, 200), (20, 60)),
+        (SHIFT, SHIFT + 24.0, 4.0, (1500, 1850), (50, 150)),
+    ):
+        t = start + rng.expovariate(rate)
+        while t < end:
+            ids = tuple(rng.randrange(100, 250) for _ in range(rng.randint(*plen)))
+            reqs.append(WorkloadRequest(len(reqs), t, ids, rng.randint(*olen)))
+            t += rng.expovariate(rate)
+    return Workload(tuple(reqs))
+
+
+def config(adaptive: bool) -> SimConfig:
+    """1P1D of OPT-13B on A100s; adaptive: re-plans every 2 s on a 10 s window."""
+    profile = find(bundled_a100(), "opt-13b", 1)
+    cfg = sim_config(PlacementConfig(mode="disagg"), profile, None, SimOptions())
+    if not adaptive:
+        return cfg
+    replan = AdaptiveConfig("a100", TTFT, TPOT, interval=2.0, dwell=4.0, max_requests=60)
+    return dataclasses.replace(cfg, adaptive=replan, live_window=10.0)
+
+
+def attained(results: list[RequestResult], after: float) -> float:
+    late = [r for r in results if r.arrival >= after]
+    return sum(r.ttft <= TTFT and r.tpot <= TPOT for r in late) / len(late)  # type: ignore[operator]
+
+
+def test_a_shift_to_long_prompts_flips_1p1d_to_colocated_once_and_loses_nothing() -> None:
+    wl = shifting()
+    fixed = Simulator(config(adaptive=False)).run(wl)
+    sim = Simulator(config(adaptive=True))
+    results = sim.run(wl)
+    # nothing lost or cut short across the flips
+    assert all(r.e2e is not None and r.num_tokens == r.output_len for r in results)
+    assert all(not i.scheduler.has_unfinished() for i in sim.instances)
+    # one layout switch, after the shift; each instance flipped once, no flip back
+    assert sim.adaptive is not None
+    switches = [r for r in sim.adaptive.replans if r["switch"] is not None]
+    assert [r["switch"] for r in switches] == [(0, 0, 2)]
+    assert switches[0]["at"] > SHIFT
+    assert sorted((f["old"], f["new"]) for f in sim.flips) == [
+        ("decode", "colocated"),
+        ("prefill", "colocated"),
+    ]
+    assert [i.role for i in sim.instances] == ["colocated", "colocated"]
+    assert len(sim.adaptive.replans) > len(switches)  # it kept re-planning, and stayed
+    # the switch pays: the long phase attains more than under the fixed 1P1D
+    assert attained(results, SHIFT + 10.0) > attained(fixed, SHIFT + 10.0) + 0.1
+
+
+def test_the_switch_rule_needs_the_margin_and_the_dwell() -> None:
+    h = Hysteresis(margin=0.05, dwell=10.0)
+    now, better = (1, 1, 0), (0, 0, 2)
+    assert h.decide({now: 0.8, better: 0.84}, now, 0.0) is None  # within the margin
+    assert h.candidate is None
+    assert h.decide({now: 0.8, better: 0.9}, now, 1.0) is None and h.candidate == better
+    assert h.decide({now: 0.8, better: 0.9}, now, 5.0) is None  # dwell not over
+    assert h.decide({now: 0.8, better: 0.82}, now, 8.0) is None  # the lead fell: restart
+    assert h.decide({now: 0.8, better: 0.9}, now, 9.0) is None and h.since == 9.0
+    assert h.decide({now: 0.8, better: 0.9}, now, 19.0) == better
+    assert h.candidate is None
+    assert h.decide({now: 0.9, better: 0.9}, better, 20.0) is None  # a tie keeps the current
+
+
+def test_flips_go_one_at_a_time_and_never_leave_a_role_without_an_instance() -> None:
+    assert flip_refusal(["decode"], "decode") == "leaves no instance for prompts"
+    assert flip_refusal(["colocated"], "prefill") == "leaves prefill without decode"
+    assert flip_refusal(["colocated"], "prefill", force=True) is None
+
+    def ok(roles: list[str]):  # type: ignore[no-untyped-def]
+        return lambda i, r: flip_refusal(roles[:i] + roles[i + 1 :], r) is None
+
+    roles = ["colocated", "colocated"]
+    assert next_flip(roles, (1, 1, 0), ok(roles)) == (0, "decode")  # prefill first is refused
+    roles = ["decode", "colocated"]
+    assert next_flip(roles, (1, 1, 0), ok(roles)) == (1, "prefill")
+    assert next_flip(["decode", "prefill"], (1, 1, 0), ok(roles)) is None
+    roles = ["prefill", "decode"]
+    assert next_flip(roles, (0, 0, 2), ok(roles)) == (0, "colocated")
+    with pytest.raises(RuntimeError, match="no flip leads"):
+        next_flip(["decode"], (0, 0, 1), lambda i, r: False)
+
+
+def test_a_refused_flip_says_why() -> None:
+    sim = Simulator(config(adaptive=False))
+    prefill, decode = sim.instances
+    with pytest.raises(ValueError, match="leaves no instance for prompts"):
+        sim.flip(prefill, "decode", 0.0)
+    with pytest.raises(ValueError, match="has that role"):
+        sim.flip(decode, "decode", 0.0)
+
+
+def burst(n: int, prompt: int, output: int) -> Workload:
+    return Workload(
+        tuple(
+            WorkloadRequest(
+                i, 0.01 * i, tuple((7 * i + j) % 5000 + 1 for j in range(prompt)), output
+            )
+            for i in range(n)
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("placement", "index", "role", "wl", "blocks"),
+    [  # prompts queued on a colocated instance; prefilled requests pending on a decode one
+        (PlacementConfig(mode="colocated", num_instances=2), 0, "decode", burst(60, 600, 40), 200),
+        (PlacementConfig(mode="disagg", num_decode=2), 1, "prefill", burst(60, 100, 200), 60),
+    ],
+)
+def test_a_flip_under_load_hands_its_queue_over_and_loses_nothing(
+    placement: PlacementConfig, index: int, role: str, wl: Workload, blocks: int
+) -> None:
+    profile = find(bundled_a100(), "opt-13b", 1)
+    cfg = sim_config(placement, profile, None, SimOptions(num_blocks=blocks))
+    sim = Simulator(cfg)
+    inst = sim.instances[index]
+    sim._at(1.0, "flip", lambda t: sim.flip(inst, role, t))  # noqa: SLF001
+    results = sim.run(wl)
+    assert all(r.e2e is not None and r.num_tokens == r.output_len for r in results)
+    assert [f["new"] for f in sim.flips] == [role] and inst.role == role
+    assert sim.flips[0]["moved"] > 0  # queued work went to another instance
+    assert sim.flips[0]["seconds"] > 0  # what it was computing finished first
+    assert all(not i.scheduler.has_unfinished() for i in sim.instances)
