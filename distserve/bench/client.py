@@ -6,6 +6,7 @@ before it has finished, plus its think time)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from typing import Any
@@ -26,6 +27,36 @@ async def server_model(base_url: str, api_key: str | None = None) -> str:
         return str(r.json()["data"][0]["id"])
 
 
+def layout_name(health: dict[str, Any]) -> str | None:
+    """A server's layout in the paper's words, from its /health body: `1P1D` (prefill and
+    decode instances), `colocated x2`; None if the body lists no instances."""
+    roles = collections.Counter(
+        str(i.get("role")) for i in (health.get("instances") or {}).values()
+    )
+    if not roles:
+        return None
+    parts = []
+    if roles["prefill"] or roles["decode"]:
+        parts.append(f"{roles['prefill']}P{roles['decode']}D")
+    if roles["colocated"]:
+        parts.append(f"colocated x{roles['colocated']}")
+    return " + ".join(parts) or None
+
+
+async def server_layout(base_url: str, api_key: str | None = None) -> str:
+    """The layout the server at `base_url` runs (its /health), or, for a server that does
+    not say (another engine, an error), its address."""
+    try:
+        async with httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=30
+        ) as client:
+            r = await client.get("/health")
+            name = layout_name(r.json())
+    except (httpx.HTTPError, ValueError, AttributeError):
+        name = None
+    return name or base_url.removeprefix("http://").removeprefix("https://")
+
+
 async def run_workload(
     base_url: str,
     workload: Workload,
@@ -34,10 +65,12 @@ async def run_workload(
     request_timeout: float = 600.0,
     progress: bool = True,
     extra_body: dict[str, Any] | None = None,
+    desc: str = "requests",
 ) -> tuple[list[RequestResult], float]:
     """Send every request at its arrival time (a later turn of a session: its think time
     after the previous turn finished); return results in workload order and the
-    wall-clock seconds from the first send to the last completion."""
+    wall-clock seconds from the first send to the last completion. `desc` names the
+    progress bar."""
     from tqdm import tqdm
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
@@ -45,7 +78,7 @@ async def run_workload(
     async with httpx.AsyncClient(
         base_url=base_url, headers=_headers(api_key), timeout=timeout, limits=limits
     ) as client:
-        bar = tqdm(total=len(workload), desc="requests", unit="req", disable=not progress)
+        bar = tqdm(total=len(workload), desc=desc, unit="req", disable=not progress)
         start = time.perf_counter()
 
         async def one(req: WorkloadRequest) -> RequestResult:

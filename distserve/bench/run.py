@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Any
 
-from distserve.bench.client import run_workload, server_model
+from distserve.bench.client import run_workload, server_layout, server_model
 from distserve.metrics.goodput import goodput, goodput_interval
 from distserve.metrics.results import RequestResult, write_results
 from distserve.metrics.slo import attainment, met_both, min_slo_scale
@@ -39,12 +39,22 @@ async def bench_once(
     output: str | None = None,
     progress: bool = True,
     tokenizer: Any = None,
+    label: str | None = None,
 ) -> tuple[dict[str, Any], list[RequestResult]]:
-    """Run `spec` once; return (summary, per-request results) and write the results file."""
+    """Run `spec` once; return (summary, per-request results) and write the results file.
+    `label` names the server's layout (default: what its /health says, e.g. 1P1D)."""
     served = await server_model(base_url, api_key)
+    label = label or await server_layout(base_url, api_key)
     tokenizer = tokenizer or tokenizer_for(model or served)
     workload = build_workload(spec, tokenizer)
-    results, elapsed = await run_workload(base_url, workload, served, api_key, progress=progress)
+    results, elapsed = await run_workload(
+        base_url,
+        workload,
+        served,
+        api_key,
+        progress=progress,
+        desc=f"{label} @ {spec.rate:g} req/s",
+    )
     summary = summarize(results, ttft_slo, tpot_slo, elapsed)
     for kind in ("both", "ttft", "tpot"):
         summary.setdefault("min_slo_scale", {})[kind] = min_slo_scale(
@@ -52,6 +62,7 @@ async def bench_once(
         )
     config = {
         "base_url": base_url,
+        "layout": label,
         "model": served,
         "workload": workload.meta,
         "slo": {"ttft": ttft_slo, "tpot": tpot_slo},
@@ -73,11 +84,14 @@ async def goodput_sweep(
     api_key: str | None = None,
     output_dir: str | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Run the workload at each rate (same requests, new arrival times) and find the
     goodput: the highest rate with attainment >= target, interpolated, with a bootstrap
-    interval of the requests' own sampling noise (`goodput_interval`)."""
+    interval of the requests' own sampling noise (`goodput_interval`). `label` names the
+    layout (default: the server's /health, e.g. 1P1D) in the progress bars and the result."""
     served = await server_model(base_url, api_key)
+    label = label or await server_layout(base_url, api_key)
     tokenizer = tokenizer_for(model or served)
     points, runs, met = [], [], []
     for rate in sorted(rates):
@@ -92,6 +106,7 @@ async def goodput_sweep(
             out,
             progress,
             tokenizer,
+            label,
         )
         att = s["attainment"]["both"]
         points.append((rate, att))
@@ -108,13 +123,15 @@ async def goodput_sweep(
         if progress:
             a = s["attainment"]
             print(
-                f"rate {rate:g} req/s: attainment {100 * att:.1f}% "
+                f"{label} @ {rate:g} req/s: attainment {100 * att:.1f}% "
                 f"(TTFT {100 * a['ttft']:.1f}%, TPOT {100 * a['tpot']:.1f}%)",
                 flush=True,
             )
     g = goodput(points, target)
     lo, hi = goodput_interval(met, target)
     return {
+        "layout": label,
+        "dataset": spec.dataset,
         "goodput": g,
         "per_device_goodput": g / devices,
         "goodput_interval": [lo, hi],

@@ -49,6 +49,12 @@ def _add_common(p: argparse.ArgumentParser, sweep: bool) -> None:
     add_arrival_flags(p, rate=not sweep, sessions=True)
     add_slo_flags(p, attainment="--target" if sweep else None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--label",
+        default=None,
+        help="name of the server's layout in progress bars, results and plots (default: "
+        "what its /health says, e.g. 1P1D or colocated x2)",
+    )
 
 
 def add_parsers(verbs: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     args.api_key,
                     args.output,
                     progress,
+                    label=args.label,
                 )
             )
             print(json.dumps(json_safe(summary), indent=1))
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 args.api_key,
                 args.output_dir,
                 progress,
+                label=args.label,
             )
         )
     except (OSError, ValueError, httpx.HTTPError) as e:  # no server, bad model, bad trace ...
@@ -147,7 +155,22 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.plot:
         from distserve.bench.plots import attainment_vs_x
 
+        layout = sweep["layout"]
         attainment_vs_x(
-            {args.base_url: sweep["points"]}, "request rate (req/s)", args.plot, args.target
+            {layout: sweep["points"]},
+            "request rate (req/s)",
+            args.plot,
+            args.target,
+            title=plot_title(sweep),
+            goodputs={layout: sweep["goodput"]},
         )
     return 0
+
+
+def plot_title(sweep: dict[str, Any]) -> str:
+    """What a goodput plot measured: the dataset and the targets."""
+    slo = sweep["slo"]
+    return (
+        f"{sweep['dataset']}: SLO TTFT {slo['ttft']:g} s, TPOT {slo['tpot']:g} s, "
+        f"{100 * sweep['target']:g}% attainment"
+    )

@@ -13,7 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from distserve.planner.bounds import bound
+from distserve.planner.estimates import estimate
 from distserve.planner.phases import InstanceConfig, Setting, placement_goodput
 from distserve.planner.prune import PairFloors, ShapeFloors
 
@@ -51,11 +51,11 @@ def score(
     finished: Callable[[int], None] | None = None,
 ) -> None:
     """Score every job of every batch, at most `workers` at a time. Each batch goes in
-    order of its jobs' analytic bound per device (likely winners first, so that its
+    order of its jobs' analytic estimate per device (likely winners first, so that its
     floors cut the rest short); batches take turns. `finished(k)` is called as soon as
     batch k's last job is done (its caller may then give the pool more work)."""
     t0 = time.perf_counter()
-    guesses = [[bound(inst, role, b.setting) for inst, role in b.jobs] for b in batches]
+    guesses = [[estimate(inst, role, b.setting) for inst, role in b.jobs] for b in batches]
     queue = deque(_turns(batches, guesses))
     left = [len(b.jobs) for b in batches]
     for b in batches:
@@ -115,8 +115,12 @@ def _done(
     b.seconds = time.perf_counter() - t0
     if b.floors:
         b.floors.record(i, g)
-    what = f"{g:.3f} req/s" if g > 0 or not floor else f"below {floor:.3f} req/s"
-    _say(progress, b, i, f"{what} (bound {guess:.3f}; {seconds:.1f} s)")
+    what = (
+        f"{g:.3f} req/s"
+        if g > 0 or not floor
+        else f"below {floor:.3f} req/s, stopped: too slow to be part of a better layout"
+    )
+    _say(progress, b, i, f"{what} (simulated in {seconds:.1f} s; rough estimate {guess:.3f})")
 
 
 def _say(progress: Progress, b: Batch, i: int, what: str) -> None:

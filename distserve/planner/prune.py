@@ -5,8 +5,8 @@ Each job's goodput is found by bisection, whose answer lies below every rate see
 miss (`phases.bisect_rate`). Before a job starts, the search gives it a *floor*: a rate
 such that, at or below it, the shape is part of nothing better than the best layout
 scored so far. Its bisection stops (goodput 0) once a rate at or under the floor misses;
-a floor of infinity skips it. The analytic bounds cannot serve here: they are estimates,
-and a decode shape's goodput was up to 2.1x its bound (a finite run absorbs overload).
+a floor of infinity skips it. The analytic estimates (estimates.py) cannot serve here: a
+decode shape's goodput was up to 2.1x its estimate (a finite run absorbs overload).
 
 Why this loses nothing: take the exhaustive search's best layout and the first of its
 members to be stopped. When its floor was set, its partner was either scored exactly or

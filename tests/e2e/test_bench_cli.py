@@ -49,10 +49,13 @@ def test_bench_writes_results(url, trace, tmp_path) -> None:
         "5",
         "--output",
         str(out),
+        "--label",
+        "my layout",
     )
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert set(data) == {"config", "summary", "requests"}
+    assert data["config"]["layout"] == "my layout"
     s, reqs = data["summary"], data["requests"]
     assert s["completed"] == 8 and s["errors"] == 0
     assert s["attainment"]["both"] == 1.0  # targets far above what 8 small requests need
@@ -80,7 +83,7 @@ def test_goodput_sweep_and_plot(url, tmp_path) -> None:
         "goodput",
         "--base-url",
         url,
-        *SMALL,
+        *[a for a in SMALL if a != "--no-progress"],
         "--num-requests",
         "6",
         "--rates",
@@ -99,6 +102,10 @@ def test_goodput_sweep_and_plot(url, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     sweep = json.loads(out.read_text())
     assert [p[0] for p in sweep["points"]] == [1.0, 50.0]
+    # the layout is named from the server's /health: each rate's bar and line, the result
+    assert sweep["layout"] == "1P1D" and sweep["dataset"] == "random"
+    assert "1P1D @ 1 req/s" in r.stderr and "1P1D @ 50 req/s" in r.stderr  # progress bars
+    assert "1P1D @ 50 req/s: attainment" in r.stdout
     assert sweep["per_device_goodput"] == sweep["goodput"] / 2
     lo, hi = sweep["goodput_interval"]
     assert lo <= hi and sweep["per_device_goodput_interval"] == [lo / 2, hi / 2]

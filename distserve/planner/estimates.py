@@ -1,5 +1,7 @@
-"""Cheap analytic upper bounds on an instance's goodput, from the profile formulas and
-mean lengths: they order the search, prune shapes that cannot win, and seed bisection."""
+"""Cheap analytic estimates of an instance's goodput, from the profile formulas and mean
+lengths: they order the search's jobs (likely winners first) and seed each bisection's
+first rate. They are not bounds: a decode shape's simulated goodput was up to 2.1x its
+estimate (a finite run absorbs overload), so they decide nothing (prune.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ def _means(setting: Setting) -> tuple[float, float]:
     return sum(r.prompt_len for r in reqs) / len(reqs), sum(r.output_len for r in reqs) / len(reqs)
 
 
-def prefill_bound(inst: InstanceConfig, setting: Setting) -> float:
+def prefill_estimate(inst: InstanceConfig, setting: Setting) -> float:
     """Requests/s a prefill instance could finish with full batches, if a lone request
     meets the TTFT target at all (else 0)."""
     prompt, _ = _means(setting)
@@ -25,7 +27,7 @@ def prefill_bound(inst: InstanceConfig, setting: Setting) -> float:
     return inst.pp * k / p.prefill_time([n] * k)
 
 
-def decode_bound(inst: InstanceConfig, setting: Setting) -> float:
+def decode_estimate(inst: InstanceConfig, setting: Setting) -> float:
     """Requests/s a decode instance could finish with the largest batch that its memory,
     its seat limit and the TPOT target allow (0 if even one request misses TPOT)."""
     prompt, output = _means(setting)
@@ -55,20 +57,20 @@ def decode_bound(inst: InstanceConfig, setting: Setting) -> float:
     return inst.pp * lo / (max(1.0, output - 1) * step(lo))
 
 
-def colocated_bound(inst: InstanceConfig, setting: Setting) -> float:
+def colocated_estimate(inst: InstanceConfig, setting: Setting) -> float:
     """An instance doing both phases shares its time between them."""
-    pb, db = prefill_bound(inst, setting), decode_bound(inst, setting)
+    pb, db = prefill_estimate(inst, setting), decode_estimate(inst, setting)
     if pb <= 0 or db <= 0:
         return 0.0
     return 1.0 / (1.0 / pb + 1.0 / db)
 
 
-def bound(inst: InstanceConfig, role: str, setting: Setting) -> float:
+def estimate(inst: InstanceConfig, role: str, setting: Setting) -> float:
     if role == "prefill":
-        return prefill_bound(inst, setting)
+        return prefill_estimate(inst, setting)
     if role == "decode":
-        return decode_bound(inst, setting)
-    return colocated_bound(inst, setting)
+        return decode_estimate(inst, setting)
+    return colocated_estimate(inst, setting)
 
 
 def is_finite(x: float) -> bool:
