@@ -69,10 +69,11 @@ def entry(plan: dict, name: str) -> dict:
     return plan["disagg"] if name == "disagg" else plan["baselines"][name]
 
 
-def sim_config(plan: dict, name: str) -> SimConfig:
+def sim_config(plan: dict, name: str, bandwidth: float = BANDWIDTH) -> SimConfig:
     """The simulator's configuration of a layout, as the planner scores it: a pipeline of
     pp stages is pp virtual instances (`cluster.emulation.role_latency`, the planner's
-    `staged` profile and KV share, which the emulated devices use too)."""
+    `staged` profile and KV share, which the emulated devices use too); KV migrates at
+    `bandwidth` bytes/s."""
     e = entry(plan, name)
     profiles = load_profiles(PROFILES[name])
     latency, blocks, counts = {}, {}, {}
@@ -82,7 +83,7 @@ def sim_config(plan: dict, name: str) -> SimConfig:
             mine = [p for p in profiles if p.model == plan["model"]]
             latency[role], blocks[role] = role_latency(mine, shape["tp"], shape["pp"], 16)
             latency[role] = dataclasses.replace(
-                latency[role], path=ServingPath(transfer_bandwidth=BANDWIDTH)
+                latency[role], path=ServingPath(transfer_bandwidth=bandwidth)
             )
             counts[role] = shape["instances"] * shape["pp"]
     if "colocated" in counts:

@@ -176,6 +176,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             apply_plan(args, plan_placement(args.plan, emulated=bool(args.emulate)))
         except (OSError, ValueError) as e:
             parser.error(f"--plan {args.plan}: {e}")
+    if args.emulate and args.ray_address:
+        parser.error(
+            "--ray-address: emulated devices run in the controller's process, not as Ray "
+            "actors; lay them out on emulated nodes with --nodes and --devices-per-node"
+        )
     if not args.emulate:  # an emulated model needs no weights
         try:
             source = resolve(args.model, args.load_format)
