@@ -5,7 +5,7 @@ cluster/decode_prefill.py)."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from distserve.cli.values import nonnegative_float, positive_float, positive_int
 
@@ -56,24 +56,7 @@ def add_live_flags(p: argparse.ArgumentParser) -> None:
         "with this latency profile JSON and flip roles to the best one (needs --ttft-slo "
         "and --tpot-slo)",
     )
-    g.add_argument(
-        "--replan-interval",
-        type=positive_float,
-        default=20.0,
-        help="--adaptive: seconds between re-plans (default: 20)",
-    )
-    g.add_argument(
-        "--replan-margin",
-        type=nonnegative_float,
-        default=0.05,
-        help="--adaptive: predicted attainment gain a new layout needs (default: 0.05)",
-    )
-    g.add_argument(
-        "--replan-dwell",
-        type=nonnegative_float,
-        default=30.0,
-        help="--adaptive: seconds a better layout must stay best before flipping (default: 30)",
-    )
+    add_replan_flags(g)
 
 
 def add_decode_prefill_flags(p: argparse.ArgumentParser) -> None:
@@ -146,3 +129,25 @@ def adaptive_config(
     except ValueError as e:
         parser.error(f"--replan-*: {e}")
     return None
+
+
+def add_replan_flags(g: Any) -> None:
+    """--replan-interval/--replan-margin/--replan-dwell, as serve and simulate take them."""
+    g.add_argument(
+        "--replan-interval",
+        type=positive_float,
+        default=20.0,
+        help="--adaptive: seconds between re-plans (default: 20)",
+    )
+    g.add_argument(
+        "--replan-margin",
+        type=nonnegative_float,
+        default=0.05,
+        help="--adaptive: predicted attainment gain a new layout needs (default: 0.05)",
+    )
+    g.add_argument(
+        "--replan-dwell",
+        type=nonnegative_float,
+        default=30.0,
+        help="--adaptive: seconds a better layout must stay best before flipping (default: 30)",
+    )

@@ -19,6 +19,7 @@ from distserve.cli.common import (
     serving_path,
     workload_spec,
 )
+from distserve.cli.live_flags import add_replan_flags
 from distserve.cli.values import (
     flag_message,
     json_safe,
@@ -112,24 +113,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         default=120.0,
         help="--adaptive: seconds of finished traffic a re-plan looks at (default: 120)",
     )
-    g.add_argument(
-        "--replan-interval",
-        type=positive_float,
-        default=20.0,
-        help="--adaptive: seconds between re-plans (default: 20)",
-    )
-    g.add_argument(
-        "--replan-margin",
-        type=nonnegative_float,
-        default=0.05,
-        help="--adaptive: predicted attainment gain a new layout needs (default: 0.05)",
-    )
-    g.add_argument(
-        "--replan-dwell",
-        type=nonnegative_float,
-        default=30.0,
-        help="--adaptive: seconds a better layout must stay best before flipping (default: 30)",
-    )
+    add_replan_flags(g)
     add_tokenizer_flag(p, "smollm2-135m")
     add_workload_flags(p, num_requests=1000, sessions=True)
     add_arrival_flags(p, sessions=True)
