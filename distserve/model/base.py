@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,12 +50,17 @@ class CausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         hidden: torch.Tensor | None = None,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Hidden states [T, h] after this model's layers: from the tokens (first stage)
-        or from the previous stage's `hidden`; normalized on the last stage."""
+        or from the previous stage's `hidden`; normalized on the last stage. `on_layer(i)`
+        is called once layer i has written its KV into `kv_caches[i]` (a layer-wise KV
+        sender, runtime/worker/layerwise.py; on a GPU the write may still be queued)."""
         x = self.embed(input_ids, positions) if hidden is None else hidden
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x = self.run_layer(layer, x, positions, cache, meta)
+            if on_layer is not None:
+                on_layer(i)
         return self.final(x) if self.last_stage else x
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

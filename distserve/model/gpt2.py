@@ -3,6 +3,8 @@ tanh-GELU MLP, tied embeddings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -56,12 +58,15 @@ class GPT2LMHeadModel(CausalLM):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         hidden: torch.Tensor | None = None,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         if hidden is not None:
             raise ValueError("GPT-2 runs unsplit: no pipeline stages")
         x = self.wte(input_ids) + self.wpe(positions)
-        for layer, cache in zip(self.h, kv_caches, strict=True):
+        for i, (layer, cache) in enumerate(zip(self.h, kv_caches, strict=True)):
             x = layer(x, cache, meta)
+            if on_layer is not None:
+                on_layer(i)
         return self.ln_f(x)
 
     def lm_head_weight(self) -> torch.Tensor:

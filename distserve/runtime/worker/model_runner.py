@@ -4,6 +4,7 @@ the paged cache, and samples where the plan asks."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,6 +29,9 @@ class ModelRunner:
         self.cache = cache
         self.store: torch.Tensor | None = None
         """The KV store's slots (runtime/kv_store.py), once mapped: plans' store_writes."""
+        self.on_layer: Callable[[int], None] | None = None
+        """Called with i once layer i of a step with prefill chunks has written its KV (a
+        `LayerwiseSender.layer_done`, runtime/worker/layerwise.py): not set when serving."""
         self.device = cache.data.device
         self.sampler = Sampler(self.device, seed)
         if self.device.type == "cpu":
@@ -62,10 +66,8 @@ class ModelRunner:
             return StepResult(elapsed=time.perf_counter() - t0)
         chunks = list(plan.prefill_chunks) + list(plan.decode_chunks)
         input_ids, positions, meta = self._prepare(chunks)
-        if hidden_in is None:
-            hidden = self.model(input_ids, positions, self.cache.layers, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.cache.layers, meta, hidden_in)
+        hook = self.on_layer if plan.prefill_chunks else None
+        hidden = self.model(input_ids, positions, self.cache.layers, meta, hidden_in, hook)
         if plan.store_writes:
             if self.store is None:
                 raise RuntimeError("a plan writes to a KV store this worker has not mapped")
