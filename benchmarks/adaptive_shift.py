@@ -2,17 +2,25 @@
 routing, migration and role flips, on two emulated A100s serving OPT-13B (no math: the
 profile's step times), so that phases of thousands of requests run in minutes.
 
-    python benchmarks/adaptive_shift.py [--phase-seconds 60] [--cycles 2]
-        [--output benchmarks/results/adaptive_shift.json]
+    python benchmarks/adaptive_shift.py [--workload shift|stable] [--phase-seconds 60]
+        [--cycles 2] [--rounds 1] [--output benchmarks/results/adaptive_shift.json]
 
 The trace alternates (synthetic, lengths uniform in the ranges below, Poisson arrivals):
   long    prompts 1500-2000 tokens, outputs 50-150, 4 req/s (summarization-like)
   short   prompts 50-200 tokens, outputs 20-60, 40 req/s (code-completion-like)
-Targets: TTFT 0.3 s, TPOT 0.06 s (both, per request). Systems, the same requests each:
+(the rates: --long-rate, --short-rate). Targets: TTFT 0.3 s, TPOT 0.06 s (both, per request).
+With --workload stable instead: a chatbot workload, ShareGPT's prompt and output lengths
+(the `chatbot` dataset measured with SmolLM2's tokenizer; token ids random), Poisson at
+--stable-rate for --stable-seconds, the paper's OPT-13B chatbot targets (TTFT 0.25 s,
+TPOT 0.1 s). Systems, the same requests each:
   adaptive   starts colocated x2; serve --adaptive a100 --live-window 20 (re-plan every
-             5 s on the window's latest 400 finished requests, margin 0.05, dwell 10 s)
+             5 s on the window's latest 400 finished requests, margin 0.05, dwell 10 s;
+             --replan-interval, --replan-margin, --replan-dwell)
   colocated  2 colocated instances, fixed
   1P1D       1 prefill + 1 decode instance, fixed
+  chunked    2 colocated instances with chunked prefill (serve --chunked-prefill; a token
+             budget of --chunk tokens a step), fixed
+With --rounds N the systems run in turns, the order reversed every round.
 Reported: SLO attainment (both targets) per phase and overall, the flips made (when, to
 what), and requests lost (must be 0).
 
@@ -37,11 +45,54 @@ from distserve.cluster.controller import Controller
 from distserve.cluster.live import LiveWindow
 from distserve.config import EmulationConfig, EngineConfig, PlacementConfig
 from distserve.core import SamplingParams
+from distserve.core.config import SchedulerConfig
 
-TTFT, TPOT = 0.3, 0.06
+SLOS = {"shift": (0.3, 0.06), "stable": (0.25, 0.1)}
+"""(TTFT, TPOT) targets per workload."""
+TTFT, TPOT = SLOS["shift"]
 WINDOW = 20.0
 """Seconds of traffic the re-plans look at (serve --live-window): a third of a phase."""
+REPLAN = {"interval": 5.0, "margin": 0.05, "dwell": 10.0}
+"""The adaptive system's re-plan settings (serve --replan-interval/-margin/-dwell)."""
+CHUNK = 512
+"""The chunked system's token budget a step (Sarathi's usual chunk)."""
 PHASES = {"long": (4.0, (1500, 2000), (50, 150)), "short": (40.0, (50, 200), (20, 60))}
+SYSTEMS = ("adaptive", "colocated", "1P1D", "chunked")
+
+
+def stable(seconds: float, rate: float, seed: int = 0) -> list[tuple[float, str, int, int]]:
+    """(arrival, 'chatbot', prompt_len, output_len): ShareGPT chatbot lengths (SmolLM2's
+    tokenizer), Poisson arrivals at `rate` for `seconds`."""
+    from distserve.bench.run import tokenizer_for
+    from distserve.workload.build import WorkloadSpec, load_samples
+
+    samples, _, _ = load_samples(WorkloadSpec(dataset="chatbot"), tokenizer_for("smollm2-135m"))
+    rng, t = random.Random(seed), 0.0
+    out: list[tuple[float, str, int, int]] = []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= seconds:
+            return out
+        prompt, olen = samples[rng.randrange(len(samples))]
+        out.append((t, "chatbot", len(prompt), olen))
+
+
+def placement(system: str, emulated: bool = False) -> PlacementConfig:
+    if system == "1P1D":
+        return PlacementConfig(mode="disagg", emulated=emulated)
+    return PlacementConfig(
+        mode="colocated", num_instances=2, chunked_prefill=system == "chunked", emulated=emulated
+    )
+
+
+def scheduler(system: str) -> SchedulerConfig:
+    if system == "chunked":
+        return SchedulerConfig(max_num_batched_tokens=CHUNK, chunked_prefill=True)
+    return SchedulerConfig()
+
+
+def adaptive_config() -> AdaptiveConfig:
+    return AdaptiveConfig("a100", TTFT, TPOT, REPLAN["interval"], REPLAN["margin"], REPLAN["dwell"])
 
 
 def trace(phase_seconds: float, cycles: int, seed: int = 0) -> list[tuple[float, str, int, int]]:
@@ -88,15 +139,10 @@ def simulated(system: str, requests: list[tuple[float, str, int, int]]) -> dict[
     lat, blocks = role_latency(model_profiles("a100", "opt-13b"), 1, 1, 16)
     roles = ("prefill", "decode", "colocated")
     config = SimConfig(
-        PlacementConfig(mode="disagg")
-        if system == "1P1D"
-        else PlacementConfig(mode="colocated", num_instances=2),
-        {r: lat for r in roles},
-        {r: blocks for r in roles},
+        placement(system), {r: lat for r in roles}, {r: blocks for r in roles}, scheduler(system)
     )
     if system == "adaptive":
-        replan = AdaptiveConfig("a100", TTFT, TPOT, interval=5.0, margin=0.05, dwell=10.0)
-        config = dataclasses.replace(config, adaptive=replan, live_window=WINDOW)
+        config = dataclasses.replace(config, adaptive=adaptive_config(), live_window=WINDOW)
     rng = random.Random(1)
     wl = Workload(
         tuple(
@@ -122,19 +168,10 @@ def simulated(system: str, requests: list[tuple[float, str, int, int]]) -> dict[
 
 
 async def run(system: str, requests: list[tuple[float, str, int, int]]) -> dict[str, Any]:
-    placement = (
-        PlacementConfig(mode="disagg", emulated=True)
-        if system == "1P1D"
-        else PlacementConfig(mode="colocated", num_instances=2, emulated=True)
-    )
-    adaptive = (
-        AdaptiveConfig("a100", TTFT, TPOT, interval=5.0, margin=0.05, dwell=10.0)
-        if system == "adaptive"
-        else None
-    )
+    adaptive = adaptive_config() if system == "adaptive" else None
     c = Controller(
-        EngineConfig(model="opt-13b"),
-        placement,
+        EngineConfig(model="opt-13b", scheduler=scheduler(system)),
+        placement(system, emulated=True),
         emulation=EmulationConfig(tokenizer="bytes"),
         adaptive=adaptive,
         live=LiveWindow(WINDOW, TTFT, TPOT),
@@ -173,18 +210,26 @@ async def run(system: str, requests: list[tuple[float, str, int, int]]) -> dict[
 
 
 def main() -> None:
-    global WINDOW
+    global WINDOW, TTFT, TPOT, PHASES
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", choices=("shift", "stable"), default="shift")
     ap.add_argument("--phase-seconds", type=float, default=60.0, help="length of each phase")
     ap.add_argument("--cycles", type=int, default=2, help="long+short cycles")
-    ap.add_argument(
-        "--systems", default="adaptive,colocated,1P1D", help="comma-separated systems to run"
-    )
+    ap.add_argument("--long-rate", type=float, default=PHASES["long"][0], help="req/s, long")
+    ap.add_argument("--short-rate", type=float, default=PHASES["short"][0], help="req/s, short")
+    ap.add_argument("--stable-rate", type=float, default=2.0, help="req/s, --workload stable")
+    ap.add_argument("--stable-seconds", type=float, default=120.0, help="--workload stable")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated systems to run")
     ap.add_argument(
         "--live-window",
         default=f"{WINDOW:g}",
         help="seconds of traffic the adaptive system's re-plans look at (serve --live-window); "
         "a comma-separated list runs the adaptive system once with each",
+    )
+    for k, v in REPLAN.items():
+        ap.add_argument(f"--replan-{k}", type=float, default=v, help=f"adaptive: {k}")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="systems in turns N times, order reversed each round"
     )
     ap.add_argument(
         "--sim-only",
@@ -202,41 +247,56 @@ def main() -> None:
                     "adaptive_shift.json, adaptive_shift_sim.json with --sim-only)")  # fmt: skip
     args = ap.parse_args()
     windows = [float(w) for w in args.live_window.split(",")]
+    REPLAN.update(interval=args.replan_interval, margin=args.replan_margin,
+                  dwell=args.replan_dwell)  # fmt: skip
+    TTFT, TPOT = SLOS[args.workload]
     if args.output is None:
-        name = "adaptive_shift_sim.json" if args.sim_only else "adaptive_shift.json"
-        args.output = f"benchmarks/results/{name}"
-    requests = trace(args.phase_seconds, args.cycles)
+        stem = "adaptive_shift" if args.workload == "shift" else "adaptive_stable"
+        args.output = f"benchmarks/results/{stem}{'_sim' if args.sim_only else ''}.json"
+    if args.workload == "shift":
+        PHASES = {"long": (args.long_rate, *PHASES["long"][1:]),
+                  "short": (args.short_rate, *PHASES["short"][1:])}  # fmt: skip
+        requests = trace(args.phase_seconds, args.cycles)
+        seconds = args.phase_seconds * 2 * args.cycles
+    else:
+        requests = stable(args.stable_seconds, args.stable_rate)
+        seconds = args.stable_seconds
     if args.write_trace:
         with open(args.write_trace, "w", encoding="utf-8") as f:
             f.write("timestamp,prompt_len,output_len\n")
             f.writelines(f"{t:.6f},{p},{o}\n" for t, _, p, o in requests)
         print(f"wrote {args.write_trace}")
         return
-    print(f"{len(requests)} requests over {args.phase_seconds * 2 * args.cycles:.0f} s", flush=True)
+    print(f"{len(requests)} requests over {seconds:.0f} s", flush=True)
     out = []
     runs = [
         (system, w)
         for system in args.systems.split(",")
         for w in (windows if system == "adaptive" else [windows[0]])
     ]
-    for system, WINDOW in runs:
-        r = simulated(system, requests) if args.sim_only else asyncio.run(run(system, requests))
-        if system == "adaptive":
-            r["system"] += f", live window {WINDOW:g} s"
-        out.append(r)
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in r["attainment_by_phase"].items())
-        print(
-            f"{system:10} attainment {r['attainment']:.3f} ({phases}), lost {r['lost']}, "
-            f"flips at {r['flip_times_s']} s",
-            flush=True,
-        )
+    for rnd in range(1 if args.sim_only else args.rounds):
+        for system, WINDOW in runs if rnd % 2 == 0 else runs[::-1]:
+            began = time.strftime("%H:%M:%S")
+            sim, real = simulated, lambda s, r: asyncio.run(run(s, r))
+            r = (sim if args.sim_only else real)(system, requests)
+            if system == "adaptive":
+                r["system"] += f", live window {WINDOW:g} s"
+            r |= {"round": rnd + 1, "began": began, "ended": time.strftime("%H:%M:%S")}
+            out.append(r)
+            phases = ", ".join(f"{p} {v:.3f}" for p, v in r["attainment_by_phase"].items())
+            print(
+                f"round {rnd + 1} {r['began']}-{r['ended']} {r['system']:32} attainment "
+                f"{r['attainment']:.3f} ({phases}), lost {r['lost']}, flips at "
+                f"{r['flip_times_s']} s",
+                flush=True,
+            )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump({"command": "python benchmarks/adaptive_shift.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" if v is not True else f"--{k.replace('_', '-')}"
-            for k, v in vars(args).items() if k != "output" and v is not False
+            for k, v in vars(args).items() if k != "output" and v not in (False, None)
         ), "ttft_slo": TTFT, "tpot_slo": TPOT, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "results": out}, f, indent=1)  # fmt: skip
+            "requests": len(requests), "results": out}, f, indent=1)  # fmt: skip
     print(f"wrote {args.output}")
 
 
