@@ -10,10 +10,12 @@ overhead per step, read from the servers' step traces.
    --devices-per-node 4 --dataset chatbot --ttft-slo 0.25 --tpot-slo 0.1
    --transfer-bandwidth 3e11` (the paper's SLOs for this pair; KV moves over NVLink as on
    the emulated node), written to benchmarks/results/emulated-plan.json.
-2. For each layout: `serve --emulate PROFILE --plan LAYOUT --max-num-seqs 128` (the
-   plan's batch limit), then `distserve goodput` at the plan's predicted goodput times
-   each factor. Beside each measured rate: the simulator's attainment on exactly the
-   requests sent (same lengths, same arrival times), and the goodput both imply.
+2. For each layout: `serve --emulate PROFILE --plan LAYOUT --max-num-seqs 128
+   --no-prefix-caching` (the plan's batch limit; no cache, since the sweep re-sends the
+   same prompts at every rate, and the simulator beside it runs without one too), then
+   `distserve goodput` at the plan's predicted goodput times each factor. Beside each
+   measured rate: the simulator's attainment on exactly the requests sent (same lengths,
+   same arrival times), and the goodput both imply.
 3. Overhead per step: for back-to-back steps of an instance, the time from one step's
    start to the next one's beyond the latency model's time for the first (the controller's
    own work between steps, and how late the emulated device woke up).
@@ -94,7 +96,8 @@ def sim_config(plan: dict, name: str, bandwidth: float = BANDWIDTH) -> SimConfig
     else:
         placement = PlacementConfig(num_prefill=counts["prefill"], num_decode=counts["decode"])
     sched = dataclasses.replace(SCHED, chunked_prefill=placement.chunked_prefill)
-    return SimConfig(placement, latency, blocks, sched, 16)
+    # no prefix caching, as the servers run: the sweep re-sends the same prompts at every rate
+    return SimConfig(placement, latency, blocks, sched, 16, prefix_caching=False)
 
 
 def step_overheads(trace: str) -> dict:
@@ -136,6 +139,7 @@ def run_layout(plan: dict, name: str, args: argparse.Namespace, details: str) ->
     if os.path.exists(trace):
         os.remove(trace)
     flags = ["--emulate", PROFILES[name], "--plan", path, "--max-num-seqs", "128"]
+    flags.append("--no-prefix-caching")  # else the rates after the first hit the cache
     load = [os.getloadavg()[0]]
     with running_server(*flags, "--trace-steps", trace) as url:
         out = os.path.join(details, f"goodput-{name}.json")
