@@ -5,6 +5,7 @@ hold the others back, and with the floors of its search as they stand then (prun
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -30,6 +31,8 @@ class Batch:
     jobs: list[tuple[InstanceConfig, str]]
     floors: ShapeFloors | PairFloors | None = None
     goodputs: list[float] = field(default_factory=list)
+    at_least: set[int] = field(default_factory=set)
+    """Jobs stopped at their ceiling: their goodput is a lower bound (prune.py)."""
     seconds: float = 0.0
 
 
@@ -66,28 +69,37 @@ def score(
         if left[k] == 0 and finished is not None:
             finished(k)
 
-    running: dict[Future[tuple[float, float]], tuple[int, int, float]] = {}
+    running: dict[Future[tuple[float, float]], tuple[int, int, float, float]] = {}
     while queue or running:
         while queue and len(running) < max(1, workers):
-            k, i = queue.popleft()
+            pick = next((n for n, (k, i) in enumerate(queue) if _ready(batches[k], i)), None)
+            if pick is None and running:
+                break  # wait: what is running decides the ceilings of what is left
+            k, i = queue[pick or 0]
+            del queue[pick or 0]
             b = batches[k]
             floor = b.floors.floor(i) if b.floors else 0.0
             if floor == math.inf:
                 _say(progress, b, i, "skipped (no layout with it can win)")
                 one_less(k)
                 continue
-            args = (b.setting, *b.jobs[i], guesses[k][i], floor)
+            ceiling = b.floors.ceiling(i) if b.floors else math.inf
+            args = (b.setting, *b.jobs[i], guesses[k][i], floor, ceiling)
             if pool is None:
-                _done(batches[k], i, floor, _score(args), guesses[k][i], t0, progress)
+                _done(batches[k], i, floor, ceiling, _score(args), guesses[k][i], t0, progress)
                 one_less(k)
             else:
-                running[pool.submit(_score, args)] = (k, i, floor)
+                running[pool.submit(_score, args)] = (k, i, floor, ceiling)
         if running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in sorted(done, key=lambda f: running[f][:2]):
-                k, i, floor = running.pop(f)
-                _done(batches[k], i, floor, f.result(), guesses[k][i], t0, progress)
+                k, i, floor, ceiling = running.pop(f)
+                _done(batches[k], i, floor, ceiling, f.result(), guesses[k][i], t0, progress)
                 one_less(k)
+
+
+def _ready(b: Batch, i: int) -> bool:
+    return b.floors.ready(i) if b.floors else True
 
 
 def _turns(batches: Sequence[Batch], guesses: list[list[float]]) -> Iterator[tuple[int, int]]:
@@ -105,6 +117,7 @@ def _done(
     b: Batch,
     i: int,
     floor: float,
+    ceiling: float,
     scored: tuple[float, float],
     guess: float,
     t0: float,
@@ -113,13 +126,17 @@ def _done(
     g, seconds = scored
     b.goodputs[i] = g
     b.seconds = time.perf_counter() - t0
+    capped = g >= ceiling
+    if capped:
+        b.at_least.add(i)
     if b.floors:
-        b.floors.record(i, g)
-    what = (
-        f"{g:.3f} req/s"
-        if g > 0 or not floor
-        else f"below {floor:.3f} req/s, stopped: too slow to be part of a better layout"
-    )
+        b.floors.record(i, g, capped)
+    if capped:
+        what = f"at least {g:.3f} req/s, stopped: more changes no layout (above {ceiling:.3f})"
+    elif g > 0 or not floor:
+        what = f"{g:.3f} req/s"
+    else:
+        what = f"below {floor:.3f} req/s, stopped: too slow to be part of a better layout"
     _say(progress, b, i, f"{what} (simulated in {seconds:.1f} s; rough estimate {guess:.3f})")
 
 
@@ -129,17 +146,20 @@ def _say(progress: Progress, b: Batch, i: int, what: str) -> None:
         progress(f"{role} {inst.label}: {what}")
 
 
-def _score(job: tuple[Setting, InstanceConfig, str, float, float]) -> tuple[float, float]:
+def _score(
+    job: tuple[Setting, InstanceConfig, str, float, float, float],
+) -> tuple[float, float]:
     """(goodput, seconds it took) of one job."""
-    setting, inst, role, guess, floor = job
+    setting, inst, role, guess, floor, ceiling = job
     t0 = time.perf_counter()
+    bounds = functools.partial(
+        placement_goodput, setting, guess=guess, floor=floor, ceiling=ceiling
+    )
     if role == "prefill":
-        g = placement_goodput(setting, inst, None, only="ttft", guess=guess, floor=floor)
+        g = bounds(inst, None, only="ttft")
     elif role == "decode":
-        g = placement_goodput(setting, None, inst, only="tpot", guess=guess, floor=floor)
+        g = bounds(None, inst, only="tpot")
     else:
         chunked = role == "chunked"
-        g = placement_goodput(
-            setting, None, None, colocated=inst, chunked=chunked, guess=guess, floor=floor
-        )
+        g = bounds(None, None, colocated=inst, chunked=chunked)
     return g, time.perf_counter() - t0

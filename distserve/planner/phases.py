@@ -124,17 +124,19 @@ def placement_goodput(
     only: str = "both",
     guess: float | None = None,
     floor: float = 0.0,
+    ceiling: float = math.inf,
 ) -> float:
     """Goodput (req/s) of a placement; `prefill`/`decode` None means that phase is ideal.
     `only`: which target counts ('both', 'ttft' or 'tpot'). `floor`: 0 as soon as the
-    goodput is known to be below it (see `bisect_rate`)."""
+    goodput is known to be below it; `ceiling`: the first rate at or above it that attains
+    (see `bisect_rate`)."""
     attain = placement_attainment(
         setting, prefill, decode, colocated, num_prefill, num_decode, num_colocated, chunked, only
     )
     if attain is None:
         return 0.0
     start = 0.8 * guess if guess else _guess(setting, prefill or colocated, decode or colocated)
-    return bisect_rate(attain, setting.target, start, floor=floor)
+    return bisect_rate(attain, setting.target, start, floor=floor, ceiling=ceiling)
 
 
 def simulation(

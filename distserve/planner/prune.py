@@ -13,6 +13,14 @@ members to be stopped. When its floor was set, its partner was either scored exa
 not yet scored (counted as infinitely fast), and the best so far was a layout of scored
 goodputs, at most the exhaustive one. So at the member's true goodput the layout beats or
 ties that best, its goodput is above its floor, and its bisection does not stop.
+
+Ceilings, for the same search: decode jobs wait until every prefill job is done (prefill
+jobs simulate one-token outputs and are cheap), so they start with exact partners. Then n
+of decode job i's instances beside m prefill instances of goodput g give min(n x, m g),
+where m g is at most g times the prefill instances that fit beside one of job i's: above
+that rate (its *ceiling*) job i's exact goodput changes no layout's goodput, and its
+bisection stops at the first rate at or above it that attains (`bisect_rate`). No floor
+is set from a capped goodput: every partner's floor was set before.
 """
 
 from __future__ import annotations
@@ -58,7 +66,13 @@ class ShapeFloors:
         self.devices = devices
         self.best = 0.0
 
-    def record(self, i: int, goodput: float) -> None:
+    def ready(self, i: int) -> bool:
+        return True
+
+    def ceiling(self, i: int) -> float:
+        return math.inf
+
+    def record(self, i: int, goodput: float, capped: bool = False) -> None:
         self.best = max(self.best, goodput / self.devices[i])
 
     def floor(self, i: int) -> float:
@@ -76,10 +90,14 @@ class PairFloors:
         self.jobs, self.devices, self.rate = jobs, devices, rate
         self.goodput: dict[int, float] = {}
         self.skipped: set[int] = set()
+        self.capped: set[int] = set()
+        """Jobs whose goodput is a lower bound, at or above their ceiling."""
         self.best: Key | None = None
 
-    def record(self, i: int, goodput: float) -> None:
+    def record(self, i: int, goodput: float, capped: bool = False) -> None:
         self.goodput[i] = goodput
+        if capped:
+            self.capped.add(i)
         inst, role = self.jobs[i]
         for j, g in self._partners(role):
             if g == math.inf or g <= 0:
@@ -90,6 +108,29 @@ class PairFloors:
             found = pair_best(*pair, self.devices, self.rate) if goodput > 0 else None
             if found is not None and (self.best is None or found[0] > self.best):
                 self.best = found[0]
+
+    def ready(self, i: int) -> bool:
+        """Whether job i should start now: decode jobs wait for every prefill job (cheap:
+        one-token outputs), so that they start with a ceiling."""
+        return self.jobs[i][1] == "prefill" or all(
+            j in self.goodput or j in self.skipped
+            for j, (_, r) in enumerate(self.jobs)
+            if r == "prefill"
+        )
+
+    def ceiling(self, i: int) -> float:
+        """A rate above which job i's goodput changes no layout: once every partner is
+        scored (or skipped), n of job i's instances beside m partners of goodput g give
+        min(n x, m g), and m g never exceeds g times the partners that fit beside one of
+        job i's instances. Infinity while a partner is unscored, or was itself capped."""
+        inst, role = self.jobs[i]
+        top = 0.0
+        for j, g in self._partners(role):
+            if g == math.inf or j in self.capped:
+                return math.inf
+            dp = self.jobs[j][0].devices
+            top = max(top, g * ((self.devices - inst.devices) // dp))
+        return top if top > 0 else math.inf
 
     def floor(self, i: int) -> float:
         """The rate at or under which job i is part of no layout that beats the best so

@@ -155,10 +155,14 @@ def algorithm1_choice(
     scored = [Scored(s, g) for (s, _), g in zip(batch.jobs, batch.goodputs, strict=True)]
     pre = [x for x, (_, role) in zip(scored, batch.jobs, strict=True) if role == "prefill"]
     dec = [x for x, (_, role) in zip(scored, batch.jobs, strict=True) if role == "decode"]
-    table = {
+    table: dict[str, Any] = {
         "prefill": {s.config.label: s.goodput for s in pre},
         "decode": {s.config.label: s.goodput for s in dec},
     }
+    if batch.at_least:  # stopped at their ceiling (prune.py): lower bounds
+        table["at_least"] = sorted(
+            f"{batch.jobs[i][1]} {batch.jobs[i][0].label}" for i in batch.at_least
+        )
     return best_combination(pre, dec, cluster, rate), table
 
 
