@@ -59,6 +59,7 @@ from distserve.config import (
 )
 from distserve.metrics.goodput import goodput
 from distserve.metrics.summary import summarize
+from distserve.planner.plan import layout_text
 from distserve.sim.simulator import Simulator
 from distserve.workload.build import WorkloadSpec, build_workload
 
@@ -219,7 +220,7 @@ def run_layout(plan: dict, name: str, args: argparse.Namespace, details: str) ->
         "layout": name,
         "profile": PROFILES[name],
         "devices": e["devices"],
-        "instances": shape_of(e),
+        "instances": layout_text(e),
         "planned_instances": e.get("planned_instances"),
         "links": links,
         "simulated_bandwidth": bandwidth,
@@ -234,17 +235,6 @@ def run_layout(plan: dict, name: str, args: argparse.Namespace, details: str) ->
     }
     print(json.dumps(row, indent=1), flush=True)
     return row
-
-
-def shape_of(e: dict) -> str:
-    if e.get("colocated"):
-        s = e["colocated"]
-        return f"{s['instances']} x tp{s['tp']} pp{s['pp']}"
-    p, d = e["prefill"], e["decode"]
-    return (
-        f"{p['instances']} x P tp{p['tp']} pp{p['pp']} + {d['instances']} x D tp{d['tp']} "
-        f"pp{d['pp']}"
-    )
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ placements, not a new search. Writes benchmarks/results/paper_gains.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 from distserve.cli import build_parser
 from distserve.cli import main as distserve_main
 from distserve.cli.values import json_safe
+from distserve.planner.plan import layout_text
 
 BASE = [
     "plan",
@@ -62,19 +62,6 @@ REFERENCE = [
 ]
 
 
-def shape(c: dict[str, Any] | None) -> str:
-    if not c:
-        return "none"
-    if c.get("colocated"):
-        s = c["colocated"]
-        return f"{s['instances']} x tp{s['tp']} pp{s['pp']}"
-    p, d = c["prefill"], c["decode"]
-    return (
-        f"{p['instances']} x P tp{p['tp']} pp{p['pp']} + "
-        f"{d['instances']} x D tp{d['tp']} pp{d['pp']}"
-    )
-
-
 def run_variant(argv: list[str], out_dir: str, name: str) -> dict[str, Any]:
     path = os.path.join(out_dir, name.replace(" ", "_") + ".json")
     t0 = time.perf_counter()
@@ -87,9 +74,9 @@ def run_variant(argv: list[str], out_dir: str, name: str) -> dict[str, Any]:
     d, colo = plan["disagg"] or {}, plan["baselines"].get("colocated") or {}
     dg, cg = d.get("per_device_goodput", 0.0), colo.get("per_device_goodput", 0.0)
     return {
-        "disagg": shape(d),
+        "disagg": layout_text(d),
         "disagg_per_gpu": dg,
-        "colocated": shape(colo),
+        "colocated": layout_text(colo),
         "colocated_per_gpu": cg,
         "ratio": dg / cg if cg else None,
         "chunked_per_gpu": (plan["baselines"].get("chunked") or {}).get("per_device_goodput"),
@@ -102,35 +89,13 @@ def separate_p90(argv: list[str], plan: dict[str, Any]) -> dict[str, Any]:
     """The plan's disaggregated and colocated placements re-scored by separate P90s: the
     highest rate at which >= 90% meet TTFT and >= 90% meet TPOT, each on its own (the
     smaller of the two single-target goodputs; each falls with the rate)."""
-    from distserve.bench.run import tokenizer_for
-    from distserve.cli.common import serving_path, workload_spec
-    from distserve.cli.plan import _profiles
-    from distserve.core import SchedulerConfig
-    from distserve.planner.phases import InstanceConfig, Setting, placement_goodput
-    from distserve.sim.profile import a100_kv_capacity
-    from distserve.workload.build import build_workload
+    from distserve.cli.common import serving_path
+    from distserve.cli.plan import _profiles, plan_setting
+    from distserve.planner.phases import InstanceConfig, placement_goodput
 
     parser, subs = build_parser()
     args = parser.parse_args(argv)
-    sub = subs["plan"]
-    spec = workload_spec(args, rate=1.0)
-    workload = build_workload(
-        dataclasses.replace(spec, num_requests=max(4000, spec.num_requests)),
-        tokenizer_for("smollm2-135m"),
-    )  # as `distserve plan` builds it
-    sched = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048, max_model_len=2048
-    )
-    setting = Setting(
-        workload,
-        args.ttft_slo,
-        args.tpot_slo,
-        args.attainment,
-        sched,
-        capacity=a100_kv_capacity(),
-        path=serving_path(args, sub),
-        min_requests=args.num_requests,
-    )
+    setting = plan_setting(args, serving_path(args, subs["plan"]))  # as `distserve plan` does
 
     def inst(profiles: list[Any], s: dict[str, Any]) -> InstanceConfig:
         (p,) = [p for p in profiles if p.tp == s["tp"]]

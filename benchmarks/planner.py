@@ -20,7 +20,7 @@ import time
 from distserve.bench.run import tokenizer_for
 from distserve.core import SchedulerConfig
 from distserve.planner.phases import Setting
-from distserve.planner.plan import make_plan
+from distserve.planner.plan import layout_text, make_plan
 from distserve.planner.search import Cluster
 from distserve.sim.profile import a100_kv_capacity, bundled_a100
 from distserve.workload.build import WorkloadSpec, build_workload
@@ -63,18 +63,6 @@ def run_case(name: str, workers: int, num_requests: int, tokenizer, max_pp: int 
     seconds = time.perf_counter() - t0
     d = plan["disagg"] or {}
 
-    def shape(c: dict | None) -> str:
-        if not c:
-            return "none"
-        if c.get("colocated"):
-            s = c["colocated"]
-            return f"{s['instances']} x tp{s['tp']} pp{s['pp']}"
-        p, q = c["prefill"], c["decode"]
-        return (
-            f"{p['instances']} x P tp{p['tp']} pp{p['pp']} + {q['instances']} x D tp{q['tp']} "
-            f"pp{q['pp']}"
-        )
-
     colo = plan["baselines"].get("colocated") or {}
     chunk = plan["baselines"].get("chunked") or {}
     row = {
@@ -83,9 +71,9 @@ def run_case(name: str, workers: int, num_requests: int, tokenizer, max_pp: int 
         "dataset": dataset,
         "slo": {"ttft": ttft, "tpot": tpot},
         "gpus": nodes * per_node,
-        "disagg": shape(d),
+        "disagg": layout_text(d),
         "disagg_per_gpu": d.get("per_device_goodput", 0.0),
-        "colocated": shape(colo),
+        "colocated": layout_text(colo),
         "colocated_per_gpu": colo.get("per_device_goodput", 0.0),
         "chunked_per_gpu": chunk.get("per_device_goodput", 0.0),
         "gain_vs_colocated": (d.get("per_device_goodput", 0.0) / colo["per_device_goodput"])

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distserve.cli.common import (
     add_serving_path_flags,
@@ -19,6 +19,9 @@ from distserve.cli.common import (
 )
 from distserve.cli.values import flag_message, json_safe, positive_float, positive_int
 from distserve.sim.serving_path import ServingPath
+
+if TYPE_CHECKING:
+    from distserve.planner.phases import Setting
 
 
 def add_parser(verbs: Any) -> argparse.ArgumentParser:
@@ -142,33 +145,24 @@ def _profiles(paths: list[str], model: str | None) -> list[Any]:
     return chosen
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def plan_setting(args: argparse.Namespace, path: ServingPath) -> Setting:
+    """What every simulation of `plan`'s search shares, from its flags (the workload:
+    at least 4,000 requests, simulations take what they need)."""
     from distserve.bench.run import tokenizer_for
     from distserve.core import SchedulerConfig
     from distserve.planner.phases import Setting
-    from distserve.planner.plan import make_plan, write_plan
-    from distserve.planner.search import Cluster
     from distserve.sim.profile import a100_kv_capacity
     from distserve.workload.build import build_workload
 
-    path = serving_path(args, parser)
-    try:
-        profiles = _profiles(args.profile, args.model)
-        decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None
-        baseline = _profiles(args.profile_baseline, args.model) if args.profile_baseline else None
-        spec = workload_spec(args, rate=1.0)
-        workload = build_workload(
-            dataclasses.replace(spec, num_requests=max(4000, spec.num_requests)),
-            tokenizer_for("smollm2-135m"),
-        )
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(flag_message(ValueError(str(e)), parser))
-    kind = "cpu-core" if any(p.cores for p in profiles) else "gpu"
-    cluster = Cluster(args.num_nodes, args.devices_per_node, kind)
+    spec = workload_spec(args, rate=1.0)
+    workload = build_workload(
+        dataclasses.replace(spec, num_requests=max(4000, spec.num_requests)),
+        tokenizer_for("smollm2-135m"),
+    )
     sched = SchedulerConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048, max_model_len=2048
     )
-    setting = Setting(
+    return Setting(
         workload,
         args.ttft_slo,
         args.tpot_slo,
@@ -178,6 +172,23 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         path=path,
         min_requests=args.num_requests,
     )
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from distserve.planner.plan import make_plan, write_plan
+    from distserve.planner.search import Cluster
+
+    path = serving_path(args, parser)
+    try:
+        profiles = _profiles(args.profile, args.model)
+        decode = _profiles(args.profile_decode, args.model) if args.profile_decode else None
+        baseline = _profiles(args.profile_baseline, args.model) if args.profile_baseline else None
+        setting = plan_setting(args, path)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(flag_message(ValueError(str(e)), parser))
+    workload = setting.workload
+    kind = "cpu-core" if any(p.cores for p in profiles) else "gpu"
+    cluster = Cluster(args.num_nodes, args.devices_per_node, kind)
     own: dict[str, Setting | None] = {"baseline": None, "chunked": None}
     for name in own:
         text = getattr(args, f"{name}_serving_path")

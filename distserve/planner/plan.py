@@ -55,6 +55,20 @@ def choice_dict(c: Choice | None) -> dict[str, Any] | None:
     return d
 
 
+def layout_text(c: dict[str, Any] | None) -> str:
+    """A plan's layout (`choice_dict`) in short: '1 x P tp2 pp4 + 1 x D tp3 pp2', '5 x tp3 pp2'."""
+    if not c:
+        return "none"
+    if c.get("colocated"):
+        s = c["colocated"]
+        return f"{s['instances']} x tp{s['tp']} pp{s['pp']}"
+    p, d = c["prefill"], c["decode"]
+    return (
+        f"{p['instances']} x P tp{p['tp']} pp{p['pp']} + {d['instances']} x D tp{d['tp']} "
+        f"pp{d['pp']}"
+    )
+
+
 def choice_from_dict(d: dict[str, Any], profiles: Sequence[Profile]) -> Choice:
     """The placement of a plan's layout (`choice_dict`'s output), on the profiles that
     match its shapes (model, tp, cores)."""
