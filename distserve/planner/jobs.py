@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -42,8 +43,17 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
     if workers <= 1:
         yield None
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with process_pool(workers) as pool:
         yield pool
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` processes forked from a clean server process, never from the caller: a
+    fork of a process that holds native threads or extension state (torch, a server, a
+    test run) segfaulted in the child's garbage collector."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["distserve.planner.jobs"])
+    return ProcessPoolExecutor(workers, mp_context=ctx)
 
 
 def score(

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
+from distserve.planner.jobs import process_pool
 from distserve.planner.phases import InstanceConfig, Setting, placement_goodput
 from distserve.planner.search import Choice, Cluster, candidates, replicate
 from distserve.sim.profile import Profile
@@ -80,7 +81,7 @@ def algorithm2(
     jobs = units(prefill_profiles, decode_profiles, cluster, max_pp)
     args = [(setting, p, d) for p, d in jobs]
     if pool is None and workers > 1 and len(args) > 1:
-        with ProcessPoolExecutor(workers) as own:
+        with process_pool(workers) as own:
             goodputs = list(own.map(_unit_goodput, args))
     elif pool is not None:
         goodputs = list(pool.map(_unit_goodput, args))
