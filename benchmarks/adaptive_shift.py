@@ -15,7 +15,8 @@ With --workload stable instead: a chatbot workload, ShareGPT's prompt and output
 TPOT 0.1 s). Systems, the same requests each:
   adaptive   starts colocated x2; serve --adaptive a100 --live-window 20 (re-plan every
              5 s on the window's latest 400 finished requests, margin 0.05, dwell 10 s;
-             --replan-interval, --replan-margin, --replan-dwell)
+             --replan-interval, --replan-margin, --replan-dwell); its layouts: colocated,
+             chunked (CHUNK tokens a step, serve --replan-chunk), k prefill + 2-k decode
   colocated  2 colocated instances, fixed
   1P1D       1 prefill + 1 decode instance, fixed
   chunked    2 colocated instances with chunked prefill (serve --chunked-prefill; a token
@@ -92,7 +93,9 @@ def scheduler(system: str) -> SchedulerConfig:
 
 
 def adaptive_config() -> AdaptiveConfig:
-    return AdaptiveConfig("a100", TTFT, TPOT, REPLAN["interval"], REPLAN["margin"], REPLAN["dwell"])
+    return AdaptiveConfig(
+        "a100", TTFT, TPOT, REPLAN["interval"], REPLAN["margin"], REPLAN["dwell"], chunk=CHUNK
+    )
 
 
 def trace(phase_seconds: float, cycles: int, seed: int = 0) -> list[tuple[float, str, int, int]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from distserve.cli.values import nonnegative_float, positive_float, positive_int
+from distserve.cli.values import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 if TYPE_CHECKING:
     from distserve.cluster.adaptive import AdaptiveConfig
@@ -120,11 +120,12 @@ def adaptive_config(
     if args.adaptive not in BUNDLED and not os.path.isfile(args.adaptive):
         parser.error(f"--adaptive {args.adaptive}: no such profile file (or {', '.join(BUNDLED)})")
     if args.mode == "colocated" and args.chunked_prefill:
-        parser.error("--adaptive does not flip chunked-prefill instances")
+        parser.error("--adaptive starts unchunked: it turns chunked prefill on itself "
+                     "(--replan-chunk)")  # fmt: skip
     try:
         return AdaptiveConfig(
             args.adaptive, args.ttft_slo, args.tpot_slo, args.replan_interval,
-            args.replan_margin, args.replan_dwell,
+            args.replan_margin, args.replan_dwell, chunk=args.replan_chunk,
         )  # fmt: skip
     except ValueError as e:
         parser.error(f"--replan-*: {e}")
@@ -132,7 +133,7 @@ def adaptive_config(
 
 
 def add_replan_flags(g: Any) -> None:
-    """--replan-interval/--replan-margin/--replan-dwell, as serve and simulate take them."""
+    """--replan-interval/-margin/-dwell/-chunk, as serve and simulate take them."""
     g.add_argument(
         "--replan-interval",
         type=positive_float,
@@ -150,4 +151,11 @@ def add_replan_flags(g: Any) -> None:
         type=nonnegative_float,
         default=30.0,
         help="--adaptive: seconds a better layout must stay best before flipping (default: 30)",
+    )
+    g.add_argument(
+        "--replan-chunk",
+        type=nonnegative_int,
+        default=512,
+        help="--adaptive: colocated instances may turn chunked prefill on, with this token "
+        "budget a step, when re-plans predict it best (0: never; default: 512)",
     )

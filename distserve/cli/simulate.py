@@ -178,12 +178,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             from distserve.sim.replan import AdaptiveConfig
 
             if args.mode == "colocated" and args.chunked_prefill:
-                raise ValueError("adaptive does not flip chunked-prefill instances")
+                raise ValueError("adaptive starts unchunked: it turns chunked prefill on "
+                                 "itself (replan_chunk)")  # fmt: skip
             if args.adaptive not in BUNDLED and not os.path.isfile(args.adaptive):
                 raise ValueError(f"adaptive {args.adaptive}: no such profile file")
             replan = AdaptiveConfig(
                 args.adaptive, args.ttft_slo, args.tpot_slo, args.replan_interval,
-                args.replan_margin, args.replan_dwell,
+                args.replan_margin, args.replan_dwell, chunk=args.replan_chunk,
             )  # fmt: skip
             config = dataclasses.replace(config, adaptive=replan, live_window=args.live_window)
         workload = build_workload(workload_spec(args, args.rate), tokenizer_for(args.model))

@@ -1,7 +1,8 @@
 """Adaptive disaggregation: every interval, replay the live window's requests
 (cluster/live.py) in the simulator on every layout of the instances that exist (all
-colocated, or k prefill + n-k decode) with the deployment's profile, and flip roles
-(cluster/flip.py) to the best one, but only when its predicted SLO attainment beats the
+colocated, all colocated with chunked prefill, or k prefill + n-k decode) with the
+deployment's profile, and flip roles (cluster/flip.py; chunked prefill on or off is
+switched in place) to the best one, but only when its predicted SLO attainment beats the
 current layout's by a margin and has done so for a dwell time (hysteresis: a workload on
 the edge does not flip back and forth).
 
@@ -20,16 +21,20 @@ from distserve.sim.replan import (
     AdaptiveConfig,
     Hysteresis,
     Layout,
+    chunked_scheduler,
+    kind_of,
     layout_of,
     layouts,
     next_flip,
     pick_profile,
     placement_of,
     predict,
+    role_of,
 )
 
 if TYPE_CHECKING:
     from distserve.cluster.controller import Controller
+    from distserve.runtime.instance import Instance
 
 __all__ = ["Adaptive", "AdaptiveConfig", "Layout", "layouts", "placement_of", "predict"]
 
@@ -61,7 +66,12 @@ class Adaptive:
         insts = self.controller.instances
         if any(not i.alive or i.draining for i in insts):
             return None
-        return layout_of([i.role for i in insts])
+        return layout_of([self.kind(i) for i in insts])
+
+    @staticmethod
+    def kind(inst: Instance) -> str:
+        """What a layout counts `inst` as ('chunked': colocated with chunked prefill)."""
+        return kind_of(inst.role, inst.scheduler.config.chunked_prefill)
 
     async def run(self) -> None:
         while True:
@@ -81,7 +91,7 @@ class Adaptive:
         blocks = info.num_blocks if info is not None else 0
         n = len(self.controller.instances)
         self.last = await asyncio.to_thread(
-            predict, workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n
+            predict, workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk
         )
         self.replans += 1
         watched = self.hysteresis.candidate
@@ -100,18 +110,29 @@ class Adaptive:
     async def apply(self, target: Layout) -> None:
         """Flip instances one at a time until the roles match `target`, each flip one
         the controller accepts (a role is never left empty on the way): the order is
-        sim/replan.py's `next_flip`, the simulator's too."""
-        flips = self.controller.flips
+        sim/replan.py's `next_flip`, the simulator's too. A colocated instance turns
+        chunked or back in place; another bound for 'chunked' turns colocated first."""
+        flips, insts = self.controller.flips, self.controller.instances
 
-        def allowed(i: int, role: str) -> bool:
+        def allowed(i: int, kind: str) -> bool:
+            role = Role(role_of(kind))
+            if insts[i].role == role:  # chunked prefill on or off: always, when live
+                return insts[i].alive and not insts[i].draining
             try:
-                flips.check(self.controller.instances[i], Role(role))
+                flips.check(insts[i], role)
             except ValueError:
                 return False
             return True
 
-        for _ in range(2 * len(self.controller.instances)):
-            step = next_flip([i.role for i in self.controller.instances], target, allowed)
+        for _ in range(3 * len(insts)):
+            step = next_flip([self.kind(i) for i in insts], target, allowed)
             if step is None:
                 return
-            await flips.flip(self.controller.instances[step[0]], Role(step[1]))
+            inst, kind = insts[step[0]], step[1]
+            if inst.role != Role(role_of(kind)):
+                await flips.flip(inst, Role(role_of(kind)))
+                continue
+            base = self.controller.scheduler_config(Role.COLOCATED)
+            flips.rechunk(
+                inst, chunked_scheduler(base, self.config.chunk) if kind == "chunked" else base
+            )

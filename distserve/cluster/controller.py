@@ -42,6 +42,7 @@ from distserve.core import (
     Request,
     SamplingParams,
     Scheduler,
+    SchedulerConfig,
     StepOutput,
 )
 from distserve.core.request import check_token_ids
@@ -295,12 +296,16 @@ class Controller:
         if self.store is not None:
             self.store.close()
 
-    def _scheduler(self, role: Role, info: WorkerInfo) -> Scheduler:
-        sched_cfg = dataclasses.replace(
+    def scheduler_config(self, role: Role) -> SchedulerConfig:
+        """The scheduler config a new instance of `role` starts with (a flip's too)."""
+        return dataclasses.replace(
             self.engine_config.scheduler,
             max_model_len=self.max_model_len,
             chunked_prefill=self.placement.chunked_prefill and role == Role.COLOCATED,
         )
+
+    def _scheduler(self, role: Role, info: WorkerInfo) -> Scheduler:
+        sched_cfg = self.scheduler_config(role)
         cc = self.engine_config.cache
         # A fresh cache for every worker: a restarted one holds none of its KV.
         blocks = BlockManager(

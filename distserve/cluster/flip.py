@@ -7,6 +7,10 @@ Nothing is dropped or computed twice: a queued prompt moves before any of it ran
 request waiting for migration into a draining decode instance is handed to another, and
 a running one is never interrupted. A flip that would leave a role with no instance to
 take its requests is refused.
+
+Turning chunked prefill on or off on a colocated instance (`rechunk`, adaptive
+re-planning's 'chunked' layouts) is no flip of its role: its scheduler switches policy
+in place between steps (ColocatedScheduler.reconfigure), nothing drains or moves.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from distserve.cluster.request_table import RequestTable
-from distserve.core import DecodeScheduler, Scheduler
+from distserve.core import ColocatedScheduler, DecodeScheduler, Scheduler, SchedulerConfig
 from distserve.core.routing import pick_prefill
 from distserve.runtime.instance import Instance, Role
-from distserve.sim.replan import flip_refusal
+from distserve.sim.replan import flip_refusal, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,26 @@ class Flips:
             "flipped %s from %s to %s in %.2f s (%d requests moved)",
             inst.name, rec.old, rec.new, rec.seconds, rec.moved,
         )  # fmt: skip
+        return rec
+
+    def rechunk(self, inst: Instance, config: SchedulerConfig) -> FlipRecord:
+        """Give a live colocated instance's scheduler `config`: chunked prefill on or off
+        (and its token budget), in place and at once. A step in flight is applied as it
+        was planned; a prompt partly computed in chunks finishes whole after chunking
+        goes off; no request moves, none is computed twice."""
+        sched = inst.scheduler
+        if inst not in self.table.instances or not inst.alive or inst.draining:
+            raise ValueError(f"instance {inst.name} is not a live instance")
+        if not isinstance(sched, ColocatedScheduler):
+            raise ValueError(f"instance {inst.name} is {inst.role.value}, not colocated")
+        old = kind_of(inst.role, sched.config.chunked_prefill)
+        sched.reconfigure(config)
+        rec = FlipRecord(
+            inst.name, old, kind_of(inst.role, config.chunked_prefill), time.monotonic()
+        )
+        inst.wake()
+        self.done.append(rec)
+        log.warning("switched %s from %s to %s", inst.name, rec.old, rec.new)
         return rec
 
     def _drained(self, inst: Instance, force: bool) -> bool:

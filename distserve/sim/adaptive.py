@@ -3,7 +3,8 @@
 the live window are replayed on every layout of the instances, the same switch rule
 (sim/replan.py's Hysteresis: margin and dwell) picks whether to move, and roles flip one
 at a time in the same order (`next_flip`) through the simulator's drain-then-swap flip
-(Simulator.flip). As the controller's loop, the next re-plan is an interval after the
+(Simulator.flip), or chunked prefill turned on or off in place (Simulator.rechunk).
+As the controller's loop, the next re-plan is an interval after the
 last one and its flips have ended. Not modelled: the wall time of the re-plan itself
 (the real loop flips that much later; ~0.1-1 s)."""
 
@@ -22,6 +23,7 @@ from distserve.sim.replan import (
     next_flip,
     pick_profile,
     predict,
+    role_of,
     window_workload,
 )
 
@@ -76,11 +78,13 @@ class SimAdaptive:
         self._trim(t)
         workload = window_workload(self._done, {"dataset": "live window"}, cfg.max_requests)
         busy = any(i.draining or not i.alive for i in sim.instances)
-        current = None if busy else layout_of([i.role for i in sim.instances])
+        current = None if busy else layout_of([sim.kind(i) for i in sim.instances])
         if current is not None and len(workload) >= cfg.min_requests:
             blocks = sim.config.num_blocks[sim.instances[0].role]
             n = len(sim.instances)
-            predicted = predict(workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n)
+            predicted = predict(
+                workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk
+            )
             best = self.hysteresis.decide(predicted, current, t)
             self.replans.append(
                 {"at": t, "layout": current, "requests": len(workload),
@@ -98,17 +102,21 @@ class SimAdaptive:
         sim = self.sim
         assert self.target is not None
 
-        def allowed(i: int, role: str) -> bool:
+        def allowed(i: int, kind: str) -> bool:
             inst = sim.instances[i]
             others = [o.role for o in sim.instances if o is not inst and o.alive]
-            return inst.alive and not inst.draining and flip_refusal(others, role) is None
+            return inst.alive and not inst.draining and flip_refusal(others, kind) is None
 
-        step = next_flip([i.role for i in sim.instances], self.target, allowed)
+        step = next_flip([sim.kind(i) for i in sim.instances], self.target, allowed)
         if step is None:
             self.target = None
             self._next(t + self.config.interval)
             return
-        sim.flip(sim.instances[step[0]], step[1], t)
+        inst, kind = sim.instances[step[0]], step[1]
+        if role_of(kind) != inst.role:
+            sim.flip(inst, role_of(kind), t)  # a chunked one is chunked next, in place
+        else:
+            sim.rechunk(inst, self.config.chunk if kind == "chunked" else 0, t)
 
     def flipped(self, t: float) -> None:
         """A flip has ended: the next one towards the target, or the next re-plan."""

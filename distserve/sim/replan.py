@@ -3,31 +3,53 @@ the simulator (sim/simulator.py, `simulate --adaptive`): which layouts of n inst
 exist, how each is predicted on a window of finished requests (the simulator replays
 them), when a better one is switched to (a margin and a dwell time: hysteresis), and in
 which order roles flip on the way there (one at a time, never leaving a role's requests
-with no instance to take them). Torch-free, so the simulator runs it too."""
+with no instance to take them). A colocated instance may run chunked prefill: a layout
+counts those apart ("chunked"), and turning chunking on or off is a switch of the
+scheduler's policy in place (ColocatedScheduler.reconfigure), not a flip that drains.
+Torch-free, so the simulator runs it too."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from distserve.config import PlacementConfig
+from distserve.core.config import SchedulerConfig
 from distserve.workload.spec import Workload, WorkloadRequest
 
 if TYPE_CHECKING:
     from distserve.sim.profile import Profile
 
-Layout = tuple[int, int, int]
-"""(prefill, decode, colocated) instance counts."""
+Layout = tuple[int, int, int, int]
+"""(prefill, decode, colocated, chunked) instance counts: chunked instances are colocated
+ones with chunked prefill."""
 
-ROLES = ("prefill", "decode", "colocated")
+KINDS = ("prefill", "decode", "colocated", "chunked")
 """The order of a layout's counts."""
 
 
 def _role(r: object) -> str:
     """A role's name, from a string or the runtime's Role enum."""
     return str(getattr(r, "value", r))
+
+
+def kind_of(role: object, chunked: bool) -> str:
+    """What a layout counts an instance of `role` as, with chunked prefill or not."""
+    role = _role(role)
+    return "chunked" if role == "colocated" and chunked else role
+
+
+def role_of(kind: str) -> str:
+    """The role of an instance a layout counts as `kind`."""
+    return "colocated" if kind == "chunked" else kind
+
+
+def chunked_scheduler(base: SchedulerConfig, chunk: int) -> SchedulerConfig:
+    """A colocated instance's scheduler, `base` with chunked prefill of `chunk` tokens a
+    step (the policy a chunked instance of a layout switches to)."""
+    return replace(base, chunked_prefill=True, max_num_batched_tokens=chunk)
 
 
 @dataclass(frozen=True)
@@ -50,30 +72,41 @@ class AdaptiveConfig:
     max_requests: int = field(
         default=400, metadata={"help": "the latest finished requests a re-plan replays, at most"}
     )
+    chunk: int = field(
+        default=512,
+        metadata={
+            "help": "token budget a step of colocated instances with chunked prefill, a "
+            "layout re-plans may choose (0: never chunked)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("ttft_slo", "tpot_slo", "interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.margin < 0 or self.dwell < 0 or self.min_requests < 1:
-            raise ValueError("margin and dwell must be >= 0, min_requests >= 1")
+        if self.margin < 0 or self.dwell < 0 or self.min_requests < 1 or self.chunk < 0:
+            raise ValueError("margin, dwell and chunk must be >= 0, min_requests >= 1")
 
 
-def layouts(n: int) -> list[Layout]:
-    """Every layout of n instances: all colocated, or k prefill + n-k decode."""
-    return [(0, 0, n)] + [(k, n - k, 0) for k in range(1, n)]
+def layouts(n: int, chunked: bool = False) -> list[Layout]:
+    """Every layout of n instances: all colocated, all colocated with chunked prefill
+    (`chunked`), or k prefill + n-k decode."""
+    split: list[Layout] = [(k, n - k, 0, 0) for k in range(1, n)]
+    return [(0, 0, n, 0)] + ([(0, 0, 0, n)] if chunked else []) + split
 
 
-def layout_of(roles: Sequence[str]) -> Layout:
-    """The layout of instances with these roles ('prefill', 'decode', 'colocated')."""
-    have = Counter(_role(r) for r in roles)
-    return have["prefill"], have["decode"], have["colocated"]
+def layout_of(kinds: Sequence[str]) -> Layout:
+    """The layout of instances of these kinds ('prefill', 'decode', 'colocated',
+    'chunked': `kind_of`)."""
+    have = Counter(_role(r) for r in kinds)
+    return have["prefill"], have["decode"], have["colocated"], have["chunked"]
 
 
 def placement_of(layout: Layout) -> PlacementConfig:
-    p, d, c = layout
-    if c:
-        return PlacementConfig(mode="colocated", num_instances=c)
+    """A deployment of `layout` (one colocated flavour: a mixed one is no candidate)."""
+    p, d, c, k = layout
+    if c or k:
+        return PlacementConfig(mode="colocated", num_instances=c or k, chunked_prefill=not c)
     return PlacementConfig(mode="disagg", num_prefill=p, num_decode=d)
 
 
@@ -84,14 +117,22 @@ def pick_profile(profiles: Sequence[Profile], model: str) -> Profile:
 
 
 def predict(
-    workload: Workload, profile: Profile, num_blocks: int, ttft: float, tpot: float, n: int
+    workload: Workload,
+    profile: Profile,
+    num_blocks: int,
+    ttft: float,
+    tpot: float,
+    n: int,
+    chunk: int = 0,
 ) -> dict[Layout, float]:
-    """Predicted attainment of both targets for each layout of n instances."""
+    """Predicted attainment of both targets for each layout of n instances; with `chunk`,
+    the chunked one too (chunked prefill of `chunk` tokens a step)."""
     from distserve.sim.run import SimOptions, sim_config, simulate
 
-    opts = SimOptions(num_blocks=num_blocks)
     out = {}
-    for layout in layouts(n):
+    for layout in layouts(n, chunked=chunk > 0):
+        sched = chunked_scheduler(SchedulerConfig(), chunk) if layout[3] else SchedulerConfig()
+        opts = SimOptions(num_blocks=num_blocks, scheduler=sched)
         summary, _ = simulate(
             sim_config(placement_of(layout), profile, None, opts), workload, ttft, tpot
         )
@@ -149,8 +190,9 @@ class Hysteresis:
 def flip_refusal(others: Sequence[str], role: str, force: bool = False) -> str | None:
     """Why an instance may not turn `role` while the other live instances have roles
     `others` (None: it may): no instance would take prompts, or (unless `force`, a
-    degraded mode) prefilled requests would have no decode instance."""
-    after = [_role(r) for r in others] + [_role(role)]
+    degraded mode) prefilled requests would have no decode instance. Kinds ('chunked')
+    count as their roles."""
+    after = [role_of(_role(r)) for r in others] + [role_of(_role(role))]
     if all(r == "decode" for r in after):
         return "leaves no instance for prompts"
     if "prefill" in after and "decode" not in after and not force:
@@ -159,20 +201,22 @@ def flip_refusal(others: Sequence[str], role: str, force: bool = False) -> str |
 
 
 def next_flip(
-    roles: Sequence[str], target: Layout, allowed: Callable[[int, str], bool]
+    kinds: Sequence[str], target: Layout, allowed: Callable[[int, str], bool]
 ) -> tuple[int, str] | None:
-    """The next flip (instance index, new role) on the way from instances with `roles` to
-    the `target` layout: the first instance of a role in surplus that `allowed` lets turn
-    a role in deficit. None when the target is reached; RuntimeError when no flip leads
-    there."""
-    roles = [_role(r) for r in roles]
-    have, want = Counter(roles), dict(zip(ROLES, target, strict=True))
-    if all(have[r] == want[r] for r in ROLES):
+    """The next flip (instance index, new kind) on the way from instances of `kinds` to
+    the `target` layout: the first instance of a kind in surplus that `allowed` lets turn
+    a kind in deficit. None when the target is reached; RuntimeError when no flip leads
+    there. A flip between roles drains the instance (its new scheduler is unchunked); one
+    between 'colocated' and 'chunked' switches its scheduler's policy in place; a prefill
+    or decode instance bound for 'chunked' takes both, in two flips."""
+    kinds = [_role(r) for r in kinds]
+    have, want = Counter(kinds), dict(zip(KINDS, target, strict=True))
+    if all(have[r] == want[r] for r in KINDS):
         return None
-    for i, role in enumerate(roles):
+    for i, role in enumerate(kinds):
         if have[role] <= want[role]:
             continue
-        for new in ROLES:
+        for new in KINDS:
             if have[new] < want[new] and allowed(i, new):
                 return i, new
     raise RuntimeError(f"no flip leads from {dict(have)} towards {target}")

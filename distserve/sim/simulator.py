@@ -35,7 +35,7 @@ from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
 from distserve.metrics.results import RequestResult
 from distserve.sim.latency import LatencyModel
-from distserve.sim.replan import AdaptiveConfig, flip_refusal
+from distserve.sim.replan import AdaptiveConfig, chunked_scheduler, flip_refusal, kind_of
 from distserve.workload import Workload
 
 _TOKEN = 0  # what the simulated model "samples": any id; requests end by max_tokens
@@ -60,6 +60,8 @@ class SimInstance:
     """Flipping its role: routing skips it (core/routing.py) until its requests are done."""
     flipping_to: str = ""
     flip_started: float = 0.0
+    flip_kind: str = ""
+    """What the layout counted it as when its flip began."""
     flip_moved: int = 0
     """Queued requests the flip in progress handed to other instances."""
 
@@ -221,6 +223,10 @@ class Simulator:
         scheduler = kinds[role](sched_cfg, blocks, swap)
         scheduler.detailed_plans = False
         return scheduler
+
+    def kind(self, inst: SimInstance) -> str:
+        """What a layout counts `inst` as (sim/replan.py's kinds: 'chunked' too)."""
+        return kind_of(inst.role, inst.scheduler.config.chunked_prefill)
 
     # ---- events -------------------------------------------------------------------
     def _at(self, t: float, kind: str, fn: Callable[[float], None]) -> None:
@@ -401,8 +407,28 @@ class Simulator:
         if why is not None:
             raise ValueError(f"cannot flip {inst.name} to {role}: it {why}")
         inst.draining, inst.flipping_to, inst.flip_started = True, role, t
+        inst.flip_kind = self.kind(inst)
         inst.flip_moved = self._hand_over(inst, t)
         self._wake(inst, t)
+
+    def rechunk(self, inst: SimInstance, chunk: int, t: float) -> None:
+        """Turn chunked prefill of `chunk` tokens a step on (0: off, the deployment's own
+        unchunked policy) on a colocated instance, in place and at once
+        (ColocatedScheduler.reconfigure: nothing drains, moves or is computed twice), as
+        the controller does (cluster/flip.py's Flips.rechunk)."""
+        sched = inst.scheduler
+        if not isinstance(sched, ColocatedScheduler) or inst.draining or not inst.alive:
+            raise ValueError(f"cannot switch chunked prefill of {inst.name}: not live colocated")
+        old = self.kind(inst)
+        base = dataclasses.replace(self.config.scheduler, chunked_prefill=False)
+        sched.reconfigure(chunked_scheduler(base, chunk) if chunk else base)
+        self.flips.append(
+            {"at": t, "instance": inst.name, "old": old, "new": self.kind(inst),
+             "seconds": 0.0, "moved": 0}
+        )  # fmt: skip
+        self._at(t, "wake", functools.partial(self._wake, inst))
+        if self.adaptive is not None:
+            self._at(t, "flip", self.adaptive.flipped)
 
     def _hand_over(self, inst: SimInstance, t: float) -> int:
         """Move what has not started on a flipping instance to others of its role; returns
@@ -438,7 +464,7 @@ class Simulator:
 
     def _end_flip(self, inst: SimInstance, t: float) -> None:
         """A drained instance takes its new role; arrivals held meanwhile are placed."""
-        old, role = inst.role, inst.flipping_to
+        old, role = inst.flip_kind, inst.flipping_to
         inst.scheduler = self._scheduler(role)
         if self.store is not None and role != "decode":
             inst.scheduler.remote_prefix = self.store.prefix_blocks

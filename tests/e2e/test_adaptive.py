@@ -28,7 +28,8 @@ def window(rate: float, plen: tuple[int, int], olen: tuple[int, int], n: int) ->
 
 
 def test_layouts_of_n_instances() -> None:
-    assert layouts(3) == [(0, 0, 3), (1, 2, 0), (2, 1, 0)]
+    assert layouts(3) == [(0, 0, 3, 0), (1, 2, 0, 0), (2, 1, 0, 0)]
+    assert layouts(2, chunked=True) == [(0, 0, 2, 0), (0, 0, 0, 2), (1, 1, 0, 0)]
 
 
 def test_the_layout_follows_the_traffic() -> None:
@@ -39,20 +40,25 @@ def test_the_layout_follows_the_traffic() -> None:
             # long prompts, a tight TPOT: one prefill + one decode instance predicts better
             c.live = window(4.0, (1500, 2000), (50, 150), 200)
             summ = Adaptive(c, AdaptiveConfig("a100", 1.0, 0.05, dwell=0.0))
-            assert await summ.step(time.monotonic()) == (1, 1, 0)
-            assert summ.last[(1, 1, 0)] > summ.last[(0, 0, 2)] + 0.05
+            assert await summ.step(time.monotonic()) == (1, 1, 0, 0)
+            assert summ.last[(1, 1, 0, 0)] > summ.last[(0, 0, 2, 0)] + 0.05
             assert sorted(i.role.value for i in c.instances) == ["decode", "prefill"]
-            # short prompts at a high rate, a tight TTFT: colocated predicts better; with a
-            # dwell the better layout is watched first, then flipped to
+            # short prompts at a high rate, a tight TTFT: colocated with chunked prefill
+            # predicts better; with a dwell the better layout is watched first, then
+            # flipped to (each instance turns colocated, then chunked in place)
             c.live = window(60.0, (50, 200), (20, 60), 300)
             code = Adaptive(c, AdaptiveConfig("a100", 0.1, 0.1, dwell=30.0))
             now = time.monotonic()
-            assert await code.step(now) is None and code.candidate == (0, 0, 2)
+            assert await code.step(now) is None and code.candidate == (0, 0, 0, 2)
             assert {i.role for i in c.instances} == {Role.PREFILL, Role.DECODE}
-            assert await code.step(now + 31.0) == (0, 0, 2)
+            assert await code.step(now + 31.0) == (0, 0, 0, 2)
             assert [i.role for i in c.instances] == [Role.COLOCATED] * 2
             assert await code.step(now + 62.0) is None  # already there: no flip back
-            assert len(c.flips.done) == 4
+            assert [code.kind(i) for i in c.instances] == ["chunked"] * 2
+            assert sorted((f.old, f.new) for f in c.flips.done[2:]) == [
+                ("colocated", "chunked"), ("colocated", "chunked"),
+                ("decode", "colocated"), ("prefill", "colocated"),
+            ]  # fmt: skip
             params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0)
             out = [o async for o in c.stream(c.submit("served after the flips", params))][-1]
             assert len(out.token_ids) == 8

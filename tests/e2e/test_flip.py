@@ -1,16 +1,19 @@
 """Role flips (cluster/flip.py) under load on the real model: an instance turns prefill ->
-decode -> prefill, or colocated -> disaggregated, without reloading; no request is lost or
-duplicated, greedy float32 outputs equal an undisturbed run, every block is free after."""
+decode -> prefill, or colocated -> disaggregated, or colocated instances turn chunked
+prefill on and off, without reloading; no request is lost or duplicated, greedy float32
+outputs equal an undisturbed run, every block is free after."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from distserve.cluster.adaptive import Adaptive, AdaptiveConfig
 from distserve.cluster.controller import Controller
 from distserve.config import EngineConfig, PlacementConfig
-from distserve.core import CacheConfig, SamplingParams, SchedulerConfig
+from distserve.core import CacheConfig, RequestStatus, SamplingParams, SchedulerConfig
 from distserve.runtime.instance import Role
 
 ENGINE = EngineConfig(
@@ -25,11 +28,13 @@ PROMPTS = [f"{STORY} Question {i}: what is {i} times {i + 3}? Answer:" for i in 
 
 
 async def _serve(
-    placement: PlacementConfig, flips: list[tuple[str, str]]
+    placement: PlacementConfig,
+    flips: list[tuple[str, str]],
+    switch: Callable[[Controller], Awaitable[None]] | None = None,
 ) -> tuple[list[list[int]], Controller]:
     """Outputs of PROMPTS: the first half sent together, the flips made one after the
-    other while they run (a prefill step takes two prompts: the rest queue), then the
-    second half."""
+    other while they run (a prefill step takes two prompts: the rest queue), `switch`
+    then, then the second half."""
     c = Controller(ENGINE, placement, use_ray=False)
     await c.start()
     try:
@@ -43,6 +48,8 @@ async def _serve(
             await asyncio.sleep(0.001)
         for name, role in flips:
             await c.flip(name, role)
+        if switch is not None:
+            await switch(c)
         tasks += [asyncio.create_task(one(p)) for p in PROMPTS[half:]]
         outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
         for inst in c.instances:
@@ -75,6 +82,43 @@ def test_flips_under_load_lose_nothing() -> None:
         assert outs == reference
         assert [i.role for i in c.instances] == [Role.PREFILL, Role.DECODE]
         assert sum(c.migration.completed.values()) > 0  # later requests migrated
+
+    asyncio.run(run())
+
+
+@pytest.mark.slow  # the real model in two in-process workers
+def test_chunked_prefill_switched_on_and_off_under_load_loses_nothing() -> None:
+    """Adaptive re-planning's 'chunked' layout: both colocated instances turn chunked
+    prefill on in place (Adaptive.apply, Flips.rechunk), and off again while a prompt is
+    partly computed in chunks; it finishes whole, and every output equals the reference."""
+    partial: list[str] = []
+
+    async def switch(c: Controller) -> None:
+        adaptive = Adaptive(c, AdaptiveConfig("a100", 1.0, 1.0, chunk=48))
+        await adaptive.apply((0, 0, 0, 2))
+        for _ in range(30_000):  # a prompt computed in part: chunking off now
+            partial.extend(
+                r.request_id
+                for i in c.instances
+                for r in i.scheduler.running
+                if r.status == RequestStatus.PREFILLING and r.num_computed_tokens > 0
+            )
+            if partial:
+                break
+            await asyncio.sleep(0.001)
+        await adaptive.apply((0, 0, 2, 0))
+
+    async def run() -> None:
+        colocated = PlacementConfig(mode="colocated", num_instances=2)
+        reference, _ = await _serve(colocated, [])
+        outs, c = await _serve(colocated, [], switch)
+        assert partial
+        assert outs == reference
+        assert sorted((f.old, f.new) for f in c.flips.done) == [
+            ("chunked", "colocated"), ("chunked", "colocated"),
+            ("colocated", "chunked"), ("colocated", "chunked"),
+        ]  # fmt: skip
+        assert all(not i.scheduler.config.chunked_prefill for i in c.instances)
 
     asyncio.run(run())
 

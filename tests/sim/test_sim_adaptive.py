@@ -13,7 +13,7 @@ import pytest
 from distserve.config import PlacementConfig
 from distserve.metrics.results import RequestResult
 from distserve.sim.profile import bundled_a100, find
-from distserve.sim.replan import AdaptiveConfig, Hysteresis, flip_refusal, next_flip
+from distserve.sim.replan import AdaptiveConfig, Hysteresis, flip_refusal, next_flip, predict
 from distserve.sim.run import SimOptions, sim_config
 from distserve.sim.simulator import SimConfig, Simulator
 from distserve.workload import Workload, WorkloadRequest
@@ -66,7 +66,7 @@ def test_a_shift_to_long_prompts_flips_1p1d_to_colocated_once_and_loses_nothing(
     # one layout switch, after the shift; each instance flipped once, no flip back
     assert sim.adaptive is not None
     switches = [r for r in sim.adaptive.replans if r["switch"] is not None]
-    assert [r["switch"] for r in switches] == [(0, 0, 2)]
+    assert [r["switch"] for r in switches] == [(0, 0, 2, 0)]
     assert switches[0]["at"] > SHIFT
     assert sorted((f["old"], f["new"]) for f in sim.flips) == [
         ("decode", "colocated"),
@@ -80,7 +80,7 @@ def test_a_shift_to_long_prompts_flips_1p1d_to_colocated_once_and_loses_nothing(
 
 def test_the_switch_rule_needs_the_margin_and_the_dwell() -> None:
     h = Hysteresis(margin=0.05, dwell=10.0)
-    now, better = (1, 1, 0), (0, 0, 2)
+    now, better = (1, 1, 0, 0), (0, 0, 2, 0)
     assert h.decide({now: 0.8, better: 0.84}, now, 0.0) is None  # within the margin
     assert h.candidate is None
     assert h.decide({now: 0.8, better: 0.9}, now, 1.0) is None and h.candidate == better
@@ -101,14 +101,14 @@ def test_flips_go_one_at_a_time_and_never_leave_a_role_without_an_instance() -> 
         return lambda i, r: flip_refusal(roles[:i] + roles[i + 1 :], r) is None
 
     roles = ["colocated", "colocated"]
-    assert next_flip(roles, (1, 1, 0), ok(roles)) == (0, "decode")  # prefill first is refused
+    assert next_flip(roles, (1, 1, 0, 0), ok(roles)) == (0, "decode")  # prefill first is refused
     roles = ["decode", "colocated"]
-    assert next_flip(roles, (1, 1, 0), ok(roles)) == (1, "prefill")
-    assert next_flip(["decode", "prefill"], (1, 1, 0), ok(roles)) is None
+    assert next_flip(roles, (1, 1, 0, 0), ok(roles)) == (1, "prefill")
+    assert next_flip(["decode", "prefill"], (1, 1, 0, 0), ok(roles)) is None
     roles = ["prefill", "decode"]
-    assert next_flip(roles, (0, 0, 2), ok(roles)) == (0, "colocated")
+    assert next_flip(roles, (0, 0, 2, 0), ok(roles)) == (0, "colocated")
     with pytest.raises(RuntimeError, match="no flip leads"):
-        next_flip(["decode"], (0, 0, 1), lambda i, r: False)
+        next_flip(["decode"], (0, 0, 1, 0), lambda i, r: False)
 
 
 def test_a_refused_flip_says_why() -> None:
@@ -152,3 +152,98 @@ def test_a_flip_under_load_hands_its_queue_over_and_loses_nothing(
     assert sim.flips[0]["moved"] > 0  # queued work went to another instance
     assert sim.flips[0]["seconds"] > 0  # what it was computing finished first
     assert all(not i.scheduler.has_unfinished() for i in sim.instances)
+
+
+# ---- chunked prefill as a layout: colocated instances switch their policy in place ----
+
+
+def phases(*spec: tuple[float, float, tuple[int, int], tuple[int, int]]) -> Workload:
+    """Poisson phases (seconds, rate, prompt lengths, output lengths), one after another."""
+    rng, reqs, t0 = random.Random(0), [], 0.0
+    for seconds, rate, plen, olen in spec:
+        t = t0 + rng.expovariate(rate)
+        while t < t0 + seconds:
+            ids = tuple(rng.randrange(100, 250) for _ in range(rng.randint(*plen)))
+            reqs.append(WorkloadRequest(len(reqs), t, ids, rng.randint(*olen)))
+            t += rng.expovariate(rate)
+        t0 += seconds
+    return Workload(tuple(reqs))
+
+
+LONG = (2.5, (1500, 1850), (50, 150))
+"""Summarization-like: adaptive_shift.py's long phase (colocated attains best)."""
+SHORT = (50.0, (50, 200), (20, 60))
+"""Code-like at a high rate: adaptive_shift.py's short phase (chunked attains best)."""
+
+
+def test_a_window_of_short_prompts_at_a_high_rate_predicts_chunked_best() -> None:
+    profile = find(bundled_a100(), "opt-13b", 1)
+    blocks = profile.kv_capacity_tokens // 16  # type: ignore[operator]
+    window = phases((6.0, *SHORT))
+    predicted = predict(window, profile, blocks, TTFT, TPOT, 2, chunk=512)
+    assert set(predicted) == {(0, 0, 2, 0), (0, 0, 0, 2), (1, 1, 0, 0)}
+    assert max(predicted, key=predicted.__getitem__) == (0, 0, 0, 2)
+    assert predicted[(0, 0, 0, 2)] > predicted[(0, 0, 2, 0)] + 0.05
+    assert Hysteresis(0.05, 0.0).decide(predicted, (0, 0, 2, 0), 0.0) == (0, 0, 0, 2)
+    assert (0, 0, 0, 2) not in predict(window, profile, blocks, TTFT, TPOT, 2)  # chunk 0: never
+
+
+def test_a_shift_to_short_prompts_turns_colocated_chunked_in_place_and_loses_nothing() -> None:
+    wl = phases((6.0, *LONG), (14.0, *SHORT))
+    profile = find(bundled_a100(), "opt-13b", 1)
+    cfg = sim_config(PlacementConfig(mode="colocated"), profile, None, SimOptions())
+    replan = AdaptiveConfig("a100", TTFT, TPOT, interval=2.0, dwell=2.0, max_requests=200)
+    sim = Simulator(dataclasses.replace(cfg, adaptive=replan, live_window=6.0))
+    results = sim.run(wl)
+    fixed = Simulator(cfg).run(wl)
+    assert all(r.e2e is not None and r.num_tokens == r.output_len for r in results)
+    assert all(not i.scheduler.has_unfinished() for i in sim.instances)
+    assert sim.adaptive is not None
+    switches = [r for r in sim.adaptive.replans if r["switch"] is not None]
+    assert [r["switch"] for r in switches] == [(0, 0, 0, 2)] and switches[0]["at"] > 6.0
+    # both instances switched at once, in place: nothing drained or moved
+    assert [(f["old"], f["new"], f["seconds"], f["moved"]) for f in sim.flips] == [
+        ("colocated", "chunked", 0.0, 0)
+    ] * 2
+    assert [sim.kind(i) for i in sim.instances] == ["chunked", "chunked"]
+    assert attained(results, 12.0) > attained(fixed, 12.0) + 0.2
+
+
+def test_chunking_switched_on_and_off_under_load_computes_every_prompt_token_once() -> None:
+    profile = find(bundled_a100(), "opt-13b", 1)
+    opts = SimOptions(num_blocks=4000, prefix_caching=False)
+    cfg = sim_config(PlacementConfig(mode="colocated"), profile, None, opts)
+    sim = Simulator(dataclasses.replace(cfg, record_plans=True))
+    wl = burst(40, 1200, 30)
+    inst = sim.instances[0]
+    partial: list[str] = []
+
+    def off(t: float) -> None:
+        partial.extend(
+            r.request_id for r in inst.scheduler.running if r.status.name == "PREFILLING"
+        )
+        sim.rechunk(inst, 0, t)
+
+    sim._at(0.05, "flip", lambda t: sim.rechunk(inst, 512, t))  # noqa: SLF001
+    sim._at(0.3, "flip", off)  # noqa: SLF001
+    results = sim.run(wl)
+    assert partial  # a prompt was partly computed in chunks when chunking went off
+    assert [(f["old"], f["new"]) for f in sim.flips] == [
+        ("colocated", "chunked"),
+        ("chunked", "colocated"),
+    ]
+    assert all(r.e2e is not None and r.num_tokens == r.output_len for r in results)
+    assert all(i.scheduler.num_preemptions == 0 for i in sim.instances)
+    # each prompt's positions were computed exactly once, in order, across the switches
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for i in sim.instances:
+        for plan in i.plans:
+            for c in plan.chunks:
+                if c.start < 1200:
+                    spans.setdefault(c.request_id, []).append((c.start, c.num_tokens))
+    for rid, chunks in spans.items():
+        ends = [0] + [s + n for s, n in chunks]
+        assert [s for s, _ in chunks] == ends[:-1] and ends[-1] == 1200, rid
+    assert len(spans) == 40
+    assert any(len(spans[rid]) > 1 for rid in partial)
+    assert all(i.scheduler.blocks.num_used_blocks == 0 for i in sim.instances)

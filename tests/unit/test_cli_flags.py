@@ -120,6 +120,7 @@ def test_workload_flags_make_the_spec() -> None:
         ("simulate", ["--mode", "split"], "--mode"),
         ("simulate", ["--replan-interval", "0"], "--replan-interval"),
         ("simulate", ["--replan-dwell", "-1"], "--replan-dwell"),
+        ("simulate", ["--replan-chunk", "-1"], "--replan-chunk"),
         ("serve", ["--prefill-instances", "0"], "--prefill-instances"),
         ("plan", ["--attainment", "0"], "--attainment"),
         ("plan", ["--max-prompt-len", "0"], "--max-prompt-len"),

@@ -454,6 +454,32 @@ def test_chunked_prefill_admits_several_prompts_and_splits_the_last() -> None:
     assert_all_free(sched)
 
 
+def test_chunked_prefill_switched_off_and_on_midway_loses_and_repeats_nothing() -> None:
+    """Adaptive re-planning switches a live instance's policy (reconfigure): a prompt that
+    chunks left partly computed runs its rest first, whole; every token comes once."""
+    chunked = config(chunked_prefill=True, max_num_batched_tokens=5)
+    sched = ColocatedScheduler(chunked, blocks())
+    ex = FakeExecutor(sched)
+    a, b = request("a", 12, max_tokens=6), request("b", 9, max_tokens=3)
+    sched.add_request(a)
+    step(sched, ex, 0.0)
+    sched.reconfigure(config())  # off, with a whole prompt's budget
+    sched.add_request(b)
+    plan, _ = step(sched, ex, 1.0)
+    assert [(c.request_id, c.start, c.num_tokens) for c in plan.chunks] == [("a", 5, 7)]
+    plan, _ = step(sched, ex, 2.0)
+    assert [(c.request_id, c.start, c.num_tokens) for c in plan.chunks] == [("b", 0, 9)]
+    sched.reconfigure(chunked)  # on again
+    sched.add_request(request("c", 12, max_tokens=2))
+    plan, _ = step(sched, ex, 3.0)
+    assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [("a", 1), ("b", 1), ("c", 3)]
+    drain(sched, ex, 4.0)
+    assert a.output_token_ids == outputs_of(6) and b.output_token_ids == outputs_of(3)
+    assert_all_free(sched)
+    with pytest.raises(ValueError, match="only chunked prefill"):
+        sched.reconfigure(config(max_num_seqs=3))
+
+
 # ---- preemption ------------------------------------------------------------------------
 
 
