@@ -161,7 +161,8 @@ class Instance:
         t0 = time.perf_counter()
         self.stepping = True
         try:
-            result = await asyncio.wait_for(self.executor.execute(plan), self.step_timeout)
+            async with asyncio.timeout(self.step_timeout):  # no task per step, as wait_for
+                result = await self.executor.execute(plan)
         finally:
             self.stepping = False
         if pending and self.store is not None:
