@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -152,25 +153,34 @@ def run_layout(plan: dict, name: str, args: argparse.Namespace, details: str) ->
         ]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     load.append(os.getloadavg()[0])
-    with open(out, encoding="utf-8") as f:
+    row = analyse(plan, name, args.num_requests, details) | {"host_load_average": load}
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
+def analyse(plan: dict, name: str, num_requests: int, details: str) -> dict:
+    """A layout's row from its run's files in `details` (the sweep's per-request results
+    and the step trace): the simulator on the same requests beside each measured rate."""
+    e = entry(plan, name)
+    with open(os.path.join(details, f"goodput-{name}.json"), encoding="utf-8") as f:
         sweep = json.load(f)
-    spec = WorkloadSpec(dataset="chatbot", num_requests=args.num_requests, rate=1.0)
+    spec = WorkloadSpec(dataset="chatbot", num_requests=num_requests, rate=1.0)
     tok = tokenizer_for("smollm2-135m")
     points, sim_points = [], []
     for run in sweep["runs"]:
         rate = run["rate"]
         wl = build_workload(dataclasses.replace(spec, rate=rate), tok)
-        sim = summarize(
-            Simulator(sim_config(plan, name)).run(wl), SLO["ttft"], SLO["tpot"], wl.duration
-        )
+        results = Simulator(sim_config(plan, name)).run(wl)
+        sim = summarize(results, SLO["ttft"], SLO["tpot"], wl.duration)
         sim_points.append((rate, sim["attainment"]["both"]))
         with open(run["file"], encoding="utf-8") as f:
             real = json.load(f)
         points.append(
             {"rate": rate, "measured": run["attainment"], "simulated": sim["attainment"]}
             | latency_split(real["requests"], sim)
+            | {"paired": paired(real["requests"], results)}
         )
-    row = {
+    return {
         "layout": name,
         "profile": PROFILES[name],
         "devices": e["devices"],
@@ -178,12 +188,43 @@ def run_layout(plan: dict, name: str, args: argparse.Namespace, details: str) ->
         "measured_goodput": sweep["goodput"],
         "measured_interval": sweep["goodput_interval"],
         "simulated_goodput": goodput(sim_points, 0.9),
-        "host_load_average": load,
         "points": points,
-        "overhead": step_overheads(trace),
+        "paired_total": paired_total(points),
+        "overhead": step_overheads(os.path.join(details, f"steps-{name}.jsonl")),
     }
-    print(json.dumps(row, indent=1), flush=True)
-    return row
+
+
+def paired(requests: list[dict], sim: list) -> dict:
+    """The same requests, measured and simulated: how many missed the SLO in the runtime
+    only and in the simulator only, with TTFT as the client timed it and as the server
+    stamped it (without the HTTP frontend). Equal counts: the two differ by chance."""
+    by_index = {r.index: r for r in sim}
+    out = {"runtime_only": 0, "sim_only": 0, "runtime_only_server": 0, "sim_only_server": 0}
+    for r in requests:
+        s = by_index[r["index"]]
+        sim_ok = s.ttft is not None and s.ttft <= SLO["ttft"] and (s.tpot or 0) <= SLO["tpot"]
+        tpot_ok = (r.get("tpot") or 0) <= SLO["tpot"]
+        client_ok = r.get("ttft") is not None and r["ttft"] <= SLO["ttft"] and tpot_ok
+        server = r.get("server") or {}
+        server_ok = server.get("prefill_end") is not None and server["prefill_end"] <= SLO["ttft"]
+        server_ok = server_ok and tpot_ok
+        out["runtime_only"] += sim_ok and not client_ok
+        out["sim_only"] += client_ok and not sim_ok
+        out["runtime_only_server"] += sim_ok and not server_ok
+        out["sim_only_server"] += server_ok and not sim_ok
+    return out
+
+
+def paired_total(points: list[dict]) -> dict:
+    """The paired counts over every rate, and the two-sided sign test's p-value of each
+    pair of counts (McNemar's exact test: how likely so lopsided a split by chance)."""
+    total = {k: sum(p["paired"][k] for p in points) for k in points[0]["paired"]}
+    for suffix in ("", "_server"):
+        b, c = total[f"runtime_only{suffix}"], total[f"sim_only{suffix}"]
+        n, k = b + c, min(b, c)
+        p = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+        total[f"p_value{suffix}"] = min(1.0, 2 * p)
+    return total
 
 
 def latency_split(requests: list[dict], sim: dict) -> dict:
@@ -206,12 +247,27 @@ def main() -> None:
     p.add_argument("--factors", default="0.6,0.8,1,1.2", help="rates: planned goodput x these")
     p.add_argument("--layouts", default="disagg,colocated")
     p.add_argument("--output", default=os.path.join(RESULTS, "emulated_goodput.json"))
+    p.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="no servers: recompute --output's rows from the last run's files in its runs "
+        "directory (the simulator beside each rate, the paired counts, the step overheads)",
+    )
     args = p.parse_args()
     args.factors = [float(x) for x in args.factors.split(",")]
     plan = make_plan(os.path.join(RESULTS, "emulated-plan.json"))
     details = details_dir_for(args.output)
     os.makedirs(details, exist_ok=True)
-    rows = [run_layout(plan, name, args, details) for name in args.layouts.split(",")]
+    if args.reanalyse:
+        with open(args.output, encoding="utf-8") as f:
+            old = {r["layout"]: r for r in json.load(f)["rows"]}
+        rows = [
+            analyse(plan, name, args.num_requests, details)
+            | {"host_load_average": old.get(name, {}).get("host_load_average")}
+            for name in args.layouts.split(",")
+        ]
+    else:
+        rows = [run_layout(plan, name, args, details) for name in args.layouts.split(",")]
     out = {"slo": SLO, "num_requests": args.num_requests, "factors": args.factors, "rows": rows}
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
@@ -220,7 +276,11 @@ def main() -> None:
             f"{r['layout']:10s} per device: planned {r['planned_goodput'] / r['devices']:.3f}, "
             f"simulated {r['simulated_goodput'] / r['devices']:.3f}, measured "
             f"{r['measured_goodput'] / r['devices']:.3f} req/s; beyond the model per step "
-            f"{r['overhead']['beyond_model_mean_ms']:.2f} ms mean"
+            f"{r['overhead']['beyond_model_mean_ms']:.2f} ms mean; misses in the runtime only / "
+            f"the simulator only: {r['paired_total']['runtime_only']} / "
+            f"{r['paired_total']['sim_only']} (p = {r['paired_total']['p_value']:.4f}; server-"
+            f"timed {r['paired_total']['runtime_only_server']} / "
+            f"{r['paired_total']['sim_only_server']})"
         )
 
 
