@@ -72,7 +72,9 @@ def entry(plan: dict, name: str) -> dict:
     return plan["disagg"] if name == "disagg" else plan["baselines"][name]
 
 
-def sim_config(plan: dict, name: str, bandwidth: float = BANDWIDTH) -> SimConfig:
+def sim_config(
+    plan: dict, name: str, bandwidth: float = BANDWIDTH, step_overhead: float = 0.0
+) -> SimConfig:
     """The simulator's configuration of a layout, as the planner scores it: a pipeline of
     pp stages is pp virtual instances (`cluster.emulation.role_latency`, the planner's
     `staged` profile and KV share, which the emulated devices use too); KV migrates at
@@ -86,7 +88,8 @@ def sim_config(plan: dict, name: str, bandwidth: float = BANDWIDTH) -> SimConfig
             mine = [p for p in profiles if p.model == plan["model"]]
             latency[role], blocks[role] = role_latency(mine, shape["tp"], shape["pp"], 16)
             latency[role] = dataclasses.replace(
-                latency[role], path=ServingPath(transfer_bandwidth=bandwidth)
+                latency[role],
+                path=ServingPath(transfer_bandwidth=bandwidth, step_overhead=step_overhead),
             )
             counts[role] = shape["instances"] * shape["pp"]
     if "colocated" in counts:
@@ -158,9 +161,17 @@ def run_layout(plan: dict, name: str, args: argparse.Namespace, details: str) ->
     return row
 
 
-def analyse(plan: dict, name: str, num_requests: int, details: str) -> dict:
+def analyse(
+    plan: dict,
+    name: str,
+    num_requests: int,
+    details: str,
+    step_overhead: float = 0.0,
+    frontend: float = 0.0,
+) -> dict:
     """A layout's row from its run's files in `details` (the sweep's per-request results
-    and the step trace): the simulator on the same requests beside each measured rate."""
+    and the step trace): the simulator on the same requests beside each measured rate, its
+    steps `step_overhead` s longer and its TTFTs `frontend` s longer than the model's."""
     e = entry(plan, name)
     with open(os.path.join(details, f"goodput-{name}.json"), encoding="utf-8") as f:
         sweep = json.load(f)
@@ -170,7 +181,7 @@ def analyse(plan: dict, name: str, num_requests: int, details: str) -> dict:
     for run in sweep["runs"]:
         rate = run["rate"]
         wl = build_workload(dataclasses.replace(spec, rate=rate), tok)
-        results = Simulator(sim_config(plan, name)).run(wl)
+        results = Simulator(sim_config(plan, name, step_overhead=step_overhead)).run(wl)
         sim = summarize(results, SLO["ttft"], SLO["tpot"], wl.duration)
         sim_points.append((rate, sim["attainment"]["both"]))
         with open(run["file"], encoding="utf-8") as f:
@@ -178,7 +189,7 @@ def analyse(plan: dict, name: str, num_requests: int, details: str) -> dict:
         points.append(
             {"rate": rate, "measured": run["attainment"], "simulated": sim["attainment"]}
             | latency_split(real["requests"], sim)
-            | {"paired": paired(real["requests"], results)}
+            | {"paired": paired(real["requests"], results, frontend)}
         )
     return {
         "layout": name,
@@ -194,24 +205,26 @@ def analyse(plan: dict, name: str, num_requests: int, details: str) -> dict:
     }
 
 
-def paired(requests: list[dict], sim: list) -> dict:
+def paired(requests: list[dict], sim: list, frontend: float = 0.0) -> dict:
     """The same requests, measured and simulated: how many missed the SLO in the runtime
-    only and in the simulator only, with TTFT as the client timed it and as the server
-    stamped it (without the HTTP frontend). Equal counts: the two differ by chance."""
+    only and in the simulator only, with TTFT as the client timed it (against the
+    simulator's plus `frontend`) and as the server stamped it (without the HTTP frontend,
+    against the simulator's own). Equal counts: the two differ by chance."""
     by_index = {r.index: r for r in sim}
     out = {"runtime_only": 0, "sim_only": 0, "runtime_only_server": 0, "sim_only_server": 0}
+
+    def ok(ttft: float | None, tpot: float | None, extra: float = 0.0) -> bool:
+        return ttft is not None and ttft + extra <= SLO["ttft"] and (tpot or 0) <= SLO["tpot"]
+
     for r in requests:
         s = by_index[r["index"]]
-        sim_ok = s.ttft is not None and s.ttft <= SLO["ttft"] and (s.tpot or 0) <= SLO["tpot"]
-        tpot_ok = (r.get("tpot") or 0) <= SLO["tpot"]
-        client_ok = r.get("ttft") is not None and r["ttft"] <= SLO["ttft"] and tpot_ok
-        server = r.get("server") or {}
-        server_ok = server.get("prefill_end") is not None and server["prefill_end"] <= SLO["ttft"]
-        server_ok = server_ok and tpot_ok
-        out["runtime_only"] += sim_ok and not client_ok
-        out["sim_only"] += client_ok and not sim_ok
-        out["runtime_only_server"] += sim_ok and not server_ok
-        out["sim_only_server"] += server_ok and not sim_ok
+        sim_client, sim_server = ok(s.ttft, s.tpot, frontend), ok(s.ttft, s.tpot)
+        client = ok(r.get("ttft"), r.get("tpot"))
+        server = ok((r.get("server") or {}).get("prefill_end"), r.get("tpot"))
+        out["runtime_only"] += sim_client and not client
+        out["sim_only"] += client and not sim_client
+        out["runtime_only_server"] += sim_server and not server
+        out["sim_only_server"] += server and not sim_server
     return out
 
 
@@ -253,7 +266,22 @@ def main() -> None:
         help="no servers: recompute --output's rows from the last run's files in its runs "
         "directory (the simulator beside each rate, the paired counts, the step overheads)",
     )
+    p.add_argument(
+        "--sim-step-overhead",
+        type=float,
+        default=0.0,
+        help="with --reanalyse: seconds the simulator adds to each step (default: 0)",
+    )
+    p.add_argument(
+        "--sim-frontend",
+        type=float,
+        default=0.0,
+        help="with --reanalyse: seconds added to each simulated TTFT in the paired counts "
+        "(an HTTP frontend; default: 0)",
+    )
     args = p.parse_args()
+    if (args.sim_step_overhead or args.sim_frontend) and not args.reanalyse:
+        p.error("--sim-step-overhead and --sim-frontend go with --reanalyse")
     args.factors = [float(x) for x in args.factors.split(",")]
     plan = make_plan(os.path.join(RESULTS, "emulated-plan.json"))
     details = details_dir_for(args.output)
@@ -262,7 +290,9 @@ def main() -> None:
         with open(args.output, encoding="utf-8") as f:
             old = {r["layout"]: r for r in json.load(f)["rows"]}
         rows = [
-            analyse(plan, name, args.num_requests, details)
+            analyse(
+                plan, name, args.num_requests, details, args.sim_step_overhead, args.sim_frontend
+            )
             | {"host_load_average": old.get(name, {}).get("host_load_average")}
             for name in args.layouts.split(",")
         ]
