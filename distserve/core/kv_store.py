@@ -2,7 +2,8 @@
 of which request, by name, so that a request's KV outlives the instance that computed it.
 
 Every step of an instance writes its new KV through to the store (`plan` adds the copies
-to the step's plan; the worker makes them after the forward pass; `commit` records them
+to the step's plan; the worker makes them during the forward pass, each layer's rows as
+that layer finishes, or after it for a decode-only step; `commit` records them
 once the step has returned): a prompt's blocks after its prefill, one token a request
 after each decode step. So at any time the store holds, for each live request, the KV of
 every token but its last (`StoreEntry.valid`), and a decode instance that dies is replaced

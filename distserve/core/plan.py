@@ -55,15 +55,19 @@ class ScheduledChunk:
         """A chunk of counts only (no token ids, no block table), as a simulator's plans
         carry: equal to the constructor's, built ~3x faster (one per request per step)."""
         chunk = object.__new__(cls)
-        chunk.__dict__.update(
-            request_id=request_id,
-            token_ids=(),
-            start=start,
-            block_table=(),
-            sampling_params=sampling_params,
-            output_index=output_index,
-            num_tokens=num_tokens,
-            allowed_tokens=None,
+        object.__setattr__(  # a whole new __dict__: faster than updating the empty one
+            chunk,
+            "__dict__",
+            {
+                "request_id": request_id,
+                "token_ids": (),
+                "start": start,
+                "block_table": (),
+                "sampling_params": sampling_params,
+                "output_index": output_index,
+                "num_tokens": num_tokens,
+                "allowed_tokens": None,
+            },
         )
         return chunk
 
@@ -98,9 +102,10 @@ class StepPlan:
     store_reads: tuple[tuple[int, int], ...] = ()
     """(store slot, device block) copies to make before the forward pass."""
     store_writes: tuple[tuple[int, int, int, int], ...] = ()
-    """(device block, store slot, first, end): after the forward pass, copy the KV of token
+    """(device block, store slot, first, end): by the end of the step, copy the KV of token
     offsets [first, end) of the block into the same offsets of a slot of the KV store
-    (core/kv_store.py adds these to the scheduler's plan; the scheduler never does)."""
+    (core/kv_store.py adds these to the scheduler's plan; the scheduler never does). A
+    step with prefill chunks copies each layer's rows as that layer finishes."""
 
     @property
     def empty(self) -> bool:

@@ -66,14 +66,16 @@ class StorePool:
 
 def write_to_store(
     cache_blocks: torch.Tensor, store: torch.Tensor, writes: tuple[tuple[int, int, int, int], ...],
-    block_size: int,
+    block_size: int, rows: slice = slice(None),
 ) -> int:  # fmt: skip
     """Copy token offsets [first, end) of cache blocks into the same offsets of store
     slots (both block views; `writes` as StepPlan.store_writes). Whole blocks go in one
     gather/scatter; partial ones (a decode step's one token) one strided copy each.
-    Returns bytes written."""
+    `rows`: only these rows of the block views (one layer's, as the model runner writes
+    a prefill's KV layer by layer). Returns bytes written."""
     if not writes:
         return 0
+    cache_blocks, store = cache_blocks[rows], store[rows]
     width = cache_blocks.shape[2]
     bs, head_dim = block_size, width // block_size
     whole = [(b, s) for b, s, first, end in writes if first == 0 and end == bs]

@@ -12,6 +12,10 @@ are the slice [i*2*kv_heads, (i+1)*2*kv_heads): one index_select per layer.
 
 Wired into: benchmarks/layerwise_transfer.py (two processes over gloo). Not wired into
 serving: the controller's migration still moves a request's KV after its prefill step.
+The KV store's writes go layer by layer in serving, but not through this sender: the model
+runner copies each finished layer's rows of a step's `store_writes` inline in its
+`on_layer` hook (`ModelRunner._store_layers`, `layer_rows` slices; a sender thread measured
+no better on one core: benchmarks/kv_store.py --layerwise), chained before `on_layer`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,13 @@ class ModelRunner:
         """The KV store's slots (runtime/kv_store.py), once mapped: plans' store_writes."""
         self.on_layer: Callable[[int], None] | None = None
         """Called with i once layer i of a step with prefill chunks has written its KV (a
-        `LayerwiseSender.layer_done`, runtime/worker/layerwise.py): not set when serving."""
+        `LayerwiseSender.layer_done`, runtime/worker/layerwise.py): not set when serving
+        (the KV store's layer-wise writes chain their own hook before it)."""
+        self.layerwise_store = True
+        """A step with prefill chunks writes its `store_writes` layer by layer, each layer's
+        rows as that layer finishes (False: all of them after the forward, as decode-only
+        steps do). On one CPU core the two measure the same, within noise
+        (benchmarks/kv_store.py --layerwise)."""
         self.device = cache.data.device
         self.sampler = Sampler(self.device, seed)
         if self.device.type == "cpu":
@@ -67,10 +73,14 @@ class ModelRunner:
         chunks = list(plan.prefill_chunks) + list(plan.decode_chunks)
         input_ids, positions, meta = self._prepare(chunks)
         hook = self.on_layer if plan.prefill_chunks else None
+        if plan.store_writes and self.store is None:
+            raise RuntimeError("a plan writes to a KV store this worker has not mapped")
+        layerwise = bool(plan.store_writes and plan.prefill_chunks and self.layerwise_store)
+        if layerwise:
+            hook = self._store_layers(plan.store_writes, hook)
         hidden = self.model(input_ids, positions, self.cache.layers, meta, hidden_in, hook)
-        if plan.store_writes:
-            if self.store is None:
-                raise RuntimeError("a plan writes to a KV store this worker has not mapped")
+        if plan.store_writes and not layerwise:
+            assert self.store is not None
             write_to_store(self.cache.blocks, self.store, plan.store_writes, self.cache.block_size)
         if not self.model.last_stage:
             return hidden
@@ -94,6 +104,25 @@ class ModelRunner:
                 logprobs={i: lp for i, lp in zip(ids, logprobs, strict=True) if lp is not None},
             )
         return StepResult(result.sampled, result.logprobs, time.perf_counter() - t0)
+
+    def _store_layers(
+        self, writes: tuple[tuple[int, int, int, int], ...], then: Callable[[int], None] | None
+    ) -> Callable[[int], None]:
+        """An `on_layer` hook that copies layer i's rows of `writes` into the store as soon
+        as layer i has written its KV (inline: the last layer's copy is done when the
+        forward returns, so the step's writes have landed when it does), then calls `then`.
+        Every row of a block is final once its layer is done: copy-on-write, swap-in and
+        store reads ran before the forward, and later layers write other rows."""
+        cache, store, bs = self.cache, self.store, self.cache.block_size
+        assert store is not None
+        rows = cache.blocks.shape[0] // len(cache.layers)
+
+        def on_layer(i: int) -> None:
+            write_to_store(cache.blocks, store, writes, bs, slice(i * rows, (i + 1) * rows))
+            if then is not None:
+                then(i)
+
+        return on_layer
 
     def _prepare(
         self, chunks: list[ScheduledChunk]
