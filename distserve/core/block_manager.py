@@ -129,7 +129,12 @@ class BlockManager:
         if table is None:
             return
         full = num_computed // self.block_size
-        cache.register(seq, table, full if full < len(table) else len(table))
+        if full > len(table):
+            full = len(table)
+        # Most decode steps fill no block: then `register` would do nothing (its count,
+        # inlined: once per request per step).
+        if full > cache._num_registered.get(seq.request_id, 0):
+            cache.register(seq, table, full)
 
     # ---- paired verbs --------------------------------------------------------------
     def can_allocate(
@@ -152,6 +157,8 @@ class BlockManager:
         `cached` (from `lookup`, for a request holding no table) starts the table: those
         blocks are shared, not new. New blocks come from the free list, else by evicting
         the least recently released parked block."""
+        if not cached and not self.blocks_needed(request_id, num_tokens):
+            return []  # covered already (most steps of a running request): nothing to take
         if cached:
             if request_id in self._tables:
                 raise ValueError(f"request {request_id} already holds blocks: no cached prefix")

@@ -113,10 +113,10 @@ class PrefixCache:
         if len(names) >= num_blocks:
             return names
         bs = self.block_size
-        while len(names) < num_blocks:
-            i = len(names)
-            parent = names[-1] if names else self.root
-            names.append(chain_hash(parent, seq.token_ids(i * bs, (i + 1) * bs)))
+        parent = names[-1] if names else self.root
+        for i in range(len(names), num_blocks):
+            parent = chain_hash(parent, seq.token_ids(i * bs, (i + 1) * bs))
+            names.append(parent)
         return names
 
     def match(self, seq: TokenSequence, num_blocks: int) -> list[int]:

@@ -138,17 +138,24 @@ class Request:
         if self.sampling_params.logprobs is not None:
             self.output_logprobs.append(logprobs)
 
+    def append_tokens(self, token_id: int, count: int) -> None:
+        """`append_token(token_id)` `count` times (a simulated span of decode steps)."""
+        self.output_token_ids.extend([token_id] * count)
+        if self.sampling_params.logprobs is not None:
+            self.output_logprobs.extend([None] * count)
+
     def check_stop(self) -> FinishReason | None:
         """The token-level stop rules (stop strings are the detokenizer's business)."""
-        if not self.output_token_ids:
+        outputs = self.output_token_ids
+        if not outputs:
             return None
-        last = self.output_token_ids[-1]
+        last = outputs[-1]
         params = self.sampling_params
         if not params.ignore_eos and last == self.eos_token_id:
             return FinishReason.STOP
         if last in params.stop_token_ids:
             return FinishReason.STOP
-        if self.num_output_tokens >= params.max_tokens:
+        if len(outputs) >= params.max_tokens:
             return FinishReason.LENGTH
         return None
 

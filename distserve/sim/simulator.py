@@ -517,7 +517,7 @@ class Simulator:
         if self.config.record_plans:
             inst.plans.append(plan)
         dt = inst.latency.step_time(plan, self._busy_share(inst))
-        inst.decoding = bool(plan.decode_chunks)
+        inst.decoding = any(not c.is_prefill for c in plan.chunks)  # no tuple of them
         if self.config.step_noise > 0:
             s = self.config.step_noise
             dt *= math.exp(self._rng.gauss(-s * s / 2, s))
@@ -571,13 +571,13 @@ class Simulator:
         sampled = {c.request_id: _TOKEN for c in plan.chunks if c.sampling_params is not None}
         outputs = inst.scheduler.update(plan, StepResult(sampled), t)
         inst.busy = False
-        for out in outputs:
+        for out in outputs:  # out.finished: its request's, as update left it
             rid = out.request.request_id
             if rid not in self._first:
                 self._first[rid] = t
-                if self._lost is not None and not out.request.finished:
+                if self._lost is not None and not out.finished:
                     self._watch_tpot(rid, t)
-            if out.request.finished:
+            if out.finished:
                 self._record(out.request, t)
             elif inst.role == "prefill":
                 self._awaiting.append((inst, out.request))

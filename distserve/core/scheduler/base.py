@@ -14,6 +14,9 @@ from distserve.core.plan import ScheduledChunk, StepPlan, StepResult
 from distserve.core.prefix_cache import TokenSequence
 from distserve.core.request import FinishReason, Request, RequestStatus
 
+_FINISHED = RequestStatus.FINISHED_STOPPED
+"""The first finished status (`RequestStatus.finished`, without its two calls)."""
+
 _FINISHED_STATUS = {
     FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
     FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
@@ -82,23 +85,28 @@ class Scheduler(ABC):
         the step ran are skipped."""
         outputs = []
         requests, blocks = self.requests, self.blocks
+        caching = blocks.cache is not None
+        sampled, logprobs = result.sampled, result.logprobs
+        max_len = self.config.max_model_len
         for chunk in plan.chunks:
-            req = requests.get(chunk.request_id)
-            if req is None or req.finished:
+            rid = chunk.request_id
+            req = requests.get(rid)
+            if req is None or req.status >= _FINISHED:
                 continue
-            req.num_computed_tokens = chunk.start + chunk.num_tokens  # its context_len
-            blocks.cache_blocks(req, req.num_computed_tokens)
+            computed = req.num_computed_tokens = chunk.start + chunk.num_tokens  # context_len
+            if caching:
+                blocks.cache_blocks(req, computed)
             if chunk.sampling_params is None:
                 continue
-            token = result.sampled[chunk.request_id]
-            req.append_token(token, result.logprobs.get(chunk.request_id))
+            token = sampled[rid]
+            req.append_token(token, logprobs.get(rid))
             reason = req.check_stop()
-            if reason is None and req.num_tokens >= self.config.max_model_len:
+            if reason is None and len(req.prompt_token_ids) + len(req.output_token_ids) >= max_len:
                 reason = FinishReason.LENGTH
             self._on_sampled(req, now)
             if reason is not None:
-                self.finish_request(req.request_id, reason, now)
-            outputs.append(StepOutput(req, [token], req.finished))
+                self.finish_request(rid, reason, now)
+            outputs.append(StepOutput(req, [token], req.status >= _FINISHED))
         return outputs
 
     def _on_sampled(self, req: Request, now: float) -> None:
@@ -173,8 +181,13 @@ class Scheduler(ABC):
     def num_prompt_tokens_ahead(self) -> int:
         """Prompt tokens a new request would wait behind (the router's load): those queued
         and those of prompts being computed now (a step in flight, or chunks to come)."""
-        prefilling = (r for r in self.running if r.status == RequestStatus.PREFILLING)
-        return self.num_queued_tokens + sum(r.num_uncomputed_tokens for r in prefilling)
+        # One pass, token counts inlined: the router asks every instance at every arrival.
+        n = self.num_queued_tokens
+        prefilling = RequestStatus.PREFILLING
+        for r in self.running:
+            if r.status == prefilling:
+                n += len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
+        return n
 
     # ---- helpers for subclasses ---------------------------------------------------
     def _next_step_id(self) -> int:
@@ -337,16 +350,28 @@ class Scheduler(ABC):
         newest when blocks run out."""
         chunks: list[Request] = []
         preemptions = self.num_preemptions
+        decoding, blocks = RequestStatus.DECODING, self.blocks
         # Victims are taken from the back, so a request already chosen is never preempted.
         for req in list(self.running):
-            if req.status != RequestStatus.DECODING:
+            if req.status != decoding:
                 continue
             if self.num_preemptions != preemptions and req not in self.running:
                 continue  # preempted in this loop (only then can it have left `running`)
-            if not self._grow_or_preempt(req, req.num_tokens, swap_out):
+            num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+            if blocks.blocks_needed(req.request_id, num_tokens) and not self._grow_or_preempt(
+                req, num_tokens, swap_out
+            ):
                 continue
             chunks.append(req)
         for req in chunks:
             if "decode_start" not in req.timestamps:
                 req.mark("decode_start", now)
-        return [self._chunk(r, r.num_uncomputed_tokens) for r in chunks]
+        if self.detailed_plans:
+            return [self._chunk(r, r.num_uncomputed_tokens) for r in chunks]
+        counted = ScheduledChunk.counted  # _chunk's, inlined: one per request per step
+        out = []
+        for r in chunks:
+            start, num_outputs = r.num_computed_tokens, len(r.output_token_ids)
+            num_tokens = len(r.prompt_token_ids) + num_outputs - start  # to its end: samples
+            out.append(counted(r.request_id, start, num_tokens, r.sampling_params, num_outputs))
+        return out

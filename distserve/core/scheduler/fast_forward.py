@@ -30,14 +30,20 @@ def _span_limit(sched: Scheduler, running: list[Request]) -> int:
     step, block growth covered by free blocks."""
     if not running:
         return 0
-    if any(r.status != RequestStatus.DECODING or r.num_uncomputed_tokens != 1 for r in running):
-        return 0
     max_len = sched.config.max_model_len
+    decoding = RequestStatus.DECODING
     # A request with f tokens left finishes in its f-th step: stop one step before.
-    left = min(
-        min(r.sampling_params.max_tokens - r.num_output_tokens, max_len - r.num_tokens + 1)
-        for r in running
-    )
+    left = max_len + 1  # above any request's (one loop, token counts inlined: the hot path)
+    for r in running:
+        num_outputs = len(r.output_token_ids)
+        num_tokens = len(r.prompt_token_ids) + num_outputs
+        if r.status != decoding or num_tokens - r.num_computed_tokens != 1:
+            return 0
+        f = r.sampling_params.max_tokens - num_outputs
+        if f > max_len - num_tokens + 1:
+            f = max_len - num_tokens + 1
+        if f < left:
+            left = f
     k = left - 1
     if k <= 0:
         return 0
@@ -83,6 +89,5 @@ def end_span(sched: Scheduler, batch: list[Request], steps: int, token: int) -> 
     end, as they would have waited for its last step."""
     for req in batch:
         req.num_computed_tokens = req.num_tokens + steps - 1
-        for _ in range(steps):
-            req.append_token(token)
+        req.append_tokens(token, steps)
         sched.blocks.cache_blocks(req, req.num_computed_tokens)
