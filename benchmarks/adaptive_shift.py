@@ -3,12 +3,15 @@ routing, migration and role flips, on two emulated A100s serving OPT-13B (no mat
 profile's step times), so that phases of thousands of requests run in minutes.
 
     python benchmarks/adaptive_shift.py [--workload shift|stable] [--phase-seconds 60]
-        [--cycles 2] [--rounds 1] [--output benchmarks/results/adaptive_shift.json]
+        [--long-seconds S] [--short-seconds S] [--cycles 2] [--rounds 1]
+        [--output benchmarks/results/adaptive_shift.json]
 
 The trace alternates (synthetic, lengths uniform in the ranges below, Poisson arrivals):
   long    prompts 1500-2000 tokens, outputs 50-150, 4 req/s (summarization-like)
   short   prompts 50-200 tokens, outputs 20-60, 40 req/s (code-completion-like)
-(the rates: --long-rate, --short-rate). Targets: TTFT 0.3 s, TPOT 0.06 s (both, per request).
+(the rates: --long-rate, --short-rate; each phase lasts --phase-seconds, or --long-seconds and
+--short-seconds apart, e.g. to balance the two phases' request counts). Targets: TTFT 0.3 s,
+TPOT 0.06 s (both, per request).
 With --workload stable instead: a chatbot workload, ShareGPT's prompt and output lengths
 (the `chatbot` dataset measured with SmolLM2's tokenizer; token ids random), Poisson at
 --stable-rate for --stable-seconds, the paper's OPT-13B chatbot targets (TTFT 0.25 s,
@@ -98,19 +101,23 @@ def adaptive_config() -> AdaptiveConfig:
     )
 
 
-def trace(phase_seconds: float, cycles: int, seed: int = 0) -> list[tuple[float, str, int, int]]:
-    """(arrival, phase, prompt_len, output_len), phases alternating long, short, ..."""
+def trace(
+    phase_seconds: float | dict[str, float], cycles: int, seed: int = 0
+) -> list[tuple[float, str, int, int]]:
+    """(arrival, phase, prompt_len, output_len), phases alternating long, short, ...; each
+    phase `phase_seconds` long (a dict: seconds per phase name)."""
     rng, out, t0 = random.Random(seed), [], 0.0
     for _ in range(cycles):
         for name in PHASES:
             rate, plen, olen = PHASES[name]
+            span = phase_seconds[name] if isinstance(phase_seconds, dict) else phase_seconds
             t = t0
             while True:
                 t += rng.expovariate(rate)
-                if t >= t0 + phase_seconds:
+                if t >= t0 + span:
                     break
                 out.append((t, name, rng.randint(*plen), rng.randint(*olen)))
-            t0 += phase_seconds
+            t0 += span
     return out
 
 
@@ -217,6 +224,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=("shift", "stable"), default="shift")
     ap.add_argument("--phase-seconds", type=float, default=60.0, help="length of each phase")
+    for name in PHASES:
+        ap.add_argument(f"--{name}-seconds", type=float, default=None,
+                        help=f"length of each {name} phase (default: --phase-seconds)")  # fmt: skip
     ap.add_argument("--cycles", type=int, default=2, help="long+short cycles")
     ap.add_argument("--long-rate", type=float, default=PHASES["long"][0], help="req/s, long")
     ap.add_argument("--short-rate", type=float, default=PHASES["short"][0], help="req/s, short")
@@ -259,8 +269,9 @@ def main() -> None:
     if args.workload == "shift":
         PHASES = {"long": (args.long_rate, *PHASES["long"][1:]),
                   "short": (args.short_rate, *PHASES["short"][1:])}  # fmt: skip
-        requests = trace(args.phase_seconds, args.cycles)
-        seconds = args.phase_seconds * 2 * args.cycles
+        spans = {name: getattr(args, f"{name}_seconds") or args.phase_seconds for name in PHASES}
+        requests = trace(spans, args.cycles)
+        seconds = sum(spans.values()) * args.cycles
     else:
         requests = stable(args.stable_seconds, args.stable_rate)
         seconds = args.stable_seconds
