@@ -70,7 +70,8 @@ class Migrations:
         src_blocks = src_blocks[skip:]
         transfer = transfer_blocks(src.executor, src_blocks, dec.executor, dst_blocks)
         try:
-            stats = await asyncio.wait_for(transfer, self.timeout)
+            async with asyncio.timeout(self.timeout):  # wait_for can swallow a cancel (3.11)
+                stats = await transfer
             ok = True
         except Exception:  # failed, timed out, or a peer died
             log.warning(
@@ -131,7 +132,8 @@ class Migrations:
             dst_blocks = dec.scheduler.blocks.block_table(rid)[skip : len(slots)]
             try:
                 load = load_from_store(slots[skip:], dec.executor, dst_blocks)
-                stats = await asyncio.wait_for(load, self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    stats = await load
                 ok = True
             except Exception:
                 log.warning("resuming %s from the KV store into %s failed", rid, dec.name,
