@@ -102,15 +102,15 @@ def adaptive_config() -> AdaptiveConfig:
 
 
 def trace(
-    phase_seconds: float | dict[str, float], cycles: int, seed: int = 0
+    phase_seconds: dict[str, float], cycles: int, seed: int = 0
 ) -> list[tuple[float, str, int, int]]:
     """(arrival, phase, prompt_len, output_len), phases alternating long, short, ...; each
-    phase `phase_seconds` long (a dict: seconds per phase name)."""
+    phase lasts its `phase_seconds[name]`."""
     rng, out, t0 = random.Random(seed), [], 0.0
     for _ in range(cycles):
         for name in PHASES:
             rate, plen, olen = PHASES[name]
-            span = phase_seconds[name] if isinstance(phase_seconds, dict) else phase_seconds
+            span = phase_seconds[name]
             t = t0
             while True:
                 t += rng.expovariate(rate)

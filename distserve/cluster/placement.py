@@ -151,7 +151,8 @@ async def start_workers(
     ]
     executors = [e for slots in await asyncio.gather(*starts) for e in slots]
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.info() for e in executors)), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(e.info() for e in executors))
     except asyncio.TimeoutError:
         await asyncio.gather(*(e.close() for e in executors), return_exceptions=True)
         raise TimeoutError(
@@ -268,7 +269,8 @@ async def restart_worker(
     else:
         executor = await LocalExecutor.start(cfg, None)
     try:
-        info = await asyncio.wait_for(executor.info(), timeout)
+        async with asyncio.timeout(timeout):
+            info = await executor.info()
     except BaseException:
         await executor.close()
         raise

@@ -60,7 +60,8 @@ async def join_process_group(
         for rank, e in enumerate(members)
     ]
     try:
-        await asyncio.wait_for(asyncio.gather(*joins), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*joins)
     except asyncio.TimeoutError:
         raise TimeoutError(
             f"workers did not join the {backend} process group at {address}:{store.port} "

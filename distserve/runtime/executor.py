@@ -200,7 +200,8 @@ class RayExecutor:
         if self.rank is not None:
             self.rank = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.actor.leave_group.remote(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self.actor.leave_group.remote()
         ray.kill(self.actor, no_restart=True)
 
 

@@ -109,7 +109,8 @@ class _BodyGuard:
             return await self._receive()  # type: ignore[no-any-return]
         remaining = self.deadline - asyncio.get_running_loop().time()
         try:
-            message: Message = await asyncio.wait_for(self._receive(), max(remaining, 0.001))
+            async with asyncio.timeout(max(remaining, 0.001)):  # not wait_for: see recovery.py
+                message: Message = await self._receive()
         except asyncio.TimeoutError:
             await self.refuse(408, f"the request body did not arrive within {self.timeout:g} s")
             return {"type": "http.disconnect"}
