@@ -229,9 +229,10 @@ async def measure_variant(
 
 
 def simulate(
-    name: str, args: argparse.Namespace, profile: str, blocks: int
+    name: str, args: argparse.Namespace, profile: str, blocks: int, path: list[str] = SIM_PATH
 ) -> list[dict[str, Any]]:
-    """The simulator's prediction of the same requests (`distserve simulate`), per rate."""
+    """The simulator's prediction of the same requests (`distserve simulate`), per rate,
+    on the serving path `path` (simulate's flags; SIM_PATH by default)."""
     mode, cached, _ = VARIANTS[name]
     rows = []
     for rate, i in rate_seeds(args):
@@ -241,7 +242,7 @@ def simulate(
         cmd = [sys.executable, "-m", "distserve.cli", "simulate", "--profile", profile,
                "--mode", mode, *(["--instances", "2"] if mode == "colocated" else []),
                *(["--kv-store-gb", "1"] if cached else ["--no-prefix-caching"]),
-               "--num-blocks", str(blocks), *SIM_PATH,
+               "--num-blocks", str(blocks), *path,
                "--dataset", "conversations", "--num-requests", str(spec.num_requests),
                "--rate", str(rate), "--seed", str(spec.seed), "--max-turns", str(spec.max_turns),
                "--think-time", str(spec.think_time),
