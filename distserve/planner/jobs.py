@@ -62,14 +62,21 @@ def score(
     workers: int,
     progress: Progress,
     finished: Callable[[int], None] | None = None,
+    first: bool = False,
 ) -> None:
     """Score every job of every batch, at most `workers` at a time. Each batch goes in
     order of its jobs' analytic estimate per device (likely winners first, so that its
-    floors cut the rest short); batches take turns. `finished(k)` is called as soon as
-    batch k's last job is done (its caller may then give the pool more work)."""
+    floors cut the rest short); batches take turns, or with `first`, batch 0 goes before
+    the others (whose jobs fill the workers it leaves idle: while its later jobs wait for
+    its earlier ones, prune.py). `finished(k)` is called as soon as batch k's last job is
+    done (its caller may then give the pool more work)."""
     t0 = time.perf_counter()
     guesses = [[estimate(inst, role, b.setting) for inst, role in b.jobs] for b in batches]
-    queue = deque(_turns(batches, guesses))
+    if first and batches:
+        queue = deque(_turns(batches[:1], guesses[:1]))
+        queue += ((k + 1, i) for k, i in _turns(batches[1:], guesses[1:]))
+    else:
+        queue = deque(_turns(batches, guesses))
     left = [len(b.jobs) for b in batches]
     for b in batches:
         b.goodputs = [0.0] * len(b.jobs)

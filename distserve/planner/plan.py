@@ -181,7 +181,7 @@ def make_plan(
     names = ("colocated", "chunked")
     chosen: dict[str, tuple[Choice | None, dict[str, float]]] = {}
     verifying: dict[str, Future[float]] = {}
-    # one pool for the whole plan: the search's and the baselines' jobs take turns on it
+    # one pool for the whole plan: the search's and the baselines' jobs share it
     with worker_pool(workers) as pool:
 
         def baseline_scored(k: int) -> None:
@@ -200,14 +200,27 @@ def make_plan(
             score(bases, pool, workers, progress, baseline_scored)
         else:
             search = algorithm1_batch(setting, shapes, dshapes, cluster, rate)
+            picked: list[tuple[Choice | None, dict[str, Any]]] = []
+
+            def search_scored() -> None:
+                """The search's pick, verified on the pool at once, beside the baselines'
+                remaining jobs (its verification is the plan's longest single job)."""
+                picked.append(algorithm1_choice(search, cluster, rate))
+                c = picked[0][0]
+                if pool is not None and c is not None:
+                    verifying["disagg"] = pool.submit(verify, setting, c)
+
+            # the search first: the baselines' jobs fill the workers it leaves idle, and
+            # its verification starts while they run
             score(
                 [search, *bases],
                 pool,
                 workers,
                 progress,
-                lambda k: baseline_scored(k - 1) if k else None,
+                lambda k: baseline_scored(k - 1) if k else search_scored(),
+                first=True,
             )
-            disagg, table = algorithm1_choice(search, cluster, rate)
+            disagg, table = picked[0]
             t_search = search.seconds
         t_scored = time.perf_counter() - t0
         (colo, colo_table), (chunk, chunk_table) = chosen["colocated"], chosen["chunked"]
@@ -254,8 +267,8 @@ def make_plan(
             "before_verification": estimates,
         },
         "search_seconds": time.perf_counter() - t0,
-        # jobs take turns: the algorithm's time is when its last job ended, the
-        # baselines' what scoring took after that
+        # jobs share the pool: the algorithm's time is when its last job ended, the
+        # baselines' what scoring took after that (its verification overlaps them)
         "seconds_by_phase": {
             "algorithm": t_search,
             "baselines": max(0.0, t_scored - t_search),
