@@ -102,10 +102,10 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="PROFILE",
         help="follow the traffic as serve --adaptive does: every --replan-interval s replay "
-        "the requests finished in the last --live-window s on every layout of the instances "
-        "with this latency profile JSON (or a bundled name; usually --profile's) and flip "
-        "roles (drain, then a new scheduler) to the best one; the summary lists the flips "
-        "and re-plans (default: off)",
+        "the requests of the last --live-window s (finished or not) on every layout of the "
+        "instances with this latency profile JSON (or a bundled name; usually --profile's) "
+        "and flip roles (drain, then a new scheduler) to the best one; the summary lists the "
+        "flips and re-plans (default: off)",
     )
     g.add_argument(
         "--live-window",

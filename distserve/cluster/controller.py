@@ -395,7 +395,7 @@ class Controller:
         return req, text
 
     def _admit(self, req: Request, text: str | None) -> RequestState:
-        self.live.on_arrival(req.arrival_time)
+        self.live.on_arrival(req.arrival_time, req)
         entry = self.table.entry_instances
         inst = self.table.route(req)  # load changes with each request admitted
         state = RequestState(req.request_id, asyncio.Queue(), inst or entry[0])
@@ -456,6 +456,7 @@ class Controller:
         if state is None:
             return
         self._release_choices(request_id, None)
+        self.live.forget(request_id)
         state.aborted = True
         self.outputs.discard(request_id)
         if not state.migrating:
@@ -508,6 +509,7 @@ class Controller:
 
     def _finish(self, state: RequestState, out: RequestOutput, role: str = "") -> None:
         self.table.requests.pop(state.request_id, None)
+        self.live.forget(state.request_id)
         if self.store is not None:
             self.store.release(state.request_id)
         state.queue.put_nowait(out)
@@ -525,6 +527,7 @@ class Controller:
     def fail_request(self, state: RequestState, reason: str) -> None:
         """End a request with an error its client sees (the stream raises RequestFailed)."""
         self.table.requests.pop(state.request_id, None)
+        self.live.forget(state.request_id)
         self.outputs.discard(state.request_id)
         self.table.release_everywhere(state)
         if self.store is not None and not (state.migrating and state.from_store):

@@ -1,15 +1,20 @@
 """The live view: a sliding window over what arrives (rate, prompt and output lengths) and
 what it attains (TTFT, TPOT, both) against the server's targets. /metrics reads it, and
-adaptive re-planning (cluster/adaptive.py) replays its requests in the simulator."""
+adaptive re-planning (cluster/adaptive.py) replays its requests in the simulator: those
+that arrived in it, finished or not, and those still queued or running."""
 
 from __future__ import annotations
 
 import collections
 import statistics
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from distserve.sim.replan import window_workload
 from distserve.workload.spec import Workload
+
+if TYPE_CHECKING:
+    from distserve.core import Request
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class LiveWindow:
         self.seconds, self.ttft_slo, self.tpot_slo = seconds, ttft_slo, tpot_slo
         self._arrivals: collections.deque[float] = collections.deque()
         self._finished: collections.deque[Finished] = collections.deque()
+        self._pending: dict[str, Request] = {}
+        """Requests that arrived and have not ended (queued or running), by id."""
 
     def _trim(self, now: float) -> None:
         while self._arrivals and self._arrivals[0] < now - self.seconds:
@@ -42,13 +49,20 @@ class LiveWindow:
         while self._finished and self._finished[0].arrival < now - self.seconds:
             self._finished.popleft()
 
-    def on_arrival(self, now: float) -> None:
+    def on_arrival(self, now: float, request: Request | None = None) -> None:
+        """A request arrived; with `request`, it is replayed until it ends (`forget`)."""
         self._arrivals.append(now)
+        if request is not None:
+            self._pending[request.request_id] = request
         self._trim(now)
 
     def on_finished(self, done: Finished, now: float) -> None:
         self._finished.append(done)
         self._trim(now)
+
+    def forget(self, request_id: str) -> None:
+        """A request ended (finished, aborted or failed): no longer pending."""
+        self._pending.pop(request_id, None)
 
     def arrival_rate(self, now: float) -> float:
         """Requests per second over the window (or over the time since the first one)."""
@@ -88,11 +102,18 @@ class LiveWindow:
         }
 
     def workload(self, now: float, limit: int | None = None) -> Workload:
-        """The window's finished requests as a workload, arrivals from its start; with
-        `limit`, only the latest that many (a cheaper re-plan at a high rate)."""
+        """The window's requests as a workload, arrivals from its start: the finished ones,
+        and those queued or running (their output lengths estimated, sim/replan.py's
+        `window_workload`; those that arrived before the window as arriving at its start);
+        with `limit`, only the latest that many (a cheaper re-plan at a high rate)."""
         rows = [(d.arrival, d.prompt_token_ids, d.output_len) for d in self.finished(now)]
+        pending = [
+            (r.arrival_time, r.prompt_token_ids, r.num_output_tokens, r.sampling_params.max_tokens)
+            for r in list(self._pending.values())
+        ]
         label = {"dataset": "live window", "seconds": self.seconds}
-        return window_workload(rows, label, limit)  # the simulator's re-plans' too
+        # the simulator's re-plans' too
+        return window_workload(rows, label, limit, pending, now - self.seconds)
 
 
 def _p90(xs: list[int]) -> float:

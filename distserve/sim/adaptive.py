@@ -1,6 +1,7 @@
 """Adaptive re-planning in the simulator (`simulate --adaptive`), as the controller does it
-(cluster/adaptive.py) on the virtual clock: every interval the requests that finished in
-the live window are replayed on every layout of the instances, the same switch rule
+(cluster/adaptive.py) on the virtual clock: every interval the live window's requests
+(those that arrived in it, finished or not, and those still queued or running: cluster/
+live.py's) are replayed on every layout of the instances, the same switch rule
 (sim/replan.py's Hysteresis: margin and dwell) picks whether to move, and roles flip one
 at a time in the same order (`next_flip`) through the simulator's drain-then-swap flip
 (Simulator.flip), or chunked prefill turned on or off in place (Simulator.rechunk).
@@ -45,6 +46,8 @@ class SimAdaptive:
         self._done: collections.deque[tuple[float, tuple[int, ...], int]] = collections.deque()
         """(arrival, prompt, output length) of the window's finished requests, in finish
         order, trimmed as cluster/live.py's window is."""
+        self._pending: dict[str, Request] = {}
+        """Requests that arrived and have not finished, by id."""
         self.target: Layout | None = None
         """The layout the flips under way lead to."""
         self.replans: list[dict[str, Any]] = []
@@ -53,7 +56,16 @@ class SimAdaptive:
     def start(self) -> None:
         self._next(self.config.interval)
 
+    def arrived(self, req: Request) -> None:
+        """As the controller's window: at admission, before routing."""
+        self._pending[req.request_id] = req
+
+    def forget(self, request_id: str) -> None:
+        """A request ended without finishing (refused)."""
+        self._pending.pop(request_id, None)
+
     def finished(self, req: Request, t: float) -> None:
+        self._pending.pop(req.request_id, None)
         self._done.append((req.arrival_time, tuple(req.prompt_token_ids), req.num_output_tokens))
         self._trim(t)
 
@@ -76,7 +88,12 @@ class SimAdaptive:
     def _replan(self, t: float) -> None:
         cfg, sim = self.config, self.sim
         self._trim(t)
-        workload = window_workload(self._done, {"dataset": "live window"}, cfg.max_requests)
+        pending = [
+            (r.arrival_time, r.prompt_token_ids, r.num_output_tokens, r.sampling_params.max_tokens)
+            for r in self._pending.values()
+        ]
+        label: dict[str, object] = {"dataset": "live window"}
+        workload = window_workload(self._done, label, cfg.max_requests, pending, t - self.window)
         busy = any(i.draining or not i.alive for i in sim.instances)
         current = None if busy else layout_of([sim.kind(i) for i in sim.instances])
         if current is not None and len(workload) >= cfg.min_requests:

@@ -1,18 +1,21 @@
 """Adaptive re-planning's policy, shared by the real controller (cluster/adaptive.py) and
 the simulator (sim/simulator.py, `simulate --adaptive`): which layouts of n instances
-exist, how each is predicted on a window of finished requests (the simulator replays
-them), when a better one is switched to (a margin and a dwell time: hysteresis), and in
-which order roles flip on the way there (one at a time, never leaving a role's requests
-with no instance to take them). A colocated instance may run chunked prefill: a layout
-counts those apart ("chunked"), and turning chunking on or off is a switch of the
-scheduler's policy in place (ColocatedScheduler.reconfigure), not a flip that drains.
+exist, how each is predicted on a window of requests (the simulator replays those that
+arrived in it, finished or not, and those still queued), when a better one is switched to
+(a margin and a dwell time: hysteresis), and in which order roles flip on the way there
+(one at a time, never leaving a role's requests with no instance to take them). A
+colocated instance may run chunked prefill: a layout counts those apart ("chunked"), and
+turning chunking on or off is a switch of the scheduler's policy in place
+(ColocatedScheduler.reconfigure), not a flip that drains.
 Torch-free, so the simulator runs it too."""
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from distserve.config import PlacementConfig
@@ -67,10 +70,10 @@ class AdaptiveConfig:
         default=30.0, metadata={"help": "seconds a better layout must stay best before a flip"}
     )
     min_requests: int = field(
-        default=20, metadata={"help": "finished requests the window needs before a re-plan"}
+        default=20, metadata={"help": "requests the window needs before a re-plan"}
     )
     max_requests: int = field(
-        default=400, metadata={"help": "the latest finished requests a re-plan replays, at most"}
+        default=400, metadata={"help": "the latest requests a re-plan replays, at most"}
     )
     chunk: int = field(
         default=512,
@@ -144,11 +147,24 @@ def window_workload(
     done: Sequence[tuple[float, Sequence[int], int]],
     label: dict[str, object] | None = None,
     limit: int | None = None,
+    pending: Sequence[tuple[float, Sequence[int], int, int]] = (),
+    start: float | None = None,
 ) -> Workload:
-    """Finished requests (arrival, prompt token ids, output length) as a workload, arrivals
-    from the earliest one's; with `limit`, only the latest that many (a cheaper re-plan at
-    a high rate). What a re-plan replays (cluster/live.py's window, or the simulator's)."""
-    rows = sorted(done, key=lambda d: d[0])
+    """The window's requests as a workload, arrivals from the earliest one's: those that
+    finished (arrival, prompt token ids, output length) and those that have not
+    (`pending`: arrival, prompt token ids, tokens generated so far, max_tokens), with an
+    output length `output_estimator` gives. Under overload few requests finish within the
+    window, and the kinds that wait longest (long prompts) fewest: replaying only the
+    finished ones under-reads the load and the mix. A pending request that arrived before
+    `start` (the window's start) is replayed as arriving then: a backlog the layout must
+    serve first. With `limit`, only the latest that many (a cheaper re-plan at a high
+    rate). What a re-plan replays (cluster/live.py's window, or the simulator's)."""
+    estimate = output_estimator(done)
+    rows = [*done] + [
+        (arrival if start is None else max(arrival, start), ids, estimate(len(ids), gen, cap))
+        for arrival, ids, gen, cap in pending
+    ]
+    rows.sort(key=lambda d: d[0])
     if limit is not None:
         rows = rows[-limit:]
     if not rows:
@@ -161,10 +177,34 @@ def window_workload(
     return Workload(reqs, dict(label or {}))
 
 
+def output_estimator(
+    done: Sequence[tuple[float, Sequence[int], int]],
+) -> Callable[[int, int, int], int]:
+    """`estimate_output(prompt_len, generated, max_tokens)` for requests that have not
+    finished, from the finished ones (`done`): the mean output length of those whose
+    prompt is within 2x of its own (the same kind of request), or its max_tokens if none
+    is (a bound the client chose: the length itself where it sets one, an over-estimate
+    where it does not, until requests of its kind finish); never below the tokens it has
+    generated, never above max_tokens."""
+    pairs = sorted((len(ids), out) for _, ids, out in done)
+    lens = [p for p, _ in pairs]
+    sums = list(accumulate((out for _, out in pairs), initial=0))
+
+    def estimate_output(prompt_len: int, generated: int, max_tokens: int) -> int:
+        lo, hi = bisect_left(lens, prompt_len / 2), bisect_right(lens, prompt_len * 2)
+        guess = round((sums[hi] - sums[lo]) / (hi - lo)) if hi > lo else max_tokens
+        return max(1, generated, min(guess, max_tokens))
+
+    return estimate_output
+
+
 @dataclass
 class Hysteresis:
     """The switch rule: a layout is switched to only when its predicted attainment beats
-    the current layout's by `margin` and has stayed the best for `dwell` seconds."""
+    the current layout's by `margin` and has stayed the best for `dwell` seconds. Layouts
+    predicted within `margin` of the best count as equally good: of those, the one reached
+    with the fewest drains (`drains`: chunked prefill turned on in place before a role
+    flip) is the best, so that a near tie does not pick a flip a later re-plan undoes."""
 
     margin: float
     dwell: float
@@ -175,16 +215,29 @@ class Hysteresis:
 
     def decide(self, predicted: dict[Layout, float], current: Layout, now: float) -> Layout | None:
         """The layout to switch to now, or None (keep the current one)."""
-        best = max(predicted, key=lambda lay: (predicted[lay], lay == current))
-        if best == current or predicted[best] < predicted.get(current, 0.0) + self.margin:
+        held, top = predicted.get(current, 0.0), max(predicted.values())
+        better = [
+            lay
+            for lay, v in predicted.items()
+            if v > held and v >= held + self.margin and v >= top - self.margin
+        ]
+        if not better:
             self.candidate = None
             return None
+        best = min(better, key=lambda lay: (drains(current, lay), -predicted[lay]))
         if best != self.candidate:
             self.candidate, self.since = best, now
         if now - self.since < self.dwell:
             return None
         self.candidate = None
         return best
+
+
+def drains(current: Layout, target: Layout) -> int:
+    """Instances that change role (each drains) on the way from `current` to `target`;
+    chunked prefill on or off is switched in place and costs none."""
+    (p, d, c, k), (p2, d2, c2, k2) = current, target
+    return max(0, p2 - p) + max(0, d2 - d) + max(0, c2 + k2 - c - k)
 
 
 def flip_refusal(others: Sequence[str], role: str, force: bool = False) -> str | None:

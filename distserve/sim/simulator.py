@@ -98,12 +98,16 @@ class SimConfig:
     blocks another instance computed (loaded, not computed; the copy is not timed: from
     host memory it costs ~1% of computing them on a CPU, benchmarks/kv_store.py). Decode
     spans do not write: generated tokens' blocks are never a later prompt's prefix here."""
+    kv_store_disk_slots: int = 0
+    """Blocks of the store's disk tier (serve --kv-store-disk-gb): evicted prefix blocks
+    go there and a prompt loads them back as from memory (the disk read is not timed)."""
     prefill_on_decode: float | None = None
     """The per-request rule (core/routing.py's PrefillOnDecode) with this TPOT target as
     the longest step a decode instance may take to prefill a prompt; None: off."""
     adaptive: AdaptiveConfig | None = None
-    """Re-plan the layout every `adaptive.interval` s on the requests finished in the last
-    `live_window` s and flip roles as serve --adaptive does (sim/adaptive.py); None: off."""
+    """Re-plan the layout every `adaptive.interval` s on the requests of the last
+    `live_window` s (finished or not, and those still queued) and flip roles as serve
+    --adaptive does (sim/adaptive.py); None: off."""
     live_window: float = 120.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -369,6 +373,8 @@ class Simulator:
     def _arrive(self, t: float, wr: Any) -> None:
         params = SamplingParams(max_tokens=wr.output_len, ignore_eos=True, temperature=0.0)
         req = Request(str(wr.index), list(wr.prompt_token_ids), params, wr.arrival)
+        if self.adaptive is not None:
+            self.adaptive.arrived(req)  # a held one again when placed: the same id
         inst = pick_prefill([i for i in self.instances if i.role != "decode"], req)
         if inst is None:  # every prompt-taking instance is flipping: wait for one
             self._held.append(wr)
@@ -377,6 +383,8 @@ class Simulator:
             inst.scheduler.check_request(req)
         except ValueError as e:  # as the server would answer 400
             self._results[req.request_id].error = str(e)
+            if self.adaptive is not None:
+                self.adaptive.forget(req.request_id)
             self._next_turn_due(req.request_id, t)
             return
         if self._rule is not None:

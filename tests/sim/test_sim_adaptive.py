@@ -92,6 +92,38 @@ def test_the_switch_rule_needs_the_margin_and_the_dwell() -> None:
     assert h.decide({now: 0.9, better: 0.9}, better, 20.0) is None  # a tie keeps the current
 
 
+def test_a_near_tie_prefers_the_layout_reached_in_place() -> None:
+    h = Hysteresis(margin=0.05, dwell=0.0)
+    now, split, chunked = (0, 0, 2, 0), (1, 1, 0, 0), (0, 0, 0, 2)
+    # 1P1D predicts 0.3 points more, within the margin: chunked prefill, switched on in
+    # place, is as good, and no instance drains
+    assert h.decide({now: 0.1, split: 0.978, chunked: 0.975}, now, 0.0) == chunked
+    assert h.decide({now: 0.1, split: 0.978, chunked: 0.9}, now, 0.0) == split
+    assert h.decide({now: 0.95, split: 0.978, chunked: 0.975}, now, 0.0) is None
+
+
+def test_the_window_replays_what_arrived_not_only_what_finished() -> None:
+    """Under overload few requests finish within the window: the simulator's re-plans, as
+    the controller's (cluster/live.py), replay every request that arrived, finished or
+    not (sim/replan.py's window_workload), so the first re-plan comes on time and sees
+    them all."""
+    wl = Workload(
+        tuple(WorkloadRequest(i, 0.1 * i, tuple([7] * 1800), 100) for i in range(60))
+    )  # 10 req/s of long prompts for 6 s: far more than two instances prefill
+    profile = find(bundled_a100(), "opt-13b", 1)
+    cfg = sim_config(PlacementConfig(mode="colocated"), profile, None, SimOptions())
+    replan = AdaptiveConfig("a100", TTFT, TPOT, interval=2.0, dwell=60.0, min_requests=5)
+    sim = Simulator(dataclasses.replace(cfg, adaptive=replan, live_window=10.0))
+    results = sim.run(wl)
+    assert sim.adaptive is not None
+    first = sim.adaptive.replans[0]
+    done = sum(r.arrival + r.e2e <= 2.0 for r in results)  # type: ignore[operator]
+    assert first["at"] == 2.0 and done < 5  # the finished ones alone: no re-plan yet
+    assert first["requests"] == sum(r.arrival <= 2.0 for r in results)
+    assert all(r["requests"] == sum(w.arrival <= r["at"] for w in wl.requests)
+               for r in sim.adaptive.replans if r["at"] <= 10.0)  # fmt: skip
+
+
 def test_flips_go_one_at_a_time_and_never_leave_a_role_without_an_instance() -> None:
     assert flip_refusal(["decode"], "decode") == "leaves no instance for prompts"
     assert flip_refusal(["colocated"], "prefill") == "leaves prefill without decode"
