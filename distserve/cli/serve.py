@@ -153,6 +153,22 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="host memory for the KV store, which every step writes its new KV to, so that "
         "a dead decode instance's requests resume from it without a new prefill (0: none)",
     )
+    srv.add_argument(
+        "--kv-store-disk-gb",
+        type=positive_float,
+        default=0.0,
+        metavar="GIB",
+        help="disk for the KV store's evicted prefix blocks: a block pushed out of the store's "
+        "memory is written to a spill file, and a later prompt with that prefix reads it back "
+        "instead of computing it (needs --kv-store-gb; default: no disk tier)",
+    )
+    srv.add_argument(
+        "--kv-store-disk-dir",
+        default=None,
+        metavar="DIR",
+        help="directory of the spill file (default: $TMPDIR or /tmp); the file is unlinked "
+        "once open, so nothing is left there when the server ends, killed or not",
+    )
     add_engine_flags(srv)
     add_prefix_caching_flag(srv)
     add_parallel_flags(srv)
@@ -243,10 +259,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             live_window=args.live_window,
             degrade_after=None if args.no_degraded_mode else args.degrade_after,
             kv_store_gb=args.kv_store_gb,
+            kv_store_disk_gb=args.kv_store_disk_gb,
+            kv_store_disk_dir=args.kv_store_disk_dir,
             prefill_on_decode=decode_prefill_config(args, parser),
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))
+    if args.kv_store_disk_gb and not args.prefix_caching:
+        parser.error("--kv-store-disk-gb: the disk tier keeps prefixes: drop --no-prefix-caching")
     adaptive = adaptive_config(args, parser)
     asyncio.run(serve(engine, placement, server, emulation, adaptive))
     return 0

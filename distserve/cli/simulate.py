@@ -89,6 +89,14 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         "instance computed from it (default: 0, none)",
     )
     p.add_argument(
+        "--kv-store-disk-gb",
+        type=positive_float,
+        default=0.0,
+        metavar="GIB",
+        help="the store's disk tier, as serve's: blocks evicted from the store's memory go "
+        "there and prompts load them back (the read is not timed; default: 0, none)",
+    )
+    p.add_argument(
         "--prefill-on-decode",
         action="store_true",
         help="disagg: a decode instance prefills a new prompt itself (no KV migration) when "
@@ -164,7 +172,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         opts = SimOptions(
             path, num_blocks=args.num_blocks, scheduler=sched, prefix_caching=args.prefix_caching,
-            kv_store_gb=args.kv_store_gb,
+            kv_store_gb=args.kv_store_gb, kv_store_disk_gb=args.kv_store_disk_gb,
         )  # fmt: skip
         config = sim_config(placement, prefill, decode, opts)
         if args.step_noise:

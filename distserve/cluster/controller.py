@@ -107,12 +107,15 @@ class Controller:
         adaptive: AdaptiveConfig | None = None,
         degrade_after: float | None = 10.0,
         kv_store_gb: float = 0.0,
+        kv_store_disk: tuple[float, str | None] = (0.0, None),
         prefill_on_decode: DecodePrefillConfig | None = None,
     ) -> None:
         check_transport(transport, use_ray, engine.device)
         if kv_store_gb and emulation is not None:
             raise ValueError("--kv-store-gb: emulated devices hold no KV bytes to store")
         self.kv_store_gb = kv_store_gb
+        self.kv_store_disk = kv_store_disk
+        """GiB and directory of the store's disk tier (serve --kv-store-disk-gb/-dir)."""
         self.store: StoreLink | None = None
         """The KV store (cluster/store_link.py), once started, when kv_store_gb > 0."""
         if emulation is not None and transport != "auto":
@@ -223,8 +226,9 @@ class Controller:
 
     def _open_store(self) -> None:
         store = self.store = StoreLink(
-            self.engine_config, self.model_config, self.kv_store_gb, self.use_ray
-        )
+            self.engine_config, self.model_config, self.kv_store_gb, self.use_ray,
+            *self.kv_store_disk,
+        )  # fmt: skip
         self.migration.store = store.directory
         self.recovery.resume = lambda dead, state, req: store.resume(dead, state, req, self.table)
 

@@ -21,19 +21,32 @@ last block has a private slot. Every slot is in one state:
     held     ref >= 1: held by that many requests' entries (named or private)
 
 When no slot is free or parked, the request that asked stops being written (`broken`): it
-runs on, and a fault falls back to recomputing it. Nothing here touches tensors: the
-directory is bookkeeping, like the block manager's, so the simulator keeps one too and
-gets the same hits (sim/simulator.py); the controller's copy drives real copies
-(cluster/store_link.py).
+runs on, and a fault falls back to recomputing it.
+
+With a disk tier (serve --kv-store-disk-gb), an evicted parked slot's block is spilled
+first: `DiskTier.write` copies the slot into a slot of a spill file, and the name moves to
+the disk index (least recently spilled dropped first when it is full). A prefix lookup
+that misses memory and finds the name there reads it back into a slot (`DiskTier.read`)
+and serves it as a memory hit: a name is in memory or on disk, never both. Both copies
+run inside `_take`/`prefix_blocks`, before the plan that reuses the slot is returned, so
+a slot's bytes leave before any worker writes over them. Slots a lookup counted are
+pinned until the next `plan` consumes them, so that a later lookup's read-back cannot
+evict them first.
+
+Nothing here touches tensors: the directory is bookkeeping, like the block manager's, so
+the simulator keeps one too and gets the same hits (sim/simulator.py); the controller's
+copy drives real copies (cluster/store_link.py, and its `DiskTier` for the disk).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from distserve.core.disk_index import DiskIndex
 from distserve.core.plan import StepPlan
 from distserve.core.prefix_cache import BlockHash, TokenSequence, chain_hash, root_hash
 from distserve.core.request import Request
@@ -76,6 +89,22 @@ class StoreStats:
     """Requests whose KV was read back from the store after their instance died."""
     tokens_resumed: int = 0
     broken: int = 0
+    spilled: int = 0
+    """Evicted named blocks written to the disk tier."""
+    blocks_from_disk: int = 0
+    """Spilled blocks a prefix lookup read back into a slot."""
+    disk_evictions: int = 0
+    """Spilled blocks dropped from the full disk tier."""
+
+
+class DiskTier(Protocol):
+    """The bytes of the disk tier (runtime/kv_store.py SpillFile): the directory says which
+    slot goes where, the implementation copies. False: the copy failed (the block is lost,
+    as an eviction without a disk tier)."""
+
+    def write(self, slot: int, disk_slot: int) -> bool: ...
+
+    def read(self, disk_slot: int, slot: int) -> bool: ...
 
 
 class KVStore:
@@ -88,9 +117,14 @@ class KVStore:
         cache_key: str,
         bytes_per_slot: int = 0,
         serves_prefixes: bool = True,
+        num_disk_slots: int = 0,
+        disk: DiskTier | None = None,
     ) -> None:
         """`serves_prefixes`: a prompt may load prefix blocks from the store (False with
-        prefix caching off: every prompt is computed the same way; resumes still work)."""
+        prefix caching off: every prompt is computed the same way; resumes still work).
+        `num_disk_slots`: blocks the disk tier holds (0: none; off without
+        `serves_prefixes`, as only prefixes are read back); `disk` copies their bytes
+        (None: bookkeeping only, as in the simulator)."""
         self.num_slots, self.block_size = num_slots, block_size
         self.serves_prefixes = serves_prefixes
         self.bytes_per_slot = bytes_per_slot
@@ -100,6 +134,11 @@ class KVStore:
         self._slot_of: dict[BlockHash, int] = {}
         self._name_of: dict[int, BlockHash] = {}
         self._parked: OrderedDict[int, None] = OrderedDict()
+        self.num_disk_slots = num_disk_slots if serves_prefixes else 0
+        self._disk = disk
+        self._on_disk = DiskIndex(self.num_disk_slots)
+        self._pinned: set[int] = set()
+        """Slots a prefix lookup counted, kept from eviction until the next `plan`."""
         self.entries: dict[str, StoreEntry] = {}
         self.stats = StoreStats()
 
@@ -112,6 +151,11 @@ class KVStore:
     def num_cached_slots(self) -> int:
         """Named slots no live request holds: cache only."""
         return len(self._parked)
+
+    @property
+    def num_disk_blocks(self) -> int:
+        """Blocks held by the disk tier."""
+        return len(self._on_disk)
 
     def resume_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
         """The slots holding the KV of a request's first num_tokens - 1 tokens (all but
@@ -130,16 +174,31 @@ class KVStore:
         """How many of a request's full blocks first, first+1 .. (below `limit`) the
         store holds, in order up to the first it lacks: a scheduler's `remote_prefix`
         (blocks 0 .. first-1 are its instance's own prefix-cache hits). Counted in
-        `stats.blocks_loaded` only once the plan reads them."""
+        `stats.blocks_loaded` only once the plan reads them. With a disk tier, blocks
+        found there are read back into slots first, and the slots counted are pinned until
+        the next `plan` (the chain's blocks in memory are pinned before any read-back, and
+        its blocks on disk kept there, so that reading back one does not push out another)."""
         if first >= limit or not self.serves_prefixes:
             return 0
-        e = self.entries.get(req.request_id) or StoreEntry()  # a look only: keeps nothing new
-        n = 0
+        e = self.entries.get(req.request_id) or StoreEntry()  # a look only: keeps no entry
+        chain: list[BlockHash] = []
         for i in range(first, limit):
-            if self._name(e, req, i) not in self._slot_of:
+            name = self._name(e, req, i)
+            slot = self._slot_of.get(name)
+            if slot is None and name not in self._on_disk:
                 break
-            n += 1
-        return n
+            chain.append(name)
+            if slot is not None and self.num_disk_slots:
+                self._pinned.add(slot)
+        if not self.num_disk_slots:
+            return len(chain)
+        keep = set(chain)
+        for n, name in enumerate(chain):
+            slot = self._slot_of.get(name)
+            if slot is None and (slot := self._restore(name, keep)) is None:
+                return n
+            self._pinned.add(slot)
+        return len(chain)
 
     # ---- writing ---------------------------------------------------------------------
     def plan(
@@ -166,6 +225,7 @@ class KVStore:
                 table = tables.get(rid, ())
                 reads.append((slot, table[i] if i < len(table) else -1))
             self.stats.blocks_loaded += count
+        self._pinned.clear()  # the loads hold theirs now
         for chunk in plan.chunks:
             req = requests.get(chunk.request_id)
             ctx = chunk.context_len
@@ -220,6 +280,8 @@ class KVStore:
                 if name not in self._slot_of and slot not in self._name_of:
                     self._slot_of[name] = slot
                     self._name_of[slot] = name
+                    if name in self._on_disk:  # computed again: the memory copy serves
+                        self._on_disk.pop(name)
 
     def release(self, request_id: str) -> None:
         """The request has ended: its named slots stay as cache, its private ones free."""
@@ -253,15 +315,50 @@ class KVStore:
         e.slots[i] = slot
         self.stats.blocks_shared += 1
 
-    def _take(self) -> int | None:
+    def _take(self, keep: Set[BlockHash] = frozenset()) -> int | None:
+        """A free slot, else the least recently released parked one not pinned (spilled
+        to the disk tier if there is one, without dropping the names in `keep` from it)."""
         if self._free:
             return self._free.popleft()
-        if self._parked:
-            slot, _ = self._parked.popitem(last=False)
-            del self._slot_of[self._name_of.pop(slot)]
-            self.stats.evictions += 1
-            return slot
-        return None
+        for slot in self._parked:
+            if slot not in self._pinned:
+                break
+        else:
+            return None
+        del self._parked[slot]
+        name = self._name_of.pop(slot)
+        del self._slot_of[name]
+        self.stats.evictions += 1
+        if self.num_disk_slots:
+            self._spill(slot, name, keep)
+        return slot
+
+    def _spill(self, slot: int, name: BlockHash, keep: Set[BlockHash]) -> None:
+        disk = self._on_disk
+        if disk.full:
+            if not disk.drop_oldest(keep):
+                return  # the disk holds only names in `keep`: this block is lost
+            self.stats.disk_evictions += 1
+        disk_slot = disk.put(name)
+        if self._disk is not None and not self._disk.write(slot, disk_slot):
+            disk.pop(name)
+            return
+        self.stats.spilled += 1
+
+    def _restore(self, name: BlockHash, keep: Set[BlockHash]) -> int | None:
+        """Read a spilled block back into a slot, parked under its name; None if no slot
+        can be had or the read fails. `keep` (with `name`) stays on disk meanwhile."""
+        slot = self._take(keep)
+        if slot is None:
+            return None
+        disk_slot = self._on_disk.pop(name)  # free again, but nothing writes it before the read
+        if self._disk is not None and not self._disk.read(disk_slot, slot):
+            self._free.append(slot)
+            return None
+        self._slot_of[name], self._name_of[slot] = slot, name
+        self._parked[slot] = None
+        self.stats.blocks_from_disk += 1
+        return slot
 
     def _unref(self, slot: int) -> None:
         self._ref[slot] -= 1
@@ -300,3 +397,6 @@ class KVStore:
                 raise AssertionError(f"slot {slot}: its name does not map back to it")
         if len(self._name_of) != len(self._slot_of):
             raise AssertionError("two slots have one name")
+        self._on_disk.check(self._slot_of)
+        if self._pinned - set(self._name_of):
+            raise AssertionError("a pinned slot has no name")

@@ -10,11 +10,17 @@ restarted worker maps it again. In-process workers use the tensor itself.
 Layout: the block view of a KV cache (runtime/worker/kv_cache.py) with `num_slots` blocks,
 [layers*2*kv_heads, num_slots, block_size*head_dim], so a slot and a cache block copy into
 each other with one index_select / index_copy pair, whatever the model.
+
+The disk tier (`SpillFile`, serve --kv-store-disk-gb) is one file of slots of the same
+size, written and read by the controller's process only, and unlinked as soon as it is
+open: the kernel frees it when that process ends, however it ends, so no reaper is needed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 import uuid
 
 import torch
@@ -23,6 +29,8 @@ from distserve.model.config import ModelConfig
 from distserve.runtime.worker.kv_cache import block_view, cache_shape, map_shared, num_blocks_for
 
 SHM_DIR = "/dev/shm"
+
+log = logging.getLogger(__name__)
 
 
 class StorePool:
@@ -62,6 +70,85 @@ class StorePool:
         if self.path is not None and os.path.exists(self.path):
             os.unlink(self.path)
         self.path = None
+
+
+class SpillFile:
+    """`num_slots` slots of a pool's slot size in one file on disk: the disk tier of the
+    store's directory (core/kv_store.py `DiskTier`), which says what goes where."""
+
+    def __init__(self, pool: StorePool, gib: float, directory: str | None = None) -> None:
+        """`directory`: where the file goes (None: the system's temporary directory).
+        Raises ValueError if it cannot be created there or `gib` holds no slot."""
+        self.pool = pool
+        self.slot_bytes = pool.bytes_per_slot
+        self.num_slots = int(gib * 2**30 // self.slot_bytes)
+        if self.num_slots < 1:
+            raise ValueError(
+                f"kv_store_disk_gb must hold one block ({self.slot_bytes} B), got {gib}"
+            )
+        directory = directory or tempfile.gettempdir()
+        try:
+            fd, path = tempfile.mkstemp(prefix=f"distserve-kv-{os.getpid()}-spill-", dir=directory)
+        except OSError as e:
+            raise ValueError(f"kv_store_disk_dir {directory!r} is not writable: {e}") from None
+        os.unlink(path)  # freed with the last descriptor: no file outlives this process
+        try:
+            os.ftruncate(fd, self.num_bytes)  # sparse: disk used as written
+        except OSError as e:
+            os.close(fd)
+            raise ValueError(
+                f"kv_store_disk_gb {gib}: too large a file for {directory!r}: {e}"
+            ) from None
+        self.fd: int | None = fd
+        self.num_failures = 0
+        """Copies that failed (logged once: a full disk would fail every spill)."""
+        # contiguous staging for one slot (a slot of the block view is strided by layer)
+        self._buf = torch.empty(pool.blocks[:, 0].shape, dtype=pool.dtype)
+        self._bytes = memoryview(self._buf.view(torch.uint8).numpy()).cast("B")
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    def write(self, slot: int, disk_slot: int) -> bool:
+        """Copy pool slot `slot` into disk slot `disk_slot`; False on an I/O error (disk
+        full: the block is dropped, as an eviction without a disk tier)."""
+        assert self.fd is not None
+        self._buf.copy_(self.pool.blocks[:, slot])
+        offset, done = disk_slot * self.slot_bytes, 0
+        try:
+            while done < self.slot_bytes:
+                done += os.pwrite(self.fd, self._bytes[done:], offset + done)
+        except OSError as e:
+            self._failed(f"spilling a block failed ({e}): dropped")
+            return False
+        return True
+
+    def read(self, disk_slot: int, slot: int) -> bool:
+        """Copy disk slot `disk_slot` into pool slot `slot`; False on an I/O error."""
+        assert self.fd is not None
+        offset, done = disk_slot * self.slot_bytes, 0
+        try:
+            while done < self.slot_bytes:
+                n = os.preadv(self.fd, [self._bytes[done:]], offset + done)
+                if n == 0:
+                    raise OSError("unexpected end of the spill file")
+                done += n
+        except OSError as e:
+            self._failed(f"reading a spilled block failed ({e})")
+            return False
+        self.pool.blocks[:, slot].copy_(self._buf)
+        return True
+
+    def _failed(self, what: str) -> None:
+        if not self.num_failures:
+            log.warning("KV store disk tier: %s (further failures are not logged)", what)
+        self.num_failures += 1
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
 
 
 def write_to_store(

@@ -82,6 +82,14 @@ class ServerConfig:
         default=0.0,
         metadata={"help": "GiB of host memory for the KV store (0: none; core/kv_store.py)"},
     )
+    kv_store_disk_gb: float = field(
+        default=0.0,
+        metadata={"help": "GiB of disk the KV store spills evicted prefix blocks to (0: none)"},
+    )
+    kv_store_disk_dir: str | None = field(
+        default=None,
+        metadata={"help": "directory of the spill file (None: the temporary directory)"},
+    )
     prefill_on_decode: DecodePrefillConfig | None = field(
         default=None,
         metadata={"help": "decode instances may prefill short prompts (core/routing.py)"},
@@ -94,6 +102,7 @@ class ServerConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if not 0 <= self.kv_store_gb < float("inf"):
             raise ValueError(f"kv_store_gb must be >= 0, got {self.kv_store_gb}")
+        self._check_disk_tier()
         if self.max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
         if not self.max_body_mb > 0:
@@ -103,6 +112,17 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+
+    def _check_disk_tier(self) -> None:
+        if not 0 <= self.kv_store_disk_gb < float("inf"):
+            raise ValueError(f"kv_store_disk_gb must be >= 0, got {self.kv_store_disk_gb}")
+        if self.kv_store_disk_gb and not self.kv_store_gb:
+            raise ValueError("kv_store_disk_gb needs a KV store in memory (--kv-store-gb) too")
+        d = self.kv_store_disk_dir
+        if d is not None and not self.kv_store_disk_gb:
+            raise ValueError("kv_store_disk_dir needs a disk tier (--kv-store-disk-gb) too")
+        if d is not None and not (os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)):
+            raise ValueError(f"kv_store_disk_dir must be a writable directory, got {d!r}")
 
 
 async def serve(
@@ -132,6 +152,7 @@ async def serve(
         adaptive=adaptive,
         degrade_after=server.degrade_after,
         kv_store_gb=server.kv_store_gb,
+        kv_store_disk=(server.kv_store_disk_gb, server.kv_store_disk_dir),
         prefill_on_decode=server.prefill_on_decode,
     )
     where = f" on emulated devices ({emulation.profile})" if emulation else ""

@@ -219,7 +219,8 @@ def _live_families(controller: Controller) -> Iterator[GaugeMetricFamily]:
 
 def _store_families(store: KVStore) -> Iterator[Any]:
     """The KV store (serve --kv-store-gb): its slots by state, what was written to it,
-    and the requests resumed from it after their decode instance died."""
+    and the requests resumed from it after their decode instance died; its disk tier
+    (serve --kv-store-disk-gb): blocks there, spilled to it, read back, dropped."""
     slots = GaugeMetricFamily("distserve_kv_store_slots", "KV store slots", labels=["state"])
     cached = store.num_cached_slots
     slots.add_metric(["held"], store.num_slots - store.num_free_slots)
@@ -239,8 +240,20 @@ def _store_families(store: KVStore) -> Iterator[Any]:
          st.tokens_resumed),
         ("distserve_kv_store_unwritten_requests", "Requests the full store stopped writing",
          st.broken),
+        ("distserve_kv_store_spilled_blocks", "Evicted prefix blocks written to the disk tier",
+         st.spilled),
+        ("distserve_kv_store_disk_loaded_blocks",
+         "Spilled blocks a prompt's prefix lookup read back from disk", st.blocks_from_disk),
+        ("distserve_kv_store_disk_evictions", "Spilled blocks dropped from the full disk tier",
+         st.disk_evictions),
     ]  # fmt: skip
+    disk = GaugeMetricFamily(
+        "distserve_kv_store_disk_blocks", "KV store blocks on disk", labels=["state"]
+    )
+    disk.add_metric(["used"], store.num_disk_blocks)
+    disk.add_metric(["free"], store.num_disk_slots - store.num_disk_blocks)
     yield slots
+    yield disk
     for name, doc, value in counters:
         family = CounterMetricFamily(name, doc)
         family.add_metric([], value)

@@ -36,6 +36,10 @@ class SimOptions:
     kv_store_gb: float = field(
         default=0.0, metadata={"help": "GiB of the KV store (serve --kv-store-gb); 0: none"}
     )
+    kv_store_disk_gb: float = field(
+        default=0.0,
+        metadata={"help": "GiB of the store's disk tier (serve --kv-store-disk-gb); 0: none"},
+    )
 
 
 def sim_config(
@@ -54,7 +58,9 @@ def sim_config(
         return p.kv_capacity_tokens // opts.block_size
 
     latency = {role: latency_model(p, opts.path) for role, p in profiles.items()}
-    slots = 0
+    slots = disk_slots = 0
+    if opts.kv_store_disk_gb and not opts.kv_store_gb:
+        raise ValueError("kv_store_disk_gb needs a KV store (kv_store_gb) too")
     if opts.kv_store_gb > 0:
         per_block = latency["prefill"].kv_bytes_per_token * opts.block_size
         if not per_block:
@@ -62,6 +68,7 @@ def sim_config(
                 f"profile of {prefill.model} gives no KV bytes per token: no store size"
             )
         slots = max(1, int(opts.kv_store_gb * 2**30 // per_block))
+        disk_slots = int(opts.kv_store_disk_gb * 2**30 // per_block)
     return SimConfig(
         placement=placement,
         latency=latency,
@@ -70,6 +77,7 @@ def sim_config(
         block_size=opts.block_size,
         prefix_caching=opts.prefix_caching,
         kv_store_slots=slots,
+        kv_store_disk_slots=disk_slots,
     )
 
 

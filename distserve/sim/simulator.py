@@ -134,6 +134,7 @@ class SimConfig:
             "seed": self.seed,
             "prefill_on_decode": self.prefill_on_decode,
             "kv_store_slots": self.kv_store_slots,
+            "kv_store_disk_slots": self.kv_store_disk_slots,
             "adaptive": dataclasses.asdict(self.adaptive) if self.adaptive else None,
             "live_window": self.live_window,
         }
@@ -151,6 +152,7 @@ class Simulator:
                 config.block_size,
                 config.latency[config.placement.roles[0]].profile.model,
                 serves_prefixes=config.prefix_caching,
+                num_disk_slots=config.kv_store_disk_slots,
             )
             if config.kv_store_slots
             else None

@@ -173,3 +173,50 @@ def test_a_prefilled_request_outlives_its_prefill_instance_through_the_store() -
             await c.stop()
 
     asyncio.run(run())
+
+
+def test_a_prefix_pushed_out_of_the_store_to_disk_is_read_back() -> None:
+    """serve --kv-store-disk-gb: two colocated instances in this process with a store of a
+    few slots. A prompt is computed on one instance, which then drains; a long second
+    prompt on the other pushes the first's blocks out of the store's memory to its disk
+    tier; the first prompt again, on the other instance, reads them back from disk instead
+    of computing them, and answers the same."""
+    import asyncio
+
+    from distserve.cluster.controller import Controller
+    from distserve.config import CacheConfig, EngineConfig, PlacementConfig
+    from distserve.core import SamplingParams
+    from distserve.server.metrics import _store_families
+
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine = EngineConfig(
+        model="smollm2-135m", dtype="float32", cache=CacheConfig(kv_cache_gb=0.05)
+    )
+    other = "Tides rise and fall twice a day along most of the coast, " * 8
+
+    async def run() -> None:
+        placement = PlacementConfig(mode="colocated", num_instances=2)
+        c = Controller(engine, placement, use_ray=False, kv_store_gb=0.0055,
+                       kv_store_disk=(0.05, None))  # fmt: skip  # 8 slots of 16 fp32 tokens
+        await c.start()
+        try:
+            assert c.store is not None
+            directory = c.store.directory
+            first = [o async for o in c.stream(c.submit(PROMPT, params))][-1]
+            c.instances[0].draining = True  # the rest go to the other instance
+            [o async for o in c.stream(c.submit(other, params))]
+            assert directory.stats.spilled > 0, directory.stats
+            again = [o async for o in c.stream(c.submit(PROMPT, params))][-1]
+            assert again.token_ids == first.token_ids
+            st = directory.stats
+            assert st.blocks_from_disk > 0 and st.blocks_loaded > 0, st
+            assert again.num_cached_tokens == st.blocks_loaded * 16
+            directory.check()
+            families = {f.name: f for f in _store_families(directory)}
+            assert families["distserve_kv_store_disk_loaded_blocks"].samples[0].value == (
+                st.blocks_from_disk
+            )
+        finally:
+            await c.stop()
+
+    asyncio.run(run())

@@ -66,3 +66,30 @@ def test_a_prompt_routed_away_from_its_prefix_loads_it_from_the_kv_store() -> No
             assert sim.store.num_free_slots == 64  # every request released its slots
     assert runs[0][2].cached_tokens == 0 and runs[64][2].cached_tokens == 160
     assert runs[64][2].ttft == pytest.approx(runs[0][2].ttft - 0.160)  # 1 ms a token less
+
+
+def test_a_prefix_pushed_out_to_the_store_s_disk_tier_is_loaded_back() -> None:
+    """simulate --kv-store-disk-gb: one colocated instance with room for 14 blocks and a
+    store of 12 slots. B pushes A's prompt P out of both (the store spills it); C (P plus
+    more) finds P on the store's disk and loads it, where without a disk tier it computes
+    what the instance's own cache lost."""
+    p = tuple(range(1, 161))  # 10 full blocks
+    wl = Workload(
+        (
+            WorkloadRequest(0, 0.0, p, 2),
+            WorkloadRequest(1, 5.0, tuple(range(200, 360)), 2),
+            WorkloadRequest(2, 10.0, p + tuple(range(700, 732)), 2),
+        )
+    )
+    cached = {}
+    for disk in (0, 40):
+        config = dataclasses.replace(
+            _config("colocated"), num_blocks=dict.fromkeys(("prefill", "decode", "colocated"), 14),
+            kv_store_slots=12, kv_store_disk_slots=disk,
+        )  # fmt: skip
+        sim = Simulator(config)
+        cached[disk] = sim.run(wl)[2].cached_tokens
+        assert sim.store is not None
+        sim.store.check()
+        assert sim.store.stats.blocks_from_disk == (9 if disk else 0)  # block 9 was in memory
+    assert cached[0] < cached[40] == 160  # without: only what the instance's cache kept

@@ -122,6 +122,8 @@ def test_workload_flags_make_the_spec() -> None:
         ("simulate", ["--replan-dwell", "-1"], "--replan-dwell"),
         ("simulate", ["--replan-chunk", "-1"], "--replan-chunk"),
         ("serve", ["--prefill-instances", "0"], "--prefill-instances"),
+        ("serve", ["--kv-store-disk-gb", "0"], "--kv-store-disk-gb"),
+        ("simulate", ["--kv-store-disk-gb", "-1"], "--kv-store-disk-gb"),
         ("plan", ["--attainment", "0"], "--attainment"),
         ("plan", ["--max-prompt-len", "0"], "--max-prompt-len"),
         ("plan", ["--max-pp", "0"], "--max-pp"),
@@ -159,3 +161,23 @@ def test_generate_stop_reads_shell_escapes() -> None:
 def test_prefix_caching_is_on_unless_turned_off(verb: str) -> None:
     assert parse(verb).prefix_caching is True
     assert parse(verb, "--no-prefix-caching").prefix_caching is False
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"kv_store_disk_gb": 1.0}, "kv_store_disk_gb"),  # no store in memory
+        ({"kv_store_gb": 1.0, "kv_store_disk_dir": "/tmp"}, "kv_store_disk_dir"),  # no tier
+        (
+            {"kv_store_gb": 1.0, "kv_store_disk_gb": 1.0, "kv_store_disk_dir": "/no/such/dir"},
+            "kv_store_disk_dir",
+        ),
+    ],
+)
+def test_the_store_s_disk_tier_settings_are_checked(kw: dict[str, object], field: str) -> None:
+    """serve names the flag of the field a ServerConfig error starts with (flag_message)."""
+    from distserve.server.launch import ServerConfig
+
+    with pytest.raises(ValueError, match=f"^{field} "):
+        ServerConfig(**kw)  # type: ignore[arg-type]
+    ServerConfig(kv_store_gb=1.0, kv_store_disk_gb=1.0, kv_store_disk_dir="/tmp")

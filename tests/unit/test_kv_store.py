@@ -4,10 +4,14 @@ die after writing and before their commit, with a store too small for all of the
 checks after every operation that slots are in exactly one state, and that every slot a
 request would resume from holds exactly that request's KV (modelled: the KV at a position
 is the token prefix up to it), so that no slot is shared wrongly, overwritten while held,
-or leaked once every request has ended. And the pool's copies (runtime/kv_store.py)
-on real tensors."""
+or leaked once every request has ended; first prefills load the prefix the store holds and
+check its content. The same with a disk tier (a modelled spill file): blocks evicted from
+memory are spilled and read back with their content intact. And the pool's copies
+(runtime/kv_store.py) on real tensors, and its spill file on a real file."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -15,9 +19,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from distserve.core import Request, SamplingParams, StepPlan
-from distserve.core.kv_store import KVStore
+from distserve.core.kv_store import KVStore, Pending
 from distserve.core.plan import ScheduledChunk
-from distserve.runtime.kv_store import write_to_store
+from distserve.model.config import ModelConfig
+from distserve.runtime.kv_store import SpillFile, StorePool, write_to_store
 
 BS = 4
 SLOTS = 24
@@ -61,15 +66,43 @@ class StoreMachine(RuleBasedStateMachine):
             chunks.append(ScheduledChunk(rid, tuple(req.token_ids(start, start + n)), start,
                                          table, None))  # fmt: skip
         plan, pending = self.store.plan(StepPlan(0, tuple(chunks)), self.live)
+        self._write(plan)
+        if not lands:  # the instance died after its worker wrote: never committed
+            return
+        self._land(plan, pending)
+
+    @precondition(lambda self: any(self.computed[r] == 0 for r in self.live))
+    @rule(data=st.data())
+    def prefill_from_store(self, data: st.DataObject) -> None:
+        """A first prefill as a scheduler with `remote_prefix` plans it: the prefix blocks
+        the store holds are loaded (their slots must hold exactly this prompt's KV, read
+        back from disk or not), the rest computed."""
+        rid = data.draw(st.sampled_from(sorted(r for r in self.live if self.computed[r] == 0)))
+        req = self.live[rid]
+        n = self.store.prefix_blocks(req, 0, (req.num_tokens - 1) // BS)
+        table = tuple(1000 * int(rid[1:]) + i for i in range(-(-req.num_tokens // BS)))
+        chunk = ScheduledChunk(rid, tuple(req.token_ids(n * BS, req.num_tokens)), n * BS,
+                               table, None)  # fmt: skip
+        loads = ((rid, 0, n),) if n else ()
+        plan, pending = self.store.plan(StepPlan(0, (chunk,), loads=loads), self.live)
+        assert len(plan.store_reads) == n
+        tokens = req.all_token_ids
+        for slot, block in plan.store_reads:  # the worker's reads
+            i = block % 1000
+            assert self.content[slot] == [tuple(tokens[: i * BS + o + 1]) for o in range(BS)]
+        self._write(plan)
+        self._land(plan, pending)
+
+    def _write(self, plan: StepPlan) -> None:
         for block, slot, first, end in plan.store_writes:  # the worker's copies
             k, i = divmod(block, 1000)
             tokens = self.live[f"r{k}"].all_token_ids
             for off in range(first, end):
                 self.content[slot][off] = tuple(tokens[: i * BS + off + 1])
-        if not lands:  # the instance died after its worker wrote: never committed
-            return
+
+    def _land(self, plan: StepPlan, pending: list[Pending]) -> None:
         self.store.commit(pending)
-        for c in chunks:
+        for c in plan.chunks:
             req = self.live[c.request_id]
             self.computed[c.request_id] = c.context_len
             if c.context_len == req.num_tokens:
@@ -100,7 +133,10 @@ class StoreMachine(RuleBasedStateMachine):
         for rid in list(self.live):
             self.store.release(rid)
         self.store.check()
-        assert self.store.num_free_slots == SLOTS  # every slot free or cached: none leaked
+        # every slot free or cached (none leaked), and no pin outlives the plans
+        assert self.store.num_free_slots == self.store.num_slots
+        self.store.plan(StepPlan(0), {})
+        assert not self.store._pinned  # noqa: SLF001
 
 
 TestStoreMachine = StoreMachine.TestCase
@@ -108,6 +144,120 @@ TestStoreMachine.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
+
+
+class FakeDisk:
+    """A spill file modelled like the pool: per disk slot, the content it was given."""
+
+    def __init__(self, content: list[list[tuple[int, ...] | None]]) -> None:
+        self.content = content
+        self.slots: dict[int, list[tuple[int, ...] | None]] = {}
+
+    def write(self, slot: int, disk_slot: int) -> bool:
+        self.slots[disk_slot] = list(self.content[slot])
+        return True
+
+    def read(self, disk_slot: int, slot: int) -> bool:
+        self.content[slot] = list(self.slots[disk_slot])
+        return True
+
+
+class DiskStoreMachine(StoreMachine):
+    """A store of few slots, most of its cache on a disk tier smaller than what spills."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = KVStore(7, BS, "model", num_disk_slots=4, disk=FakeDisk(self.content))
+
+
+TestDiskStoreMachine = DiskStoreMachine.TestCase
+TestDiskStoreMachine.settings = settings(
+    max_examples=100, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+
+
+def _prefill(store: KVStore, req: Request) -> int:
+    """A first prefill of `req` loading what the store holds; returns the blocks loaded."""
+    rid = req.request_id
+    n = store.prefix_blocks(req, 0, (req.num_tokens - 1) // BS)
+    table = tuple(range(-(-req.num_tokens // BS)))
+    chunk = ScheduledChunk(rid, tuple(req.token_ids(n * BS, req.num_tokens)), n * BS, table, None)
+    plan, pending = store.plan(StepPlan(0, (chunk,), loads=((rid, 0, n),) if n else ()), {rid: req})
+    store.commit(pending)
+    store.release(rid)
+    return n
+
+
+def test_evicted_blocks_spill_to_disk_and_a_later_prompt_reads_them_back() -> None:
+    store = KVStore(3, BS, "model", num_disk_slots=2)  # bookkeeping only (the simulator's)
+    st = store.stats
+
+    def req(rid: str, tokens: list[int]) -> Request:
+        return Request(rid, tokens, SamplingParams(max_tokens=8), 0.0)
+
+    _prefill(store, req("a", list(range(12))))  # 3 full blocks a0 a1 a2, cached
+    _prefill(store, req("b", [9] * 8))  # takes a0 a1's slots: both spilled
+    assert (st.evictions, st.spilled, st.disk_evictions, store.num_disk_blocks) == (2, 2, 0, 2)
+    _prefill(store, req("c", [7] * 8))  # a2, b0 spilled; the full disk drops a0, a1
+    assert (st.evictions, st.spilled, st.disk_evictions, store.num_disk_blocks) == (4, 4, 2, 2)
+    store.check()
+    # memory: b1 c0 c1, disk: a2 b0. b's prefix: b1 pinned where it is, b0 read back into
+    # c0's slot (c0 spilled, pushing a2 off the full disk, never b0 itself)
+    assert store.prefix_blocks(req("d", [9] * 8 + [1]), 0, 2) == 2
+    assert (st.blocks_from_disk, st.spilled, st.disk_evictions) == (1, 5, 3)
+    store.check()
+    assert store.prefix_blocks(req("e", list(range(12)) + [1]), 0, 3) == 0  # a's: gone
+    assert _prefill(store, req("d", [9] * 8 + [1])) == 2  # the plan loads them
+    assert st.blocks_loaded == 2
+    store.check()
+
+
+def test_reading_back_a_prefix_does_not_push_out_the_rest_of_it() -> None:
+    store = KVStore(4, BS, "model", num_disk_slots=2)
+    _prefill(store, Request("a", [1] * 16, SamplingParams(max_tokens=8), 0.0))  # a0-a3
+    _prefill(store, Request("b", [2] * 8, SamplingParams(max_tokens=8), 0.0))  # a0 a1 out
+    # memory a2 a3 b0 b1, disk a0 a1 (full): reading a0 back evicts b0, not a2 or a3, and
+    # b0 cannot go to the disk without dropping a1, so it is lost; a1 then evicts b1
+    again = Request("c", [1] * 17, SamplingParams(max_tokens=8), 0.0)
+    assert store.prefix_blocks(again, 0, 4) == 4
+    assert store.stats.blocks_from_disk == 2 and store.stats.disk_evictions == 0
+    assert store.num_disk_blocks == 1  # b1
+    store.check()
+
+
+def test_a_pinned_prefix_is_not_evicted_by_a_later_lookup() -> None:
+    store = KVStore(2, BS, "model", num_disk_slots=4)
+    for rid, tokens in (("a", [1] * 8), ("b", [2] * 8)):
+        _prefill(store, Request(rid, tokens, SamplingParams(max_tokens=8), 0.0))
+    assert store.num_disk_blocks == 2  # a's two blocks; b's in memory
+    x = Request("x", [2] * 9, SamplingParams(max_tokens=8), 0.0)
+    y = Request("y", [1] * 9, SamplingParams(max_tokens=8), 0.0)
+    assert store.prefix_blocks(x, 0, 2) == 2
+    assert store.prefix_blocks(y, 0, 2) == 0  # every slot is pinned for x's load
+    store.check()
+    store.plan(StepPlan(0), {})  # a plan (this one empty) ends the pins
+    assert store.prefix_blocks(y, 0, 2) == 2
+    store.check()
+
+
+def test_a_spilled_block_reads_back_the_bytes_written(tmp_path) -> None:
+    cfg = ModelConfig("llama", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2,
+                      num_kv_heads=1, intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    pool = StorePool(cfg, 2**-10, BS, torch.bfloat16, shared=False)
+    spill = SpillFile(pool, 4 * pool.bytes_per_slot / 2**30, str(tmp_path))
+    try:
+        assert spill.num_slots == 4
+        assert os.listdir(tmp_path) == []  # unlinked once open: nothing outlives the server
+        pool.blocks.copy_(torch.randn(pool.blocks.shape))
+        want = pool.blocks[:, 1].clone()
+        assert spill.write(1, 3) and spill.write(0, 2)
+        pool.blocks[:, 1].zero_()
+        assert spill.read(3, 5)
+        assert torch.equal(pool.blocks[:, 5], want)
+        assert torch.equal(pool.blocks[:, 1], torch.zeros_like(want))
+    finally:
+        spill.close()
 
 
 def test_a_request_resumes_only_with_all_but_its_last_token_stored() -> None:
