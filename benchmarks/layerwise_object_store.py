@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from layerwise_transfer import MODES, _cpu, _fmt, schedule, summary  # noqa: E402
+from layerwise_transfer import MODES, _cpu, report_cases, schedule  # noqa: E402
 
 TIMEOUT = 120.0
 
@@ -158,24 +158,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     trials = run(args)
-    if not all(t["equal"] for t in trials):
-        raise SystemExit("received KV differs from the sender's")
-    cases = []
-    for n in args.lengths:
-        case: dict[str, Any] = {"tokens": n}
-        for m in MODES:
-            mine = [t for t in trials if t["tokens"] == n and t["mode"] == m]
-            keys = ("total_ms", "step_ms", "tail_after_step_ms")
-            case[m] = {k: summary([t[k] for t in mine]) for k in keys}
-        a, lw = case["after"]["total_ms"]["median_ms"], case["layerwise"]["total_ms"]["median_ms"]
-        case["saving_ms"], case["saving_pct"] = a - lw, 100 * (a - lw) / a
-        cases.append(case)
-        print(f"{n:5d} tokens  total after {a:7.1f} ms  layerwise {lw:7.1f} ms  "
-              f"saving {a - lw:+6.1f} ms ({case['saving_pct']:+.1f}%)")  # fmt: skip
-        for m in MODES:
-            c = case[m]
-            print(f"      {m:9s} step {_fmt(c['step_ms'])}  tail after the step "
-                  f"{_fmt(c['tail_after_step_ms'])}  total {_fmt(c['total_ms'])}")  # fmt: skip
+    cases = report_cases(trials, args.lengths, ("total_ms", "step_ms", "tail_after_step_ms"))
     return {
         "benchmark": "layerwise_object_store", "transport": "object-store",
         "model": "smollm2-135m", "dtype": "bfloat16", "cores": args.cores,

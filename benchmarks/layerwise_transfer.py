@@ -140,14 +140,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     trials = out.get(timeout=3600)
     for p in procs:
         p.join(60)
+    keys = ("total_ms", "step_ms", "tail_after_step_ms", "sender_after_step_ms")
+    cases = report_cases(trials, args.lengths, keys)
+    return {
+        "benchmark": "layerwise_transfer", "transport": "gloo", "model": "smollm2-135m",
+        "dtype": "bfloat16", "cores": args.cores, "rounds": args.rounds,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
+        "cpu": _cpu(), "loadavg_start": args.load0, "loadavg_end": os.getloadavg(),
+        "cases": cases, "trials": trials,
+    }  # fmt: skip
+
+
+def report_cases(
+    trials: list[dict[str, Any]], lengths: list[int], keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Per prompt length: each mode's `keys` summarized over its trials and the saving of
+    layer by layer over after the forward; printed. Exits if any trial's KV differed."""
     if not all(t["equal"] for t in trials):
         raise SystemExit("received KV differs from the sender's")
     cases = []
-    for n in args.lengths:
+    for n in lengths:
         case: dict[str, Any] = {"tokens": n}
         for m in MODES:
             mine = [t for t in trials if t["tokens"] == n and t["mode"] == m]
-            keys = ("total_ms", "step_ms", "tail_after_step_ms", "sender_after_step_ms")
             case[m] = {k: summary([t[k] for t in mine]) for k in keys}
         a, lw = case["after"]["total_ms"]["median_ms"], case["layerwise"]["total_ms"]["median_ms"]
         case["saving_ms"], case["saving_pct"] = a - lw, 100 * (a - lw) / a
@@ -158,13 +173,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             c = case[m]
             print(f"      {m:9s} step {_fmt(c['step_ms'])}  tail after the step "
                   f"{_fmt(c['tail_after_step_ms'])}  total {_fmt(c['total_ms'])}")  # fmt: skip
-    return {
-        "benchmark": "layerwise_transfer", "transport": "gloo", "model": "smollm2-135m",
-        "dtype": "bfloat16", "cores": args.cores, "rounds": args.rounds,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
-        "cpu": _cpu(), "loadavg_start": args.load0, "loadavg_end": os.getloadavg(),
-        "cases": cases, "trials": trials,
-    }  # fmt: skip
+    return cases
 
 
 def _fmt(s: dict[str, float]) -> str:
