@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from distserve.cli.common import (
+    add_prefix_caching_flag,
     add_serving_path_flags,
     add_slo_flags,
     add_workload_flags,
@@ -85,6 +86,7 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
     )
     # the planner's KV migrations run at 10 GB/s unless told: profiles do not say
     add_serving_path_flags(p, defaults={"transfer_bandwidth": 1e10})
+    add_prefix_caching_flag(p)  # the paper's systems had none: its comparisons want it off
     p.add_argument(
         "--baseline-serving-path",
         default=None,
@@ -171,6 +173,7 @@ def plan_setting(args: argparse.Namespace, path: ServingPath) -> Setting:
         capacity=a100_kv_capacity(),
         path=path,
         min_requests=args.num_requests,
+        prefix_caching=args.prefix_caching,
     )
 
 

@@ -99,6 +99,9 @@ class Setting:
     min_requests: int = 300
     """Requests per simulation at least; more (up to the workload's size) where the
     placement holds many at once."""
+    prefix_caching: bool = True
+    """Whether simulated instances reuse cached prefixes, as `serve` does by default
+    (False: every prompt computed whole, as the paper's systems did)."""
 
 
 def at_rate(workload: Workload, rate: float) -> Workload:
@@ -204,7 +207,10 @@ def simulation(
         )
     num_blocks = {r: n or _ideal_blocks(workload, s.block_size) for r, (_, n) in roles.items()}
     latency = {role: lat for role, (lat, _) in roles.items()}
-    return SimConfig(placement, latency, num_blocks, sched, s.block_size), workload
+    config = SimConfig(
+        placement, latency, num_blocks, sched, s.block_size, prefix_caching=s.prefix_caching
+    )
+    return config, workload
 
 
 def _ideal_blocks(workload: Workload, block_size: int) -> int:

@@ -209,3 +209,22 @@ def test_measured_cpu_parallel_profiles_are_candidates_at_their_shape() -> None:
     assert pp_shape.pp == 2 and staged(pp2, 2) is pp2
     assert pp_shape.kv_blocks(16, None) == 4000 // 2 // 16  # per pipeline slot
     assert staged(base, 2).prefill[0] > base.prefill[0]
+
+
+def test_without_prefix_caching_a_repeated_prompt_is_computed_again() -> None:
+    """`plan --no-prefix-caching` (the paper's systems had no cache): a workload of one
+    prompt repeated attains at a rate where every prompt computed whole cannot."""
+    s = _setting()
+    one = s.workload.requests[0].prompt_token_ids
+    same = Workload(
+        tuple(WorkloadRequest(r.index, r.arrival, one, r.output_len) for r in s.workload.requests),
+        s.workload.meta,
+    )
+    cached = dataclasses.replace(s, workload=same)
+    whole = dataclasses.replace(cached, prefix_caching=False)
+    inst = InstanceConfig(TP1)
+    rate = 20.0  # a 256-token prefill takes ~0.11 s on TP1: ~9 req/s computed whole
+    hit = placement_attainment(cached, inst, None, only="ttft", exact=True)
+    miss = placement_attainment(whole, inst, None, only="ttft", exact=True)
+    assert hit is not None and miss is not None
+    assert hit(rate) >= 0.9 > miss(rate)
