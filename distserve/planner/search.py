@@ -105,19 +105,37 @@ def best_combination(
 ) -> Choice | None:
     """n prefill + m decode instances within the cluster: with a target `rate`, the fewest
     devices that sustain it; else the highest goodput per device (ties: fewer devices)."""
-    best: tuple[Key, Scored, Scored, int, int] | None = None
+    best = best_combinations(prefill, decode, cluster, rate, 1)
+    return best[0] if best else None
+
+
+def best_combinations(
+    prefill: list[Scored], decode: list[Scored], cluster: Cluster, rate: float | None, k: int
+) -> list[Choice]:
+    """The best combinations of a prefill and a decode shape (each with its best n and m,
+    `best_combination`'s order; of equal ones the first found), best first: the best one
+    of each of the `k` decode shapes whose best combination ranks highest. Apart, a
+    decode shape is scored behind an ideal prefill side; jointly (verify.py) it can reach
+    half that (OPT-13B, 8 GPUs: decode tp2 22.1 req/s alone, its combinations 11.6-12.8
+    jointly), so the candidates differ in their decode shape."""
+    found: list[tuple[Key, Scored, Scored, int, int]] = []
     for sp, sd in itertools.product(prefill, decode):
         if sp.goodput <= 0 or sd.goodput <= 0:
             continue
         dp, dd = sp.config.devices, sd.config.devices
-        found = pair_best(sp.goodput, dp, sd.goodput, dd, cluster.devices, rate)
-        if found is not None and (best is None or found[0] > best[0]):
-            best = (found[0], sp, sd, found[1], found[2])
-    if best is None:
-        return None
-    _, sp, sd, n, m = best
-    g = min(n * sp.goodput, m * sd.goodput)
-    return Choice("disagg", sp.config, sd.config, num_prefill=n, num_decode=m, goodput=g)
+        pair = pair_best(sp.goodput, dp, sd.goodput, dd, cluster.devices, rate)
+        if pair is not None:
+            found.append((pair[0], sp, sd, pair[1], pair[2]))
+    found.sort(key=lambda f: f[0], reverse=True)  # stable: the first of equal keys first
+    out: list[Choice] = []
+    for _, sp, sd, n, m in found:
+        if len(out) == k:
+            break
+        if any(c.decode == sd.config for c in out):
+            continue
+        g = min(n * sp.goodput, m * sd.goodput)
+        out.append(Choice("disagg", sp.config, sd.config, num_prefill=n, num_decode=m, goodput=g))
+    return out
 
 
 def replicate(
@@ -152,6 +170,15 @@ def algorithm1_choice(
     batch: Batch, cluster: Cluster, rate: float | None
 ) -> tuple[Choice | None, dict[str, Any]]:
     """The best combination of the scored shapes, and their goodputs by role and shape."""
+    choices, table = algorithm1_choices(batch, cluster, rate, 1)
+    return (choices[0] if choices else None), table
+
+
+def algorithm1_choices(
+    batch: Batch, cluster: Cluster, rate: float | None, k: int
+) -> tuple[list[Choice], dict[str, Any]]:
+    """The `k` best combinations of the scored shapes by their phases' goodputs, best
+    first, and those goodputs by role and shape."""
     scored = [Scored(s, g) for (s, _), g in zip(batch.jobs, batch.goodputs, strict=True)]
     pre = [x for x, (_, role) in zip(scored, batch.jobs, strict=True) if role == "prefill"]
     dec = [x for x, (_, role) in zip(scored, batch.jobs, strict=True) if role == "decode"]
@@ -163,7 +190,7 @@ def algorithm1_choice(
         table["at_least"] = sorted(
             f"{batch.jobs[i][1]} {batch.jobs[i][0].label}" for i in batch.at_least
         )
-    return best_combination(pre, dec, cluster, rate), table
+    return best_combinations(pre, dec, cluster, rate, k), table
 
 
 def algorithm1(
