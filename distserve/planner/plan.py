@@ -207,8 +207,8 @@ def make_plan(
                 baselines' remaining jobs (verifications are the plan's longest jobs)."""
                 top = VERIFY_TOP if rate is None else 1  # a target rate: its fewest devices
                 picked.append(algorithm1_choices(search, cluster, rate, top))
-                for i, c in enumerate(picked[0][0]):
-                    if pool is not None:
+                if pool is not None:
+                    for i, c in enumerate(picked[0][0]):
                         verifying[_candidate(i)] = pool.submit(verify, setting, c)
 
             # the search first: the baselines' jobs fill the workers it leaves idle, and
@@ -234,15 +234,17 @@ def make_plan(
         estimates = _verify(picks, pool, progress, verifying)
         # Algorithm 1 ranks combinations by their phases simulated apart; the best of those
         # can verify far lower than the next (13B x 8: 22.1 req/s by its phases, 11.6
-        # jointly, where the second verified at 23.7): keep the best verified
+        # jointly, where another verified at 23.7): keep the best verified
         candidates_seen = [
             {"layout": layout_text(choice_dict(c)), "estimate": estimates[_candidate(i)],
              "verified": c.goodput, "per_device": c.per_device}
             for i, c in enumerate(search_choices)
         ]  # fmt: skip
-        disagg = max(search_choices, key=lambda c: c.per_device, default=None)
-        if disagg is not None:
-            estimates["disagg"] = estimates[_candidate(search_choices.index(disagg))]
+        disagg = None
+        if search_choices:
+            best_i = max(range(len(search_choices)), key=lambda i: search_choices[i].per_device)
+            disagg = search_choices[best_i]
+            estimates["disagg"] = estimates[_candidate(best_i)]
         for i in range(1, len(search_choices)):
             estimates.pop(_candidate(i))
     options = {
