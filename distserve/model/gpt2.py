@@ -11,7 +11,7 @@ from torch import nn
 from distserve.model.attention import AttentionMetadata, BiasedMHA
 from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
-from distserve.model.layers import activation
+from distserve.model.layers import activation, embedding
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -46,8 +46,8 @@ class GPT2LMHeadModel(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.wte = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wpe = embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Layer(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 

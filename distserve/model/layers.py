@@ -14,6 +14,12 @@ from distserve.model.kernels import bf16_linear_kernels
 from distserve.model.packed import PackedLinear, RowLimits
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding without its random init (the weights are loaded next): its
+    `normal_` on the meta device imports torch._dynamo, ~1-1.5 s of every worker's start."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class RMSNorm(nn.Module):
     """Llama's RMSNorm: normalize in float32, scale in the input dtype (as HF does)."""
 
@@ -144,7 +150,8 @@ class RotaryEmbedding(nn.Module):
             "cos", torch.empty(0, dtype=torch.float32), persistent=False
         )  # [max_pos, d/2] float32
         self.register_buffer("sin", torch.empty(0, dtype=torch.float32), persistent=False)
-        self.reset_buffers()
+        if self.cos.device.type != "meta":  # on meta, the loader calls it once materialized
+            self.reset_buffers()  # (computed there, it would import torch._dynamo: ~1 s)
 
     def reset_buffers(self) -> None:
         """(Re)compute cos/sin in float32 on the buffers' device: the loader calls this

@@ -13,7 +13,7 @@ from distserve.model.attention import AttentionMetadata, attend, rotate_and_stor
 from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
 from distserve.model.kernels import bf16_linear_kernels
-from distserve.model.layers import GateUpProj, Linear, RMSNorm, RotaryEmbedding
+from distserve.model.layers import GateUpProj, Linear, RMSNorm, RotaryEmbedding, embedding
 
 
 class LlamaAttention(nn.Module):
@@ -135,7 +135,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = (

@@ -9,7 +9,7 @@ from torch import nn
 from distserve.model.attention import AttentionMetadata, BiasedMHA
 from distserve.model.base import CausalLM, WeightTarget
 from distserve.model.config import ModelConfig
-from distserve.model.layers import activation
+from distserve.model.layers import activation, embedding
 
 _POSITION_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq legacy)
 
@@ -42,8 +42,8 @@ class OPTForCausalLM(CausalLM):
         super().__init__()
         self.config = cfg
         e, h = cfg.word_embed_proj_dim, cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, e)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + _POSITION_OFFSET, h)
+        self.embed_tokens = embedding(cfg.vocab_size, e)
+        self.embed_positions = embedding(cfg.max_position_embeddings + _POSITION_OFFSET, h)
         self.project_in = nn.Linear(e, h, bias=False) if e != h else None
         self.project_out = nn.Linear(h, e, bias=False) if e != h else None
         self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.num_layers))
