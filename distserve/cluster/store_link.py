@@ -73,12 +73,17 @@ class StoreLink:
             )  # fmt: skip
 
     async def attach(self, inst: Instance) -> None:
-        """Let the instance's worker map the store and its steps write through to it (a
-        worker of a kind that cannot map it, emulated or tensor/pipeline-parallel, runs
-        without: its requests are recomputed after a fault, as without a store)."""
-        if not can_map(inst.executor) or not _same_node(inst):
+        """Let the instance's worker map the store and its steps write through to it; a
+        Ray worker on another node reaches it through this process instead (RayExecutor
+        relay_store). A worker of a kind that cannot, emulated or tensor/pipeline-parallel,
+        runs without: its requests are recomputed after a fault, as without a store."""
+        if not can_map(inst.executor):
             return
-        await inst.executor.attach_store(self.pool)  # type: ignore[union-attr]
+        if _same_node(inst):
+            await inst.executor.attach_store(self.pool)  # type: ignore[union-attr]
+        else:
+            assert isinstance(inst.executor, RayExecutor)
+            inst.executor.relay_store(self.pool)
         inst.store = self.directory
         inst.scheduler.remote_prefix = self.directory.prefix_blocks  # (each step sets it too)
 
@@ -113,7 +118,8 @@ class StoreLink:
 
 
 def can_map(executor: Executor) -> bool:
-    """Whether a worker can map the store (a CPU worker in this process or a Ray actor)."""
+    """Whether a worker can reach the store (a CPU worker in this process or a Ray actor:
+    mapped on this node, relayed from another)."""
     return isinstance(executor, LocalExecutor | RayExecutor)
 
 

@@ -24,7 +24,7 @@ from distserve.runtime.worker.worker import STORE_PEER, Worker, WorkerInfo
 
 if TYPE_CHECKING:
     from distserve.model.parallel import Shard
-    from distserve.runtime.kv_store import StorePool
+    from distserve.runtime.kv_store import StorePool, StoreRelay
 
 TAG_LIMIT = 2**31
 """torch.distributed tags are non-negative 32-bit signed ints."""
@@ -105,6 +105,8 @@ class RayExecutor:
         """Its rank in the KV process group, once joined (None: not a member)."""
         self.backend: str | None = None
         self._tags = itertools.count()
+        self.relay: StoreRelay | None = None
+        """Set for a worker on another node than the KV store's pool (`relay_store`)."""
 
     @classmethod
     async def start(
@@ -137,6 +139,15 @@ class RayExecutor:
         return await self.actor.ping.remote()  # type: ignore[no-any-return]
 
     async def execute(self, plan: StepPlan, hidden: Any = None) -> Any:
+        relay = self.relay
+        if relay is not None and (plan.store_reads or plan.store_writes):
+            reads = None
+            if plan.store_reads:
+                reads = await asyncio.to_thread(relay.read, [s for s, _ in plan.store_reads])
+            out, written = await self.actor.execute_relayed.remote(plan, reads)
+            if written is not None:
+                await asyncio.to_thread(relay.write, plan.store_writes, written)
+            return out
         if hidden is None:
             return await self.actor.execute.remote(plan)
         return await self.actor.execute.remote(plan, hidden)
@@ -163,9 +174,19 @@ class RayExecutor:
         assert pool.path is not None, "a Ray worker maps the KV store's /dev/shm file"
         await self.actor.attach_store.remote(pool.path, pool.shape)
 
+    def relay_store(self, pool: StorePool) -> None:
+        """Reach the KV store through this process (a worker on another node cannot map
+        its file): store slots go with the steps and pulls, written KV comes back."""
+        from distserve.runtime.kv_store import StoreRelay
+
+        self.relay = StoreRelay(pool)
+
     async def pull_from_store(self, slots: list[int], dst: list[int]) -> int:
         """Copy KV store slots into blocks of this worker (beside a step: the blocks
         belong to the migrating request, not to the step)."""
+        if self.relay is not None:
+            data = await asyncio.to_thread(self.relay.read, slots)
+            return await self.write_blocks(dst, data)
         return await self.actor.pull_from_peer.remote(STORE_PEER, slots, dst)  # type: ignore[no-any-return]
 
     async def pull_from_peer(self, peer: RayExecutor, src: list[int], dst: list[int]) -> int:

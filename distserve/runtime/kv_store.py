@@ -11,6 +11,12 @@ Layout: the block view of a KV cache (runtime/worker/kv_cache.py) with `num_slot
 [layers*2*kv_heads, num_slots, block_size*head_dim], so a slot and a cache block copy into
 each other with one index_select / index_copy pair, whatever the model.
 
+A Ray worker on another node than the controller's cannot map the file: `StoreRelay` is
+the controller's side of its store traffic. The slots a step reads go to the worker with
+the step, and the token offsets it writes come back with the result (`gather_writes`),
+both as numpy arrays through Ray's object store, the transport migration uses across
+nodes. Its writes land when the step ends, not layer by layer.
+
 The disk tier (`SpillFile`, serve --kv-store-disk-gb) is one file of slots of the same
 size, written and read by the controller's process only, and unlinked as soon as it is
 open: the kernel frees it when that process ends, however it ends, so no reaper is needed.
@@ -23,6 +29,7 @@ import os
 import tempfile
 import uuid
 
+import numpy as np
 import torch
 
 from distserve.model.config import ModelConfig
@@ -179,3 +186,66 @@ def write_to_store(
         store[:, s, lo:hi].copy_(cache_blocks[:, b, lo:hi])
         n += hi - lo
     return n * cache_blocks.shape[0] * cache_blocks.element_size()
+
+
+def gather_writes(
+    cache_blocks: torch.Tensor, writes: tuple[tuple[int, int, int, int], ...], block_size: int
+) -> torch.Tensor:
+    """The token offsets `write_to_store` would copy for `writes`, packed side by side
+    [rows, tokens*head_dim] in their order: what a worker that cannot map the store
+    sends it (`scatter_writes` unpacks them into the slots)."""
+    head_dim = cache_blocks.shape[2] // block_size
+    parts = [cache_blocks[:, b, first * head_dim : end * head_dim] for b, _, first, end in writes]
+    return torch.cat(parts, dim=1)
+
+
+def scatter_writes(
+    store: torch.Tensor, writes: tuple[tuple[int, int, int, int], ...], data: torch.Tensor,
+    block_size: int,
+) -> int:  # fmt: skip
+    """Copy what `gather_writes` packed into the store slots `writes` name; bytes written."""
+    head_dim = store.shape[2] // block_size
+    col = 0
+    for _, slot, first, end in writes:
+        width = (end - first) * head_dim
+        store[:, slot, first * head_dim : end * head_dim].copy_(data[:, col : col + width])
+        col += width
+    if col != data.shape[1]:
+        raise ValueError(f"{data.shape[1]} columns of KV for writes of {col}")
+    return int(data.numel() * data.element_size())
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:  # type: ignore[type-arg]
+    """A CPU copy as numpy (bf16 viewed as int16: numpy has no bf16, and numpy arrays move
+    through Ray's object store ~10x faster than tensors)."""
+    t = t.cpu()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def from_numpy(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[type-arg]
+    """`to_numpy`'s inverse (an object-store array is read-only: it is only read)."""
+    t = torch.from_numpy(np.array(data, copy=not data.flags.writeable))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+class StoreRelay:
+    """The controller's side of the store for a worker on another node (it cannot map the
+    pool's file): slots read out for its steps and pulls, and the KV its steps write,
+    copied in. Called in a thread beside the event loop (torch copies release the GIL)."""
+
+    def __init__(self, pool: StorePool) -> None:
+        self.pool = pool
+        self.num_bytes = 0
+        """Bytes relayed both ways."""
+
+    def read(self, slots: list[int]) -> np.ndarray:  # type: ignore[type-arg]
+        idx = torch.tensor(slots, dtype=torch.long)
+        data = to_numpy(self.pool.blocks.index_select(1, idx))
+        self.num_bytes += data.nbytes
+        return data
+
+    def write(self, writes: tuple[tuple[int, int, int, int], ...], data: np.ndarray) -> int:  # type: ignore[type-arg]
+        block_size = self.pool.shape[4]  # cache_shape: [..., slots, block_size, head_dim]
+        n = scatter_writes(self.pool.blocks, writes, from_numpy(data, self.pool.dtype), block_size)
+        self.num_bytes += n
+        return n

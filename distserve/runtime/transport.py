@@ -110,7 +110,8 @@ async def load_from_store(slots: list[int], dst: Executor, dst_blocks: list[int]
         raise TypeError(f"a {type(dst).__name__} does not map the KV store")
     t0 = time.perf_counter()
     n = await dst.pull_from_store(slots, dst_blocks)
-    return TransferStats(n, time.perf_counter() - t0, "store")
+    relayed = isinstance(dst, RayExecutor) and dst.relay is not None
+    return TransferStats(n, time.perf_counter() - t0, "store-relay" if relayed else "store")
 
 
 async def _point_to_point(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -22,7 +23,16 @@ from distserve.core import Request, SamplingParams, StepPlan
 from distserve.core.kv_store import KVStore, Pending
 from distserve.core.plan import ScheduledChunk
 from distserve.model.config import ModelConfig
-from distserve.runtime.kv_store import SpillFile, StorePool, write_to_store
+from distserve.runtime.kv_store import (
+    SpillFile,
+    StorePool,
+    StoreRelay,
+    from_numpy,
+    gather_writes,
+    scatter_writes,
+    to_numpy,
+    write_to_store,
+)
 
 BS = 4
 SLOTS = 24
@@ -241,10 +251,12 @@ def test_a_pinned_prefix_is_not_evicted_by_a_later_lookup() -> None:
     store.check()
 
 
+TINY = ModelConfig("llama", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2,
+                   num_kv_heads=1, intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+
+
 def test_a_spilled_block_reads_back_the_bytes_written(tmp_path) -> None:
-    cfg = ModelConfig("llama", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2,
-                      num_kv_heads=1, intermediate_size=32, max_position_embeddings=64)  # fmt: skip
-    pool = StorePool(cfg, 2**-10, BS, torch.bfloat16, shared=False)
+    pool = StorePool(TINY, 2**-10, BS, torch.bfloat16, shared=False)
     spill = SpillFile(pool, 4 * pool.bytes_per_slot / 2**30, str(tmp_path))
     try:
         assert spill.num_slots == 4
@@ -307,3 +319,29 @@ def test_pool_copies_whole_and_partial_blocks() -> None:
     assert not store[:, 2, :head_dim].any() and not store[:, 2, 3 * head_dim :].any()
     assert not store[:, 1].any() and not store[:, 3].any()
     assert n == (BS + 2) * head_dim * rows * 4
+
+
+def test_relayed_writes_land_as_mapped_ones() -> None:
+    """A worker on another node packs what a step writes (gather_writes) and the
+    controller unpacks it (scatter_writes, StoreRelay through numpy, bf16 included): the
+    slots end as `write_to_store` would leave them; reads come back as the slots hold."""
+    rows, blocks, head_dim = 6, 5, 3
+    writes = ((3, 0, 0, BS), (1, 2, 1, 3), (4, 1, 0, BS))
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.randn(rows, blocks, BS * head_dim).to(dtype)
+        mapped = torch.zeros(rows, 4, BS * head_dim, dtype=dtype)
+        write_to_store(cache, mapped, writes, BS)
+        relayed = torch.zeros_like(mapped)
+        packed = gather_writes(cache, writes, BS)
+        assert scatter_writes(relayed, writes, packed, BS) == packed.numel() * packed.element_size()
+        assert torch.equal(relayed, mapped)
+
+    pool = StorePool(TINY, 2**-10, BS, torch.bfloat16, shared=False)
+    cache = torch.randn(pool.blocks.shape[0], 3, pool.blocks.shape[2]).to(torch.bfloat16)
+    relay = StoreRelay(pool)
+    writes = ((2, 1, 0, BS), (0, 3, 0, 1))
+    relay.write(writes, to_numpy(gather_writes(cache, writes, BS)))
+    assert torch.equal(pool.blocks[:, 1], cache[:, 2])
+    assert torch.equal(from_numpy(relay.read([1, 3]), torch.bfloat16)[:, 0], cache[:, 2])
+    with pytest.raises(ValueError, match="columns of KV"):
+        relay.write(((0, 1, 0, BS),), to_numpy(gather_writes(cache, writes, BS)))

@@ -30,6 +30,7 @@ from distserve.model.parallel import (
     split_model,
 )
 from distserve.model.registry import resolve
+from distserve.runtime.kv_store import gather_writes, to_numpy
 from distserve.runtime.worker.kernel_choice import choose_kernel_rows
 from distserve.runtime.worker.kv_cache import KVCache, block_view, map_shared, num_blocks_for
 from distserve.runtime.worker.model_runner import ModelRunner
@@ -156,8 +157,7 @@ class Worker:
     def read_blocks(self, block_ids: list[int]) -> np.ndarray[Any, Any]:
         """The KV of some blocks as a numpy array (bf16 viewed as int16: numpy has no bf16,
         and numpy arrays move through Ray's object store ~10x faster than tensors)."""
-        t = self.cache.read_blocks(block_ids).cpu()
-        return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()  # type: ignore[no-any-return]
+        return to_numpy(self.cache.read_blocks(block_ids))
 
     # ---- shared-memory migration (same node) -------------------------------------------
     def attach_peer(self, name: str, path: str, shape: tuple[int, ...]) -> None:
@@ -172,6 +172,22 @@ class Worker:
         `pull_from_peer(STORE_PEER, ...)` reads from it."""
         self.peers[STORE_PEER] = block_view(map_shared(path, shape, self.cache.dtype))
         self.runner.store = self.peers[STORE_PEER]
+
+    def execute_relayed(
+        self, plan: StepPlan, reads: np.ndarray[Any, Any] | None
+    ) -> tuple[Any, np.ndarray[Any, Any] | None]:
+        """A step of a worker that cannot map the KV store (another node than the
+        controller's; runtime/kv_store.py StoreRelay): `reads` holds the store slots the
+        plan reads, copied in before the forward; the KV the plan writes to the store
+        comes back with the result, packed by `gather_writes`."""
+        if plan.store_reads:
+            assert reads is not None
+            self.write_blocks([b for _, b in plan.store_reads], reads)
+        out = self.execute(dataclasses.replace(plan, store_reads=(), store_writes=()))
+        if not plan.store_writes:
+            return out, None
+        packed = gather_writes(self.cache.blocks, plan.store_writes, self.cache.block_size)
+        return out, to_numpy(packed)
 
     def use_store(self, slots: torch.Tensor) -> None:
         """The KV store's slots of this process (an in-process worker)."""
