@@ -23,8 +23,7 @@ from tests.e2e.test_server import _all_samples, _metric, _samples
 pytestmark = pytest.mark.slow  # starts a real server (Ray actors, the real model)
 
 MODEL = "smollm2-135m"
-PLACEMENTS = {
-    "1P1D": ["--mode", "disagg", "--dtype", "float32"],
+PLACEMENTS = {  # (1P1D's paths are 2P1D's with one prefill instance fewer)
     # the later choices must follow the first to the prefill instance holding its blocks
     "2P1D": ["--mode", "disagg", "--prefill-instances", "2", "--dtype", "float32"],
     "colocated": ["--mode", "colocated", "--instances", "1", "--dtype", "float32"],

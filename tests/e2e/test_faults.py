@@ -1,6 +1,6 @@
-"""Faults on the real server (real Ray actors, SIGKILL of a worker process) under a
-steady load of streaming requests: every request completes with the output of an
-undisturbed run, the instance comes back, and every block ends free."""
+"""Faults on the real server (real Ray actors, SIGKILL of a worker process, then of the
+raylet) under a steady load of streaming requests: every request completes with the
+output of an undisturbed run, the instance comes back, and every block ends free."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from distserve.bench.server_process import running_server
+from tests.e2e.test_raylet_fault import _alive, _health, _raylets, _server, _wait_new_workers
 
 pytestmark = pytest.mark.slow  # starts a real server (Ray actors, the real model)
 
@@ -185,5 +186,44 @@ def test_decode_replacement_killed_while_loading(url, reference) -> None:
         assert text == reference[prompt], prompt
     _wait_healthy(url, victim)
     assert second not in {v["pid"] for v in _instances(url).values()}
+    _wait_blocks_free(url)
+    assert _stream(url, PROMPTS[0], [])[0] == reference[PROMPTS[0]]
+
+
+def test_raylet_killed_under_load(url, reference) -> None:
+    """Issue 27: SIGKILL of the raylet of the server's own (embedded) Ray cluster under a
+    load of streams. The server sees the cluster gone, ends what is left of it, starts a
+    fresh local cluster and restarts every instance on it (cluster/local_ray.py RayLink,
+    cluster/recovery.py): every stream completes (as an undisturbed run would, float32) or
+    ends with an error within the bounded wait, and /health is 200 again without a restart
+    of serve. Last in this module: the server it leaves runs on a new cluster."""
+    server = _server(url)
+    [raylet] = _raylets(server)
+    workers = {v["pid"] for v in _health(url).json()["instances"].values()}
+    started: list[int] = []
+    errors: list[str] = []
+    prompts = PROMPTS * 2  # 12 streams: some queued for prefill, some decoding
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(_stream, url, p, started, errors) for p in prompts]
+        deadline = time.monotonic() + 60
+        while len(started) < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(raylet, signal.SIGKILL)  # only the raylet: its workers live on a while
+        killed_at = time.monotonic()
+        outs = [f.result(timeout=ORPHAN_TIMEOUT + 120) for f in futures]
+        ended = time.monotonic() - killed_at
+    # every stream ends: completed, or with an error within the bounded wait
+    assert not errors or ended < ORPHAN_TIMEOUT + 30, (errors, ended)
+    completed = [(p, o) for p, o in zip(prompts, outs, strict=True) if o[1] == MAX_TOKENS]
+    assert len(completed) + len(errors) == len(prompts), (outs, errors)
+    for prompt, (text, _) in completed:
+        assert text == reference[prompt], prompt
+
+    # both roles back, on a fresh cluster of the server's own, without a restart
+    instances = _wait_new_workers(url, workers, ORPHAN_TIMEOUT + 120)
+    assert {v["role"] for v in instances.values()} == {"prefill", "decode"}
+    fresh = _raylets(server)
+    assert len(fresh) == 1 and fresh != [raylet], fresh
+    assert not [p for p in workers if _alive(p)]  # the old workers ended, not at exit
     _wait_blocks_free(url)
     assert _stream(url, PROMPTS[0], [])[0] == reference[PROMPTS[0]]

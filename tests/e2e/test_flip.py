@@ -149,27 +149,3 @@ def test_flips_that_would_strand_requests_are_refused() -> None:
             await c.stop()
 
     asyncio.run(run())
-
-
-@pytest.mark.slow  # a real server, Ray actors, the real model
-def test_flip_through_the_api() -> None:
-    import httpx
-
-    from distserve.bench.server_process import running_server
-
-    with running_server("--prefill-instances", "2") as url:
-        client = httpx.Client(base_url=url, timeout=120)
-        r = client.post("/admin/flip", json={"instance": "prefill-9", "role": "decode"})
-        assert r.status_code == 400 and "no instance 'prefill-9'" in r.json()["error"]["message"]
-        r = client.post("/admin/flip", json={"instance": "prefill-1", "role": "verify"})
-        assert r.status_code == 400  # not a role
-        r = client.post("/admin/flip", json={"instance": "prefill-1", "role": "decode"})
-        assert r.status_code == 200 and r.json()["new"] == "decode", r.text
-        health = client.get("/health").json()["instances"]
-        assert health["prefill-1"]["role"] == "decode" and not health["prefill-1"]["flipping"]
-        body = {"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
-        r = client.post("/v1/completions", json=body)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-        metrics = client.get("/metrics").text
-        flips = 'distserve_role_flips_total{model_name="smollm2-135m",new="decode",old="prefill"}'
-        assert f"{flips} 1.0" in metrics

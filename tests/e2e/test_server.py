@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow  # starts a real server (Ray actors, the real mode
 
 MODEL = "smollm2-135m"
 KEY = "test-key-123"
+# Disaggregated with several instances of one role (2P1D, 1P2D): 1P1D's paths and more
+# (test_lifecycle.py, test_faults.py and others serve 1P1D).
 PLACEMENTS = {
-    "1P1D": ["--mode", "disagg"],
     "2P1D": ["--mode", "disagg", "--prefill-instances", "2"],
     # Decode caches smaller than the prefill one: block counts differ across the migration.
     "1P2D": ["--mode", "disagg", "--decode-instances", "2", "--decode-kv-cache-gb", "0.05"],
@@ -151,7 +152,7 @@ def test_streaming_completion_over_raw_http(server) -> None:
         <= timings["prefill_end"]
         <= timings["finished"]
     )
-    if server[0] in ("1P1D", "2P1D", "1P2D"):
+    if server[0] in ("2P1D", "1P2D"):
         assert (
             timings["prefill_end"]
             <= timings["migration_start"]
@@ -327,12 +328,12 @@ def test_models_health_metrics(server) -> None:
     families = {f.name for f in text_string_to_metric_families(text)}  # it parses
     present = {m.name for f in text_string_to_metric_families(text) for m in f.samples}
     missing = charted - present - {"distserve_role_flips_total"}  # no flips in this run
-    if placement not in ("1P1D", "2P1D", "1P2D"):  # no migrations either
+    if placement not in ("2P1D", "1P2D"):  # no migrations either
         missing -= {f"distserve_migration_{x}" for x in ("bytes_total", "seconds_bucket")}
     missing -= {"distserve_live_slo_attainment"}  # only with serve --ttft-slo/--tpot-slo
     assert not missing, f"the dashboard charts series /metrics lacks: {missing}"
     assert {"distserve_prompt_tokens", "distserve_request_phase_seconds"} <= families
-    if placement in ("1P1D", "2P1D", "1P2D"):
+    if placement in ("2P1D", "1P2D"):
         assert _metric(text, "distserve_migrations_total") > 0
         assert _metric(text, "distserve_migration_bytes_total") > 0
     if placement == "1P2D":
@@ -397,6 +398,41 @@ def test_aborted_streams_free_every_block(server) -> None:
             )
             time.sleep(0.5)
         assert _metric(text, 'distserve_requests_total{outcome="abort"}') >= 12
+
+
+FLIPS = {
+    "2P1D": ("prefill-1", "decode", "prefill"),
+    "1P2D": ("decode-1", "prefill", "decode"),
+    "colocated": ("colocated-1", "decode", "colocated"),
+}
+"""An instance each placement can flip and flip back (cluster/flip.py) without stranding."""
+
+
+def test_flip_through_the_api(server) -> None:
+    """POST /admin/flip: an unknown instance or role gets a 400 naming it; where the
+    placement allows one, a flip serves at once, shows in /health and /metrics, and the
+    instance flips back. (Last in this module: the later tests see the roles restored.)"""
+    placement, _ = server
+    with _http(server) as client:
+        r = client.post("/admin/flip", json={"instance": "prefill-9", "role": "decode"})
+        assert r.status_code == 400 and "no instance 'prefill-9'" in r.json()["error"]["message"]
+        r = client.post("/admin/flip", json={"instance": "decode-0", "role": "verify"})
+        assert r.status_code == 400  # not a role
+        if placement not in FLIPS:
+            return  # (chunked: its instances are all alike; flips in tests/e2e/test_flip.py)
+        name, role, back = FLIPS[placement]
+        r = client.post("/admin/flip", json={"instance": name, "role": role})
+        assert r.status_code == 200 and r.json()["new"] == role, r.text
+        health = client.get("/health").json()["instances"]
+        assert health[name]["role"] == role and not health[name]["flipping"]
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        old = "colocated" if placement == "colocated" else back
+        flips = f'distserve_role_flips_total{{new="{role}",old="{old}"}}'
+        assert _metric(client.get("/metrics").text, flips) == 1.0
+        r = client.post("/admin/flip", json={"instance": name, "role": back})
+        assert r.status_code == 200 and r.json()["new"] == back, r.text
 
 
 def _all_samples(text: str, name: str) -> list[tuple[str, float]]:
