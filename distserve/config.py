@@ -12,6 +12,33 @@ from distserve.core.config import CacheConfig, SchedulerConfig
 from distserve.model.registry import DEFAULT_MODEL, LOAD_FORMATS
 
 DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_CHOICES = ("auto", *DTYPES)
+_FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16). Without it
+    torch's CPU bf16 matmul is emulated: measured on an AVX2-only EPYC (Zen 3), 1 GFLOP/s
+    against 60 for float32. No /proc/cpuinfo (not Linux): False."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return any(flag in flags for flag in _FAST_BF16_CPU_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """`auto`: bfloat16 on CUDA and on CPUs with native bf16 (half the memory, and on
+    AVX512-BF16 2.6x float32's prefill speed), float32 on other CPUs. Else as given."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda") or cpu_has_fast_bf16():
+        return "bfloat16"
+    return "float32"
 
 
 @dataclass(frozen=True)
@@ -25,7 +52,8 @@ class EngineConfig:
         default="auto", metadata={"help": "auto (the files' weights) or random"}
     )
     dtype: str = field(
-        default="bfloat16", metadata={"help": "weights, activations and KV cache dtype"}
+        default="auto",
+        metadata={"help": "weights, activations and KV cache dtype; auto: see resolve_dtype"},
     )
     device: str = field(default="cpu", metadata={"help": "torch device: cpu or cuda[:n]"})
     cores: tuple[int, ...] | None = field(
@@ -40,8 +68,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
         if self.cores is not None:

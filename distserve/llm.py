@@ -25,7 +25,7 @@ class LLM:
         model: str = DEFAULT_MODEL,
         *,
         load_format: str = "auto",
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str = "cpu",
         seed: int = 0,
         kv_cache_gb: float = 1.0,

@@ -19,6 +19,7 @@ from distserve.cli.values import (
     positive_int,
     share,
 )
+from distserve.config import DTYPE_CHOICES
 from distserve.model.registry import DEFAULT_MODEL
 from distserve.sim.serving_path import ServingPath
 from distserve.workload.spec import DATASETS, SESSION_DATASETS
@@ -230,9 +231,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float16", "float32"],
-        help="compute and KV-cache dtype (default: bfloat16)",
+        default="auto",
+        choices=list(DTYPE_CHOICES),
+        help="compute and KV-cache dtype (default: auto: bfloat16 on CUDA and on CPUs with "
+        "AVX512-BF16 or AMX, float32 on other CPUs, where bf16 matmuls are emulated)",
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:n] (default: cpu)")
     p.add_argument(

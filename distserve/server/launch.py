@@ -212,7 +212,9 @@ async def serve(
         task.result()
         raise RuntimeError("the HTTP server did not start")
     port = httpd.servers[0].sockets[0].getsockname()[1]
-    print(f"distserve ready: http://{server.host}:{port}/v1 (model {model_name})", flush=True)
+    numerics = "" if emulation is not None else f", {engine.dtype}"
+    url = f"http://{server.host}:{port}/v1"
+    print(f"distserve ready: {url} (model {model_name}{numerics})", flush=True)
     await stop.wait()
     httpd.should_exit = True
     await task
