@@ -91,13 +91,11 @@ class LlamaLayer(nn.Module):
             self.fused = None
             return
         packs = (attn.qkv_proj.packed, attn.o_proj.packed, mlp.gate_up_proj.packed)
-        kernels = bf16_linear_kernels()
-        if (
-            not fast
-            or kernels is None
-            or any(p is None for p in packs)
-            or mlp.down_proj.packed is None
-        ):
+        unpacked = any(p is None for p in packs) or mlp.down_proj.packed is None
+        # (unpacked first: asking for the bf16 kernels warns where they are missing, and a
+        # float32 model never needs them)
+        kernels = None if unpacked else bf16_linear_kernels()
+        if unpacked or kernels is None:
             self.fused = None
             return
         qkv, o, down = attn.qkv_proj.packed, attn.o_proj.packed, mlp.down_proj.packed
