@@ -230,6 +230,13 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=2, help="long+short cycles")
     ap.add_argument("--long-rate", type=float, default=PHASES["long"][0], help="req/s, long")
     ap.add_argument("--short-rate", type=float, default=PHASES["short"][0], help="req/s, short")
+    ap.add_argument(
+        "--short-output",
+        default=None,
+        metavar="MIN,MAX",
+        help="output lengths of the short phase's requests, tokens (default: %d,%d)"
+        % PHASES["short"][2],
+    )
     ap.add_argument("--stable-rate", type=float, default=2.0, help="req/s, --workload stable")
     ap.add_argument("--stable-seconds", type=float, default=120.0, help="--workload stable")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated systems to run")
@@ -267,8 +274,17 @@ def main() -> None:
         stem = "adaptive_shift" if args.workload == "shift" else "adaptive_stable"
         args.output = f"benchmarks/results/{stem}{'_sim' if args.sim_only else ''}.json"
     if args.workload == "shift":
+        short_out = PHASES["short"][2]
+        if args.short_output:
+            try:
+                lo, hi = (int(x) for x in args.short_output.split(","))
+            except ValueError:
+                ap.error(f"--short-output: expected MIN,MAX tokens, got {args.short_output!r}")
+            if not 1 <= lo <= hi:
+                ap.error(f"--short-output: need 1 <= MIN <= MAX, got {args.short_output!r}")
+            short_out = (lo, hi)
         PHASES = {"long": (args.long_rate, *PHASES["long"][1:]),
-                  "short": (args.short_rate, *PHASES["short"][1:])}  # fmt: skip
+                  "short": (args.short_rate, PHASES["short"][1], short_out)}  # fmt: skip
         spans = {name: getattr(args, f"{name}_seconds") or args.phase_seconds for name in PHASES}
         requests = trace(spans, args.cycles)
         seconds = sum(spans.values()) * args.cycles
