@@ -178,9 +178,14 @@ class BlockManager:
                 self.cache.unpark(b)
             self._ref[b] += 1
         table.extend(cached)
-        new = [self._take() for _ in range(need)]
+        # _take `need` times: the free list's first blocks, then evictions (at once: a
+        # prompt takes dozens)
+        free, ref = self._free, self._ref
+        new = [free.popleft() for _ in range(min(need, len(free)))]
+        if len(new) < need:
+            new += [self._take() for _ in range(need - len(new))]
         for b in new:
-            self._ref[b] = 1
+            ref[b] = 1
         table.extend(new)
         return new
 
@@ -189,19 +194,21 @@ class BlockManager:
         (named ones are parked, the rest go to the free list). Freeing a request that
         holds nothing is a no-op (so abort after finish is safe)."""
         released = []
+        ref = self._ref
         for b in self._tables.pop(request_id, ()):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
+            ref[b] -= 1
+            if ref[b] == 0:
                 released.append(b)
         cache = self.cache
         if cache is None:
             self._free.extend(released)
             return released
         cache.forget(request_id)
-        self._free.extend(b for b in released if not cache.is_registered(b))
+        named = cache._name_of  # cache.is_registered, inlined: once per block of a request
+        self._free.extend(b for b in released if b not in named)
         # The tail parks first, so it is evicted first: a prefix outlives its extensions.
         for b in reversed(released):
-            if cache.is_registered(b):
+            if b in named:
                 cache.park(b)
         return released
 

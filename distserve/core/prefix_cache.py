@@ -52,13 +52,30 @@ def chain_hash(parent: BlockHash, tokens: Sequence[int]) -> BlockHash:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
-_SHARED: weakref.WeakKeyDictionary[object, dict[tuple[BlockHash, int], list[BlockHash]]] = (
-    weakref.WeakKeyDictionary()
-)
+SharedNames = dict[tuple[BlockHash, int], list[BlockHash]]
+"""A sequence's block names per (root, block size)."""
+
+_SHARED: weakref.WeakKeyDictionary[object, SharedNames] = weakref.WeakKeyDictionary()
 """Sequence object -> its block names per (root, block size), shared by every cache that
 names it: the instances a router weighs (pp virtual instances, replicas) hash a prompt
 once, not once each. The same object's tokens only grow at the end, so a list of names
 computed by one cache stays right for all."""
+
+
+def shared_names(seq: TokenSequence) -> SharedNames:
+    """The names every cache keeps for `seq` (to pass to `share_names`)."""
+    per_seq = _SHARED.get(seq)
+    if per_seq is None:
+        per_seq = _SHARED[seq] = {}
+    return per_seq
+
+
+def share_names(seq: TokenSequence, names: SharedNames) -> None:
+    """Let `seq` read and extend `names` as its own block names, before any cache names
+    it: for sequences that are all prefixes of one token sequence, and stay so as they
+    grow (a simulator's requests of one prompt, whose outputs are all one token; a
+    request and its handoff copy). Each block is then hashed once for all of them."""
+    _SHARED[seq] = names
 
 
 def _shared_names(seq: TokenSequence, root: BlockHash, block_size: int) -> list[BlockHash]:
@@ -141,11 +158,12 @@ class PrefixCache:
         done = self._num_registered.get(rid, 0)
         if num_full <= done:
             return
-        for i, name in enumerate(self.names(seq, num_full)[done:num_full], start=done):
-            block = table[i]
-            if name not in self._block_of and block not in self._name_of:
-                self._block_of[name] = block
-                self._name_of[block] = name
+        block_of, name_of = self._block_of, self._name_of
+        names = self.names(seq, num_full)
+        for name, block in zip(names[done:num_full], table[done:num_full], strict=True):
+            if name not in block_of and block not in name_of:
+                block_of[name] = block
+                name_of[block] = name
         self._num_registered[rid] = num_full
 
     def is_registered(self, block: int) -> bool:

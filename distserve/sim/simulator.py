@@ -30,6 +30,7 @@ from distserve.core import (
     StepResult,
 )
 from distserve.core.kv_store import KVStore
+from distserve.core.prefix_cache import SharedNames, share_names, shared_names
 from distserve.core.request import handoff_copy
 from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
@@ -375,6 +376,8 @@ class Simulator:
     def _arrive(self, t: float, wr: Any) -> None:
         params = SamplingParams(max_tokens=wr.output_len, ignore_eos=True, temperature=0.0)
         req = Request(str(wr.index), list(wr.prompt_token_ids), params, wr.arrival)
+        if self.config.prefix_caching:
+            share_names(req, _prompt_names(wr.prompt_token_ids))
         if self.adaptive is not None:
             self.adaptive.arrived(req)  # a held one again when placed: the same id
         inst = pick_prefill([i for i in self.instances if i.role != "decode"], req)
@@ -464,6 +467,7 @@ class Simulator:
                 req.arrival_time, output_token_ids=list(req.output_token_ids),
                 timestamps=dict(req.timestamps), num_preemptions=req.num_preemptions,
             )  # fmt: skip
+            share_names(again, shared_names(req))
             dst = pick_prefill(entry, again)
             assert dst is not None
             dst.scheduler.add_request(again)
@@ -606,7 +610,9 @@ class Simulator:
                 return
             self._awaiting.popleft()
             assert isinstance(dst.scheduler, DecodeScheduler)
-            dst.scheduler.add_migrating(handoff_copy(req))
+            copy = handoff_copy(req)
+            share_names(copy, shared_names(req))
+            dst.scheduler.add_migrating(copy)
             self._wake(dst, t)
 
     def _transferred(self, t: float, req: Request, src: SimInstance, dst: SimInstance) -> None:
@@ -636,6 +642,26 @@ class Simulator:
         self._next_turn_due(req.request_id, t)
         if self._give_up is not None and self._give_up(res):
             self._stopped = True
+
+
+_PROMPT_NAMES: dict[int, tuple[tuple[int, ...], SharedNames]] = {}
+"""id of a workload's prompt (its token tuple) -> (the prompt, the block names of its
+simulated requests); an entry holds its prompt, so the id stays that prompt's."""
+_PROMPT_NAMES_KEPT = 20_000
+"""Prompts kept at most (a long-lived process may simulate many workloads)."""
+
+
+def _prompt_names(prompt: tuple[int, ...]) -> SharedNames:
+    """The block names shared by every simulated request of `prompt` (this object), in
+    every simulation in this process: a simulated request's tokens are its prompt and
+    then `_TOKEN` only, so they are all prefixes of one sequence (share_names). A plan
+    simulates one workload dozens of times: a block is hashed once, not once a run."""
+    kept = _PROMPT_NAMES.get(id(prompt))
+    if kept is None:
+        if len(_PROMPT_NAMES) >= _PROMPT_NAMES_KEPT:
+            _PROMPT_NAMES.clear()
+        kept = _PROMPT_NAMES[id(prompt)] = (prompt, {})
+    return kept[1]
 
 
 def _chain_turns(workload: Workload) -> dict[str, Any]:

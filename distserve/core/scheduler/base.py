@@ -85,7 +85,10 @@ class Scheduler(ABC):
         the step ran are skipped."""
         outputs = []
         requests, blocks = self.requests, self.blocks
-        caching = blocks.cache is not None
+        # blocks.cache_blocks' own test, inlined (once per request per step): it names
+        # blocks only once a request has more full ones than it has named
+        registered = blocks.cache._num_registered if blocks.cache is not None else None
+        bs = blocks.block_size
         sampled, logprobs = result.sampled, result.logprobs
         max_len = self.config.max_model_len
         for chunk in plan.chunks:
@@ -94,7 +97,7 @@ class Scheduler(ABC):
             if req is None or req.status >= _FINISHED:
                 continue
             computed = req.num_computed_tokens = chunk.start + chunk.num_tokens  # context_len
-            if caching:
+            if registered is not None and computed // bs > registered.get(rid, 0):
                 blocks.cache_blocks(req, computed)
             if chunk.sampling_params is None:
                 continue
@@ -350,7 +353,8 @@ class Scheduler(ABC):
         newest when blocks run out."""
         chunks: list[Request] = []
         preemptions = self.num_preemptions
-        decoding, blocks = RequestStatus.DECODING, self.blocks
+        decoding, bs = RequestStatus.DECODING, self.blocks.block_size
+        tables = self.blocks._tables  # blocks.blocks_needed, inlined: per request per step
         # Victims are taken from the back, so a request already chosen is never preempted.
         for req in list(self.running):
             if req.status != decoding:
@@ -358,9 +362,9 @@ class Scheduler(ABC):
             if self.num_preemptions != preemptions and req not in self.running:
                 continue  # preempted in this loop (only then can it have left `running`)
             num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
-            if blocks.blocks_needed(req.request_id, num_tokens) and not self._grow_or_preempt(
-                req, num_tokens, swap_out
-            ):
+            table = tables.get(req.request_id)
+            covered = table is not None and -(-num_tokens // bs) <= len(table)
+            if not covered and not self._grow_or_preempt(req, num_tokens, swap_out):
                 continue
             chunks.append(req)
         for req in chunks:
