@@ -140,9 +140,11 @@ def test_profile_a_tensor_parallel_instance(tmp_path) -> None:  # type: ignore[n
     r = _run("profile", "--model", "smollm2-135m", "--tp", "2", "--output", str(tmp_path / "x"))
     assert r.returncode == 2 and "--tp 2" in r.stderr and "9 attention heads" in r.stderr
     out = tmp_path / "tp3.json"
+    # --max-model-len 256: prompts of 32 and 128 tokens only, the quick grid's cheap part
     r = _run(
-        "profile", "--tp", "3", "--cores", "2", "--quick", "--no-progress", "--output", str(out)
-    )
+        "profile", "--tp", "3", "--cores", "2", "--quick", "--no-progress",
+        "--max-model-len", "256", "--output", str(out),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     prof = json.loads(out.read_text())["profiles"][0]
     assert (prof["tp"], prof["pp"], prof["cores"]) == (3, 1, 2)

@@ -103,12 +103,11 @@ def test_parallel_shapes_match_one_worker(tiny_models: None, model: str) -> None
 
 @pytest.mark.slow  # the real model, several workers
 def test_smollm2_at_tp3_matches_tp1() -> None:
+    """SmolLM2's 9 heads 3 ways in a tp3 pp2 decode instance (a tp3 prefill instance is
+    checked against the offline engine through the server below)."""
     reference = generate("smollm2-135m", PlacementConfig(mode="colocated", num_instances=1), "auto")
-    for shape in (
-        dict(mode="disagg", prefill_tp=3, decode_tp=1),
-        dict(mode="disagg", prefill_tp=1, decode_tp=3, decode_pp=2),
-    ):
-        assert generate("smollm2-135m", PlacementConfig(**shape), "auto") == reference, shape  # type: ignore[arg-type]
+    shape = PlacementConfig(mode="disagg", prefill_tp=1, decode_tp=3, decode_pp=2)
+    assert generate("smollm2-135m", shape, "auto") == reference
 
 
 def test_a_shape_the_heads_do_not_divide_is_refused_by_name() -> None:
