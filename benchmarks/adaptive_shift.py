@@ -234,8 +234,8 @@ def main() -> None:
         "--short-output",
         default=None,
         metavar="MIN,MAX",
-        help="output lengths of the short phase's requests, tokens (default: %d,%d)"
-        % PHASES["short"][2],
+        help="output lengths of the short phase's requests, tokens (default: "
+        f"{PHASES['short'][2][0]},{PHASES['short'][2][1]})",
     )
     ap.add_argument("--stable-rate", type=float, default=2.0, help="req/s, --workload stable")
     ap.add_argument("--stable-seconds", type=float, default=120.0, help="--workload stable")
