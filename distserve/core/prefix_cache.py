@@ -82,9 +82,7 @@ def _shared_names(seq: TokenSequence, root: BlockHash, block_size: int) -> list[
     """The shared names list of `seq` under `root` (a fresh private list where `seq`
     cannot be weakly referenced)."""
     try:
-        per_seq = _SHARED.get(seq)
-        if per_seq is None:
-            per_seq = _SHARED[seq] = {}
+        per_seq = shared_names(seq)
     except TypeError:
         return []
     return per_seq.setdefault((root, block_size), [])
