@@ -17,8 +17,9 @@ With --workload stable instead: a chatbot workload, ShareGPT's prompt and output
 --stable-rate for --stable-seconds, the paper's OPT-13B chatbot targets (TTFT 0.25 s,
 TPOT 0.1 s). Systems, the same requests each:
   adaptive   starts colocated x2; serve --adaptive a100 --live-window 20 (re-plan every
-             5 s on the window's latest 400 finished requests, margin 0.05, dwell 10 s;
-             --replan-interval, --replan-margin, --replan-dwell); its layouts: colocated,
+             5 s on the window's latest 400 finished requests, margin 0.05, dwell 10 s,
+             layouts predicted at 1.2x the window's rate; --replan-interval,
+             --replan-margin, --replan-dwell, --replan-load); its layouts: colocated,
              chunked (CHUNK tokens a step, serve --replan-chunk), k prefill + 2-k decode
   colocated  2 colocated instances, fixed
   1P1D       1 prefill + 1 decode instance, fixed
@@ -56,7 +57,7 @@ SLOS = {"shift": (0.3, 0.06), "stable": (0.25, 0.1)}
 TTFT, TPOT = SLOS["shift"]
 WINDOW = 20.0
 """Seconds of traffic the re-plans look at (serve --live-window): a third of a phase."""
-REPLAN = {"interval": 5.0, "margin": 0.05, "dwell": 10.0}
+REPLAN = {"interval": 5.0, "margin": 0.05, "dwell": 10.0, "load": 1.2}
 """The adaptive system's re-plan settings (serve --replan-interval/-margin/-dwell)."""
 CHUNK = 512
 """The chunked system's token budget a step (Sarathi's usual chunk)."""
@@ -97,8 +98,9 @@ def scheduler(system: str) -> SchedulerConfig:
 
 def adaptive_config() -> AdaptiveConfig:
     return AdaptiveConfig(
-        "a100", TTFT, TPOT, REPLAN["interval"], REPLAN["margin"], REPLAN["dwell"], chunk=CHUNK
-    )
+        "a100", TTFT, TPOT, REPLAN["interval"], REPLAN["margin"], REPLAN["dwell"],
+        chunk=CHUNK, load=REPLAN["load"]
+    )  # fmt: skip
 
 
 def trace(
@@ -268,7 +270,7 @@ def main() -> None:
     args = ap.parse_args()
     windows = [float(w) for w in args.live_window.split(",")]
     REPLAN.update(interval=args.replan_interval, margin=args.replan_margin,
-                  dwell=args.replan_dwell)  # fmt: skip
+                  dwell=args.replan_dwell, load=args.replan_load)  # fmt: skip
     TTFT, TPOT = SLOS[args.workload]
     if args.output is None:
         stem = "adaptive_shift" if args.workload == "shift" else "adaptive_stable"

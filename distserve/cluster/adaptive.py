@@ -91,8 +91,9 @@ class Adaptive:
         blocks = info.num_blocks if info is not None else 0
         n = len(self.controller.instances)
         self.last = await asyncio.to_thread(
-            predict, workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk
-        )
+            predict, workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk,
+            cfg.load
+        )  # fmt: skip
         self.replans += 1
         watched = self.hysteresis.candidate
         best = self.hysteresis.decide(self.last, current, now)

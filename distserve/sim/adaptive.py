@@ -100,8 +100,9 @@ class SimAdaptive:
             blocks = sim.config.num_blocks[sim.instances[0].role]
             n = len(sim.instances)
             predicted = predict(
-                workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk
-            )
+                workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk,
+                cfg.load
+            )  # fmt: skip
             best = self.hysteresis.decide(predicted, current, t)
             self.replans.append(
                 {"at": t, "layout": current, "requests": len(workload),

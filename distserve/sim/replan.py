@@ -1,7 +1,8 @@
 """Adaptive re-planning's policy, shared by the real controller (cluster/adaptive.py) and
 the simulator (sim/simulator.py, `simulate --adaptive`): which layouts of n instances
 exist, how each is predicted on a window of requests (the simulator replays those that
-arrived in it, finished or not, and those still queued), when a better one is switched to
+arrived in it, finished or not, and those still queued, a little faster than they came:
+`AdaptiveConfig.load`), when a better one is switched to
 (a margin and a dwell time: hysteresis), and in which order roles flip on the way there
 (one at a time, never leaving a role's requests with no instance to take them). A
 colocated instance may run chunked prefill: a layout counts those apart ("chunked"), and
@@ -82,6 +83,14 @@ class AdaptiveConfig:
             "layout re-plans may choose (0: never chunked)"
         },
     )
+    load: float = field(
+        default=1.2,
+        metadata={
+            "help": "the multiple of the window's arrival rate the layouts are predicted at "
+            "(1: as it came): a layout that meets the targets only at the edge of its "
+            "capacity is judged by the collapse a little more load brings"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("ttft_slo", "tpot_slo", "interval"):
@@ -89,6 +98,8 @@ class AdaptiveConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.margin < 0 or self.dwell < 0 or self.min_requests < 1 or self.chunk < 0:
             raise ValueError("margin, dwell and chunk must be >= 0, min_requests >= 1")
+        if not self.load >= 1:
+            raise ValueError(f"load must be >= 1, got {self.load}")
 
 
 def layouts(n: int, chunked: bool = False) -> list[Layout]:
@@ -127,11 +138,18 @@ def predict(
     tpot: float,
     n: int,
     chunk: int = 0,
+    load: float = 1.0,
 ) -> dict[Layout, float]:
     """Predicted attainment of both targets for each layout of n instances; with `chunk`,
-    the chunked one too (chunked prefill of `chunk` tokens a step)."""
+    the chunked one too (chunked prefill of `chunk` tokens a step); with `load`, on the
+    workload's arrivals that much closer together (`AdaptiveConfig.load`)."""
     from distserve.sim.run import SimOptions, sim_config, simulate
 
+    if load != 1.0:
+        workload = Workload(
+            tuple(replace(r, arrival=r.arrival / load) for r in workload.requests),
+            {**workload.meta, "load": load},
+        )
     out = {}
     for layout in layouts(n, chunked=chunk > 0):
         sched = chunked_scheduler(SchedulerConfig(), chunk) if layout[3] else SchedulerConfig()

@@ -220,6 +220,26 @@ def test_a_window_of_short_prompts_at_a_high_rate_predicts_chunked_best() -> Non
     assert (0, 0, 0, 2) not in predict(window, profile, blocks, TTFT, TPOT, 2)  # chunk 0: never
 
 
+def test_a_layout_at_the_edge_of_its_capacity_is_judged_by_a_little_more_load() -> None:
+    # 20 s of short prompts with long outputs at 15 req/s: colocated x2 meets every target
+    # as the window came, its 64 seats an instance nearly full, and collapses on TTFT
+    # once its queue builds (~30 s into such a phase); chunked has room to spare. At the
+    # window's rate the two tie (no switch); at 1.2x it, as AdaptiveConfig.load predicts,
+    # chunked leads by the margin and more.
+    profile = find(bundled_a100(), "opt-13b", 1)
+    blocks = profile.kv_capacity_tokens // 16  # type: ignore[operator]
+    window = phases((20.0, 15.0, (50, 200), (150, 250)))
+    colocated, chunked = (0, 0, 2, 0), (0, 0, 0, 2)
+    as_came = predict(window, profile, blocks, TTFT, TPOT, 2, chunk=512)
+    assert as_came[colocated] == as_came[chunked] == 1.0
+    loaded = predict(window, profile, blocks, TTFT, TPOT, 2, chunk=512, load=1.2)
+    assert loaded[chunked] > 0.95 and loaded[colocated] < 0.6
+    assert Hysteresis(0.05, 0.0).decide(loaded, colocated, 0.0) == chunked
+    assert AdaptiveConfig("a100", TTFT, TPOT).load == 1.2
+    with pytest.raises(ValueError, match="load"):
+        AdaptiveConfig("a100", TTFT, TPOT, load=0.9)
+
+
 def test_a_shift_to_short_prompts_turns_colocated_chunked_in_place_and_loses_nothing() -> None:
     wl = phases((6.0, *LONG), (14.0, *SHORT))
     profile = find(bundled_a100(), "opt-13b", 1)
