@@ -57,6 +57,14 @@ class Instance:
     Every step: (decode role) admit migrations whose blocks fit, then
     plan = schedule(now), result = await worker.execute(plan), update(plan, result, now),
     and hand the outputs to the controller. With nothing to do it sleeps until `wake()`.
+
+    The outputs' processing (detokenizing, stop strings, the streams' queues) overlaps
+    the next step: a step's outputs are handed over once the next step has been
+    launched, so the worker computes while the controller relays (vLLM v1 overlaps the
+    same way). A step's outputs wait only for that launch (its schedule(), well under a
+    millisecond), and never past the instance's next sleep, pause, or failure. Outputs
+    whose request has stop strings are handed over at once: a stop string, found in the
+    detokenized text, ends the request before its next step is planned.
     """
 
     def __init__(
@@ -103,6 +111,8 @@ class Instance:
         None: such requests are sampled unconstrained."""
         self.store: StoreWriter | None = None
         """The KV store its steps write through to (core/kv_store.py), if any."""
+        self._held: list[StepOutput] = []
+        """The last step's outputs, handed over once the next step is launched."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance-{self.name}")
@@ -124,6 +134,7 @@ class Instance:
             while self.alive:
                 if self.paused or not await self._step():
                     self._wakeup.clear()
+                    self._hand_over()  # (after the clear: work it makes wakes us)
                     await self._wakeup.wait()
         except asyncio.CancelledError:
             raise
@@ -136,6 +147,7 @@ class Instance:
         requests. Called by the loop itself or by the health watch."""
         if not self.alive:
             return
+        self._hand_over()  # tokens already made reach their streams before the rescue
         self.alive = False
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
@@ -162,7 +174,10 @@ class Instance:
         self.stepping = True
         try:
             async with asyncio.timeout(self.step_timeout):  # no task per step, as wait_for
-                result = await self.executor.execute(plan)
+                if self._held:
+                    result = await self._overlapped(plan)
+                else:
+                    result = await self.executor.execute(plan)
         finally:
             self.stepping = False
         if pending and self.store is not None:
@@ -174,5 +189,24 @@ class Instance:
         self.stats.tokens += plan.num_tokens
         outputs = self.scheduler.update(plan, result, time.monotonic())
         if outputs:
-            self._on_outputs(self, outputs)
+            if self.draining or self.paused:
+                self._on_outputs(self, outputs)
+            else:
+                now = [o for o in outputs if o.request.sampling_params.stop]
+                if now:
+                    self._on_outputs(self, now)
+                    outputs = [o for o in outputs if not o.request.sampling_params.stop]
+                self._held = outputs
         return True
+
+    async def _overlapped(self, plan: StepPlan) -> Any:
+        """Launch the step, hand over the last step's outputs while it runs, await it."""
+        step = asyncio.ensure_future(self.executor.execute(plan))
+        await asyncio.sleep(0)  # the step starts (its first await: a timer, a remote call)
+        self._hand_over()
+        return await step
+
+    def _hand_over(self) -> None:
+        held, self._held = self._held, []
+        if held:
+            self._on_outputs(self, held)

@@ -134,6 +134,45 @@ def run_emulated(
     return asyncio.run(run())
 
 
+def test_outputs_are_relayed_while_the_next_step_runs() -> None:
+    """The controller relays a step's outputs while the worker computes the next step
+    (runtime/instance.py): every hand-over but the last before the instance idles comes
+    with a step in flight. A request with stop strings is relayed before its next step
+    is planned. Both streams get every token, in order."""
+
+    async def run() -> None:
+        controller = emulated(PlacementConfig(mode="colocated", num_instances=1))
+        await controller.start()
+        try:
+            inst = controller.instances[0]
+            in_flight: list[bool] = []
+            relay = inst._on_outputs
+
+            def record(i, outputs):  # type: ignore[no-untyped-def]
+                in_flight.append(i.stepping)
+                relay(i, outputs)
+
+            inst._on_outputs = record  # type: ignore[method-assign]
+            stream = controller.emulated.tokens  # type: ignore[union-attr]
+            expected = [stream[i % len(stream)] for i in range(20)]
+            for stop in ((), ("no such text",)):
+                in_flight.clear()
+                params = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0, stop=stop)
+                state = controller.submit("a prompt " * 10, params)
+                outs = [o async for o in controller.stream(state)]
+                assert outs[-1].token_ids == expected
+                assert len(in_flight) == 20  # a hand-over a step
+                if stop:
+                    assert not any(in_flight)
+                else:
+                    assert in_flight == [True] * 19 + [False]
+            assert_all_blocks_free(controller)
+        finally:
+            await controller.stop()
+
+    asyncio.run(run())
+
+
 def test_a_killed_decode_worker_loses_no_token() -> None:
     """Recovery on emulated devices: the decode worker dies mid-generation; its requests
     are recomputed and finish with exactly the stream's tokens, and it is restarted."""
