@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +15,8 @@ from distserve.cluster.controller import Controller, Overloaded, RequestFailed
 from distserve.core import SamplingParams
 from distserve.runtime.outputs import RequestOutput
 from distserve.server import responses as R
-from distserve.server.errors import APIError, error_response, install_handlers
+from distserve.server.auth import ApiKeyCheck
+from distserve.server.errors import APIError, install_handlers
 from distserve.server.limits import BodyLimits
 from distserve.server.metrics import Metrics
 from distserve.server.prompts import PromptEncoder
@@ -42,20 +42,8 @@ def build_app(
     tokenizer = controller.tokenizer
     encoder = PromptEncoder(tokenizer, controller.max_model_len)
 
-    @app.middleware("http")
-    async def _auth(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer <key>)",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
-
+    if api_key:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
     # added last, so outermost: bodies are limited before anything reads them
     app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout=body_timeout)
 
