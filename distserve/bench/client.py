@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 
 from distserve.metrics.results import RequestResult
@@ -73,10 +74,14 @@ async def run_workload(
     progress bar."""
     from tqdm import tqdm
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    timeout = httpx.Timeout(request_timeout, connect=30.0)
-    async with httpx.AsyncClient(
-        base_url=base_url, headers=_headers(api_key), timeout=timeout, limits=limits
+    # aiohttp, not httpx: its C parser makes a streamed chunk ~5x cheaper, so the client's
+    # own lateness stays out of the TTFT and TPOT it measures under load
+    timeout = aiohttp.ClientTimeout(total=request_timeout, connect=30.0)
+    async with aiohttp.ClientSession(
+        base_url=base_url,
+        headers=_headers(api_key),
+        timeout=timeout,
+        connector=aiohttp.TCPConnector(limit=0),
     ) as client:
         bar = tqdm(total=len(workload), desc=desc, unit="req", disable=not progress)
         start = time.perf_counter()
@@ -121,7 +126,11 @@ async def run_workload(
 
 
 async def _send(
-    client: httpx.AsyncClient, req: WorkloadRequest, model: str, start: float, extra: dict[str, Any]
+    client: aiohttp.ClientSession,
+    req: WorkloadRequest,
+    model: str,
+    start: float,
+    extra: dict[str, Any],
 ) -> RequestResult:
     body = {
         "model": model,
@@ -138,16 +147,16 @@ async def _send(
     res.sent = t0 - start
     first = last = None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                res.error = f"HTTP {r.status_code}: {text[:300]}"
+        async with client.post("/v1/completions", json=body) as r:
+            if r.status != 200:
+                text = (await r.read()).decode(errors="replace")
+                res.error = f"HTTP {r.status}: {text[:300]}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
+            async for raw in r.content:
+                if not raw.startswith(b"data: "):
                     continue
-                data = line[6:]
-                if data == "[DONE]":
+                data = raw[6:].strip()
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -164,7 +173,7 @@ async def _send(
                     last = now
                     if choice.get("finish_reason") and choice.get("metrics"):
                         res.server = {k: float(v) for k, v in choice["metrics"].items()}
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:  # ValueError: bad JSON
         res.error = f"{type(e).__name__}: {e}"
     if first is None:
         res.error = res.error or "no tokens received"
