@@ -7,7 +7,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from distserve.cli.values import nonnegative_float, nonnegative_int, positive_float, positive_int
+from distserve.cli.values import (
+    multiple,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from distserve.cluster.adaptive import AdaptiveConfig
@@ -126,6 +132,7 @@ def adaptive_config(
         return AdaptiveConfig(
             args.adaptive, args.ttft_slo, args.tpot_slo, args.replan_interval,
             args.replan_margin, args.replan_dwell, chunk=args.replan_chunk,
+            load=args.replan_load,
         )  # fmt: skip
     except ValueError as e:
         parser.error(f"--replan-*: {e}")
@@ -133,7 +140,7 @@ def adaptive_config(
 
 
 def add_replan_flags(g: Any) -> None:
-    """--replan-interval/-margin/-dwell/-chunk, as serve and simulate take them."""
+    """--replan-interval/-margin/-dwell/-chunk/-load, as serve and simulate take them."""
     g.add_argument(
         "--replan-interval",
         type=positive_float,
@@ -158,4 +165,12 @@ def add_replan_flags(g: Any) -> None:
         default=512,
         help="--adaptive: colocated instances may turn chunked prefill on, with this token "
         "budget a step, when re-plans predict it best (0: never; default: 512)",
+    )
+    g.add_argument(
+        "--replan-load",
+        type=multiple,
+        default=1.2,
+        help="--adaptive: re-plans predict each layout on the window's requests arriving this "
+        "many times faster (>= 1; 1: as they came), so that a layout at the edge of its "
+        "capacity is judged by the collapse a little more traffic brings (default: 1.2)",
     )

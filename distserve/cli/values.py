@@ -46,6 +46,14 @@ def positive_float(text: str) -> float:
     return v
 
 
+def multiple(text: str) -> float:
+    """A factor >= 1."""
+    v = positive_float(text)
+    if not v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
 def nonnegative_float(text: str) -> float:
     try:
         v = float(text)

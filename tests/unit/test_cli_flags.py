@@ -121,6 +121,8 @@ def test_workload_flags_make_the_spec() -> None:
         ("simulate", ["--replan-interval", "0"], "--replan-interval"),
         ("simulate", ["--replan-dwell", "-1"], "--replan-dwell"),
         ("simulate", ["--replan-chunk", "-1"], "--replan-chunk"),
+        ("simulate", ["--replan-load", "0.9"], "--replan-load"),
+        ("serve", ["--replan-load", "0"], "--replan-load"),
         ("serve", ["--prefill-instances", "0"], "--prefill-instances"),
         ("serve", ["--kv-store-disk-gb", "0"], "--kv-store-disk-gb"),
         ("simulate", ["--kv-store-disk-gb", "-1"], "--kv-store-disk-gb"),
