@@ -192,11 +192,10 @@ class Instance:
             if self.draining or self.paused:
                 self._on_outputs(self, outputs)
             else:
-                now = [o for o in outputs if o.request.sampling_params.stop]
-                if now:
-                    self._on_outputs(self, now)
-                    outputs = [o for o in outputs if not o.request.sampling_params.stop]
-                self._held = outputs
+                urgent = [o for o in outputs if o.request.sampling_params.stop]
+                self._held = [o for o in outputs if not o.request.sampling_params.stop]
+                if urgent:
+                    self._on_outputs(self, urgent)
         return True
 
     async def _overlapped(self, plan: StepPlan) -> Any:
