@@ -208,7 +208,7 @@ async def run(system: str, requests: list[tuple[float, str, int, int]]) -> dict[
     try:
         results = await asyncio.gather(*(one(*r) for r in requests))
         flips = [
-            {"at": round(f.started - c.flips.done[0].started, 1) if c.flips.done else 0.0,
+            {"at": round(f.started - start, 1),
              "instance": f.instance, "old": f.old, "new": f.new, "seconds": round(f.seconds, 2)}
             for f in c.flips.done
         ]  # fmt: skip

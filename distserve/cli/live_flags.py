@@ -132,7 +132,7 @@ def adaptive_config(
         return AdaptiveConfig(
             args.adaptive, args.ttft_slo, args.tpot_slo, args.replan_interval,
             args.replan_margin, args.replan_dwell, chunk=args.replan_chunk,
-            load=args.replan_load,
+            load=args.replan_load, step_overhead=args.replan_step_overhead,
         )  # fmt: skip
     except ValueError as e:
         parser.error(f"--replan-*: {e}")
@@ -140,7 +140,8 @@ def adaptive_config(
 
 
 def add_replan_flags(g: Any) -> None:
-    """--replan-interval/-margin/-dwell/-chunk/-load, as serve and simulate take them."""
+    """--replan-interval/-margin/-dwell/-chunk/-load/-step-overhead, as serve and simulate
+    take them."""
     g.add_argument(
         "--replan-interval",
         type=positive_float,
@@ -173,4 +174,13 @@ def add_replan_flags(g: Any) -> None:
         help="--adaptive: re-plans predict each layout on the window's requests arriving this "
         "many times faster (>= 1; 1: as they came), so that a layout at the edge of its "
         "capacity is judged by the collapse a little more traffic brings (default: 1.2)",
+    )
+    g.add_argument(
+        "--replan-step-overhead",
+        type=nonnegative_float,
+        default=None,
+        metavar="SECONDS",
+        help="--adaptive: seconds outside the model each step of a predicted layout takes "
+        "(default: the deployment's: serve measures it from its instances' back-to-back "
+        "steps since the last re-plan; simulate takes its serving path's --step-overhead)",
     )

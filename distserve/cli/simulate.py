@@ -193,7 +193,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             replan = AdaptiveConfig(
                 args.adaptive, args.ttft_slo, args.tpot_slo, args.replan_interval,
                 args.replan_margin, args.replan_dwell, chunk=args.replan_chunk,
-                load=args.replan_load,
+                load=args.replan_load, step_overhead=args.replan_step_overhead,
             )  # fmt: skip
             config = dataclasses.replace(config, adaptive=replan, live_window=args.live_window)
         workload = build_workload(workload_spec(args, args.rate), tokenizer_for(args.model))

@@ -286,6 +286,8 @@ class Controller:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.adaptive is not None:
+            self.adaptive.close()
         await asyncio.gather(*(i.stop() for i in self.instances), return_exceptions=True)
         if self._group is not None:  # the workers have left (or died): drop the store
             self._group.close()

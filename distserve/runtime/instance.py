@@ -49,6 +49,12 @@ class InstanceStats:
     steps: int = 0
     busy_seconds: float = 0.0
     tokens: int = 0
+    back_to_back: int = 0
+    """Steps that started as soon as the one before ended (no idle wait between)."""
+    beyond_model_seconds: float = 0.0
+    """Over those steps: the time from the step before's start to theirs beyond that
+    step's time in its worker (the control plane's share of a busy instance's step:
+    scheduling, the round trip, the outputs' relay)."""
 
 
 class Instance:
@@ -113,6 +119,8 @@ class Instance:
         """The KV store its steps write through to (core/kv_store.py), if any."""
         self._held: list[StepOutput] = []
         """The last step's outputs, handed over once the next step is launched."""
+        self._last: tuple[float, float] | None = None
+        """(start, worker time) of the step before, None after an idle wait."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance-{self.name}")
@@ -133,6 +141,7 @@ class Instance:
         try:
             while self.alive:
                 if self.paused or not await self._step():
+                    self._last = None
                     self._wakeup.clear()
                     self._hand_over()  # (after the clear: work it makes wakes us)
                     await self._wakeup.wait()
@@ -171,6 +180,9 @@ class Instance:
         if self.store is not None and (plan.chunks or plan.loads):
             plan, pending = self.store.plan(plan, self.scheduler.requests)
         t0 = time.perf_counter()
+        if self._last is not None:
+            self.stats.back_to_back += 1
+            self.stats.beyond_model_seconds += t0 - self._last[0] - self._last[1]
         self.stepping = True
         try:
             async with asyncio.timeout(self.step_timeout):  # no task per step, as wait_for
@@ -186,6 +198,7 @@ class Instance:
             self.trace.record(self.name, self.role.value, t0, plan, result)
         self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.steps += 1
+        self._last = (t0, result.elapsed)
         self.stats.tokens += plan.num_tokens
         outputs = self.scheduler.update(plan, result, time.monotonic())
         if outputs:

@@ -12,6 +12,7 @@ last one and its flips have ended. Not modelled: the wall time of the re-plan it
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from distserve.sim.profile import load_profiles
@@ -43,6 +44,12 @@ class SimAdaptive:
         model = sim.config.latency[sim.config.placement.roles[0]].profile.model
         self.profile = pick_profile(load_profiles(config.profile), model)
         self.hysteresis = Hysteresis(config.margin, config.dwell)
+        path = sim.config.latency[sim.config.placement.roles[0]].path
+        if config.step_overhead is not None:
+            path = dataclasses.replace(path, step_overhead=config.step_overhead)
+        self.path = path
+        """The serving path re-plans predict on: the simulated instances' (its overhead
+        `config.step_overhead` where that is given)."""
         self._done: collections.deque[tuple[float, tuple[int, ...], int]] = collections.deque()
         """(arrival, prompt, output length) of the window's finished requests, in finish
         order, trimmed as cluster/live.py's window is."""
@@ -101,7 +108,7 @@ class SimAdaptive:
             n = len(sim.instances)
             predicted = predict(
                 workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk,
-                cfg.load
+                cfg.load, self.path
             )  # fmt: skip
             best = self.hysteresis.decide(predicted, current, t)
             self.replans.append(

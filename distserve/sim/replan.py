@@ -25,6 +25,7 @@ from distserve.workload.spec import Workload, WorkloadRequest
 
 if TYPE_CHECKING:
     from distserve.sim.profile import Profile
+    from distserve.sim.serving_path import ServingPath
 
 Layout = tuple[int, int, int, int]
 """(prefill, decode, colocated, chunked) instance counts: chunked instances are colocated
@@ -92,6 +93,15 @@ class AdaptiveConfig:
         },
     )
 
+    step_overhead: float | None = field(
+        default=None,
+        metadata={
+            "help": "seconds outside the model each step of the predicted layouts takes "
+            "(None: the deployment's: measured by the controller from its steps, or the "
+            "serving path a simulated deployment runs on)"
+        },
+    )
+
     def __post_init__(self) -> None:
         for name in ("ttft_slo", "tpot_slo", "interval"):
             if not getattr(self, name) > 0:
@@ -100,6 +110,8 @@ class AdaptiveConfig:
             raise ValueError("margin, dwell and chunk must be >= 0, min_requests >= 1")
         if not self.load >= 1:
             raise ValueError(f"load must be >= 1, got {self.load}")
+        if self.step_overhead is not None and not self.step_overhead >= 0:
+            raise ValueError(f"step_overhead must be >= 0, got {self.step_overhead}")
 
 
 def layouts(n: int, chunked: bool = False) -> list[Layout]:
@@ -139,11 +151,15 @@ def predict(
     n: int,
     chunk: int = 0,
     load: float = 1.0,
+    path: ServingPath | None = None,
 ) -> dict[Layout, float]:
     """Predicted attainment of both targets for each layout of n instances; with `chunk`,
     the chunked one too (chunked prefill of `chunk` tokens a step); with `load`, on the
-    workload's arrivals that much closer together (`AdaptiveConfig.load`)."""
+    workload's arrivals that much closer together (`AdaptiveConfig.load`); with `path`,
+    on the deployment's serving path (its steps' time outside the model: a layout at the
+    edge of its capacity is pushed over it by that), else on the profile's time alone."""
     from distserve.sim.run import SimOptions, sim_config, simulate
+    from distserve.sim.serving_path import ServingPath
 
     if load != 1.0:
         workload = Workload(
@@ -153,7 +169,7 @@ def predict(
     out = {}
     for layout in layouts(n, chunked=chunk > 0):
         sched = chunked_scheduler(SchedulerConfig(), chunk) if layout[3] else SchedulerConfig()
-        opts = SimOptions(num_blocks=num_blocks, scheduler=sched)
+        opts = SimOptions(path=path or ServingPath(), num_blocks=num_blocks, scheduler=sched)
         summary, _ = simulate(
             sim_config(placement_of(layout), profile, None, opts), workload, ttft, tpot
         )

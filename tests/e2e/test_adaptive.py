@@ -5,14 +5,18 @@ two instances, and roles flip to the best one after the dwell time, in both dire
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 
-from distserve.cluster.adaptive import Adaptive, AdaptiveConfig, layouts
+import pytest
+
+from distserve.cluster.adaptive import Adaptive, AdaptiveConfig, layouts, predict
 from distserve.cluster.live import Finished, LiveWindow
 from distserve.config import PlacementConfig
 from distserve.core import SamplingParams
 from distserve.runtime.instance import Role
+from distserve.sim.serving_path import ServingPath
 from tests.e2e.test_emulated import assert_all_blocks_free, emulated
 
 
@@ -36,10 +40,12 @@ def test_the_layout_follows_the_traffic() -> None:
     async def run() -> None:
         c = emulated(PlacementConfig(mode="colocated", num_instances=2), tokenizer="bytes")
         await c.start()
+        made: list[Adaptive] = []  # their re-planning processes end with the test
         try:
             # long prompts, a tight TPOT: one prefill + one decode instance predicts better
             c.live = window(4.0, (1500, 2000), (50, 150), 200)
             summ = Adaptive(c, AdaptiveConfig("a100", 1.0, 0.05, dwell=0.0))
+            made.append(summ)
             assert await summ.step(time.monotonic()) == (1, 1, 0, 0)
             assert summ.last[(1, 1, 0, 0)] > summ.last[(0, 0, 2, 0)] + 0.05
             assert sorted(i.role.value for i in c.instances) == ["decode", "prefill"]
@@ -48,6 +54,7 @@ def test_the_layout_follows_the_traffic() -> None:
             # flipped to (each instance turns colocated, then chunked in place)
             c.live = window(60.0, (50, 200), (20, 60), 300)
             code = Adaptive(c, AdaptiveConfig("a100", 0.1, 0.1, dwell=30.0))
+            made.append(code)
             now = time.monotonic()
             assert await code.step(now) is None and code.candidate == (0, 0, 0, 2)
             assert {i.role for i in c.instances} == {Role.PREFILL, Role.DECODE}
@@ -65,5 +72,57 @@ def test_the_layout_follows_the_traffic() -> None:
             assert_all_blocks_free(c)
         finally:
             await c.stop()
+            for a in made:
+                a.close()
+
+    asyncio.run(run())
+
+
+def test_replans_run_in_a_process_of_their_own_on_the_measured_step_overhead() -> None:
+    """A re-plan's simulations run outside the controller's process (in a thread they held
+    the interpreter's lock from the step loops), on the step overhead the instances
+    measured over their back-to-back steps, or the one configured; its predictions are
+    those of the simulator run here on the same window and overhead."""
+
+    async def run() -> None:
+        c = emulated(PlacementConfig(mode="colocated", num_instances=2), tokenizer="bytes")
+        await c.start()
+        measured = Adaptive(c, AdaptiveConfig("a100", 1.0, 0.05))
+        fixed = Adaptive(c, AdaptiveConfig("a100", 1.0, 0.05, step_overhead=0.004))
+        try:
+            params = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0)
+
+            async def served(k: int) -> int:
+                return len([o async for o in c.stream(c.submit(f"request {k}", params))])
+
+            assert all(await asyncio.gather(*(served(k) for k in range(6))))
+            stats = [i.stats for i in c.instances]
+            steps = sum(s.back_to_back for s in stats)
+            assert steps > 0  # six requests on two instances: steps ran back to back
+            mean = sum(s.beyond_model_seconds for s in stats) / steps
+            assert 0 < mean < 0.05  # the control plane's share of an emulated step
+            c.live = window(4.0, (1500, 2000), (50, 150), 60)
+            now = time.monotonic()
+            for a, overhead in ((measured, mean), (fixed, 0.004)):
+                await a.step(now)
+                assert a.step_overhead == pytest.approx(overhead)
+                pool = a._pool
+                assert pool is not None
+                assert os.getpid() not in [p.pid for p in pool._processes.values()]
+                info = c.instances[0].info
+                assert info is not None
+                here = predict(
+                    c.live.workload(now, a.config.max_requests), a.profile, info.num_blocks,
+                    1.0, 0.05, 2, a.config.chunk, a.config.load,
+                    ServingPath(step_overhead=overhead),
+                )  # fmt: skip
+                assert a.last == here
+            # no back-to-back steps since: the measured estimate stays
+            await measured.step(now)
+            assert measured.step_overhead == pytest.approx(mean)
+        finally:
+            await c.stop()
+            measured.close()
+            fixed.close()
 
     asyncio.run(run())

@@ -15,6 +15,7 @@ from distserve.metrics.results import RequestResult
 from distserve.sim.profile import bundled_a100, find
 from distserve.sim.replan import AdaptiveConfig, Hysteresis, flip_refusal, next_flip, predict
 from distserve.sim.run import SimOptions, sim_config
+from distserve.sim.serving_path import ServingPath
 from distserve.sim.simulator import SimConfig, Simulator
 from distserve.workload import Workload, WorkloadRequest
 
@@ -122,6 +123,28 @@ def test_the_window_replays_what_arrived_not_only_what_finished() -> None:
     assert first["requests"] == sum(r.arrival <= 2.0 for r in results)
     assert all(r["requests"] == sum(w.arrival <= r["at"] for w in wl.requests)
                for r in sim.adaptive.replans if r["at"] <= 10.0)  # fmt: skip
+
+
+def test_replans_predict_on_the_simulated_serving_path() -> None:
+    """The simulated deployment's steps take 4 ms beyond the model: its re-plans predict
+    on that serving path (as the controller's on the overhead it measures), unless
+    AdaptiveConfig.step_overhead says otherwise; the runs are the same up to the first
+    re-plan, whose predictions are then lower with the overhead than without."""
+    profile = find(bundled_a100(), "opt-13b", 1)
+    opts = SimOptions(path=ServingPath(step_overhead=0.004))
+    first = {}
+    for overhead in (None, 0.0):
+        replan = AdaptiveConfig("a100", TTFT, TPOT, interval=2.0, step_overhead=overhead)
+        cfg = sim_config(PlacementConfig(mode="disagg"), profile, None, opts)
+        sim = Simulator(dataclasses.replace(cfg, adaptive=replan, live_window=10.0))
+        sim.run(shifting())
+        assert sim.adaptive is not None
+        assert sim.adaptive.path.step_overhead == (0.004 if overhead is None else 0.0)
+        first[overhead] = sim.adaptive.replans[0]["predicted"]
+    aware, blind = first[None], first[0.0]
+    assert aware.keys() == blind.keys()
+    assert all(aware[k] <= blind[k] for k in aware)
+    assert any(aware[k] < blind[k] for k in aware)
 
 
 def test_flips_go_one_at_a_time_and_never_leave_a_role_without_an_instance() -> None:

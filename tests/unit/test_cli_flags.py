@@ -123,6 +123,8 @@ def test_workload_flags_make_the_spec() -> None:
         ("simulate", ["--replan-chunk", "-1"], "--replan-chunk"),
         ("simulate", ["--replan-load", "0.9"], "--replan-load"),
         ("serve", ["--replan-load", "0"], "--replan-load"),
+        ("serve", ["--replan-step-overhead", "-0.001"], "--replan-step-overhead"),
+        ("simulate", ["--replan-step-overhead", "x"], "--replan-step-overhead"),
         ("serve", ["--prefill-instances", "0"], "--prefill-instances"),
         ("serve", ["--kv-store-disk-gb", "0"], "--kv-store-disk-gb"),
         ("simulate", ["--kv-store-disk-gb", "-1"], "--kv-store-disk-gb"),
