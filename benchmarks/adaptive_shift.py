@@ -57,6 +57,8 @@ SLOS = {"shift": (0.3, 0.06), "stable": (0.25, 0.1)}
 TTFT, TPOT = SLOS["shift"]
 WINDOW = 20.0
 """Seconds of traffic the re-plans look at (serve --live-window): a third of a phase."""
+SIM_STEP_OVERHEAD = 0.0
+"""Seconds the simulated instances' steps take beyond the model (--sim-step-overhead)."""
 REPLAN = {"interval": 5.0, "margin": 0.05, "dwell": 10.0, "load": 1.2}
 """The adaptive system's re-plan settings (serve --replan-interval/-margin/-dwell)."""
 CHUNK = 512
@@ -145,10 +147,12 @@ def simulated(system: str, requests: list[tuple[float, str, int, int]]) -> dict[
     import dataclasses
 
     from distserve.cluster.emulation import model_profiles, role_latency
+    from distserve.sim.serving_path import ServingPath
     from distserve.sim.simulator import SimConfig, Simulator
     from distserve.workload import Workload, WorkloadRequest
 
     lat, blocks = role_latency(model_profiles("a100", "opt-13b"), 1, 1, 16)
+    lat = dataclasses.replace(lat, path=ServingPath(step_overhead=SIM_STEP_OVERHEAD))
     roles = ("prefill", "decode", "colocated")
     config = SimConfig(
         placement(system), {r: lat for r in roles}, {r: blocks for r in roles}, scheduler(system)
@@ -222,7 +226,7 @@ async def run(system: str, requests: list[tuple[float, str, int, int]]) -> dict[
 
 
 def main() -> None:
-    global WINDOW, TTFT, TPOT, PHASES
+    global WINDOW, TTFT, TPOT, PHASES, SIM_STEP_OVERHEAD
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=("shift", "stable"), default="shift")
     ap.add_argument("--phase-seconds", type=float, default=60.0, help="length of each phase")
@@ -259,6 +263,15 @@ def main() -> None:
         help="only the simulator's prediction of each system (simulate --adaptive)",
     )
     ap.add_argument(
+        "--sim-step-overhead",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="--sim-only: the simulated instances' steps take this long beyond the model, "
+        "as the real runtime's control plane does (~0.001-0.0013 s a step measured by "
+        "benchmarks/emulated_goodput.py); their re-plans predict with it (default: 0)",
+    )
+    ap.add_argument(
         "--write-trace",
         default=None,
         metavar="CSV",
@@ -269,6 +282,11 @@ def main() -> None:
                     "adaptive_shift.json, adaptive_shift_sim.json with --sim-only)")  # fmt: skip
     args = ap.parse_args()
     windows = [float(w) for w in args.live_window.split(",")]
+    if args.sim_step_overhead and not args.sim_only:
+        ap.error("--sim-step-overhead goes with --sim-only")
+    if args.sim_step_overhead < 0:
+        ap.error(f"--sim-step-overhead: must be >= 0, got {args.sim_step_overhead}")
+    SIM_STEP_OVERHEAD = args.sim_step_overhead
     REPLAN.update(interval=args.replan_interval, margin=args.replan_margin,
                   dwell=args.replan_dwell, load=args.replan_load)  # fmt: skip
     TTFT, TPOT = SLOS[args.workload]
