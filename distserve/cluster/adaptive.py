@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from distserve.runtime.instance import Role
@@ -70,6 +71,10 @@ class Adaptive:
         self._counted = (0, 0.0)
         """The instances' (back-to-back steps, beyond-model seconds) at the last re-plan."""
         self._pool: ProcessPoolExecutor | None = None
+        self._in_thread = False
+        """The re-planning process could not start: re-plans run in a thread instead."""
+        self._worked = False
+        """A re-plan has run in a re-planning process."""
 
     @property
     def candidate(self) -> Layout | None:
@@ -106,12 +111,27 @@ class Adaptive:
         blocks = info.num_blocks if info is not None else 0
         n = len(self.controller.instances)
         self.step_overhead = self._overhead()
-        if self._pool is None:
+        args = (workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo, n, cfg.chunk,
+                cfg.load, ServingPath(step_overhead=self.step_overhead))  # fmt: skip
+        if self._pool is None and not self._in_thread:
             self._pool = _replan_process()
-        self.last = await asyncio.get_running_loop().run_in_executor(
-            self._pool, predict, workload, self.profile, blocks, cfg.ttft_slo, cfg.tpot_slo,
-            n, cfg.chunk, cfg.load, ServingPath(step_overhead=self.step_overhead)
-        )  # fmt: skip
+        try:
+            self.last = await asyncio.get_running_loop().run_in_executor(self._pool, predict, *args)
+        except BrokenProcessPool:
+            self.close()
+            if self._worked:  # it died (killed, out of memory): a new one next time
+                log.error("the re-planning process died; a new one takes the next re-plan")
+                return None
+            # its start failed: as any process pool's does when the main module starts
+            # work at import (guard it with `if __name__ == "__main__":`)
+            log.error(
+                "the re-planning process failed to start; re-plans run in a thread of this "
+                "process from now on, where they slow its step loops (is the main module's "
+                "work guarded by `if __name__ == '__main__':`?)"
+            )
+            self._in_thread = True
+            self.last = await asyncio.to_thread(predict, *args)
+        self._worked = self._worked or self._pool is not None
         self.replans += 1
         watched = self.hysteresis.candidate
         best = self.hysteresis.decide(self.last, current, now)

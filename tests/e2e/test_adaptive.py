@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import time
 
 import pytest
@@ -120,6 +121,16 @@ def test_replans_run_in_a_process_of_their_own_on_the_measured_step_overhead() -
             # no back-to-back steps since: the measured estimate stays
             await measured.step(now)
             assert measured.step_overhead == pytest.approx(mean)
+            # the re-planning process killed: that re-plan is skipped, a new process takes
+            # the next one
+            pool = measured._pool
+            assert pool is not None
+            for p in list(pool._processes.values()):
+                os.kill(p.pid, signal.SIGKILL)
+            before = measured.replans
+            assert await measured.step(now) is None and measured._pool is None
+            await measured.step(now)
+            assert measured.replans == before + 1 and measured._pool is not None
         finally:
             await c.stop()
             measured.close()
