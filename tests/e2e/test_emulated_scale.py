@@ -17,7 +17,7 @@ from distserve.config import CROSS_NODE_BANDWIDTH, EmulationConfig, EngineConfig
 from distserve.sim.serving_path import ServingPath
 from distserve.sim.simulator import SimConfig, Simulator
 from distserve.workload.build import WorkloadSpec, build_workload
-from tests.e2e.test_emulated import assert_all_blocks_free, close, replay
+from tests.e2e.test_emulated import assert_all_blocks_free, close, frozen_heap, replay
 
 PLACEMENT = PlacementConfig(
     num_prefill=1, num_decode=1, prefill_tp=2, prefill_pp=2, decode_tp=8, emulated=True
@@ -25,6 +25,7 @@ PLACEMENT = PlacementConfig(
 """The 66B plan's shapes (benchmarks/emulated_66b.py), one instance of each."""
 
 
+@pytest.mark.serial  # measured times against the simulator's
 def test_opt66b_across_nodes_matches_the_simulator_per_request() -> None:
     emulation = EmulationConfig(tokenizer="bytes", num_nodes=2, devices_per_node=8)
     controller = Controller(EngineConfig(model="opt-66b"), PLACEMENT, emulation=emulation)
@@ -47,7 +48,8 @@ def test_opt66b_across_nodes_matches_the_simulator_per_request() -> None:
         finally:
             await controller.stop()
 
-    timings = asyncio.run(run())
+    with frozen_heap():
+        timings = asyncio.run(run())
     devices = controller.emulated.devices
     path = ServingPath(transfer_bandwidth=CROSS_NODE_BANDWIDTH)
     latency = {r: dataclasses.replace(d.latency, path=path) for r, d in ((

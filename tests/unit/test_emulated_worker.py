@@ -76,6 +76,7 @@ def test_a_killed_worker_answers_nothing() -> None:
         worker.ping()
 
 
+@pytest.mark.serial  # wake-ups within 3 ms
 def test_steps_end_at_their_deadlines_and_a_pull_takes_the_links_time() -> None:
     """Medians over a few sleeps: one wake-up may be late when the host is busy."""
     links = Links(intra_node=1e12, inter_node=4e9)

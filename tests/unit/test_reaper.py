@@ -13,6 +13,7 @@ import time
 import uuid
 
 import psutil
+import pytest
 
 from distserve.cluster import reaper
 from distserve.cluster.local_ray import is_loopback
@@ -112,6 +113,7 @@ _UNMARKED_GRANDCHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.serial  # the reaper's scan within a 2.5 s sleep
 def test_an_unmarked_process_below_a_marked_one_dies_too() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", _UNMARKED_GRANDCHILD], stdout=subprocess.PIPE, text=True
