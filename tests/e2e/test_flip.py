@@ -6,6 +6,7 @@ outputs equal an undisturbed run, every block is free after."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -35,6 +36,7 @@ async def _serve(
     """Outputs of PROMPTS: the first half sent together, the flips made one after the
     other while they run (a prefill step takes two prompts: the rest queue), `switch`
     then, then the second half."""
+    gc.collect()  # the earlier runs' workers: their models (GiBs) sit in reference cycles
     c = Controller(ENGINE, placement, use_ray=False)
     await c.start()
     try:
