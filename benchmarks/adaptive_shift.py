@@ -43,6 +43,7 @@ import os
 import random
 import statistics
 import time
+from collections import Counter
 from typing import Any
 
 from distserve.cluster.adaptive import AdaptiveConfig
@@ -135,6 +136,7 @@ def report(system: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         "system": system,
         "requests": len(results),
         "lost": len(results) - len(ok),
+        "errors": dict(Counter(r["error"] for r in results if "error" in r)),
         "attainment": sum(r["ok"] for r in ok) / len(results),
         "attainment_by_phase": {k: sum(v) / len(v) for k, v in by_phase.items()},
         "ttft_p90": statistics.quantiles([r["ttft"] for r in ok], n=10)[-1],
