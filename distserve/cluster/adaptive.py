@@ -9,8 +9,9 @@ the edge does not flip back and forth).
 The simulator runs in a process of its own, at a lower priority: a re-plan simulates
 for a second or more of CPU (a window of a few hundred requests, a few layouts), which in
 a thread of the controller's process held the interpreter's lock from the step loops
-(two emulated chunked instances at 15 req/s met both targets for 0.73-0.83 of requests
-alone, 0.15-0.29 with a re-plan thread every 2 s). Its predictions take the steps' time
+(`benchmarks/replan_interference.py`: two emulated chunked instances at 15 req/s met both
+targets for 0.989 of requests alone, 0.876-0.901 with re-plans in a thread every 2 s,
+0.983-0.986 with them in a process). Its predictions take the steps' time
 outside the model into account: `AdaptiveConfig.step_overhead`, or the mean the instances
 measured over their back-to-back steps since the last re-plan."""
 
@@ -115,7 +116,7 @@ class Adaptive:
                 cfg.load, ServingPath(step_overhead=self.step_overhead))  # fmt: skip
         if self._pool is None and not self._in_thread:
             self._pool = _replan_process()
-        try:
+        try:  # (a pool of None: the loop's default thread pool)
             self.last = await asyncio.get_running_loop().run_in_executor(self._pool, predict, *args)
         except BrokenProcessPool:
             self.close()

@@ -41,10 +41,10 @@ class SimAdaptive:
         if not window > 0:
             raise ValueError(f"the live window must be > 0 s, got {window}")
         self.sim, self.config, self.window = sim, config, window
-        model = sim.config.latency[sim.config.placement.roles[0]].profile.model
-        self.profile = pick_profile(load_profiles(config.profile), model)
+        latency = sim.config.latency[sim.config.placement.roles[0]]
+        self.profile = pick_profile(load_profiles(config.profile), latency.profile.model)
         self.hysteresis = Hysteresis(config.margin, config.dwell)
-        path = sim.config.latency[sim.config.placement.roles[0]].path
+        path = latency.path
         if config.step_overhead is not None:
             path = dataclasses.replace(path, step_overhead=config.step_overhead)
         self.path = path
