@@ -4,7 +4,7 @@ instead of running a model."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from distserve.core.plan import StepPlan
@@ -66,8 +66,13 @@ class LatencyModel:
     def decode_steps_time(self, contexts: list[int], steps: int, busy_share: float = 0.0) -> float:
         """Total time of `steps` consecutive decode steps of the same batch, contexts
         growing by one each step: the formula is linear in the summed context."""
-        if steps <= 0 or not contexts:
-            return 0.0
+        return self.decode_clock(contexts, busy_share)(steps)
+
+    def decode_clock(self, contexts: list[int], busy_share: float = 0.0) -> Callable[[int], float]:
+        """`decode_steps_time(contexts, steps, busy_share)` as a function of `steps`, each
+        call O(1): when the steps of a span start (the simulator asks it often)."""
+        if not contexts:
+            return lambda steps: 0.0
         batch = len(contexts)
         a, b, c = (
             self.profile.decode_large
@@ -75,9 +80,17 @@ class LatencyModel:
             else self.profile.decode_small
         )
         base = sum(n + 1 for n in contexts)
-        model = steps * (a + c * batch) + b * (steps * base + batch * steps * (steps - 1) // 2)
-        extra = steps * self.path.decode_seq_time * (batch - 1)
-        return model * self.path.factors(busy_share)[1] + extra + steps * self.path.step_overhead
+        scale = self.path.factors(busy_share)[1]
+        seq, overhead = self.path.decode_seq_time, self.path.step_overhead
+
+        def elapsed(steps: int) -> float:
+            if steps <= 0:
+                return 0.0
+            model = steps * (a + c * batch) + b * (steps * base + batch * steps * (steps - 1) // 2)
+            extra = steps * seq * (batch - 1)
+            return model * scale + extra + steps * overhead
+
+        return elapsed
 
     def min_decode_step_time(self, batch: int, busy_share: float = 0.0) -> float:
         """A lower bound of `decode_steps_time(contexts, 1, busy_share)` over every

@@ -33,7 +33,12 @@ from distserve.core.kv_store import KVStore
 from distserve.core.prefix_cache import SharedNames, share_names, shared_names
 from distserve.core.request import handoff_copy
 from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
-from distserve.core.scheduler.fast_forward import begin_span, end_span, steady_decode_steps
+from distserve.core.scheduler.fast_forward import (
+    begin_span,
+    end_span,
+    steady_decode_steps,
+    take_span_blocks,
+)
 from distserve.metrics.results import RequestResult
 from distserve.sim.latency import LatencyModel
 from distserve.sim.replan import AdaptiveConfig, chunked_scheduler, flip_refusal, kind_of
@@ -65,6 +70,35 @@ class SimInstance:
     """What the layout counted it as when its flip began."""
     flip_moved: int = 0
     """Queued requests the flip in progress handed to other instances."""
+    span: _Span | None = None
+    """The cuttable span of decode steps in progress, if any (`Simulator._fast_forward`)."""
+
+
+@dataclass
+class _Span:
+    """Steady decode steps of `batch` from `start`, run as one event unless work arriving
+    for their instance cuts them short: they then end with the step in flight. Their
+    blocks are taken as their steps start (fast_forward.begin_span's lazy mode)."""
+
+    start: float
+    batch: list[Request]
+    steps: int
+    clock: Callable[[int], float]
+    """Seconds of the first m steps (LatencyModel.decode_clock)."""
+    due: list[tuple[int, int]]
+    taken: int = 0
+
+    def begun(self, t: float) -> int:
+        """Steps begun before `t` (at least the first: it began when the span did, which
+        was before anything at `t` happens)."""
+        lo, hi = 1, self.steps
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.start + self.clock(mid - 1) < t:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 @dataclass
@@ -203,6 +237,16 @@ class Simulator:
             from distserve.sim.adaptive import SimAdaptive
 
             self.adaptive = SimAdaptive(self, config.adaptive, config.live_window)
+        self._cuttable = (
+            config.fast_forward
+            and config.step_noise == 0
+            and self.adaptive is None
+            and self._rule is None
+            and self.store is None
+        )
+        """Whether spans of non-contended instances run until work comes for them
+        (`_Span`): nothing but routing (prompts, handoffs, transfers) looks at an instance
+        or changes it from outside. Otherwise a span ends before the next event anywhere."""
 
     def _instance(self, role: str, index: int) -> SimInstance:
         latency = self.config.latency[role]
@@ -380,7 +424,10 @@ class Simulator:
             share_names(req, _prompt_names(wr.prompt_token_ids))
         if self.adaptive is not None:
             self.adaptive.arrived(req)  # a held one again when placed: the same id
-        inst = pick_prefill([i for i in self.instances if i.role != "decode"], req)
+        takers = [i for i in self.instances if i.role != "decode"]
+        for i in takers:
+            self._settle(i, t)
+        inst = pick_prefill(takers, req)
         if inst is None:  # every prompt-taking instance is flipping: wait for one
             self._held.append(wr)
             return
@@ -402,6 +449,7 @@ class Simulator:
                     self.prefilled_on_decode += 1
             except ValueError:
                 pass  # too big for the decode instance's cache: the prefill instance takes it
+        self._cut(inst, t)
         inst.scheduler.add_request(req)
         self._owner[req.request_id] = inst
         # Wake after every arrival of this instant is queued (arrivals go first at a tie).
@@ -542,9 +590,12 @@ class Simulator:
 
     def _fast_forward(self, inst: SimInstance, t: float) -> bool:
         """Run a steady span of decode steps as one event, stopping before the next
-        event anywhere (any of them might change this instance's next decision)."""
+        event anywhere (any of them might change this instance's next decision), or,
+        where spans are cuttable, as long as the batch is steady (`_Span`)."""
         if self.config.step_noise > 0:  # noise: one draw per step
             return False
+        if self._cuttable and not inst.latency.contended:
+            return self._begin_cuttable(inst, t)
         horizon = self._horizon(inst)
         lat = inst.latency
         share = self._busy_share(inst)
@@ -572,12 +623,70 @@ class Simulator:
         begin_span(inst.scheduler, batch, lo, t)
 
         def done(t2: float, inst: SimInstance = inst, m: int = lo) -> None:
-            end_span(inst.scheduler, batch, m, _TOKEN)
             inst.busy = False
-            self._wake(inst, t2)
+            self._spanned(inst, batch, m, t2)
 
         self._at(t + dt, "span", done)
         return True
+
+    def _begin_cuttable(self, inst: SimInstance, t: float) -> bool:
+        k = steady_decode_steps(inst.scheduler)
+        if k < 2:
+            return False
+        batch = list(inst.scheduler.running)
+        clock = inst.latency.decode_clock([r.num_tokens - 1 for r in batch])
+        due = begin_span(inst.scheduler, batch, k, t, lazy=True)
+        span = inst.span = _Span(t, batch, k, clock, due)
+        inst.busy = inst.decoding = True
+        self._at(
+            t + clock(k), "span", functools.partial(self._span_done, inst=inst, span=span, steps=k)
+        )
+        return True
+
+    def _span_done(self, t: float, inst: SimInstance, span: _Span, steps: int) -> None:
+        if inst.span is not span or span.steps != steps:
+            return  # cut short: a later event ends it
+        span.taken = take_span_blocks(inst.scheduler, span.batch, span.due, span.taken, steps)
+        inst.steps, inst.busy_seconds = inst.steps + steps, inst.busy_seconds + span.clock(steps)
+        inst.span, inst.busy = None, False
+        self._spanned(inst, span.batch, steps, t)
+
+    def _spanned(self, inst: SimInstance, batch: list[Request], steps: int, t: float) -> None:
+        """A span's last step ended at `t`: as `_step_done` after a step."""
+        finished = end_span(inst.scheduler, batch, steps, _TOKEN, t)
+        for req in finished:
+            self._record(req, t)
+        if finished:
+            self._dispatch(t)
+        self._wake(inst, t)
+
+    def _settle(self, inst: SimInstance, t: float) -> None:
+        """Before anyone looks at `inst` at `t`: take the blocks of its span's steps begun
+        by then (as a step-by-step engine would hold them)."""
+        span = inst.span
+        if span is None or span.taken == len(span.due):
+            return
+        if span.start + span.clock(span.due[span.taken][0] - 1) >= t:
+            return  # the next block is for a step not begun yet (the common case)
+        span.taken = take_span_blocks(
+            inst.scheduler, span.batch, span.due, span.taken, span.begun(t)
+        )
+
+    def _cut(self, inst: SimInstance, t: float) -> None:
+        """Work for `inst` came at `t`: its span ends with the step in flight, after which
+        it schedules again (as after any step)."""
+        span = inst.span
+        if span is None:
+            return
+        self._settle(inst, t)
+        m = span.begun(t)
+        if m < span.steps:
+            span.steps = m
+            self._at(
+                span.start + span.clock(m),
+                "span",
+                functools.partial(self._span_done, inst=inst, span=span, steps=m),
+            )
 
     def _step_done(self, t: float, inst: SimInstance, plan: StepPlan, stored: Any = None) -> None:
         if stored and self.store is not None:
@@ -605,11 +714,14 @@ class Simulator:
             if req.finished:
                 self._awaiting.popleft()
                 continue
+            for i in decoders:
+                self._settle(i, t)
             dst = pick_decode(decoders)
             if dst is None:
                 return
             self._awaiting.popleft()
             assert isinstance(dst.scheduler, DecodeScheduler)
+            self._cut(dst, t)
             copy = handoff_copy(req)
             share_names(copy, shared_names(req))
             dst.scheduler.add_migrating(copy)
@@ -619,6 +731,7 @@ class Simulator:
         assert isinstance(dst.scheduler, DecodeScheduler) and isinstance(
             src.scheduler, PrefillScheduler
         )
+        self._cut(dst, t)
         dst.scheduler.finish_migration(req.request_id, t)
         src.scheduler.release_migrated(req.request_id, t)
         self._owner[req.request_id] = dst

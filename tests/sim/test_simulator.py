@@ -173,6 +173,10 @@ def test_contention_slows_a_step_while_the_other_instance_decodes() -> None:
         ("colocated", {"chunked_prefill": True}, False),
         ("disagg", {}, True),
         ("colocated", {"num_instances": 3}, True),
+        # spans that run past other instances' events, cut when work comes for theirs
+        ("colocated", {"num_instances": 3}, False),
+        ("colocated", {"num_instances": 2, "chunked_prefill": True}, False),
+        ("disagg", {"num_prefill": 1, "num_decode": 3}, False),
     ],
 )
 def test_fast_forward_changes_nothing(mode: str, kw: dict, contended: bool) -> None:
@@ -243,23 +247,29 @@ def test_prefix_caching_changes_nothing_without_shared_prefixes(mode: str) -> No
     assert sum(r.ttft for r in hot_results) < sum(r.ttft for r in cold_results)  # type: ignore[misc]
 
 
-def test_fast_forward_changes_nothing_with_shared_prefixes() -> None:
-    """A span names the blocks it fills, as its steps one by one would."""
+@pytest.mark.parametrize(
+    "placement",
+    [
+        PlacementConfig(mode="colocated"),
+        PlacementConfig(mode="colocated", num_instances=3),
+        PlacementConfig(mode="disagg", num_prefill=2, num_decode=2),
+    ],
+)
+def test_fast_forward_changes_nothing_with_shared_prefixes(placement: PlacementConfig) -> None:
+    """A span names the blocks it fills, and takes (evicting cached prefixes) the blocks
+    its steps need, as its steps one by one would: where routing weighs instances by
+    their cached prefixes while others are inside spans too."""
     profile = find(bundled_a100(), "opt-13b", 1)
     sched = SchedulerConfig(max_num_seqs=32)
-    base = sim_config(
-        PlacementConfig(mode="colocated"),
-        profile,
-        None,
-        SimOptions(num_blocks=400, scheduler=sched),
-    )
+    base = sim_config(placement, profile, None, SimOptions(num_blocks=400, scheduler=sched))
     wl = _shared_prefix_workload(share=True)
     fast = Simulator(base)
     slow = Simulator(dataclasses.replace(base, fast_forward=False))
     for f, s in zip(fast.run(wl), slow.run(wl), strict=True):
         assert (f.num_tokens, f.ttft, f.e2e) == pytest.approx((s.num_tokens, s.ttft, s.e2e))
-    hits = [i.scheduler.num_prompt_tokens_cached for i in (fast.instances[0], slow.instances[0])]
-    assert hits[0] == hits[1] > 0
+    hits = [[i.scheduler.num_prompt_tokens_cached for i in sim.instances] for sim in (fast, slow)]
+    assert hits[0] == hits[1] and sum(hits[0]) > 0
+    assert [i.steps for i in fast.instances] == [i.steps for i in slow.instances]
 
 
 def test_same_seed_same_result(tmp_path) -> None:

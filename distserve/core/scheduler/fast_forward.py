@@ -3,21 +3,23 @@ pure decode step of the same batch, and applying such a span at once.
 
 The simulator uses this to cross thousands of decode steps quickly without a second
 copy of the policy: the scheduler's own rules decide how long its decision holds.
-A span ends before the first step in which anything could differ: a request finishing,
+A span ends with the first step in which a request finishes (`end_span` finishes it, as
+that step's update would), and before any step in which anything else could differ:
 blocks running short (a preemption), or a queue that could admit someone. Events from
 outside (arrivals, migrations) are the caller's to bound by time.
 """
 
 from __future__ import annotations
 
-from distserve.core.request import Request, RequestStatus
+from distserve.core.request import FinishReason, Request, RequestStatus
 from distserve.core.scheduler.base import Scheduler
 from distserve.core.scheduler.decode import DecodeScheduler
 
 
 def steady_decode_steps(sched: Scheduler) -> int:
     """Number k >= 0 of next steps that are each 'one token for every running request'
-    with no finish, preemption or admission among them (the step after them may differ)."""
+    with no preemption or admission among them and no finish before the last (the step
+    after them may differ)."""
     if sched.waiting or sched.swapped:
         return 0
     if isinstance(sched, DecodeScheduler) and sched.pending:
@@ -32,7 +34,7 @@ def _span_limit(sched: Scheduler, running: list[Request]) -> int:
         return 0
     max_len = sched.config.max_model_len
     decoding = RequestStatus.DECODING
-    # A request with f tokens left finishes in its f-th step: stop one step before.
+    # A request with f tokens left finishes in its f-th step: the span's last.
     left = max_len + 1  # above any request's (one loop, token counts inlined: the hot path)
     for r in running:
         num_outputs = len(r.output_token_ids)
@@ -44,7 +46,7 @@ def _span_limit(sched: Scheduler, running: list[Request]) -> int:
             f = max_len - num_tokens + 1
         if f < left:
             left = f
-    k = left - 1
+    k = left
     if k <= 0:
         return 0
     blocks, bs = sched.blocks, sched.blocks.block_size
@@ -70,24 +72,91 @@ def _span_limit(sched: Scheduler, running: list[Request]) -> int:
     return lo
 
 
-def begin_span(sched: Scheduler, batch: list[Request], steps: int, now: float) -> None:
-    """Start a span of `steps` steady decode steps of `batch` (the running requests): take
-    every block the span will need now. Any event during the span comes after its last
-    step has started, by which time the step-by-step engine holds these blocks too, so
-    whoever looks at this scheduler meanwhile (routing) sees the same state."""
-    if steps > _span_limit(sched, batch):
+def begin_span(
+    sched: Scheduler, batch: list[Request], steps: int, now: float, lazy: bool = False
+) -> list[tuple[int, int]]:
+    """Start a span of `steps` steady decode steps of `batch` (the running requests).
+
+    Eager (the default): take every block the span will need now. Any event during the
+    span comes after its last step has started, by which time the step-by-step engine
+    holds these blocks too, so whoever looks at this scheduler meanwhile (routing) sees
+    the same state.
+
+    `lazy` (for `steps` just given by `steady_decode_steps`, not checked again): take
+    none yet, and return when each is due: (step, i) for each new block of `batch[i]`
+    that step `step` (1-based) is the first to need, in step order. The caller takes
+    them with `take_span_blocks` as the steps start (at the latest before anyone looks
+    at the blocks, and before `end_span`): a span that an event cuts short (the
+    simulator's, when work arrives for its instance) then leaves the block tables, free
+    list and evictions of the steps that ran, as if they had run one by one."""
+    if not lazy and steps > _span_limit(sched, batch):  # lazy: `steps` is its caller's
         raise ValueError(f"{steps} steps are not a steady span of this batch")
     for req in batch:
-        sched.blocks.allocate(req.request_id, req.num_tokens + steps - 1)
-        req.mark("decode_start", now)
+        if "decode_start" not in req.timestamps:  # req.mark's test, inlined: the hot path
+            req.mark("decode_start", now)
+    if not lazy:
+        for req in batch:
+            sched.blocks.allocate(req.request_id, req.num_tokens + steps - 1)
+        return []
+    blocks, bs = sched.blocks, sched.blocks.block_size
+    due: list[tuple[int, int]] = []
+    for i, req in enumerate(batch):
+        # step m computes position num_tokens + m - 2: its table covers num_tokens + m - 1
+        num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+        first = blocks.num_blocks_of(req.request_id) * bs - num_tokens + 2
+        if first <= steps:  # most requests of a short span need no block
+            due.extend((max(m, 1), i) for m in range(first, steps + 1, bs))
+    due.sort()
+    return due
 
 
-def end_span(sched: Scheduler, batch: list[Request], steps: int, token: int) -> None:
+def take_span_blocks(
+    sched: Scheduler, batch: list[Request], due: list[tuple[int, int]], taken: int, upto: int
+) -> int:
+    """Take a lazy span's blocks (`begin_span`'s `due`, of which the first `taken` are
+    taken) that its steps up to `upto` need; returns how many are taken now."""
+    blocks = sched.blocks
+    while taken < len(due) and due[taken][0] <= upto:
+        m, i = due[taken]
+        req = batch[i]
+        blocks.allocate(req.request_id, req.num_tokens + m - 1)
+        taken += 1
+    return taken
+
+
+def end_span(
+    sched: Scheduler, batch: list[Request], steps: int, token: int, now: float
+) -> list[Request]:
     """Finish a span begun with `begin_span`: each request gains `steps` tokens (all
-    `token`) and the blocks they filled join the prefix cache, leaving the state `steps`
-    schedule/update rounds would. Requests that joined or queued meanwhile wait for its
-    end, as they would have waited for its last step."""
+    `token`) and the blocks they filled join the prefix cache; those whose last token
+    that was (the span's last step, `steady_decode_steps`) finish at `now`, and are
+    returned. This leaves the state `steps` schedule/update rounds would. Requests that
+    joined or queued meanwhile wait for its end, as they would have waited for its last
+    step."""
+    max_len = sched.config.max_model_len
+    blocks = sched.blocks
+    bs = blocks.block_size
+    # blocks.cache_blocks' own test, inlined (as in Scheduler.update): most spans fill no
+    # block of most requests
+    registered = blocks.cache._num_registered if blocks.cache is not None else None
+    tokens = [token] * steps
+    ending = []
     for req in batch:
-        req.num_computed_tokens = req.num_tokens + steps - 1
-        req.append_tokens(token, steps)
-        sched.blocks.cache_blocks(req, req.num_computed_tokens)
+        outputs = req.output_token_ids
+        computed = req.num_computed_tokens = len(req.prompt_token_ids) + len(outputs) + steps - 1
+        outputs.extend(tokens)
+        if req.sampling_params.logprobs is not None:
+            req.output_logprobs.extend([None] * steps)
+        if registered is not None and computed // bs > registered.get(req.request_id, 0):
+            blocks.cache_blocks(req, computed)
+        if len(outputs) >= req.sampling_params.max_tokens or computed + 1 >= max_len:
+            ending.append(req)
+    finished = []
+    for req in ending:  # in the order of the step's chunks, as update finishes them
+        reason = req.check_stop()
+        if reason is None and req.num_tokens >= max_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            sched.finish_request(req.request_id, reason, now)
+            finished.append(req)
+    return finished
