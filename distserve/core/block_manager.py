@@ -157,30 +157,47 @@ class BlockManager:
         `cached` (from `lookup`, for a request holding no table) starts the table: those
         blocks are shared, not new. New blocks come from the free list, else by evicting
         the least recently released parked block."""
-        if not cached and not self.blocks_needed(request_id, num_tokens):
-            return []  # covered already (most steps of a running request): nothing to take
-        if cached:
-            if request_id in self._tables:
-                raise ValueError(f"request {request_id} already holds blocks: no cached prefix")
-            if any(self.cache is None or not self.cache.is_registered(b) for b in cached):
-                raise ValueError(f"request {request_id}: cached blocks must hold a cached prefix")
+        if not cached:  # the common case (every step of a running request), kept short
+            table = self._tables.get(request_id)
+            need = -(-num_tokens // self.block_size) - (len(table) if table is not None else 0)
+            if need <= 0:
+                return []  # covered already (most steps): nothing to take
+            if need > self.num_free_blocks:
+                raise OutOfBlocksError(
+                    f"request {request_id} needs {need} blocks, {self.num_free_blocks} are free"
+                )
+            if table is None:
+                table = self._tables[request_id] = []
+            return self._grow(table, need)
+        if request_id in self._tables:
+            raise ValueError(f"request {request_id} already holds blocks: no cached prefix")
+        if any(self.cache is None or not self.cache.is_registered(b) for b in cached):
+            raise ValueError(f"request {request_id}: cached blocks must hold a cached prefix")
         cost = self._cost(request_id, num_tokens, cached)
         if cost > self.num_free_blocks:
             raise OutOfBlocksError(
                 f"request {request_id} needs {cost} blocks, {self.num_free_blocks} are free"
             )
         need = max(0, self.blocks_needed(request_id, num_tokens) - len(cached))
-        if need == 0 and not cached:
-            return []  # no table for a request that needs nothing (tables are never empty)
         table = self._tables.setdefault(request_id, [])
         for b in cached:  # before taking new blocks, so that no eviction can take these
             if self.cache is not None and self.cache.is_parked(b):
                 self.cache.unpark(b)
             self._ref[b] += 1
         table.extend(cached)
+        return self._grow(table, need)
+
+    def _grow(self, table: list[int], need: int) -> list[int]:
+        """Append `need` new blocks (ref 1) to `table`; return them. The caller has checked
+        that enough are free."""
         # _take `need` times: the free list's first blocks, then evictions (at once: a
         # prompt takes dozens)
         free, ref = self._free, self._ref
+        if need == 1:  # a decode step's new block
+            b = free.popleft() if free else self._take()
+            ref[b] = 1
+            table.append(b)
+            return [b]
         new = [free.popleft() for _ in range(min(need, len(free)))]
         if len(new) < need:
             new += [self._take() for _ in range(need - len(new))]
