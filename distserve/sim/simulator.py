@@ -87,6 +87,8 @@ class _Span:
     """Seconds of the first m steps (LatencyModel.decode_clock)."""
     due: list[tuple[int, int]]
     taken: int = 0
+    admit_at: float = -1.0
+    """When its instance next admits handoffs during the span (-1: not due)."""
 
     def begun(self, t: float) -> int:
         """Steps begun before `t` (at least the first: it began when the span did, which
@@ -560,14 +562,7 @@ class Simulator:
             self._end_flip(inst, t)
         sched = inst.scheduler
         if isinstance(sched, DecodeScheduler):
-            for req in sched.admit_migrations(t):
-                src = self._owner[req.request_id]
-                local = sched.num_local_blocks(req.request_id) * sched.blocks.block_size
-                self._at(
-                    t + inst.latency.transfer_time(req.num_computed_tokens - local),
-                    "transfer",
-                    functools.partial(self._transferred, req=req, src=src, dst=inst),
-                )
+            self._admit(inst, sched, t)
         if self.config.fast_forward and self._fast_forward(inst, t):
             return
         plan = sched.schedule(t)
@@ -587,6 +582,42 @@ class Simulator:
         self._at(
             t + dt, "step", functools.partial(self._step_done, inst=inst, plan=plan, stored=pending)
         )
+
+    def _admit(self, inst: SimInstance, sched: DecodeScheduler, t: float) -> None:
+        """Admit what migrations the decode instance can, each KV pull then under way."""
+        for req in sched.admit_migrations(t):
+            src = self._owner[req.request_id]
+            local = sched.num_local_blocks(req.request_id) * sched.blocks.block_size
+            self._at(
+                t + inst.latency.transfer_time(req.num_computed_tokens - local),
+                "transfer",
+                functools.partial(self._transferred, req=req, src=src, dst=inst),
+            )
+
+    def _admit_after_step(self, inst: SimInstance, t: float) -> None:
+        """A handoff came to a decode instance at `t`: it is admitted when the step in
+        flight ends, as the step-by-step engine would at its next wake. Inside a span
+        that does not change the batch (the request joins it only when its KV has
+        arrived), so the span goes on, unless the admission waits for blocks or leaves too
+        few for the span's later steps: it is cut then."""
+        span = inst.span
+        if span is None:
+            return
+        m = span.begun(t)
+        end = span.start + span.clock(m)
+        if m < span.steps and span.admit_at != end:
+            span.admit_at = end
+            self._at(end, "admit", functools.partial(self._admit_in_span, inst=inst, span=span))
+
+    def _admit_in_span(self, t: float, inst: SimInstance, span: _Span) -> None:
+        if inst.span is not span:
+            return  # the span has ended: its instance's wake admitted
+        sched = inst.scheduler
+        assert isinstance(sched, DecodeScheduler)
+        self._settle(inst, t)  # the steps begun: the next begins now, after the admission
+        self._admit(inst, sched, t)
+        if sched.pending or len(span.due) - span.taken > sched.blocks.num_free_blocks:
+            self._cut(inst, t)
 
     def _fast_forward(self, inst: SimInstance, t: float) -> bool:
         """Run a steady span of decode steps as one event, stopping before the next
@@ -721,7 +752,7 @@ class Simulator:
                 return
             self._awaiting.popleft()
             assert isinstance(dst.scheduler, DecodeScheduler)
-            self._cut(dst, t)
+            self._admit_after_step(dst, t)
             copy = handoff_copy(req)
             share_names(copy, shared_names(req))
             dst.scheduler.add_migrating(copy)
