@@ -124,7 +124,12 @@ class PrefixCache:
         if kept is None or kept[0] is not seq:  # another object: maybe other tokens
             shared = _shared_names(seq, self.root, self.block_size)
             kept = self._names[seq.request_id] = (seq, shared)
-        names = kept[1]
+        return self._extended(seq, kept[1], num_blocks)
+
+    def _extended(
+        self, seq: TokenSequence, names: list[BlockHash], num_blocks: int
+    ) -> list[BlockHash]:
+        """`names` (of `seq`'s first blocks) extended to at least `num_blocks`."""
         if len(names) >= num_blocks:
             return names
         bs = self.block_size
@@ -138,7 +143,13 @@ class PrefixCache:
         """Registered blocks holding the longest prefix of `seq`'s first `num_blocks`
         full blocks: looked up in order, up to the first name nobody holds."""
         hits: list[int] = []
-        names = self.names(seq, num_blocks)
+        # Kept here only for requests this cache holds (`names`): a router looks a prompt
+        # up on every instance, and the others would keep it (and its request) for ever.
+        kept = self._names.get(seq.request_id)
+        if kept is not None and kept[0] is seq:
+            names = self._extended(seq, kept[1], num_blocks)
+        else:
+            names = self._extended(seq, _shared_names(seq, self.root, self.block_size), num_blocks)
         block_of = self._block_of
         for i in range(num_blocks):
             block = block_of.get(names[i])

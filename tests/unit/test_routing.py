@@ -67,3 +67,21 @@ def test_a_prompt_goes_where_its_prefix_is_cached_unless_the_queue_outweighs_it(
     assert pick_prefill([a, b], again) is b  # b: 30 ahead + 4 own = 34; a: 12 + 24 = 36
     b.scheduler.add_request(req("v", 8))  # b: 38 + 4 = 42: the queue outweighs the hit
     assert pick_prefill([a, b], again) is a
+
+
+def test_weighing_a_prompt_leaves_nothing_on_the_instances_not_chosen() -> None:
+    """The router looks every prompt up in every instance's prefix cache; an instance
+    that did not take the request keeps nothing of it (it kept the request object, and
+    so its tokens, for as long as the server ran)."""
+    insts = [cached_inst(n) for n in "abc"]
+    for i in range(12):
+        r = req(f"r{i}", 4 + i)
+        chosen = pick_prefill(insts, r)
+        assert chosen is not None
+        chosen.scheduler.add_request(r)
+        plan = chosen.scheduler.schedule(float(i))
+        chosen.scheduler.update(plan, StepResult(sampled={r.request_id: 5}), float(i))
+        chosen.scheduler.abort_request(r.request_id, float(i))
+    for i in insts:
+        assert not i.scheduler.requests
+        assert not i.scheduler.blocks.cache._names  # type: ignore[union-attr]
