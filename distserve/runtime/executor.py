@@ -89,6 +89,9 @@ class LocalExecutor:
 
     async def close(self) -> None:
         self._thread.shutdown(wait=False)
+        # The controller's objects refer to each other (instances, the request table, its
+        # helpers): without this the model would wait for a full garbage collection.
+        vars(self).pop("worker", None)  # (closing twice is harmless)
 
 
 class RayExecutor:
