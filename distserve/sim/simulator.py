@@ -36,6 +36,8 @@ from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import (
     begin_span,
     end_span,
+    span_growth,
+    span_limit,
     steady_decode_steps,
     take_span_blocks,
 )
@@ -77,18 +79,35 @@ class SimInstance:
 @dataclass
 class _Span:
     """Steady decode steps of `batch` from `start`, run as one event unless work arriving
-    for their instance cuts them short: they then end with the step in flight. Their
-    blocks are taken as their steps start (fast_forward.begin_span's lazy mode)."""
+    for their instance cuts them short: they then end with the step in flight. A request
+    whose KV arrives on a decode instance joins the batch from the next step instead
+    (`joined`: the step after which each joined; the step times then follow a new
+    clock). Their blocks are taken as their steps start (fast_forward.begin_span's lazy
+    mode)."""
 
     start: float
     batch: list[Request]
     steps: int
     clock: Callable[[int], float]
-    """Seconds of the first m steps (LatencyModel.decode_clock)."""
-    due: list[tuple[int, int]]
+    """Seconds of the first m steps of the first batch (LatencyModel.decode_clock)."""
+    due: list[tuple[int, int, int]]
     taken: int = 0
     admit_at: float = -1.0
     """When its instance next admits handoffs during the span (-1: not due)."""
+    joined: list[int] = field(default_factory=list)
+    version: int = 0
+    """Bumped whenever its end moves (the end event of another version is stale)."""
+    segments: list[tuple[int, float, Callable[[int], float]]] = field(default_factory=list)
+    """(first step, when it starts, clock from it) of each batch after a join."""
+
+    def step_start(self, s: int) -> float:
+        """When step s (1-based; s = steps + 1: when the last one ends) starts."""
+        first, start, clock = 1, self.start, self.clock
+        for seg in reversed(self.segments):  # few: the joins of one span
+            if seg[0] <= s:
+                first, start, clock = seg
+                break
+        return start + clock(s - first)
 
     def begun(self, t: float) -> int:
         """Steps begun before `t` (at least the first: it began when the span did, which
@@ -96,7 +115,7 @@ class _Span:
         lo, hi = 1, self.steps
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.start + self.clock(mid - 1) < t:
+            if self.step_start(mid) < t:
                 lo = mid
             else:
                 hi = mid - 1
@@ -604,7 +623,7 @@ class Simulator:
         if span is None:
             return
         m = span.begun(t)
-        end = span.start + span.clock(m)
+        end = span.step_start(m + 1)
         if m < span.steps and span.admit_at != end:
             span.admit_at = end
             self._at(end, "admit", functools.partial(self._admit_in_span, inst=inst, span=span))
@@ -667,24 +686,73 @@ class Simulator:
         batch = list(inst.scheduler.running)
         clock = inst.latency.decode_clock([r.num_tokens - 1 for r in batch])
         due = begin_span(inst.scheduler, batch, k, t, lazy=True)
-        span = inst.span = _Span(t, batch, k, clock, due)
+        span = inst.span = _Span(t, batch, k, clock, due, joined=[0] * len(batch))
         inst.busy = inst.decoding = True
-        self._at(
-            t + clock(k), "span", functools.partial(self._span_done, inst=inst, span=span, steps=k)
-        )
+        self._end_at(inst, span)
         return True
 
-    def _span_done(self, t: float, inst: SimInstance, span: _Span, steps: int) -> None:
-        if inst.span is not span or span.steps != steps:
-            return  # cut short: a later event ends it
-        span.taken = take_span_blocks(inst.scheduler, span.batch, span.due, span.taken, steps)
-        inst.steps, inst.busy_seconds = inst.steps + steps, inst.busy_seconds + span.clock(steps)
-        inst.span, inst.busy = None, False
-        self._spanned(inst, span.batch, steps, t)
+    def _end_at(self, inst: SimInstance, span: _Span) -> None:
+        """(Re)schedule the end of `inst`'s span: when its last step ends."""
+        span.version += 1
+        end = functools.partial(self._span_done, inst=inst, span=span, version=span.version)
+        self._at(span.step_start(span.steps + 1), "span", end)
 
-    def _spanned(self, inst: SimInstance, batch: list[Request], steps: int, t: float) -> None:
+    def _span_done(self, t: float, inst: SimInstance, span: _Span, version: int) -> None:
+        if inst.span is not span or span.version != version:
+            return  # cut short or joined: another event ends it
+        steps = span.steps
+        span.taken = take_span_blocks(inst.scheduler, span.batch, span.due, span.taken, steps)
+        inst.steps, inst.busy_seconds = inst.steps + steps, inst.busy_seconds + t - span.start
+        inst.span, inst.busy = None, False
+        self._spanned(inst, span.batch, steps, t, span.joined)
+
+    def _join(self, inst: SimInstance, req: Request, t: float) -> bool:
+        """`req`'s KV arrived at `t` on `inst`, inside a span: it joins the span's batch
+        from the next step, as the step-by-step engine would take it at its next schedule;
+        False (and nothing changed) where the span must end instead (its last step is in
+        flight, or the request or the blocks do not allow a steady span)."""
+        span = inst.span
+        assert span is not None
+        sched = inst.scheduler
+        m = span.begun(t)
+        if m >= span.steps:
+            return False
+        left = span_limit(sched, [req])
+        if left < 1:
+            return False
+        steps = min(span.steps, m + left)
+        due = [d for d in span.due[span.taken :] if d[0] <= steps]
+        i = len(span.batch)
+        span_growth(sched, req, i, m, steps, due)
+        if len(due) > sched.blocks.num_free_blocks:
+            return False  # a later step would preempt: the scheduler decides that
+        due.sort()
+        span.due, span.taken = due, 0
+        span.batch.append(req)
+        span.joined.append(m)
+        begins = span.step_start(m + 1)
+        contexts = [r.num_tokens - 1 + m - j for r, j in zip(span.batch, span.joined, strict=True)]
+        clock = inst.latency.decode_clock(contexts)
+        if span.segments and span.segments[-1][0] == m + 1:
+            span.segments[-1] = (m + 1, begins, clock)  # another join at the same step
+        else:
+            span.segments.append((m + 1, begins, clock))
+        if "decode_start" not in req.timestamps:
+            req.mark("decode_start", begins)
+        span.steps = steps
+        self._end_at(inst, span)
+        return True
+
+    def _spanned(
+        self,
+        inst: SimInstance,
+        batch: list[Request],
+        steps: int,
+        t: float,
+        joined: list[int] | None = None,
+    ) -> None:
         """A span's last step ended at `t`: as `_step_done` after a step."""
-        finished = end_span(inst.scheduler, batch, steps, _TOKEN, t)
+        finished = end_span(inst.scheduler, batch, steps, _TOKEN, t, joined)
         for req in finished:
             self._record(req, t)
         if finished:
@@ -697,7 +765,7 @@ class Simulator:
         span = inst.span
         if span is None or span.taken == len(span.due):
             return
-        if span.start + span.clock(span.due[span.taken][0] - 1) >= t:
+        if span.step_start(span.due[span.taken][0]) >= t:
             return  # the next block is for a step not begun yet (the common case)
         span.taken = take_span_blocks(
             inst.scheduler, span.batch, span.due, span.taken, span.begun(t)
@@ -713,11 +781,7 @@ class Simulator:
         m = span.begun(t)
         if m < span.steps:
             span.steps = m
-            self._at(
-                span.start + span.clock(m),
-                "span",
-                functools.partial(self._span_done, inst=inst, span=span, steps=m),
-            )
+            self._end_at(inst, span)
 
     def _step_done(self, t: float, inst: SimInstance, plan: StepPlan, stored: Any = None) -> None:
         if stored and self.store is not None:
@@ -762,8 +826,10 @@ class Simulator:
         assert isinstance(dst.scheduler, DecodeScheduler) and isinstance(
             src.scheduler, PrefillScheduler
         )
-        self._cut(dst, t)
+        self._settle(dst, t)
         dst.scheduler.finish_migration(req.request_id, t)
+        if dst.span is not None and not self._join(dst, req, t):
+            self._cut(dst, t)
         src.scheduler.release_migrated(req.request_id, t)
         self._owner[req.request_id] = dst
         self._wake(src, t)

@@ -24,10 +24,10 @@ def steady_decode_steps(sched: Scheduler) -> int:
         return 0
     if isinstance(sched, DecodeScheduler) and sched.pending:
         return 0
-    return _span_limit(sched, sched.running)
+    return span_limit(sched, sched.running)
 
 
-def _span_limit(sched: Scheduler, running: list[Request]) -> int:
+def span_limit(sched: Scheduler, running: list[Request]) -> int:
     """The longest span a batch allows: all decoding, nobody finishing before its last
     step, block growth covered by free blocks."""
     if not running:
@@ -74,7 +74,7 @@ def _span_limit(sched: Scheduler, running: list[Request]) -> int:
 
 def begin_span(
     sched: Scheduler, batch: list[Request], steps: int, now: float, lazy: bool = False
-) -> list[tuple[int, int]]:
+) -> list[tuple[int, int, int]]:
     """Start a span of `steps` steady decode steps of `batch` (the running requests).
 
     Eager (the default): take every block the span will need now. Any event during the
@@ -83,13 +83,12 @@ def begin_span(
     the same state.
 
     `lazy` (for `steps` just given by `steady_decode_steps`, not checked again): take
-    none yet, and return when each is due: (step, i) for each new block of `batch[i]`
-    that step `step` (1-based) is the first to need, in step order. The caller takes
-    them with `take_span_blocks` as the steps start (at the latest before anyone looks
-    at the blocks, and before `end_span`): a span that an event cuts short (the
-    simulator's, when work arrives for its instance) then leaves the block tables, free
-    list and evictions of the steps that ran, as if they had run one by one."""
-    if not lazy and steps > _span_limit(sched, batch):  # lazy: `steps` is its caller's
+    none yet, and return when each is due (`span_growth`). The caller takes them with
+    `take_span_blocks` as the steps start (at the latest before anyone looks at the
+    blocks, and before `end_span`): a span that an event cuts short (the simulator's,
+    when work arrives for its instance) then leaves the block tables, free list and
+    evictions of the steps that ran, as if they had run one by one."""
+    if not lazy and steps > span_limit(sched, batch):  # lazy: `steps` is its caller's
         raise ValueError(f"{steps} steps are not a steady span of this batch")
     for req in batch:
         if "decode_start" not in req.timestamps:  # req.mark's test, inlined: the hot path
@@ -98,41 +97,65 @@ def begin_span(
         for req in batch:
             sched.blocks.allocate(req.request_id, req.num_tokens + steps - 1)
         return []
-    blocks, bs = sched.blocks, sched.blocks.block_size
-    due: list[tuple[int, int]] = []
+    due: list[tuple[int, int, int]] = []
     for i, req in enumerate(batch):
-        # step m computes position num_tokens + m - 2: its table covers num_tokens + m - 1
-        num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
-        first = blocks.num_blocks_of(req.request_id) * bs - num_tokens + 2
-        if first <= steps:  # most requests of a short span need no block
-            due.extend((max(m, 1), i) for m in range(first, steps + 1, bs))
+        span_growth(sched, req, i, 0, steps, due)
     due.sort()
     return due
 
 
+def span_growth(
+    sched: Scheduler,
+    req: Request,
+    i: int,
+    joined: int,
+    steps: int,
+    due: list[tuple[int, int, int]],
+) -> None:
+    """Append to `due` when request `i` of a span needs each new block, as (step, i,
+    tokens its table must cover then), for a request that joined the span after its
+    step `joined` (0: from the start), up to step `steps` (1-based, the span's count)."""
+    bs = sched.blocks.block_size
+    num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+    # its r-th step computes position num_tokens + r - 2: its table covers num_tokens + r - 1
+    first = sched.blocks.num_blocks_of(req.request_id) * bs - num_tokens + 2
+    if first <= steps - joined:  # most requests of a short span need no block
+        for r in range(first, steps - joined + 1, bs):
+            r = max(r, 1)
+            due.append((joined + r, i, num_tokens + r - 1))
+
+
 def take_span_blocks(
-    sched: Scheduler, batch: list[Request], due: list[tuple[int, int]], taken: int, upto: int
+    sched: Scheduler,
+    batch: list[Request],
+    due: list[tuple[int, int, int]],
+    taken: int,
+    upto: int,
 ) -> int:
     """Take a lazy span's blocks (`begin_span`'s `due`, of which the first `taken` are
     taken) that its steps up to `upto` need; returns how many are taken now."""
     blocks = sched.blocks
     while taken < len(due) and due[taken][0] <= upto:
-        m, i = due[taken]
-        req = batch[i]
-        blocks.allocate(req.request_id, req.num_tokens + m - 1)
+        _, i, tokens = due[taken]
+        blocks.allocate(batch[i].request_id, tokens)
         taken += 1
     return taken
 
 
 def end_span(
-    sched: Scheduler, batch: list[Request], steps: int, token: int, now: float
+    sched: Scheduler,
+    batch: list[Request],
+    steps: int,
+    token: int,
+    now: float,
+    joined: list[int] | None = None,
 ) -> list[Request]:
     """Finish a span begun with `begin_span`: each request gains `steps` tokens (all
-    `token`) and the blocks they filled join the prefix cache; those whose last token
-    that was (the span's last step, `steady_decode_steps`) finish at `now`, and are
-    returned. This leaves the state `steps` schedule/update rounds would. Requests that
-    joined or queued meanwhile wait for its end, as they would have waited for its last
-    step."""
+    `token`; `steps - joined[i]` for one that joined after step `joined[i]`) and the
+    blocks they filled join the prefix cache; those whose last token that was (the
+    span's last step, `steady_decode_steps`) finish at `now`, and are returned. This
+    leaves the state `steps` schedule/update rounds would. Requests that queued meanwhile
+    wait for its end, as they would have waited for its last step."""
     max_len = sched.config.max_model_len
     blocks = sched.blocks
     bs = blocks.block_size
@@ -141,12 +164,15 @@ def end_span(
     registered = blocks.cache._num_registered if blocks.cache is not None else None
     tokens = [token] * steps
     ending = []
-    for req in batch:
+    for i, req in enumerate(batch):
+        gained = steps - joined[i] if joined is not None else steps
+        if gained <= 0:
+            continue  # joined for steps the span no longer has
         outputs = req.output_token_ids
-        computed = req.num_computed_tokens = len(req.prompt_token_ids) + len(outputs) + steps - 1
-        outputs.extend(tokens)
+        computed = req.num_computed_tokens = len(req.prompt_token_ids) + len(outputs) + gained - 1
+        outputs.extend(tokens if gained == steps else tokens[:gained])
         if req.sampling_params.logprobs is not None:
-            req.output_logprobs.extend([None] * steps)
+            req.output_logprobs.extend([None] * gained)
         if registered is not None and computed // bs > registered.get(req.request_id, 0):
             blocks.cache_blocks(req, computed)
         if len(outputs) >= req.sampling_params.max_tokens or computed + 1 >= max_len:
