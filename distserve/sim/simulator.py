@@ -36,12 +36,10 @@ from distserve.core.routing import PrefillOnDecode, pick_decode, pick_prefill
 from distserve.core.scheduler.fast_forward import (
     begin_span,
     end_span,
-    span_growth,
-    span_limit,
     steady_decode_steps,
-    take_span_blocks,
 )
 from distserve.metrics.results import RequestResult
+from distserve.sim import spans
 from distserve.sim.latency import LatencyModel
 from distserve.sim.replan import AdaptiveConfig, chunked_scheduler, flip_refusal, kind_of
 from distserve.workload import Workload
@@ -72,54 +70,8 @@ class SimInstance:
     """What the layout counted it as when its flip began."""
     flip_moved: int = 0
     """Queued requests the flip in progress handed to other instances."""
-    span: _Span | None = None
+    span: spans.Span | None = None
     """The cuttable span of decode steps in progress, if any (`Simulator._fast_forward`)."""
-
-
-@dataclass
-class _Span:
-    """Steady decode steps of `batch` from `start`, run as one event unless work arriving
-    for their instance cuts them short: they then end with the step in flight. A request
-    whose KV arrives on a decode instance joins the batch from the next step instead
-    (`joined`: the step after which each joined; the step times then follow a new
-    clock). Their blocks are taken as their steps start (fast_forward.begin_span's lazy
-    mode)."""
-
-    start: float
-    batch: list[Request]
-    steps: int
-    clock: Callable[[int], float]
-    """Seconds of the first m steps of the first batch (LatencyModel.decode_clock)."""
-    due: list[tuple[int, int, int]]
-    taken: int = 0
-    admit_at: float = -1.0
-    """When its instance next admits handoffs during the span (-1: not due)."""
-    joined: list[int] = field(default_factory=list)
-    version: int = 0
-    """Bumped whenever its end moves (the end event of another version is stale)."""
-    segments: list[tuple[int, float, Callable[[int], float]]] = field(default_factory=list)
-    """(first step, when it starts, clock from it) of each batch after a join."""
-
-    def step_start(self, s: int) -> float:
-        """When step s (1-based; s = steps + 1: when the last one ends) starts."""
-        first, start, clock = 1, self.start, self.clock
-        for seg in reversed(self.segments):  # few: the joins of one span
-            if seg[0] <= s:
-                first, start, clock = seg
-                break
-        return start + clock(s - first)
-
-    def begun(self, t: float) -> int:
-        """Steps begun before `t` (at least the first: it began when the span did, which
-        was before anything at `t` happens)."""
-        lo, hi = 1, self.steps
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.step_start(mid) < t:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
 
 
 @dataclass
@@ -266,7 +218,7 @@ class Simulator:
             and self.store is None
         )
         """Whether spans of non-contended instances run until work comes for them
-        (`_Span`): nothing but routing (prompts, handoffs, transfers) looks at an instance
+        (sim/spans.py): nothing but routing (prompts, handoffs, transfers) looks at an instance
         or changes it from outside. Otherwise a span ends before the next event anywhere."""
 
     def _instance(self, role: str, index: int) -> SimInstance:
@@ -447,7 +399,7 @@ class Simulator:
             self.adaptive.arrived(req)  # a held one again when placed: the same id
         takers = [i for i in self.instances if i.role != "decode"]
         for i in takers:
-            self._settle(i, t)
+            spans.settle(i, t)
         inst = pick_prefill(takers, req)
         if inst is None:  # every prompt-taking instance is flipping: wait for one
             self._held.append(wr)
@@ -470,7 +422,7 @@ class Simulator:
                     self.prefilled_on_decode += 1
             except ValueError:
                 pass  # too big for the decode instance's cache: the prefill instance takes it
-        self._cut(inst, t)
+        spans.cut(self, inst, t)
         inst.scheduler.add_request(req)
         self._owner[req.request_id] = inst
         # Wake after every arrival of this instant is queued (arrivals go first at a tie).
@@ -613,39 +565,14 @@ class Simulator:
                 functools.partial(self._transferred, req=req, src=src, dst=inst),
             )
 
-    def _admit_after_step(self, inst: SimInstance, t: float) -> None:
-        """A handoff came to a decode instance at `t`: it is admitted when the step in
-        flight ends, as the step-by-step engine would at its next wake. Inside a span
-        that does not change the batch (the request joins it only when its KV has
-        arrived), so the span goes on, unless the admission waits for blocks or leaves too
-        few for the span's later steps: it is cut then."""
-        span = inst.span
-        if span is None:
-            return
-        m = span.begun(t)
-        end = span.step_start(m + 1)
-        if m < span.steps and span.admit_at != end:
-            span.admit_at = end
-            self._at(end, "admit", functools.partial(self._admit_in_span, inst=inst, span=span))
-
-    def _admit_in_span(self, t: float, inst: SimInstance, span: _Span) -> None:
-        if inst.span is not span:
-            return  # the span has ended: its instance's wake admitted
-        sched = inst.scheduler
-        assert isinstance(sched, DecodeScheduler)
-        self._settle(inst, t)  # the steps begun: the next begins now, after the admission
-        self._admit(inst, sched, t)
-        if sched.pending or len(span.due) - span.taken > sched.blocks.num_free_blocks:
-            self._cut(inst, t)
-
     def _fast_forward(self, inst: SimInstance, t: float) -> bool:
         """Run a steady span of decode steps as one event, stopping before the next
         event anywhere (any of them might change this instance's next decision), or,
-        where spans are cuttable, as long as the batch is steady (`_Span`)."""
+        where spans are cuttable, as long as the batch is steady (sim/spans.py)."""
         if self.config.step_noise > 0:  # noise: one draw per step
             return False
         if self._cuttable and not inst.latency.contended:
-            return self._begin_cuttable(inst, t)
+            return spans.begin(self, inst, t)
         horizon = self._horizon(inst)
         lat = inst.latency
         share = self._busy_share(inst)
@@ -679,70 +606,6 @@ class Simulator:
         self._at(t + dt, "span", done)
         return True
 
-    def _begin_cuttable(self, inst: SimInstance, t: float) -> bool:
-        k = steady_decode_steps(inst.scheduler)
-        if k < 2:
-            return False
-        batch = list(inst.scheduler.running)
-        clock = inst.latency.decode_clock([r.num_tokens - 1 for r in batch])
-        due = begin_span(inst.scheduler, batch, k, t, lazy=True)
-        span = inst.span = _Span(t, batch, k, clock, due, joined=[0] * len(batch))
-        inst.busy = inst.decoding = True
-        self._end_at(inst, span)
-        return True
-
-    def _end_at(self, inst: SimInstance, span: _Span) -> None:
-        """(Re)schedule the end of `inst`'s span: when its last step ends."""
-        span.version += 1
-        end = functools.partial(self._span_done, inst=inst, span=span, version=span.version)
-        self._at(span.step_start(span.steps + 1), "span", end)
-
-    def _span_done(self, t: float, inst: SimInstance, span: _Span, version: int) -> None:
-        if inst.span is not span or span.version != version:
-            return  # cut short or joined: another event ends it
-        steps = span.steps
-        span.taken = take_span_blocks(inst.scheduler, span.batch, span.due, span.taken, steps)
-        inst.steps, inst.busy_seconds = inst.steps + steps, inst.busy_seconds + t - span.start
-        inst.span, inst.busy = None, False
-        self._spanned(inst, span.batch, steps, t, span.joined)
-
-    def _join(self, inst: SimInstance, req: Request, t: float) -> bool:
-        """`req`'s KV arrived at `t` on `inst`, inside a span: it joins the span's batch
-        from the next step, as the step-by-step engine would take it at its next schedule;
-        False (and nothing changed) where the span must end instead (its last step is in
-        flight, or the request or the blocks do not allow a steady span)."""
-        span = inst.span
-        assert span is not None
-        sched = inst.scheduler
-        m = span.begun(t)
-        if m >= span.steps:
-            return False
-        left = span_limit(sched, [req])
-        if left < 1:
-            return False
-        steps = min(span.steps, m + left)
-        due = [d for d in span.due[span.taken :] if d[0] <= steps]
-        i = len(span.batch)
-        span_growth(sched, req, i, m, steps, due)
-        if len(due) > sched.blocks.num_free_blocks:
-            return False  # a later step would preempt: the scheduler decides that
-        due.sort()
-        span.due, span.taken = due, 0
-        span.batch.append(req)
-        span.joined.append(m)
-        begins = span.step_start(m + 1)
-        contexts = [r.num_tokens - 1 + m - j for r, j in zip(span.batch, span.joined, strict=True)]
-        clock = inst.latency.decode_clock(contexts)
-        if span.segments and span.segments[-1][0] == m + 1:
-            span.segments[-1] = (m + 1, begins, clock)  # another join at the same step
-        else:
-            span.segments.append((m + 1, begins, clock))
-        if "decode_start" not in req.timestamps:
-            req.mark("decode_start", begins)
-        span.steps = steps
-        self._end_at(inst, span)
-        return True
-
     def _spanned(
         self,
         inst: SimInstance,
@@ -758,30 +621,6 @@ class Simulator:
         if finished:
             self._dispatch(t)
         self._wake(inst, t)
-
-    def _settle(self, inst: SimInstance, t: float) -> None:
-        """Before anyone looks at `inst` at `t`: take the blocks of its span's steps begun
-        by then (as a step-by-step engine would hold them)."""
-        span = inst.span
-        if span is None or span.taken == len(span.due):
-            return
-        if span.step_start(span.due[span.taken][0]) >= t:
-            return  # the next block is for a step not begun yet (the common case)
-        span.taken = take_span_blocks(
-            inst.scheduler, span.batch, span.due, span.taken, span.begun(t)
-        )
-
-    def _cut(self, inst: SimInstance, t: float) -> None:
-        """Work for `inst` came at `t`: its span ends with the step in flight, after which
-        it schedules again (as after any step)."""
-        span = inst.span
-        if span is None:
-            return
-        self._settle(inst, t)
-        m = span.begun(t)
-        if m < span.steps:
-            span.steps = m
-            self._end_at(inst, span)
 
     def _step_done(self, t: float, inst: SimInstance, plan: StepPlan, stored: Any = None) -> None:
         if stored and self.store is not None:
@@ -810,13 +649,13 @@ class Simulator:
                 self._awaiting.popleft()
                 continue
             for i in decoders:
-                self._settle(i, t)
+                spans.settle(i, t)
             dst = pick_decode(decoders)
             if dst is None:
                 return
             self._awaiting.popleft()
             assert isinstance(dst.scheduler, DecodeScheduler)
-            self._admit_after_step(dst, t)
+            spans.admit_after_step(self, dst, t)
             copy = handoff_copy(req)
             share_names(copy, shared_names(req))
             dst.scheduler.add_migrating(copy)
@@ -826,10 +665,10 @@ class Simulator:
         assert isinstance(dst.scheduler, DecodeScheduler) and isinstance(
             src.scheduler, PrefillScheduler
         )
-        self._settle(dst, t)
+        spans.settle(dst, t)
         dst.scheduler.finish_migration(req.request_id, t)
-        if dst.span is not None and not self._join(dst, req, t):
-            self._cut(dst, t)
+        if dst.span is not None and not spans.join(self, dst, req, t):
+            spans.cut(self, dst, t)
         src.scheduler.release_migrated(req.request_id, t)
         self._owner[req.request_id] = dst
         self._wake(src, t)
