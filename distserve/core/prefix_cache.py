@@ -116,13 +116,15 @@ class PrefixCache:
         self._num_registered: dict[str, int] = {}
 
     # ---- names ---------------------------------------------------------------------
-    def names(self, seq: TokenSequence, num_blocks: int) -> list[BlockHash]:
+    def names(self, seq: TokenSequence, num_blocks: int, keep: bool = True) -> list[BlockHash]:
         """The names of at least the first `num_blocks` full blocks of `seq` (computed
-        once per sequence object and kept until `forget`). The returned list is the
-        cache's own: read it."""
+        once per sequence object, and with `keep`, kept here until `forget`: only for a
+        request this cache holds). The returned list is the cache's own: read it."""
         kept = self._names.get(seq.request_id)
         if kept is None or kept[0] is not seq:  # another object: maybe other tokens
             shared = _shared_names(seq, self.root, self.block_size)
+            if not keep:
+                return self._extended(seq, shared, num_blocks)
             kept = self._names[seq.request_id] = (seq, shared)
         return self._extended(seq, kept[1], num_blocks)
 
@@ -143,13 +145,9 @@ class PrefixCache:
         """Registered blocks holding the longest prefix of `seq`'s first `num_blocks`
         full blocks: looked up in order, up to the first name nobody holds."""
         hits: list[int] = []
-        # Kept here only for requests this cache holds (`names`): a router looks a prompt
-        # up on every instance, and the others would keep it (and its request) for ever.
-        kept = self._names.get(seq.request_id)
-        if kept is not None and kept[0] is seq:
-            names = self._extended(seq, kept[1], num_blocks)
-        else:
-            names = self._extended(seq, _shared_names(seq, self.root, self.block_size), num_blocks)
+        # Not kept: a router looks a prompt up on every instance, and the others would
+        # keep it (and its request) for ever.
+        names = self.names(seq, num_blocks, keep=False)
         block_of = self._block_of
         for i in range(num_blocks):
             block = block_of.get(names[i])

@@ -47,8 +47,9 @@ class Span:
     start: float
     batch: list[Request]
     steps: int
-    clock: Callable[[int], float]
-    """Seconds of the first m steps of the first batch (LatencyModel.decode_clock)."""
+    segments: list[tuple[int, float, Callable[[int], float]]]
+    """(first step, when it starts, seconds of its first m steps: LatencyModel.decode_clock)
+    of the batch from the start, and of each batch after a join."""
     due: list[tuple[int, int, int]]
     """When each block is needed (fast_forward.span_growth), in step order."""
     taken: int = 0
@@ -57,16 +58,11 @@ class Span:
     joined: list[int] = field(default_factory=list)
     version: int = 0
     """Bumped whenever its end moves (the end event of another version is stale)."""
-    segments: list[tuple[int, float, Callable[[int], float]]] = field(default_factory=list)
-    """(first step, when it starts, clock from it) of each batch after a join."""
 
     def step_start(self, s: int) -> float:
         """When step s (1-based; s = steps + 1: when the last one ends) starts."""
-        first, start, clock = 1, self.start, self.clock
-        for seg in reversed(self.segments):  # few: the joins of one span
-            if seg[0] <= s:
-                first, start, clock = seg
-                break
+        # the last batch begun by then (few: the joins of one span; the first begins at 1)
+        first, start, clock = next(seg for seg in reversed(self.segments) if seg[0] <= s)
         return start + clock(s - first)
 
     def begun(self, t: float) -> int:
@@ -90,7 +86,7 @@ def begin(sim: Simulator, inst: SimInstance, t: float) -> bool:
     batch = list(inst.scheduler.running)
     clock = inst.latency.decode_clock([r.num_tokens - 1 for r in batch])
     due = begin_span(inst.scheduler, batch, k, t, lazy=True)
-    span = inst.span = Span(t, batch, k, clock, due, joined=[0] * len(batch))
+    span = inst.span = Span(t, batch, k, [(1, t, clock)], due, joined=[0] * len(batch))
     inst.busy = inst.decoding = True
     _end_at(sim, inst, span)
     return True
@@ -190,7 +186,7 @@ def join(sim: Simulator, inst: SimInstance, req: Request, t: float) -> bool:
     begins = span.step_start(m + 1)
     contexts = [r.num_tokens - 1 + m - j for r, j in zip(span.batch, span.joined, strict=True)]
     clock = inst.latency.decode_clock(contexts)
-    if span.segments and span.segments[-1][0] == m + 1:
+    if span.segments[-1][0] == m + 1:
         span.segments[-1] = (m + 1, begins, clock)  # another join at the same step
     else:
         span.segments.append((m + 1, begins, clock))

@@ -121,8 +121,8 @@ def span_growth(
     first = sched.blocks.num_blocks_of(req.request_id) * bs - num_tokens + 2
     if first <= steps - joined:  # most requests of a short span need no block
         for r in range(first, steps - joined + 1, bs):
-            r = max(r, 1)
-            due.append((joined + r, i, num_tokens + r - 1))
+            step = max(r, 1)
+            due.append((joined + step, i, num_tokens + step - 1))
 
 
 def take_span_blocks(
