@@ -71,7 +71,7 @@ SYSTEMS = ("adaptive", "colocated", "1P1D", "chunked")
 def stable(seconds: float, rate: float, seed: int = 0) -> list[tuple[float, str, int, int]]:
     """(arrival, 'chatbot', prompt_len, output_len): ShareGPT chatbot lengths (SmolLM2's
     tokenizer), Poisson arrivals at `rate` for `seconds`."""
-    from distserve.bench.run import tokenizer_for
+    from distserve.model.metadata import tokenizer_for
     from distserve.workload.build import WorkloadSpec, load_samples
 
     samples, _, _ = load_samples(WorkloadSpec(dataset="chatbot"), tokenizer_for("smollm2-135m"))

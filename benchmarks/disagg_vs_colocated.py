@@ -29,13 +29,13 @@ import time
 
 from distserve.bench.client import run_workload, server_model
 from distserve.bench.plots import attainment_vs_x, phase_cdf
-from distserve.bench.run import tokenizer_for
 from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.metrics.goodput import goodput
 from distserve.metrics.results import RequestResult, read_results, write_results
 from distserve.metrics.slo import attainment, min_slo_scale
 from distserve.metrics.summary import phase_breakdown, summarize
+from distserve.model.metadata import tokenizer_for
 from distserve.sim.profile import bundled_a100, find
 from distserve.workload.build import WorkloadSpec, build_workload
 from distserve.workload.spec import Workload

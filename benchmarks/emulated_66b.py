@@ -47,7 +47,6 @@ import time
 
 import psutil
 
-from distserve.bench.run import tokenizer_for
 from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.cluster.emulation import layout
@@ -59,6 +58,7 @@ from distserve.config import (
 )
 from distserve.metrics.goodput import goodput
 from distserve.metrics.summary import summarize
+from distserve.model.metadata import tokenizer_for
 from distserve.planner.plan import layout_text
 from distserve.sim.simulator import Simulator
 from distserve.workload.build import WorkloadSpec, build_workload

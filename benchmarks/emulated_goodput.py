@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 
-from distserve.bench.run import tokenizer_for
 from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.cluster.emulation import role_latency
@@ -42,6 +41,7 @@ from distserve.config import PlacementConfig
 from distserve.core import SchedulerConfig
 from distserve.metrics.goodput import goodput
 from distserve.metrics.summary import summarize
+from distserve.model.metadata import tokenizer_for
 from distserve.sim.profile import load_profiles
 from distserve.sim.serving_path import ServingPath
 from distserve.sim.simulator import SimConfig, Simulator

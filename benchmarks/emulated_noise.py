@@ -15,9 +15,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import emulated_goodput as E  # noqa: E402
 
-from distserve.bench.run import tokenizer_for  # noqa: E402
 from distserve.metrics.goodput import goodput  # noqa: E402
 from distserve.metrics.summary import summarize  # noqa: E402
+from distserve.model.metadata import tokenizer_for  # noqa: E402
 from distserve.sim.simulator import Simulator  # noqa: E402
 from distserve.workload.build import WorkloadSpec, build_workload  # noqa: E402
 

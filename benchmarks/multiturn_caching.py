@@ -38,11 +38,12 @@ from typing import Any
 import httpx
 
 from distserve.bench.client import server_model
-from distserve.bench.run import bench_once, tokenizer_for
+from distserve.bench.run import bench_once
 from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.metrics.goodput import goodput
 from distserve.metrics.results import read_results
+from distserve.model.metadata import tokenizer_for
 from distserve.workload.build import WorkloadSpec, build_workload
 
 CORES = 2

@@ -31,8 +31,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from multiturn_caching import SIM_PATH, VARIANTS, simulate, spec_at  # noqa: E402
 
-from distserve.bench.run import tokenizer_for  # noqa: E402
 from distserve.metrics.summary import percentile  # noqa: E402
+from distserve.model.metadata import tokenizer_for  # noqa: E402
 from distserve.sim.latency import latency_model  # noqa: E402
 from distserve.sim.profile import load_profiles  # noqa: E402
 from distserve.sim.serving_path import ServingPath  # noqa: E402

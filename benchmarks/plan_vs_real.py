@@ -49,7 +49,6 @@ from collections.abc import AsyncIterator
 
 from distserve.bench.calibrate import Calibration, calibrate
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.run import tokenizer_for
 from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.core import SchedulerConfig
@@ -57,6 +56,7 @@ from distserve.metrics.goodput import goodput, goodput_interval
 from distserve.metrics.results import read_results, write_results
 from distserve.metrics.slo import met_both
 from distserve.metrics.summary import summarize
+from distserve.model.metadata import tokenizer_for
 from distserve.planner.phases import Setting
 from distserve.planner.plan import (
     attainment_curve,

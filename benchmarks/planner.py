@@ -19,8 +19,8 @@ import os
 import sys
 import time
 
-from distserve.bench.run import tokenizer_for
 from distserve.core import SchedulerConfig
+from distserve.model.metadata import tokenizer_for
 from distserve.planner.phases import Setting
 from distserve.planner.plan import layout_text, make_plan
 from distserve.planner.search import Cluster

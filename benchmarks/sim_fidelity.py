@@ -33,7 +33,6 @@ import sys
 
 from distserve.bench.calibrate import Calibration, calibrate
 from distserve.bench.client import run_workload, server_model
-from distserve.bench.run import tokenizer_for
 from distserve.bench.runs import details_dir_for
 from distserve.bench.server_process import running_server
 from distserve.config import EngineConfig, PlacementConfig
@@ -41,6 +40,7 @@ from distserve.core import CacheConfig, SchedulerConfig
 from distserve.metrics.results import read_results, write_results
 from distserve.metrics.slo import attainment
 from distserve.metrics.summary import percentile
+from distserve.model.metadata import tokenizer_for
 from distserve.sim.profile import load_profiles, save_profiles
 from distserve.sim.run import SimOptions, sim_config
 from distserve.sim.serving_path import ServingPath

@@ -15,9 +15,9 @@ import statistics
 import sys
 import time
 
-from distserve.bench.run import tokenizer_for
 from distserve.config import PlacementConfig
 from distserve.core import SchedulerConfig
+from distserve.model.metadata import tokenizer_for
 from distserve.sim.profile import bundled_a100, find
 from distserve.sim.run import SimOptions, sim_config
 from distserve.sim.simulator import Simulator

@@ -12,21 +12,8 @@ from distserve.metrics.goodput import goodput, goodput_interval
 from distserve.metrics.results import RequestResult, write_results
 from distserve.metrics.slo import attainment, met_both, min_slo_scale
 from distserve.metrics.summary import summarize
+from distserve.model.metadata import tokenizer_for
 from distserve.workload.build import WorkloadSpec, build_workload
-
-
-def tokenizer_for(model: str) -> Any:
-    """The tokenizer that measures prompt lengths: the served model's own."""
-    from distserve.model.metadata import load_tokenizer
-    from distserve.model.registry import resolve
-
-    try:
-        return load_tokenizer(resolve(model))[1]
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(
-            f"cannot load the tokenizer of {model!r} ({e}); pass --model with a registered "
-            "name, a HF directory or a .gguf file"
-        ) from None
 
 
 async def bench_once(

@@ -150,8 +150,8 @@ def _profiles(paths: list[str], model: str | None) -> list[Any]:
 def plan_setting(args: argparse.Namespace, path: ServingPath) -> Setting:
     """What every simulation of `plan`'s search shares, from its flags (the workload:
     at least 4,000 requests, simulations take what they need)."""
-    from distserve.bench.run import tokenizer_for
     from distserve.core import SchedulerConfig
+    from distserve.model.metadata import tokenizer_for
     from distserve.planner.phases import Setting
     from distserve.sim.profile import a100_kv_capacity
     from distserve.workload.build import build_workload

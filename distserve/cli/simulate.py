@@ -143,9 +143,9 @@ def pick_profile(path: str, model: str | None, tp: int) -> Any:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from distserve.bench.run import tokenizer_for
     from distserve.config import PlacementConfig
     from distserve.core import SchedulerConfig
+    from distserve.model.metadata import tokenizer_for
     from distserve.sim.run import SimOptions, sim_config, simulate
     from distserve.workload.build import build_workload
 

@@ -7,7 +7,7 @@ import json
 import os
 
 from distserve.model.config import ModelConfig
-from distserve.model.registry import ModelSource
+from distserve.model.registry import ModelSource, resolve
 from distserve.model.tokenizer import Tokenizer
 
 
@@ -24,6 +24,18 @@ def load_tokenizer(source: ModelSource) -> tuple[ModelConfig, Tokenizer]:
         return gf.config, Tokenizer.from_gguf_metadata(gf.tokenizer_metadata())
     cfg = config_of(source)
     return cfg, hf_tokenizer(source.path, cfg)
+
+
+def tokenizer_for(model: str) -> Tokenizer:
+    """The tokenizer that measures prompt lengths: the served model's own (a registered
+    name, a HF directory or a .gguf file)."""
+    try:
+        return load_tokenizer(resolve(model))[1]
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(
+            f"cannot load the tokenizer of {model!r} ({e}); pass --model with a registered "
+            "name, a HF directory or a .gguf file"
+        ) from None
 
 
 def config_of(source: ModelSource) -> ModelConfig:

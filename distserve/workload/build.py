@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,7 +80,7 @@ class WorkloadSpec:
 
 def load_samples(
     spec: WorkloadSpec, tokenizer: datasets.TokenizerLike
-) -> tuple[list[datasets.Sample], list[float] | None, dict[str, Any]]:
+) -> tuple[Sequence[datasets.Sample], list[float] | None, dict[str, Any]]:
     """The dataset's samples (cached on disk for the text datasets) and, for a trace,
     its arrival times."""
     fp = tokenizer_fingerprint(tokenizer)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, overload
 
 import numpy as np
 
@@ -31,20 +31,44 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+class StoredSamples(Sequence[Sample]):
+    """Samples read from the cache, each made a Python list when it is asked for: a
+    workload draws 4,000 of ShareGPT's 12,666, and making them all took 0.5 s of every
+    `plan`."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, outputs: np.ndarray) -> None:
+        self._ids, self._offsets, self._outputs = ids, offsets, outputs
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Sample]: ...
+
+    def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = self._offsets[i], self._offsets[i + 1]
+        return self._ids[a:b].tolist(), int(self._outputs[i])
+
+
 def cached_samples(
     key: str, make: Callable[[], tuple[list[Sample], dict[str, Any]]]
-) -> tuple[list[Sample], dict[str, Any]]:
+) -> tuple[Sequence[Sample], dict[str, Any]]:
     """The samples stored under `key`, or `make()`'s, stored for next time."""
     path = os.path.join(cache_dir(), f"{key}.npz")
     if os.path.exists(path):
         with np.load(path) as z:
             ids, offsets, outputs = z["ids"], z["offsets"], z["outputs"]
             info = json.loads(str(z["info"]))
-        samples = [
-            (ids[offsets[i] : offsets[i + 1]].tolist(), int(outputs[i]))
-            for i in range(len(outputs))
-        ]
-        return samples, info | {"cached": path}
+        return StoredSamples(ids, offsets, outputs), info | {"cached": path}
     samples, info = make()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     offsets = np.cumsum([0] + [len(p) for p, _ in samples]).astype(np.int64)

@@ -50,7 +50,7 @@ def _file(tmp_path, convs: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from distserve.bench.run import tokenizer_for
+    from distserve.model.metadata import tokenizer_for
 
     return tokenizer_for("smollm2-135m")
 
