@@ -34,7 +34,7 @@ def test_a_floor_stops_the_bisection_only_below_it() -> None:
     """With a floor, bisection answers as without one, or 0 where that answer is below
     the floor; attainment here is not monotone in rate, as a finite run's need not be."""
     rng = random.Random(0)
-    for _ in range(500):
+    for _ in range(3000):
         cuts = sorted(rng.uniform(0, 20) for _ in range(rng.randint(1, 4)))
         levels = [rng.choice([0.5, 0.95]) for _ in range(len(cuts) + 1)]
 
@@ -44,7 +44,32 @@ def test_a_floor_stops_the_bisection_only_below_it() -> None:
         guess, floor = rng.uniform(0.1, 30), rng.uniform(0, 20)
         full = bisect_rate(attain, 0.9, guess)
         cut = bisect_rate(attain, 0.9, guess, floor=floor)
-        assert cut == full or (cut == 0.0 and full < floor)
+        assert cut == full or (cut == 0.0 and full <= floor), (guess, floor, cuts, levels)
+
+
+def _probes(crossing: float, guess: float, floor: float) -> tuple[float, list[float]]:
+    seen: list[float] = []
+
+    def attain(rate: float) -> float:
+        seen.append(rate)
+        return 1.0 if rate <= crossing else 0.0
+
+    return bisect_rate(attain, 0.9, guess, floor=floor), seen
+
+
+def test_rates_under_the_floor_are_simulated_only_if_the_answer_is_above_it() -> None:
+    """Below the floor the search takes a rate to attain unsimulated (passing runs are
+    the long ones); it simulates those only to confirm an answer above the floor."""
+    # crossing 5, floor 8: the search probes 5, 7.5 and 7.8 under the floor; none is run
+    got, seen = _probes(5.0, 20.0, 8.0)
+    assert got == 0.0 and seen and min(seen) > 8.0
+    # crossing 12: the same answer, and the same rates simulated, as with no floor
+    got, seen = _probes(12.0, 20.0, 8.0)
+    full, every = _probes(12.0, 20.0, 0.0)
+    assert got == full > 8.0 and sorted(seen) == sorted(every)
+    # a first probe just under the floor is run at once: its miss ends the search
+    got, seen = _probes(5.0, 7.5, 8.0)
+    assert got == 0.0 and seen == [7.5]
 
 
 def test_the_cheap_decode_partner_of_the_best_combination_is_kept() -> None:
