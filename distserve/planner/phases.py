@@ -128,17 +128,26 @@ def placement_goodput(
     guess: float | None = None,
     floor: float = 0.0,
     ceiling: float = math.inf,
+    near: float | None = None,
 ) -> float:
     """Goodput (req/s) of a placement; `prefill`/`decode` None means that phase is ideal.
     `only`: which target counts ('both', 'ttft' or 'tpot'). `floor`: 0 as soon as the
     goodput is known to be below it; `ceiling`: the first rate at or above it that attains
-    (see `bisect_rate`)."""
+    (see `bisect_rate`). The search starts at 0.8 `guess`, else at one prefill-bound rate
+    (`_guess`) doubled or halved to the last at or under `near` (a rate the goodput is
+    likely under): where attainment falls with rate, the same bracket as from the
+    prefill-bound rate itself, so the same answer, without the probes that reach it."""
     attain = placement_attainment(
         setting, prefill, decode, colocated, num_prefill, num_decode, num_colocated, chunked, only
     )
     if attain is None:
         return 0.0
-    start = 0.8 * guess if guess else _guess(setting, prefill or colocated, decode or colocated)
+    if guess:
+        start = 0.8 * guess
+    else:
+        start = _guess(setting, prefill or colocated, decode or colocated)
+        if near:  # the same grid, nearer: start * 2^k at or under `near`
+            start *= 2.0 ** math.floor(math.log2(near / start))
     return bisect_rate(attain, setting.target, start, floor=floor, ceiling=ceiling)
 
 

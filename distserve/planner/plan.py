@@ -21,7 +21,7 @@ from distserve.planner.search import (
     baseline_choice,
     candidates,
 )
-from distserve.planner.verify import verify
+from distserve.planner.verify import verify, verify_candidates
 from distserve.sim.profile import Profile
 
 
@@ -181,6 +181,7 @@ def make_plan(
     names = ("colocated", "chunked")
     chosen: dict[str, tuple[Choice | None, dict[str, float]]] = {}
     verifying: dict[str, Future[float]] = {}
+    candidates_verified: list[Future[list[tuple[float, float]]]] = []
     # one pool for the whole plan: the search's and the baselines' jobs share it
     with worker_pool(workers) as pool:
 
@@ -207,9 +208,10 @@ def make_plan(
                 baselines' remaining jobs (verifications are the plan's longest jobs)."""
                 top = VERIFY_TOP if rate is None else 1  # a target rate: its fewest devices
                 picked.append(algorithm1_choices(search, cluster, rate, top))
-                if pool is not None:
-                    for i, c in enumerate(picked[0][0]):
-                        verifying[_candidate(i)] = pool.submit(verify, setting, c)
+                if pool is not None and picked[0][0]:
+                    candidates_verified.append(
+                        pool.submit(verify_candidates, setting, picked[0][0])
+                    )
 
             # the search first: the baselines' jobs fill the workers it leaves idle, and
             # its verification starts while they run
@@ -228,25 +230,41 @@ def make_plan(
         if affinity == "low":
             search_choices = [] if disagg is None else [disagg]
         picks: dict[str, tuple[Setting, Choice | None]] = {
-            _candidate(i): (setting, c) for i, c in enumerate(search_choices)
+            "colocated": (bsetting, colo),
+            "chunked": (csetting, chunk),
         }
-        picks |= {"colocated": (bsetting, colo), "chunked": (csetting, chunk)}
         estimates = _verify(picks, pool, progress, verifying)
         # Algorithm 1 ranks combinations by their phases simulated apart; the best of those
         # can verify far lower than the next (13B x 8: 22.1 req/s by its phases, 11.6
         # jointly, where another verified at 23.7): keep the best verified
-        candidates_seen = [
-            {"layout": layout_text(choice_dict(c)), "estimate": estimates[_candidate(i)],
-             "verified": c.goodput, "per_device": c.per_device}
-            for i, c in enumerate(search_choices)
-        ]  # fmt: skip
+        found = (
+            candidates_verified[0].result()
+            if candidates_verified
+            else verify_candidates(setting, search_choices)
+        )
+        candidates_seen: list[dict[str, Any]] = []
+        phase_goodputs = [c.goodput for c in search_choices]
+        for i, (c, (g, floor)) in enumerate(zip(search_choices, found, strict=True)):
+            seen = {"layout": layout_text(choice_dict(c)), "estimate": c.goodput}
+            c.goodput = g
+            if g > 0 or not floor:
+                seen |= {"verified": g, "per_device": c.per_device}
+            else:
+                seen |= {"verified_below": floor, "per_device_below": floor / c.devices}
+            candidates_seen.append(seen)
+            if progress:
+                what = (
+                    f"{g:.3f} req/s on {c.devices} devices ({c.per_device:.3f} per device)"
+                    if "verified" in seen
+                    else f"below {floor:.3f} req/s on {c.devices} devices, stopped: another "
+                    "verified better per device"
+                )
+                progress(f"verified {_candidate(i)}: {what}")
         disagg = None
         if search_choices:
             best_i = max(range(len(search_choices)), key=lambda i: search_choices[i].per_device)
             disagg = search_choices[best_i]
-            estimates["disagg"] = estimates[_candidate(best_i)]
-        for i in range(1, len(search_choices)):
-            estimates.pop(_candidate(i))
+            estimates["disagg"] = phase_goodputs[best_i]
     options = {
         k: v
         for k, v in (("disagg", disagg), ("colocated", colo), ("chunked", chunk))

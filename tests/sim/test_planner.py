@@ -228,3 +228,28 @@ def test_without_prefix_caching_a_repeated_prompt_is_computed_again() -> None:
     miss = placement_attainment(whole, inst, None, only="ttft", exact=True)
     assert hit is not None and miss is not None
     assert hit(rate) >= 0.9 > miss(rate)
+
+
+def test_candidates_verified_with_floors_keep_the_best_and_its_goodput() -> None:
+    """verify_candidates goes largest first and stops a candidate that cannot beat the
+    best verified per device; the best, and its goodput, are what verifying each in full
+    gives, and a stopped one's full goodput is at or below the floor it was given."""
+    from distserve.planner.search import Choice
+    from distserve.planner.verify import verify, verify_candidates
+
+    setting = _setting()
+    p1, p2, d1 = InstanceConfig(TP1), InstanceConfig(TP2), InstanceConfig(TP1)
+    choices = [
+        Choice("disagg", p1, d1, num_prefill=1, num_decode=1, goodput=1.0),
+        Choice("disagg", p2, d1, num_prefill=1, num_decode=1, goodput=3.0),
+        Choice("disagg", p2, d1, num_prefill=1, num_decode=2, goodput=2.0),
+    ]
+    full = [verify(setting, c) for c in choices]
+    got = verify_candidates(setting, choices)
+    per_device = [g / c.devices for g, c in zip(full, choices, strict=True)]
+    best = max(range(3), key=lambda i: per_device[i])
+    assert got[best][0] == full[best] > 0
+    assert got[1][1] == 0.0  # the largest by its phases went first, with no floor
+    for (g, floor), f in zip(got, full, strict=True):
+        assert g == f or (g == 0.0 and 0 < f <= floor)
+    assert max(range(3), key=lambda i: got[i][0] / choices[i].devices) == best
