@@ -11,7 +11,7 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,6 +288,7 @@ class Simulator:
             )  # fmt: skip
         self._next_arrival = 0
         self._arrivals = arrivals
+        self._alone = self._unshared(workload)
         if self.adaptive is not None:
             self.adaptive.start()
         while (
@@ -400,7 +401,10 @@ class Simulator:
         takers = [i for i in self.instances if i.role != "decode"]
         for i in takers:
             spans.settle(i, t)
-        inst = pick_prefill(takers, req)
+        # A prompt whose first block no other request shares hits no cache: every
+        # instance's own tokens are its whole prompt, and routing by load alone picks
+        # the same instance
+        inst = pick_prefill(takers, None if wr.index in self._alone else req)
         if inst is None:  # every prompt-taking instance is flipping: wait for one
             self._held.append(wr)
             return
@@ -427,6 +431,31 @@ class Simulator:
         self._owner[req.request_id] = inst
         # Wake after every arrival of this instant is queued (arrivals go first at a tie).
         self._at(t, "wake", functools.partial(self._wake, inst))
+
+    def _unshared(self, workload: Workload) -> set[int]:
+        """Requests whose prompt's first full block no other request of the run can
+        hold (by tokens; a short prompt's block ends in `_TOKEN` outputs), while every
+        cache starts empty and no KV store serves prefixes: no lookup of theirs can hit."""
+        bs = self.config.block_size
+        if (
+            not self.config.prefix_caching
+            or self.store is not None
+            or any(i.scheduler.blocks.num_cached_blocks or i.scheduler.blocks._tables
+                   for i in self.instances)
+        ):  # fmt: skip
+            return set()
+        pad = (_TOKEN,) * bs
+        firsts = Counter(
+            (tuple(w.prompt_token_ids[:bs]) + pad)[:bs]
+            for w in workload.requests
+            if w.prompt_len + w.output_len >= bs
+        )
+        # a prompt of at most one block looks up none (its last token is always computed)
+        return {
+            w.index
+            for w in workload.requests
+            if w.prompt_len <= bs or firsts[tuple(w.prompt_token_ids[:bs])] == 1
+        }
 
     # ---- role flips: cluster/flip.py's, on the virtual clock -------------------------
     def flip(self, inst: SimInstance, role: str, t: float) -> None:

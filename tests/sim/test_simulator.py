@@ -388,3 +388,29 @@ def test_simulated_and_real_instance_schedule_alike(make_engine, tmp_path, share
     hits = eng.scheduler.num_prompt_tokens_cached
     assert hits == sim.instances[0].scheduler.num_prompt_tokens_cached
     assert (hits > 0) == shared
+
+
+def test_routing_skips_lookups_only_for_prompts_no_one_shares(monkeypatch) -> None:
+    """Routing looks a prompt up on every instance; one whose first block no other
+    request has (so no cache can hold it) is routed by load alone: the same choices,
+    so the same results, as looking it up everywhere."""
+    profile = find(bundled_a100(), "opt-13b", 1)
+    wl = _shared_prefix_workload(share=True)
+    # a third of the prompts keep their own start: these share nothing
+    reqs = [
+        dataclasses.replace(r, prompt_token_ids=r.prompt_token_ids[256:])
+        if r.index % 3 == 0 and len(r.prompt_token_ids) > 256 + 16
+        else r
+        for r in wl.requests
+    ]
+    wl = Workload(tuple(reqs))
+    placement = PlacementConfig(mode="colocated", num_instances=3)
+    config = sim_config(placement, profile, None, SimOptions(num_blocks=400))
+    quick = Simulator(config)
+    alone = quick._unshared(wl)
+    assert alone and all(r.index % 3 == 0 for r in wl.requests if r.index in alone)
+    fast = quick.run(wl)
+    monkeypatch.setattr(Simulator, "_unshared", lambda self, workload: set())
+    full = Simulator(config)
+    assert fast == full.run(wl)
+    assert [i.steps for i in quick.instances] == [i.steps for i in full.instances]
