@@ -229,6 +229,8 @@ def make_plan(
         (colo, colo_table), (chunk, chunk_table) = chosen["colocated"], chosen["chunked"]
         if affinity == "low":
             search_choices = [] if disagg is None else [disagg]
+        if not candidates_verified and pool is not None and search_choices:
+            candidates_verified.append(pool.submit(verify_candidates, setting, search_choices))
         picks: dict[str, tuple[Setting, Choice | None]] = {
             "colocated": (bsetting, colo),
             "chunked": (csetting, chunk),

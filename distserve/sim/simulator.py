@@ -445,16 +445,13 @@ class Simulator:
         ):  # fmt: skip
             return set()
         pad = (_TOKEN,) * bs
+        first = {w.index: (tuple(w.prompt_token_ids[:bs]) + pad)[:bs] for w in workload.requests}
         firsts = Counter(
-            (tuple(w.prompt_token_ids[:bs]) + pad)[:bs]
-            for w in workload.requests
-            if w.prompt_len + w.output_len >= bs
+            first[w.index] for w in workload.requests if w.prompt_len + w.output_len >= bs
         )
         # a prompt of at most one block looks up none (its last token is always computed)
         return {
-            w.index
-            for w in workload.requests
-            if w.prompt_len <= bs or firsts[tuple(w.prompt_token_ids[:bs])] == 1
+            w.index for w in workload.requests if w.prompt_len <= bs or firsts[first[w.index]] == 1
         }
 
     # ---- role flips: cluster/flip.py's, on the virtual clock -------------------------
