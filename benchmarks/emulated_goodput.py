@@ -144,6 +144,7 @@ def run_layout(plan: dict, name: str, args: argparse.Namespace, details: str) ->
         os.remove(trace)
     flags = ["--emulate", PROFILES[name], "--plan", path, "--max-num-seqs", "128"]
     flags.append("--no-prefix-caching")  # else the rates after the first hit the cache
+    flags += ["--api-servers", str(args.api_servers)]
     load = [os.getloadavg()[0]]
     with running_server(*flags, "--trace-steps", trace) as url:
         out = os.path.join(details, f"goodput-{name}.json")
@@ -259,6 +260,12 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--factors", default="0.6,0.8,1,1.2", help="rates: planned goodput x these")
     p.add_argument("--layouts", default="disagg,colocated")
+    p.add_argument(
+        "--api-servers",
+        type=int,
+        default=0,
+        help="serve --api-servers: HTTP processes apart from the controller's (default: 0)",
+    )
     p.add_argument("--output", default=os.path.join(RESULTS, "emulated_goodput.json"))
     p.add_argument(
         "--reanalyse",
@@ -298,7 +305,8 @@ def main() -> None:
         ]
     else:
         rows = [run_layout(plan, name, args, details) for name in args.layouts.split(",")]
-    out = {"slo": SLO, "num_requests": args.num_requests, "factors": args.factors, "rows": rows}
+    out = {"slo": SLO, "num_requests": args.num_requests, "factors": args.factors}
+    out |= {"api_servers": args.api_servers, "rows": rows}
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     for r in rows:

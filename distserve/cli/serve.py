@@ -134,6 +134,15 @@ def add_parser(verbs: Any) -> argparse.ArgumentParser:
         help="open HTTP connections; requests beyond them get 503 (default: 1024)",
     )
     srv.add_argument(
+        "--api-servers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="HTTP API processes apart from the controller's: they parse requests, tokenize "
+        "and stream every token, so that work leaves the event loop that runs the instances "
+        "(default: 0, the API runs in the controller's process)",
+    )
+    srv.add_argument(
         "--plan",
         default=None,
         metavar="FILE",
@@ -262,6 +271,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             kv_store_disk_gb=args.kv_store_disk_gb,
             kv_store_disk_dir=args.kv_store_disk_dir,
             prefill_on_decode=decode_prefill_config(args, parser),
+            api_servers=args.api_servers,
         )
     except ValueError as e:
         parser.error(flag_message(e, parser))

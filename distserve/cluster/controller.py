@@ -347,12 +347,15 @@ class Controller:
         prompts: list[tuple[str | list[int], SamplingParams]],
         request_ids: list[str | None] | None = None,
         n: int = 1,
+        queues: list[Any] | None = None,
     ) -> list[RequestState]:
         """Queue several requests, all or none: each is checked (ValueError, as `submit`),
         and the prefill queues must have room for all (Overloaded), before any is admitted;
         a batch with one bad prompt starts nothing. With `n` > 1 each prompt becomes `n`
         requests (its choices, cluster/choices.py) that share the prompt's KV blocks; the
-        states and `request_ids` (if given) run prompt by prompt, choice by choice."""
+        states, `request_ids` and `queues` (if given) run prompt by prompt, choice by choice.
+        A request's outputs go to its queue: an asyncio.Queue of its own by default, or
+        anything with `put_nowait` (server/link_server.py relays them to an API process)."""
         if not 1 <= n <= MAX_CHOICES:
             raise ValueError(f"n must be in [1, {MAX_CHOICES}], got {n}")
         count = len(prompts) * n
@@ -380,12 +383,15 @@ class Controller:
         restarting = self.recovery.restart_enabled and bool(entry)
         if pick_prefill(entry) is None and not restarting:
             raise RequestFailed("no live instance can take requests")
+        if queues is not None and len(queues) != count:
+            raise ValueError(f"{len(queues)} queues for {count} choices")
+        qs = queues or [asyncio.Queue() for _ in range(count)]
         states: list[RequestState] = []
         for i, (req, text) in enumerate(checked):
             if i % n == 0:
-                states.append(self._admit(req, text))
+                states.append(self._admit(req, text, qs[i]))
             else:
-                states.append(self._hold(states[i - i % n], req, text))
+                states.append(self._hold(states[i - i % n], req, text, qs[i]))
         return states
 
     def _check(
@@ -400,11 +406,11 @@ class Controller:
             inst.scheduler.check_request(req)
         return req, text
 
-    def _admit(self, req: Request, text: str | None) -> RequestState:
+    def _admit(self, req: Request, text: str | None, queue: Any) -> RequestState:
         self.live.on_arrival(req.arrival_time, req)
         entry = self.table.entry_instances
         inst = self.table.route(req)  # load changes with each request admitted
-        state = RequestState(req.request_id, asyncio.Queue(), inst or entry[0])
+        state = RequestState(req.request_id, queue, inst or entry[0])
         self.table.requests[req.request_id] = state
         self.outputs.add(req.request_id, text, req.sampling_params.stop)
         if inst is None:
@@ -416,12 +422,14 @@ class Controller:
             inst.wake()
         return state
 
-    def _hold(self, leader: RequestState, req: Request, text: str | None) -> RequestState:
+    def _hold(
+        self, leader: RequestState, req: Request, text: str | None, queue: Any
+    ) -> RequestState:
         """A later choice of `leader`'s prompt: streamable now, queued once the leader's
         prompt KV is in the prefix cache (at once if there is no prefix cache)."""
         if not self.engine_config.cache.prefix_caching:
-            return self._admit(req, text)
-        state = RequestState(req.request_id, asyncio.Queue(), leader.owner)
+            return self._admit(req, text, queue)
+        state = RequestState(req.request_id, queue, leader.owner)
         self.outputs.add(req.request_id, text, req.sampling_params.stop)
         self.held.hold(leader.request_id, Held(state, req))
         return state

@@ -1,9 +1,9 @@
-"""The OpenAI-compatible routes over a running Controller."""
+"""The OpenAI-compatible routes over a Frontend: a Controller in this process, or one in
+another process reached over a link (server/frontend.py, server/remote.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,14 +11,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from distserve.cluster.controller import Controller, Overloaded, RequestFailed
+from distserve.cluster.controller import Overloaded, RequestFailed
 from distserve.core import SamplingParams
 from distserve.runtime.outputs import RequestOutput
 from distserve.server import responses as R
 from distserve.server.auth import ApiKeyCheck
 from distserve.server.errors import APIError, install_handlers
+from distserve.server.frontend import Frontend
 from distserve.server.limits import BodyLimits
-from distserve.server.metrics import Metrics
 from distserve.server.prompts import PromptEncoder
 from distserve.server.protocol import ChatCompletionRequest, CompletionRequest, FlipRequest
 
@@ -28,9 +28,8 @@ MAX_PROMPTS = 64
 
 
 def build_app(
-    controller: Controller,
+    frontend: Frontend,
     model_name: str,
-    metrics: Metrics,
     api_key: str | None = None,
     max_body_bytes: int = 8 << 20,
     body_timeout: float = 30.0,
@@ -39,8 +38,9 @@ def build_app(
     A body over `max_body_bytes`, or not whole within `body_timeout` s, is refused."""
     app = FastAPI(title="distserve", version="0.1.0")
     install_handlers(app)
-    tokenizer = controller.tokenizer
-    encoder = PromptEncoder(tokenizer, controller.max_model_len)
+    tokenizer = frontend.tokenizer
+    max_model_len = frontend.max_model_len
+    encoder = PromptEncoder(tokenizer, max_model_len)
 
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
@@ -56,12 +56,12 @@ def build_app(
                 "model_not_found",
             )
 
-    def submit(prompts: list[tuple[Prompt, SamplingParams]], n: int) -> list[Any]:
+    async def submit(prompts: list[tuple[Prompt, SamplingParams]], n: int) -> list[Any]:
         """Admit every prompt, `n` choices each (prompt by prompt, choice by choice), or,
         if one is refused, none."""
-        ids: list[str | None] = [uuid.uuid4().hex[:16] for _ in range(len(prompts) * n)]
+        ids = [uuid.uuid4().hex[:16] for _ in range(len(prompts) * n)]
         try:
-            return controller.submit_all(prompts, ids, n)
+            return await frontend.submit(prompts, ids, n)
         except ValueError as e:
             code = (
                 "context_length_exceeded"
@@ -78,12 +78,11 @@ def build_app(
     def params_of(
         body: CompletionRequest | ChatCompletionRequest, prompt_len: int
     ) -> SamplingParams:
-        room = controller.max_model_len - prompt_len
+        room = max_model_len - prompt_len
         if room < 1:
             raise APIError(
                 400,
-                f"the prompt has {prompt_len} tokens; this model's context is "
-                f"{controller.max_model_len}",
+                f"the prompt has {prompt_len} tokens; this model's context is {max_model_len}",
                 "prompt",
                 "context_length_exceeded",
             )
@@ -95,7 +94,7 @@ def build_app(
             raise APIError(
                 400,
                 f"max_tokens {params.max_tokens} + the prompt's {prompt_len} tokens exceed "
-                f"this model's context of {controller.max_model_len}",
+                f"this model's context of {max_model_len}",
                 "max_tokens",
                 "context_length_exceeded",
             )
@@ -106,7 +105,7 @@ def build_app(
 
         async def last(state: Any) -> RequestOutput:
             out = None
-            async for item in controller.stream(state):
+            async for item in frontend.stream(state):
                 out = item
             if out is None:
                 raise RequestFailed("the request was aborted")
@@ -126,47 +125,41 @@ def build_app(
             if not work.done():
                 work.cancel()
             for s in states:
-                controller.abort(s.request_id)  # no-op for finished ones
+                frontend.abort(s.request_id)  # no-op for finished ones
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = {i.name: i.alive for i in controller.instances}
-        ok = bool(alive) and all(alive.values())
-        detail: dict[str, dict[str, Any]] = {
-            i.name: {"alive": i.alive, "pid": i.pid, "role": i.role.value, "flipping": i.draining}
-            for i in controller.instances
-        }
-        recovery = controller.recovery
-        for name, attempt in recovery.restart_attempts.items():  # why a role is still down
-            detail[name]["restart_attempt"] = attempt
-        for name, error in recovery.restart_errors.items():
-            detail[name]["restart_error"] = error
-        body: dict[str, Any] = {"status": "ok" if ok else "degraded", "instances": detail}
-        covering = controller.degraded.reason if controller.degraded is not None else None
-        if covering:
-            body["degraded_mode"] = covering
-        return JSONResponse(body, status_code=200 if ok else 503)
+        try:
+            body, code = await frontend.health()
+        except RequestFailed as e:
+            raise APIError(503, str(e)) from None
+        return JSONResponse(body, status_code=code)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        try:
+            text = await frontend.metrics_text()
+        except RequestFailed as e:
+            raise APIError(503, str(e)) from None
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/flip")
     async def flip(body: FlipRequest) -> dict[str, Any]:
         """Turn an instance to another role without reloading it; returns once it admits
         work again (its running requests finish first)."""
         try:
-            rec = await controller.flip(body.instance, body.role)
+            return await frontend.flip(body.instance, body.role)
         except ValueError as e:
             raise APIError(400, str(e), "instance") from None
-        return dataclasses.asdict(rec)
+        except RequestFailed as e:
+            raise APIError(503, str(e)) from None
 
     card = {
         "id": model_name,
         "object": "model",
         "created": 0,
         "owned_by": "distserve",
-        "max_model_len": controller.max_model_len,
+        "max_model_len": max_model_len,
     }
 
     @app.get("/v1/models")
@@ -187,12 +180,12 @@ def build_app(
                 400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt"
             )
         encoded = [await encoder.encode(p) if isinstance(p, str) else p for p in prompts]
-        states = submit([(ids, params_of(body, len(ids))) for ids in encoded], body.n)
+        states = await submit([(ids, params_of(body, len(ids))) for ids in encoded], body.n)
         env = R.Envelope("cmpl", states[0].request_id, model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream(
-                controller,
+                frontend,
                 states,
                 lambda i, o: _completion_chunk(env, i, o, tokenizer),
                 env,
@@ -222,12 +215,12 @@ def build_app(
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         ids = await encoder.encode(prompt, "messages")
-        states = submit([(ids, params_of(body, len(ids)))], body.n)
+        states = await submit([(ids, params_of(body, len(ids)))], body.n)
         env = R.Envelope("chatcmpl", states[0].request_id, model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream(
-                controller,
+                frontend,
                 states,
                 lambda i, o: _chat_chunk(env, i, o, tokenizer),
                 env,
@@ -291,7 +284,7 @@ def _chat_chunk(env: R.Envelope, index: int, out: RequestOutput, tokenizer: Any)
 
 
 def _stream(
-    controller: Controller,
+    frontend: Frontend,
     states: list[Any],
     chunk: Callable[[int, RequestOutput], dict[str, Any]],
     env: R.Envelope,
@@ -309,7 +302,7 @@ def _stream(
 
         async def pump(i: int, state: Any) -> None:
             try:
-                async for out in controller.stream(state):
+                async for out in frontend.stream(state):
                     queue.put_nowait((i, out))
                 queue.put_nowait((i, None))
             except RequestFailed as e:
@@ -350,7 +343,7 @@ def _stream(
             for p in pumps:
                 p.cancel()
             for s in states:
-                controller.abort(s.request_id)  # no-op for finished ones
+                frontend.abort(s.request_id)  # no-op for finished ones
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -19,8 +20,11 @@ from distserve.cluster.live import LiveWindow
 from distserve.cluster.local_ray import is_loopback
 from distserve.cluster.placement import ClusterJoinError
 from distserve.config import TRANSPORTS, EmulationConfig, EngineConfig, PlacementConfig
+from distserve.server.api_processes import ApiProcesses, listening_socket
 from distserve.server.app import build_app
+from distserve.server.frontend import LocalFrontend
 from distserve.server.limits import head_deadline_protocol
+from distserve.server.link_server import LinkServer
 from distserve.server.metrics import Metrics
 
 log = logging.getLogger("distserve")
@@ -95,6 +99,13 @@ class ServerConfig:
         default=None,
         metadata={"help": "decode instances may prefill short prompts (core/routing.py)"},
     )
+    api_servers: int = field(
+        default=0,
+        metadata={
+            "help": "HTTP API processes apart from the controller's (0: the API runs in the "
+            "controller's process; server/api_processes.py)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -113,6 +124,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if not 0 <= self.api_servers <= 64:
+            raise ValueError(f"api_servers must be in [0, 64], got {self.api_servers}")
 
     def _check_disk_tier(self) -> None:
         if not 0 <= self.kv_store_disk_gb < float("inf"):
@@ -133,8 +146,6 @@ async def serve(
     emulation: EmulationConfig | None = None,
     adaptive: AdaptiveConfig | None = None,
 ) -> None:
-    import uvicorn
-
     model_name = os.path.basename(engine.model.rstrip("/")).removesuffix(".gguf")
     metrics = Metrics(model_name)
     controller = Controller(
@@ -181,10 +192,45 @@ async def serve(
         flush=True,
     )
     metrics.attach(controller)
+    frontend = LocalFrontend(controller, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    numerics = "" if emulation is not None else f", {engine.dtype}"
+    if server.api_servers:
+        await _serve_apart(controller, frontend, model_name, numerics, server, stop)
+    else:
+        await _serve_here(controller, frontend, model_name, numerics, server, stop)
+    await controller.stop()
+
+
+def _ready(server: ServerConfig, port: int, model_name: str, numerics: str) -> None:
+    # What startup made (tokenizer tables, model configs, the app: ~200k objects, a full
+    # collection of them 80 ms) lives as long as the server: kept out of the collector's
+    # scans, a full collection no longer stalls every instance's step loop for that long
+    # (vLLM freezes its startup objects the same way)
+    gc.collect()
+    gc.freeze()
+    url = f"http://{server.host}:{port}/v1"
+    print(f"distserve ready: {url} (model {model_name}{numerics})", flush=True)
+
+
+async def _serve_here(
+    controller: Controller,
+    frontend: LocalFrontend,
+    model_name: str,
+    numerics: str,
+    server: ServerConfig,
+    stop: asyncio.Event,
+) -> None:
+    """The HTTP server in this process, on the controller's event loop."""
+    import uvicorn
+
     app = build_app(
-        controller,
+        frontend,
         model_name,
-        metrics,
         server.api_key,
         int(server.max_body_mb * 2**20),
         server.body_timeout,
@@ -200,11 +246,6 @@ async def serve(
     )
     httpd = uvicorn.Server(config)
     httpd.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(httpd.serve())
     while not httpd.started and not task.done():
         await asyncio.sleep(0.05)
@@ -212,17 +253,46 @@ async def serve(
         await controller.stop()
         task.result()
         raise RuntimeError("the HTTP server did not start")
-    port = httpd.servers[0].sockets[0].getsockname()[1]
-    # What startup made (tokenizer tables, model configs, the app: ~200k objects, a full
-    # collection of them 80 ms) lives as long as the server: kept out of the collector's
-    # scans, a full collection no longer stalls every instance's step loop for that long
-    # (vLLM freezes its startup objects the same way)
-    gc.collect()
-    gc.freeze()
-    numerics = "" if emulation is not None else f", {engine.dtype}"
-    url = f"http://{server.host}:{port}/v1"
-    print(f"distserve ready: {url} (model {model_name}{numerics})", flush=True)
+    _ready(server, httpd.servers[0].sockets[0].getsockname()[1], model_name, numerics)
     await stop.wait()
     httpd.should_exit = True
     await task
-    await controller.stop()
+
+
+async def _serve_apart(
+    controller: Controller,
+    frontend: LocalFrontend,
+    model_name: str,
+    numerics: str,
+    server: ServerConfig,
+    stop: asyncio.Event,
+) -> None:
+    """`server.api_servers` HTTP processes, linked to this one (server/api_processes.py)."""
+    n = server.api_servers
+    hello = {
+        "tokenizer": controller.tokenizer,
+        "max_model_len": controller.max_model_len,
+        "model_name": model_name,
+        "api_key": server.api_key,
+        "max_body_bytes": int(server.max_body_mb * 2**20),
+        "body_timeout": server.body_timeout,
+        "header_timeout": server.header_timeout,
+        "max_connections": -(-server.max_connections // n),  # the limit, shared out
+    }
+    with tempfile.TemporaryDirectory(prefix="distserve-api-") as tmp:
+        links = LinkServer(frontend, os.path.join(tmp, "link"), hello)
+        await links.start()
+        try:
+            sock = listening_socket(server.host, server.port)
+        except OSError as e:
+            await controller.stop()
+            print(f"distserve serve: error: --port {server.port}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        procs = ApiProcesses(n, links.path, sock, links.ready)
+        try:
+            await procs.start()
+            _ready(server, sock.getsockname()[1], model_name, numerics)
+            await stop.wait()
+        finally:
+            await procs.stop()
+            await links.stop()

@@ -26,7 +26,10 @@ KEY = "test-key-123"
 PLACEMENTS = {
     "2P1D": ["--mode", "disagg", "--prefill-instances", "2"],
     # Decode caches smaller than the prefill one: block counts differ across the migration.
-    "1P2D": ["--mode", "disagg", "--decode-instances", "2", "--decode-kv-cache-gb", "0.05"],
+    # The API in 2 processes of its own (server/api_processes.py): every route below then
+    # runs over the link to the controller's process.
+    "1P2D": ["--mode", "disagg", "--decode-instances", "2", "--decode-kv-cache-gb", "0.05"]
+    + ["--api-servers", "2", "--api-key", KEY],
     "colocated": ["--mode", "colocated", "--instances", "2"],
     "chunked": ["--mode", "colocated", "--instances", "2", "--chunked-prefill", "--api-key", KEY],
 }
