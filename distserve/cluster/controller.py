@@ -51,7 +51,7 @@ from distserve.model.metadata import load_tokenizer
 from distserve.model.registry import resolve
 from distserve.runtime.executor import Executor
 from distserve.runtime.instance import Instance, Role
-from distserve.runtime.outputs import OutputProcessor, RequestOutput
+from distserve.runtime.outputs import OutputProcessor, RequestOutput, queued_outputs
 from distserve.runtime.step_trace import StepTrace
 from distserve.runtime.structured import Constraints
 from distserve.runtime.transport import TransferStats, check_transport
@@ -450,15 +450,9 @@ class Controller:
             else:
                 self.table.place(state, req, target)
 
-    async def stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+    def stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come; raises RequestFailed if it cannot finish."""
-        while True:
-            item = await state.queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        return queued_outputs(state.queue)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone) and free its blocks on every instance holding

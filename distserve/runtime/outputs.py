@@ -3,6 +3,8 @@ new tokens, finish reasons, timestamps. Shared by the offline engine and the con
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from distserve.core import Request, StepOutput, TokenLogprobs
@@ -28,6 +30,20 @@ class RequestOutput:
     timestamps: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0
     """Prompt tokens a prefix-cache hit supplied (`Request.num_cached_tokens`)."""
+
+
+async def queued_outputs(
+    queue: asyncio.Queue[RequestOutput | BaseException | None],
+) -> AsyncIterator[RequestOutput]:
+    """A request's outputs from its queue until its end (None); an exception put on the
+    queue (the request failed) is raised."""
+    while True:
+        item = await queue.get()
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class OutputProcessor:

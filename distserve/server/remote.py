@@ -12,7 +12,7 @@ from typing import Any
 from distserve.cluster.controller import Overloaded, RequestFailed
 from distserve.core import SamplingParams
 from distserve.model.tokenizer import Tokenizer
-from distserve.runtime.outputs import RequestOutput
+from distserve.runtime.outputs import RequestOutput, queued_outputs
 from distserve.server import ipc
 
 
@@ -121,14 +121,8 @@ class RemoteFrontend:
             raise
         return handles
 
-    async def stream(self, handle: RemoteRequest) -> AsyncIterator[RequestOutput]:
-        while True:
-            item = await handle.queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def stream(self, handle: RemoteRequest) -> AsyncIterator[RequestOutput]:
+        return queued_outputs(handle.queue)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
