@@ -63,6 +63,7 @@ class Recovery:
         fail: Callable[[RequestState, str], None],
         ping_interval: float = 1.0,
         ping_timeout: float = 10.0,
+        ping_misses: int = 2,
         orphan_timeout: float = 300.0,
         restart: bool = True,
         max_backoff: float = 30.0,
@@ -77,6 +78,11 @@ class Recovery:
         self.fail = fail
         """Ends a request with an error its client sees."""
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self.ping_misses = ping_misses
+        """Pings in a row a worker may leave unanswered (each `ping_timeout` s) before it
+        is failed: one slow answer on a machine short of CPU is not a death (a dead
+        worker's ping fails at once)."""
+        self._missed: dict[str, int] = {}
         self.orphan_timeout = orphan_timeout
         """Seconds a request may wait for some instance able to take it, then it fails."""
         self.restart_enabled = restart
@@ -101,8 +107,9 @@ class Recovery:
 
     # ---- detection -------------------------------------------------------------------
     async def watch(self) -> None:
-        """Ping every live worker; a dead or unresponsive one is failed within seconds even
-        while its instance is idle (a busy one fails on its next call)."""
+        """Ping every live worker; a dead one is failed within seconds even while its
+        instance is idle (a busy one fails on its next call), an unresponsive one once it
+        has left `ping_misses` pings in a row unanswered."""
         while True:
             await asyncio.sleep(self.ping_interval)
             lost = await self.cluster.gone() if self.cluster is not None else None
@@ -113,7 +120,19 @@ class Recovery:
                 try:  # not wait_for: on 3.11 it swallows a cancel that meets a finished ping
                     async with asyncio.timeout(self.ping_timeout):
                         await inst.executor.ping()
-                except Exception as e:  # dead actor, or no answer in time
+                    self._missed.pop(inst.name, None)
+                except TimeoutError as e:  # no answer in time
+                    missed = self._missed[inst.name] = self._missed.get(inst.name, 0) + 1
+                    if missed >= self.ping_misses:
+                        self._missed.pop(inst.name, None)
+                        inst.fail(e)
+                    else:
+                        log.warning(
+                            "%s left a ping unanswered for %.0f s (%d of %d before it is "
+                            "failed)", inst.name, self.ping_timeout, missed, self.ping_misses,
+                        )  # fmt: skip
+                except Exception as e:  # a dead actor
+                    self._missed.pop(inst.name, None)
                     inst.fail(e)
             self._expire_orphans()
             self._expire_stalled()
