@@ -34,8 +34,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    return sock  # not inheritable: only the API processes get it (pass_fds)
 
 
 class ApiProcesses:

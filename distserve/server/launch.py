@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -199,11 +200,23 @@ async def serve(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     numerics = "" if emulation is not None else f", {engine.dtype}"
-    if server.api_servers:
-        await _serve_apart(controller, frontend, model_name, numerics, server, stop)
-    else:
-        await _serve_here(controller, frontend, model_name, numerics, server, stop)
-    await controller.stop()
+    try:
+        if server.api_servers:
+            await _serve_apart(controller, frontend, model_name, numerics, server, stop)
+        else:
+            await _serve_here(frontend, model_name, numerics, server, stop)
+    finally:
+        await controller.stop()
+
+
+def _bind(server: ServerConfig) -> socket.socket:
+    """The API's listening socket; a clear error naming the flag if it cannot be had."""
+    try:
+        return listening_socket(server.host, server.port)
+    except OSError as e:
+        where = f"{server.host}:{server.port}"
+        print(f"distserve serve: error: --port/--host {where}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _ready(server: ServerConfig, port: int, model_name: str, numerics: str) -> None:
@@ -218,7 +231,6 @@ def _ready(server: ServerConfig, port: int, model_name: str, numerics: str) -> N
 
 
 async def _serve_here(
-    controller: Controller,
     frontend: LocalFrontend,
     model_name: str,
     numerics: str,
@@ -235,10 +247,9 @@ async def _serve_here(
         int(server.max_body_mb * 2**20),
         server.body_timeout,
     )
+    sock = _bind(server)
     config = uvicorn.Config(
         app,
-        host=server.host,
-        port=server.port,
         log_level="warning",
         access_log=False,
         http=head_deadline_protocol(server.header_timeout),
@@ -246,14 +257,13 @@ async def _serve_here(
     )
     httpd = uvicorn.Server(config)
     httpd.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(httpd.serve())
+    task = asyncio.create_task(httpd.serve(sockets=[sock]))
     while not httpd.started and not task.done():
         await asyncio.sleep(0.05)
     if task.done():
-        await controller.stop()
         task.result()
         raise RuntimeError("the HTTP server did not start")
-    _ready(server, httpd.servers[0].sockets[0].getsockname()[1], model_name, numerics)
+    _ready(server, sock.getsockname()[1], model_name, numerics)
     await stop.wait()
     httpd.should_exit = True
     await task
@@ -282,15 +292,14 @@ async def _serve_apart(
     with tempfile.TemporaryDirectory(prefix="distserve-api-") as tmp:
         links = LinkServer(frontend, os.path.join(tmp, "link"), hello)
         await links.start()
-        try:
-            sock = listening_socket(server.host, server.port)
-        except OSError as e:
-            await controller.stop()
-            print(f"distserve serve: error: --port {server.port}: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+        sock = _bind(server)
         procs = ApiProcesses(n, links.path, sock, links.ready)
         try:
-            await procs.start()
+            try:
+                await procs.start()
+            except RuntimeError as e:
+                print(f"distserve serve: error: --api-servers {n}: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
             _ready(server, sock.getsockname()[1], model_name, numerics)
             await stop.wait()
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -172,3 +173,17 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("api_servers", ["0", "1"])
+def test_a_port_in_use_is_a_clear_error(api_servers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cmd = [sys.executable, "-m", "distserve.cli", "serve", "--port", port, *EMULATED]
+        done = subprocess.run(
+            [*cmd, "--api-servers", api_servers], capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "distserve serve: error: --port" in done.stderr and "Traceback" not in done.stderr
