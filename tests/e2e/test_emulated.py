@@ -35,6 +35,11 @@ TTFT_TOLERANCE = (0.10, 0.005)
 """A request's emulated TTFT may differ from the simulator's by 10% or 5 ms, whichever
 is larger; TPOT by the same. At low load a step's only extra is the event loop waking
 up late (~0.1-1 ms a step)."""
+STALL = 0.025
+"""One request of the 1P1D run may miss that tolerance by up to this much: a stall of
+the test process's loop (on 2026-12-07, in about half the runs of the serial tests, one
+request's TTFT came 5-13 ms past it, at 923dcea as at later commits; a systematic error
+moves many requests)."""
 
 
 @dataclass
@@ -114,10 +119,14 @@ def test_1p1d_matches_the_simulator_per_request() -> None:
     placement = PlacementConfig(mode="disagg")
     workload, timings = run_emulated(placement, num_requests=12, rate=4.0)
     sim = simulate(placement, workload)
+    outliers = []
     for wr, real, s in zip(workload.requests, timings, sim, strict=True):
         assert s.ttft is not None and s.tpot is not None
-        assert close(real.ttft, s.ttft), (wr.index, wr.prompt_len, real.ttft, s.ttft)
-        assert close(real.tpot, s.tpot), (wr.index, wr.output_len, real.tpot, s.tpot)
+        for what, r, m in (("ttft", real.ttft, s.ttft), ("tpot", real.tpot, s.tpot)):
+            if not close(r, m):
+                outliers.append((wr.index, what, r, m))
+                assert abs(r - m) <= STALL, outliers
+    assert len(outliers) <= 1, outliers
 
 
 @pytest.mark.serial  # measured times against the simulator's
