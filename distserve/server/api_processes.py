@@ -124,12 +124,40 @@ class ApiProcesses:
         self.sock.close()
 
 
-async def _serve(link_path: str, fd: int) -> None:
+async def start_http(
+    frontend: Any, settings: dict[str, Any], sock: socket.socket
+) -> tuple[Any, asyncio.Task[None]] | None:
+    """The routes over `frontend` served on `sock` by uvicorn, with `settings` (model_name,
+    api_key, max_body_bytes, body_timeout, header_timeout, max_connections); returns the
+    server and its task once it listens, None if it stopped first."""
     import uvicorn
 
-    from distserve.server import ipc
     from distserve.server.app import build_app
     from distserve.server.limits import head_deadline_protocol
+
+    app = build_app(
+        frontend, settings["model_name"], settings["api_key"], settings["max_body_bytes"],
+        settings["body_timeout"],
+    )  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        http=head_deadline_protocol(settings["header_timeout"]),
+        limit_concurrency=settings["max_connections"],
+    )
+    httpd = uvicorn.Server(config)
+    task = asyncio.create_task(httpd.serve(sockets=[sock]))
+    while not httpd.started and not task.done():
+        await asyncio.sleep(0.02)
+    if task.done():
+        task.result()
+        return None
+    return httpd, task
+
+
+async def _serve(link_path: str, fd: int) -> None:
+    from distserve.server import ipc
     from distserve.server.remote import RemoteFrontend
 
     reader, writer = await asyncio.open_unix_connection(link_path, limit=1 << 22)
@@ -137,26 +165,13 @@ async def _serve(link_path: str, fd: int) -> None:
     hello: dict[str, Any] = (await ipc.read_message(reader))[1]
     frontend = RemoteFrontend(reader, writer, hello["tokenizer"], hello["max_model_len"])
     reading = asyncio.create_task(frontend.run())
-    app = build_app(
-        frontend, hello["model_name"], hello["api_key"], hello["max_body_bytes"],
-        hello["body_timeout"],
-    )  # fmt: skip
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        http=head_deadline_protocol(hello["header_timeout"]),
-        limit_concurrency=hello["max_connections"],
-    )
-    httpd = uvicorn.Server(config)  # it stops on SIGTERM itself (uvicorn >= 0.29)
     stop = asyncio.Event()  # SIGTERM, from the controller's process
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    task = asyncio.create_task(httpd.serve(sockets=[socket.socket(fileno=fd)]))
-    while not httpd.started and not task.done():
-        await asyncio.sleep(0.02)
-    if task.done():
-        task.result()
+    # uvicorn (>= 0.29) stops on SIGTERM itself too
+    started = await start_http(frontend, hello, socket.socket(fileno=fd))
+    if started is None:
         return
+    httpd, task = started
     gc.collect()
     gc.freeze()  # as the controller's process does: startup objects out of the scans
     writer.write(ipc.pack(("ready", os.getpid())))

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from distserve.cluster.adaptive import AdaptiveConfig
 from distserve.cluster.controller import Controller
@@ -21,10 +22,8 @@ from distserve.cluster.live import LiveWindow
 from distserve.cluster.local_ray import is_loopback
 from distserve.cluster.placement import ClusterJoinError
 from distserve.config import TRANSPORTS, EmulationConfig, EngineConfig, PlacementConfig
-from distserve.server.api_processes import ApiProcesses, listening_socket
-from distserve.server.app import build_app
+from distserve.server.api_processes import ApiProcesses, listening_socket, start_http
 from distserve.server.frontend import LocalFrontend
-from distserve.server.limits import head_deadline_protocol
 from distserve.server.link_server import LinkServer
 from distserve.server.metrics import Metrics
 
@@ -230,6 +229,18 @@ def _ready(server: ServerConfig, port: int, model_name: str, numerics: str) -> N
     print(f"distserve ready: {url} (model {model_name}{numerics})", flush=True)
 
 
+def _http_settings(server: ServerConfig, model_name: str) -> dict[str, Any]:
+    """What `start_http` needs of the server's configuration."""
+    return {
+        "model_name": model_name,
+        "api_key": server.api_key,
+        "max_body_bytes": int(server.max_body_mb * 2**20),
+        "body_timeout": server.body_timeout,
+        "header_timeout": server.header_timeout,
+        "max_connections": server.max_connections,
+    }
+
+
 async def _serve_here(
     frontend: LocalFrontend,
     model_name: str,
@@ -238,31 +249,11 @@ async def _serve_here(
     stop: asyncio.Event,
 ) -> None:
     """The HTTP server in this process, on the controller's event loop."""
-    import uvicorn
-
-    app = build_app(
-        frontend,
-        model_name,
-        server.api_key,
-        int(server.max_body_mb * 2**20),
-        server.body_timeout,
-    )
     sock = _bind(server)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        http=head_deadline_protocol(server.header_timeout),
-        limit_concurrency=server.max_connections,
-    )
-    httpd = uvicorn.Server(config)
-    httpd.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(httpd.serve(sockets=[sock]))
-    while not httpd.started and not task.done():
-        await asyncio.sleep(0.05)
-    if task.done():
-        task.result()
+    started = await start_http(frontend, _http_settings(server, model_name), sock)
+    if started is None:
         raise RuntimeError("the HTTP server did not start")
+    httpd, task = started
     _ready(server, sock.getsockname()[1], model_name, numerics)
     await stop.wait()
     httpd.should_exit = True
@@ -279,14 +270,9 @@ async def _serve_apart(
 ) -> None:
     """`server.api_servers` HTTP processes, linked to this one (server/api_processes.py)."""
     n = server.api_servers
-    hello = {
+    hello = _http_settings(server, model_name) | {
         "tokenizer": controller.tokenizer,
         "max_model_len": controller.max_model_len,
-        "model_name": model_name,
-        "api_key": server.api_key,
-        "max_body_bytes": int(server.max_body_mb * 2**20),
-        "body_timeout": server.body_timeout,
-        "header_timeout": server.header_timeout,
         "max_connections": -(-server.max_connections // n),  # the limit, shared out
     }
     with tempfile.TemporaryDirectory(prefix="distserve-api-") as tmp:
